@@ -1,0 +1,1 @@
+"""Exporters: merged ONNX, manifest, adapter files (ours and PEFT)."""

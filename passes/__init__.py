@@ -1,0 +1,10 @@
+"""The pass registry: spec name -> pass class (explicit, no discovery)."""
+from rewrite.passes.insert import InsertPass
+from rewrite.passes.load import LoadPass
+from rewrite.passes.merge import MergePass
+from rewrite.passes.save import SavePass
+from rewrite.passes.unmerge import UnmergePass
+
+REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass)}
+
+__all__ = ["REGISTRY", "InsertPass", "LoadPass", "MergePass", "SavePass", "UnmergePass"]

@@ -1,0 +1,119 @@
+"""load: set adapter weights from a Hugging Face PEFT directory or one of our adapter files.
+
+Rules:
+1. PEFT key `base_model.model.<path>.lora_A.weight` maps to the site whose owner is `<path>`; a key that
+   maps to no site is an error naming the nearest sites. Nothing is changed unless every key fits.
+2. A site without this adapter gets one created with the file's rank (from the tensor shape), alpha
+   (`lora_alpha` / `alpha_pattern`) and rsLoRA flag; a site that has it must agree in shape.
+3. Tensors are converted to our matmul layout (A^T, B^T) and the base weight's dtype.
+4. Loading the same weights twice leaves the graph unchanged (modified=False).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.fx as fx
+from pydantic import Field
+
+from rewrite.errors import AdapterFileError, nearest
+from rewrite.export.adapter_files import read_adapter_file
+from rewrite.export.peft_format import read_peft_dir
+from rewrite.graph_edit import adapters_at, register_adapter, wire
+from rewrite.pass_infra import GraphPass, PassOptions, PassResult
+from rewrite.passes.insert import make_adapter
+from rewrite.sites import Site, SiteTable
+from rewrite.state import state_of
+
+
+class LoadOptions(PassOptions):
+    path: str
+    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    format: Literal["auto", "peft", "rewrite"] = "auto"
+
+
+def _owners(table: SiteTable) -> dict[str, list[Site]]:
+    owners: dict[str, list[Site]] = {}
+    for site in table.values():
+        owners.setdefault(site.owner, []).append(site)
+    return owners
+
+
+class LoadPass(GraphPass):
+    name = "load"
+    Options = LoadOptions
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        path = self.context.input_path(self.options.path)
+        if not path.exists():
+            raise AdapterFileError(f"{self.context.where}: adapter path {path} does not exist")
+        fmt = self.options.format
+        if fmt == "auto":
+            fmt = "peft" if path.is_dir() else "rewrite"
+        entries = self._peft_entries(path) if fmt == "peft" else self._rewrite_entries(path)
+        return self._apply(gm, path, entries)
+
+    @staticmethod
+    def _peft_entries(path: Path) -> dict[str, dict]:
+        adapter = read_peft_dir(path)
+        return {module: dict(peft=tensors, rank=adapter.rank_of(module), alpha=adapter.alpha_of(module),
+                             rslora=adapter.rslora) for module, tensors in adapter.modules.items()}
+
+    @staticmethod
+    def _rewrite_entries(path: Path) -> dict[str, dict]:
+        adapter = read_adapter_file(path)
+        return {owner: dict(ours=adapter.tensors[owner], rank=int(info["rank"]), alpha=float(info["alpha"]),
+                            rslora=bool(info["rslora"])) for owner, info in adapter.sites.items()}
+
+    def _apply(self, gm: fx.GraphModule, path: Path, entries: dict[str, dict]) -> PassResult:
+        table, name, where = state_of(gm).sites, self.options.adapter, self.context.where
+        owners = _owners(table)
+        unknown = [m for m in entries if m not in owners]
+        if unknown:
+            near = nearest(unknown[0], owners)
+            raise AdapterFileError(f"{path}: {len(unknown)} adapter module(s) match no site of this model, e.g. "
+                                   f"{unknown[0]!r}. Nearest sites: {', '.join(near) or '(none)'}")
+        plan = []
+        for owner, entry in entries.items():
+            site = owners[owner][0]
+            existing = adapters_at(gm, owner).get(name)
+            module = existing or make_adapter(gm, site, "lora", entry["rank"], entry["alpha"],
+                                              rslora=entry["rslora"], dropout=0.0, init="zeros", where=where)
+            self._check_shapes(path, owner, module, entry)
+            plan.append((owner, module, existing is None, entry))
+        changed, loaded = 0, 0
+        for owner, module, is_new, entry in plan:
+            before = [p.detach().clone() for p in module.parameters()] if not is_new else None
+            scale_before = module.scaling
+            module.alpha, module.rslora = float(entry["alpha"]), bool(entry["rslora"])
+            if "peft" in entry:
+                module.load_peft_state(entry["peft"])
+            else:
+                with torch.no_grad():
+                    module.lora_A.copy_(entry["ours"]["lora_A"])
+                    module.lora_B.copy_(entry["ours"]["lora_B"])
+            if is_new:
+                register_adapter(gm, owner, name, module)
+                for site in owners[owner]:
+                    wire(gm, table.node_of(gm, site.name), site, name, module.kind)
+                changed += 1
+            elif scale_before != module.scaling or any(
+                    not torch.equal(b, p) for b, p in zip(before, module.parameters())):
+                changed += 1
+            loaded += 1
+        return PassResult(gm, changed > 0, {"adapter": name, "modules": loaded, "changed": changed,
+                                            "source": str(path)})
+
+    @staticmethod
+    def _check_shapes(path: Path, owner: str, module, entry: dict) -> None:
+        if "peft" in entry:
+            expected = module.peft_shapes()
+            got = {k: tuple(v.shape) for k, v in entry["peft"].items()}
+        else:
+            expected = {"lora_A": tuple(module.lora_A.shape), "lora_B": tuple(module.lora_B.shape)}
+            got = {k: tuple(v.shape) for k, v in entry["ours"].items()}
+        if expected != got:
+            raise AdapterFileError(f"{path}: module {owner!r}: tensor shapes {got} do not fit this site "
+                                   f"(expected {expected} for d_in={module.d_in}, d_out={module.d_out}, "
+                                   f"rank={module.rank})")

@@ -1,0 +1,89 @@
+"""save: write one adapter's weights out, as a PEFT directory or as our own adapter file.
+
+PEFT (`format = "peft"`): `adapter_config.json` + `adapter_model.safetensors` that
+`PeftModel.from_pretrained(base, dir)` loads with identical outputs. Keys are
+`base_model.model.<owner>.lora_A.weight` = A^T [r, d_in] and `...lora_B.weight` = B^T [d_out, r];
+`r` / `lora_alpha` are the most common values, per-module differences go to `rank_pattern` /
+`alpha_pattern` keyed by the full module path. GPT-2 Conv1D sites set `fan_in_fan_out`.
+Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site metadata.
+The graph is not modified. Paths are relative to the output directory; writing is atomic.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import torch.fx as fx
+from pydantic import Field
+
+import rewrite
+from rewrite.errors import SpecError
+from rewrite.export.adapter_files import write_adapter_file
+from rewrite.export.peft_format import PREFIX, write_peft_dir
+from rewrite.graph_edit import adapters_at
+from rewrite.pass_infra import GraphPass, PassOptions, PassResult
+from rewrite.state import state_of
+
+
+class SaveOptions(PassOptions):
+    path: str
+    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    format: Literal["peft", "rewrite"] = "peft"
+
+
+def _peft_config(modules: dict) -> dict:
+    ranks = Counter(m.rank for m in modules.values())
+    alphas = Counter(m.alpha for m in modules.values())
+    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    rslora = {m.rslora for m in modules.values()}
+    if len(rslora) > 1:
+        raise SpecError("adapter mixes rsLoRA and plain scaling across sites; PEFT cannot express that")
+    dropout = {getattr(m.dropout, "p", 0.0) for m in modules.values()}
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "use_rslora": rslora.pop(), "lora_dropout": max(dropout),
+        "target_modules": sorted(modules), "bias": "none", "init_lora_weights": True,
+        "fan_in_fan_out": any(m.op == "conv1d" for m in modules.values()),
+        "rank_pattern": {o: m.rank for o, m in modules.items() if m.rank != r},
+        "alpha_pattern": {o: m.alpha for o, m in modules.items() if m.alpha != alpha},
+        "modules_to_save": None, "use_dora": False,
+        "revision": None, "rewrite_version": rewrite.__version__,
+    }
+
+
+class SavePass(GraphPass):
+    name = "save"
+    Options = SaveOptions
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        state, name = state_of(gm), self.options.adapter
+        owners = dict.fromkeys(s.owner for s in state.sites.values())
+        modules = {o: adapters_at(gm, o)[name] for o in owners if name in adapters_at(gm, o)}
+        if not modules:
+            raise SpecError(f"{self.context.where}: adapter {name!r} is attached to no site (save it before merge)")
+        target = self.context.output_path(self.options.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            if self.options.format == "peft":
+                tensors = {f"{PREFIX}{owner}.{key}": t for owner, m in modules.items()
+                           for key, t in m.peft_state().items()}
+                write_peft_dir(tmp, _peft_config(modules), tensors)
+                produced = tmp
+            else:
+                sites = {o: dict(op=m.op, rank=m.rank, alpha=m.alpha, rslora=m.rslora, d_in=m.d_in, d_out=m.d_out)
+                         for o, m in modules.items()}
+                produced = tmp / "adapter.safetensors"
+                write_adapter_file(produced, name, "lora", sites,
+                                   {o: {"lora_A": m.lora_A, "lora_B": m.lora_B} for o, m in modules.items()})
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(produced, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return PassResult(gm, False, {"adapter": name, "modules": len(modules), "path": self.options.path,
+                                      "format": self.options.format})

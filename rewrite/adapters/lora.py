@@ -1,0 +1,135 @@
+"""LoRA: a low-rank branch added to a weight-carrying op.
+
+    y = base(x) + s * B(A(dropout(x)))        s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+Parameters are stored in **matmul layout** so that exported ONNX keeps their names (ONNX.md §2.2):
+    linear, conv1d   A [d_in, r], B [r, d_out]          delta(x) = s * x @ A @ B
+    embedding        A [V, r],    B [r, d]              delta(ids) = s * A[ids] @ B
+    conv2d           A [r, c_in, kh, kw] (base stride/padding/dilation), B [c_out, r, 1, 1]
+
+Merge (exact, in place):   linear  W += s (A B)^T    conv1d  Wc += s A B    embedding  E += s A B
+                           conv2d  W += s (B_mat A_mat).view(W.shape)
+Unmerge subtracts the same delta (exact up to rounding).
+
+Inits: `zeros` (PEFT's default: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0; embedding: A = 0, B ~ N(0, 1)),
+`gaussian` (A ~ N(0, 1/r^2), B = 0). Both start as the identity: base(x) + 0.
+PEFT keys: `lora_A.weight` [r, d_in] = A^T, `lora_B.weight` [d_out, r] = B^T (embedding:
+`lora_embedding_A` [r, V] = A^T, `lora_embedding_B` [d, r] = B^T; conv2d: same tensors as ours).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IDENTITY_INITS = ("zeros", "gaussian")
+
+
+class LoRA(nn.Module):
+    kind = "lora"
+
+    def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, rslora: bool = False,
+                 dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.op, self.d_in, self.d_out, self.rank, self.alpha = op, d_in, d_out, rank, float(alpha)
+        self.rslora, self.init = rslora, init
+        self.conv = dict(conv or {})
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = dict(dtype=dtype, device=device)
+        if op == "conv2d":
+            kh, kw = self.conv["kernel_size"]
+            self.lora_A = nn.Parameter(torch.empty(rank, d_in, kh, kw, **factory))
+            self.lora_B = nn.Parameter(torch.empty(d_out, rank, 1, 1, **factory))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(d_in, rank, **factory))
+            self.lora_B = nn.Parameter(torch.empty(rank, d_out, **factory))
+        self.reset_parameters(init)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        if init == "zeros":
+            if self.op == "embedding":
+                self.lora_A.zero_()
+                self.lora_B.normal_()
+            else:
+                fan_in = self.lora_A[0].numel() if self.op == "conv2d" else self.d_in
+                bound = 1 / math.sqrt(fan_in)
+                self.lora_A.uniform_(-bound, bound)
+                self.lora_B.zero_()
+        elif init == "gaussian":
+            self.lora_A.normal_(0.0, 1.0 / self.rank)
+            self.lora_B.zero_()
+        else:
+            raise ValueError(f"unknown LoRA init {init!r} (expected one of {IDENTITY_INITS})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "embedding":
+            return F.embedding(x, self.lora_A) @ self.lora_B * self.scaling
+        if self.op == "conv2d":
+            hidden = F.conv2d(self.dropout(x), self.lora_A, None, self.conv["stride"], self.conv["padding"],
+                              self.conv["dilation"])
+            return F.conv2d(hidden, self.lora_B) * self.scaling
+        return self.dropout(x) @ self.lora_A @ self.lora_B * self.scaling
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The change of the base weight, in the base weight's own layout."""
+        if self.op == "linear":
+            return (self.lora_A @ self.lora_B).T * self.scaling
+        if self.op == "conv2d":
+            mat = self.lora_B.flatten(1) @ self.lora_A.flatten(1)
+            return mat.view(self.d_out, *self.lora_A.shape[1:]) * self.scaling
+        return self.lora_A @ self.lora_B * self.scaling
+
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor, sign: float = 1.0) -> None:
+        """weight += sign * delta, in place, without materialising the delta where a fused GEMM can do it."""
+        a, b = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
+        alpha = sign * self.scaling
+        if self.op == "linear":
+            weight.addmm_(b.T, a.T, alpha=alpha)
+        elif self.op in ("conv1d", "embedding"):
+            weight.addmm_(a, b, alpha=alpha)
+        else:
+            weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        self.merge_into(weight, sign=-1.0)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's key suffixes (without the adapter name)."""
+        if self.op == "embedding":
+            return {"lora_embedding_A": self.lora_A.detach().T.contiguous(),
+                    "lora_embedding_B": self.lora_B.detach().T.contiguous()}
+        if self.op == "conv2d":
+            return {"lora_A.weight": self.lora_A.detach().clone(), "lora_B.weight": self.lora_B.detach().clone()}
+        return {"lora_A.weight": self.lora_A.detach().T.contiguous(),
+                "lora_B.weight": self.lora_B.detach().T.contiguous()}
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._peft_view().items()}
+
+    def _peft_view(self) -> dict[str, torch.Tensor]:
+        if self.op == "conv2d":
+            return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        key_a, key_b = (("lora_embedding_A", "lora_embedding_B") if self.op == "embedding"
+                        else ("lora_A.weight", "lora_B.weight"))
+        return {key_a: self.lora_A.T, key_b: self.lora_B.T}
+
+    @torch.no_grad()
+    def load_peft_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy PEFT-layout tensors in; callers have checked names and shapes with `peft_shapes`."""
+        for key, target in self._peft_view().items():
+            target.copy_(tensors[key].to(target.dtype))
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scaling={self.scaling:g}"

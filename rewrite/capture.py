@@ -1,0 +1,110 @@
+"""Capture a model as a `torch.fx.GraphModule` and attach a `RewriteState`.
+
+Default front-end: `torch.export.export(model, (), kwargs, strict=False, dynamic_shapes=...)` then
+`.module()`: ATen ops, parameters as `get_attr` nodes named by their FQN, `nn_module_stack` kept.
+Opt-in `fx`: `torch.fx.symbolic_trace` for plain torch models. Dynamic axes are declared with
+`torch.export.Dim` (samples must be >= 2 there: export specialises sizes 0 and 1).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from rewrite.errors import CaptureError
+from rewrite.inputs import ExampleInputs
+from rewrite.load import LoadedModel
+from rewrite.sites import find_sites
+from rewrite.state import RewriteState
+
+_DEFAULT_MAX = 4096
+
+
+@dataclass
+class CaptureReport:
+    frontend: str
+    seconds: float
+    nodes: int
+    sites: int
+    replay_max_abs_diff: float | None
+
+
+def _max_len(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= 2:
+            return value
+    return _DEFAULT_MAX
+
+
+def dynamic_shapes(inputs: ExampleInputs, config: Any = None) -> dict[str, dict[int, Any]] | None:
+    """`torch.export.Dim` objects shared by name across inputs (so `batch` is one symbol everywhere)."""
+    names = {d for dims in inputs.dims.values() for d in dims if d}
+    if not names:
+        return None
+    limit = _max_len(config)
+    made = {n: torch.export.Dim(n, min=1 if n == "batch" else 2, max=_DEFAULT_MAX if n == "batch" else limit)
+            for n in sorted(names)}
+    return {name: {axis: made[d] for axis, d in enumerate(dims) if d} for name, dims in inputs.dims.items()}
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    fa, fb = flat_outputs(a), flat_outputs(b)
+    if len(fa) != len(fb):
+        return float("inf")
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(fa, fb) if x.numel()), default=0.0)
+
+
+def _export(model: torch.nn.Module, inputs: ExampleInputs, config: Any) -> fx.GraphModule:
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (), kwargs=inputs.kwargs, strict=False,
+                                          dynamic_shapes=dynamic_shapes(inputs, config))
+    except Exception as err:  # noqa: BLE001 - every export failure is reported the same way
+        text = str(err)
+        hint = ""
+        if "Cache" in text:
+            hint = " Hint: decoder models must be captured without KV cache (use_cache = false)."
+        elif "dynamic" in text.lower() or "specializ" in text.lower() or "constraint" in text.lower():
+            hint = " Hint: try [capture] dynamic = false, or fix the dims of [[capture.inputs]]."
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                           f"{text.strip().splitlines()[0] if text.strip() else type(err).__name__}.{hint}") from None
+    return program.module()
+
+
+def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as err:  # noqa: BLE001
+        raise CaptureError(f"torch.fx.symbolic_trace could not trace {type(model).__name__}: {err}. "
+                           "Use [capture] frontend = \"export\" (the default) for transformers models.") from None
+
+
+def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "export", device: str = "cpu",
+            spec_digest: str | None = None, check_replay: bool = True) -> tuple[fx.GraphModule, CaptureReport]:
+    """Capture `loaded` into a GraphModule carrying `gm.meta["rewrite"]`; never modifies the model."""
+    start = time.perf_counter()
+    if loaded.program is not None:
+        gm = loaded.program.module()
+        frontend = "pt2"
+    elif frontend == "fx":
+        gm = _symbolic_trace(loaded.module)
+    else:
+        gm = _export(loaded.module, inputs, loaded.config)
+    seconds = time.perf_counter() - start
+    diff = None
+    if check_replay and device != "meta" and loaded.module is not None:
+        with torch.no_grad():
+            diff = max_abs_diff(gm(**inputs.kwargs), loaded.module(**inputs.kwargs))
+    sites = find_sites(gm)
+    gm.meta["rewrite"] = RewriteState(sites=sites, spec_digest=spec_digest, frontend=frontend, device=device,
+                                      inputs=inputs)
+    return gm, CaptureReport(frontend, seconds, len(gm.graph.nodes), len(sites), diff)

@@ -1,0 +1,132 @@
+"""Command line: `rewrite apply SPEC MODEL -o OUT` and `rewrite inspect MODEL [--spec SPEC]`.
+
+Bad input (spec, model, adapter files) prints one clear message and exits with code 2, writing nothing.
+Progress goes to stderr; `--json` prints a machine-readable result to stdout; `--quiet` prints only errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rewrite.errors import RewriteError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rewrite", description="A compiler for adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    apply = sub.add_parser("apply", help="load MODEL, run the spec's passes, export")
+    apply.add_argument("spec", help="spec.toml")
+    apply.add_argument("model", help="HF model directory | model.pt2 | model.pt (pickle) | package.module:function")
+    apply.add_argument("-o", "--output", default="out", help="output directory (default: out)")
+    apply.add_argument("--verify", action="store_true",
+                       help="after each pass that promises equivalence, check the outputs did not change")
+    apply.add_argument("--check", action="store_true", help="run ONNX Runtime on the export and compare with torch")
+    inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
+    inspect.add_argument("model")
+    inspect.add_argument("--spec", help="spec.toml: capture settings and selectors to resolve")
+    for p in (apply, inspect):
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow unpickling a .pt model with code execution (only for files you trust)")
+        p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.pipeline import apply
+    from rewrite.spec import load_spec
+
+    spec = load_spec(args.spec)
+    start = time.perf_counter()
+    status = console.status("loading model", spinner="dots") if not args.quiet else None
+    if status:
+        status.start()
+
+    def on_stage(name: str, seconds: float, stats: dict[str, Any]) -> None:
+        if status:
+            console.log(f"[green]done[/] {name} ({seconds:.2f} s)")
+            status.update(f"after {name}")
+
+    try:
+        summary = apply(spec, args.model, Path(args.output), verify=args.verify, check=args.check or None,
+                        trust_pickle=args.trust_pickle, on_stage=on_stage)
+    finally:
+        if status:
+            status.stop()
+    if not args.quiet and not args.json:
+        _print_summary(console, summary, time.perf_counter() - start)
+    return summary.as_json()
+
+
+def _print_summary(console: Console, summary, total: float) -> None:
+    table = Table(title=f"rewrite apply: {summary.model} -> {summary.output_dir}", show_lines=False)
+    for column in ("stage", "seconds", "result"):
+        table.add_column(column)
+    table.add_row("capture", "", f"{summary.capture['frontend']}, {summary.capture['nodes']} nodes, "
+                                 f"{summary.sites_total} sites")
+    for entry in summary.passes:
+        stats = ", ".join(f"{k}={v}" for k, v in entry["stats"].items() if not isinstance(v, (dict, list)))
+        table.add_row(entry["label"], f"{entry['seconds']:.3f}", stats if entry["modified"] else f"(no change) {stats}")
+    if summary.check_max_abs_diff is not None:
+        table.add_row("check", "", f"ONNX Runtime vs torch max abs diff {summary.check_max_abs_diff:.2e}")
+    table.add_row("total", f"{total:.2f}", ", ".join(summary.files))
+    console.print(table)
+
+
+def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.pipeline import load_and_capture
+    from rewrite.sites import select
+    from rewrite.spec import default_spec, load_spec
+    from rewrite.state import state_of
+
+    spec = load_spec(args.spec) if args.spec else default_spec()
+    gm, _, report = load_and_capture(args.model, spec, trust_pickle=args.trust_pickle)
+    sites = state_of(gm).sites
+    rows = [dict(name=s.name, op=s.op, module_class=s.module_class, d_in=s.d_in, d_out=s.d_out,
+                 weight=s.weight) for s in sites.values()]
+    selectors = []
+    for entry in spec.passes:
+        for key in ("targets",):
+            for pattern in getattr(entry.options, key, None) or []:
+                where = spec.location("pass", entry.index, key)
+                hits = [s.name for s in select(sites, [pattern], where)]
+                selectors.append(dict(pass_index=entry.index, pass_name=entry.name, selector=pattern,
+                                      matches=hits))
+    if not args.quiet and not args.json:
+        table = Table(title=f"{args.model}: {len(rows)} weight sites ({report.frontend}, {report.nodes} nodes)")
+        for column in ("site", "op", "class", "d_in", "d_out"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["name"], row["op"], row["module_class"], str(row["d_in"]), str(row["d_out"]))
+        console.print(table)
+        for sel in selectors:
+            console.print(f"pass[{sel['pass_index']}] {sel['pass_name']}: {sel['selector']!r} matches "
+                          f"{len(sel['matches'])} site(s): {', '.join(sel['matches'][:8])}"
+                          f"{' ...' if len(sel['matches']) > 8 else ''}")
+    return dict(model=args.model, sites=rows, selectors=selectors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True, quiet=args.quiet)
+    try:
+        result = _cmd_apply(args, console) if args.command == "apply" else _cmd_inspect(args, console)
+    except RewriteError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Errors a user can act on.
+
+Every error raised for bad input is a `RewriteError`: the CLI prints its message (no traceback) and exits
+with code 2. The message names the file, the TOML key or line, what was expected and what nearly matched.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class RewriteError(Exception):
+    """Bad input or an impossible request; `str(err)` is the whole user-facing message."""
+
+    exit_code = 2
+
+
+class SpecError(RewriteError):
+    """The spec file is malformed or names something that does not exist."""
+
+
+class ModelLoadError(RewriteError):
+    """The MODEL argument cannot be loaded (missing, unknown format, untrusted pickle)."""
+
+
+class AdapterFileError(RewriteError):
+    """An adapter directory or file does not fit the model (PEFT keys, shapes, config)."""
+
+
+class CaptureError(RewriteError):
+    """The model could not be captured as a graph."""
+
+
+class PassError(RewriteError):
+    """A pass failed; the message says which pass and which ran before it."""
+
+
+class VerifyError(RewriteError):
+    """A pass that promises equivalence changed the outputs on the example inputs."""
+
+
+def nearest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The candidates closest to `word`, best first (for 'did you mean' hints)."""
+    pool = list(dict.fromkeys(candidates))
+    hits = difflib.get_close_matches(word, pool, n=n, cutoff=0.5)
+    if len(hits) < n:
+        stem = word.strip("*?[]^$.").split(".")[-1]
+        hits += [c for c in pool if stem and stem in c and c not in hits][: n - len(hits)]
+    return hits
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    hits = nearest(word, candidates)
+    return f" Did you mean: {', '.join(repr(h) for h in hits)}?" if hits else ""

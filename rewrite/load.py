@@ -1,0 +1,157 @@
+"""Turn the MODEL argument into a PyTorch module (or an already-exported program).
+
+    HF directory   config.json + *.safetensors, loaded offline with transformers     safe (no code runs)
+    .pt2           a torch.export archive                                            safe
+    pkg.mod:fn     a Python factory returning an nn.Module                           runs your code, by design
+    .pt / .pth     a pickled nn.Module                                               runs code: needs trust
+
+A pickle is first opened with `torch.load(weights_only=True)`, which executes nothing. If it holds a
+whole module, it is unpickled with code execution only when the user trusts it explicitly
+(`--trust-pickle` or `[model] trust_pickle = true`).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rewrite.errors import ModelLoadError
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module | None
+    program: torch.export.ExportedProgram | None
+    kind: str  # "hf" | "pt2" | "factory" | "pickle"
+    source: str
+    config: Any = None
+
+
+def _hf_class(config: Any, requested: str | None, where: str):
+    import transformers
+
+    names = [requested] if requested else list(getattr(config, "architectures", None) or [])
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+        if requested:
+            raise ModelLoadError(f"{where}: transformers has no class {requested!r} ([model] hf_class)")
+    return transformers.AutoModel
+
+
+def _load_hf(path: Path, hf_class: str | None, device: str) -> LoadedModel:
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{path}: not a loadable Hugging Face model directory: {err}") from None
+    config.use_cache = False
+    cls = _hf_class(config, hf_class, str(path))
+    if device == "meta":
+        with torch.device("meta"):
+            model = (cls.from_config(config) if cls is transformers.AutoModel else cls(config))
+    else:
+        weights = list(path.glob("*.safetensors"))
+        if not weights:
+            raise ModelLoadError(f"{path}: no *.safetensors weights in this directory "
+                                 "(only safetensors is loaded from HF directories; .bin pickles are refused)")
+        try:
+            model = cls.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ModelLoadError(f"{path}: transformers could not load this model: {err}") from None
+    return LoadedModel(model.eval(), None, "hf", str(path), config)
+
+
+def _load_factory(text: str, device: str) -> LoadedModel:
+    module_name, _, fn_name = text.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelLoadError(f"{text}: cannot import module {module_name!r}: {err}") from None
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise ModelLoadError(f"{text}: module {module_name!r} has no callable {fn_name!r}")
+    with torch.device(device):
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{text}: the factory returned {type(model).__name__}, expected a torch.nn.Module")
+    return LoadedModel(model.eval(), None, "factory", text, getattr(model, "config", None))
+
+
+def _load_pickle(path: Path, trust: bool) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            raise ModelLoadError(
+                f"{path}: this pickle holds Python objects (not just tensors), and unpickling it would run "
+                f"code from the file. Only do that for a file you made or trust: pass --trust-pickle "
+                f"(or set [model] trust_pickle = true in the spec). Safer: save the model as a Hugging Face "
+                f"directory (save_pretrained) or a torch.export archive (.pt2). Detail: "
+                f"{str(err).splitlines()[0]}") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as load_err:  # noqa: BLE001 - any failure of a user pickle is bad input
+            raise ModelLoadError(f"{path}: could not unpickle: {load_err}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ModelLoadError(f"{path}: not a PyTorch file: {str(err).splitlines()[0]}") from None
+    if isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: holds a state_dict ({len(obj)} tensors), not a module; a state_dict "
+                             "has no architecture. Use a factory (package.module:function) that builds the "
+                             "model and loads these weights.")
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, expected a torch.nn.Module")
+    return LoadedModel(obj.eval(), None, "pickle", str(path), getattr(obj, "config", None))
+
+
+def load_model(source: str, *, trust_pickle: bool = False, hf_class: str | None = None,
+               device: str = "cpu") -> LoadedModel:
+    """Load MODEL; never modifies the source. Raises `ModelLoadError` with the reason and what to do."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: a directory must be a Hugging Face model (config.json + "
+                                 "*.safetensors); no config.json found")
+        return _load_hf(path, hf_class, device)
+    if path.suffix == ".pt2":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: file not found")
+        try:
+            program = torch.export.load(path)
+        except Exception as err:  # noqa: BLE001 - a corrupt archive is bad input
+            raise ModelLoadError(f"{path}: not a torch.export archive: {err}") from None
+        return LoadedModel(None, program, "pt2", str(path))
+    if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: file not found")
+        return _load_pickle(path, trust_pickle)
+    if ":" in source and not path.exists():
+        return _load_factory(source, device)
+    if not path.exists():
+        raise ModelLoadError(f"{source}: no such file or directory (expected an HF model directory, a .pt2 "
+                             "archive, a .pt pickle or package.module:function)")
+    raise ModelLoadError(f"{source}: unknown model format {path.suffix!r} (expected an HF model directory, "
+                         ".pt2, .pt/.pth, or package.module:function)")
+
+
+def describe_config(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    try:
+        return json.loads(config.to_json_string())
+    except (AttributeError, TypeError, ValueError):
+        return {}

@@ -1,0 +1,136 @@
+"""The pass contract and the manager that runs a spec's passes in order.
+
+A pass is a small class: `name` (its key in the spec), an `Options` pydantic model, and
+`call(gm) -> PassResult`. Passes edit the graph in place and do not recompile; the manager lints and
+recompiles once per modifying pass, records the history in `RewriteState`, and wraps every failure as
+"while running pass N 'x' (after a, b): ...". Running a pass a second time reports `modified=False`.
+
+With `verify=True`, after each pass that promises equivalence for its options (insert with an identity
+init, merge) the outputs on the example inputs are compared with those from before the pass.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+from pydantic import BaseModel, ConfigDict
+
+from rewrite.capture import max_abs_diff
+from rewrite.errors import PassError, RewriteError, VerifyError
+from rewrite.state import PassRecord, state_of
+
+
+class PassOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """Where a pass resolves relative paths and how it names its spec location in errors."""
+    spec_dir: Path = Path(".")
+    output_dir: Path | None = None
+    where: str = "<spec>"
+
+    def input_path(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.spec_dir / p
+
+    def output_path(self, path: str) -> Path:
+        p = Path(path)
+        if p.is_absolute():
+            return p
+        return (self.output_dir or Path(".")) / p
+
+
+class GraphPass:
+    name: ClassVar[str]
+    Options: ClassVar[type[PassOptions]]
+
+    def __init__(self, options: PassOptions | None = None, context: PassContext | None = None):
+        self.options = options if options is not None else self.Options()
+        self.context = context or PassContext()
+
+    def preserves_outputs(self) -> bool:
+        """True when this pass, with these options, must leave the outputs unchanged."""
+        return False
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = self.call(gm)
+        if result.modified:
+            result.graph_module.graph.lint()
+            result.graph_module.recompile()
+        return result
+
+
+@dataclass
+class ScheduledPass:
+    graph_pass: GraphPass
+    label: str  # "pass[2] 'merge'" as the user wrote it
+
+
+class PassManager:
+    def __init__(self, passes: list[ScheduledPass], *, verify: bool = False, tolerance: float = 1e-5,
+                 on_step: Callable[[str, float, PassResult], None] | None = None):
+        self.passes, self.verify, self.tolerance, self.on_step = passes, verify, tolerance, on_step
+
+    def run(self, gm: fx.GraphModule, *, copy_model: bool = True) -> fx.GraphModule:
+        """Run every pass in order on a copy of `gm` (the user's weights are never modified)."""
+        if copy_model:
+            gm = copy.deepcopy(gm)
+        state = state_of(gm)
+        reference = None
+        done: list[str] = []
+        for scheduled in self.passes:
+            graph_pass = scheduled.graph_pass
+            check = self.verify and graph_pass.preserves_outputs() and state.device != "meta"
+            if check and reference is None:
+                reference = self._outputs(gm)
+            start = time.perf_counter()
+            try:
+                result = graph_pass(gm)
+            except RewriteError as err:
+                raise type(err)(f"while running {scheduled.label}{self._after(done)}: {err}") from None
+            except Exception as err:  # noqa: BLE001 - an internal failure still names the pass
+                raise PassError(f"while running {scheduled.label}{self._after(done)}: internal error "
+                                f"{type(err).__name__}: {err}") from err
+            seconds = time.perf_counter() - start
+            gm = result.graph_module
+            if check:
+                diff = max_abs_diff(reference, self._outputs(gm))
+                result.stats["verify_max_abs_diff"] = diff
+                if not diff <= self.tolerance:
+                    raise VerifyError(f"--verify: {scheduled.label} promises unchanged outputs, but the max abs "
+                                      f"difference on the example inputs is {diff:.3g} (> {self.tolerance:g})")
+            elif self.verify and state.device != "meta":
+                reference = None
+            state.record(PassRecord(graph_pass.name, result.modified, seconds, result.stats))
+            if self.on_step:
+                self.on_step(scheduled.label, seconds, result)
+            done.append(graph_pass.name)
+        return gm
+
+    @staticmethod
+    def _after(done: list[str]) -> str:
+        return f" (after {', '.join(done)})" if done else ""
+
+    @staticmethod
+    def _outputs(gm: fx.GraphModule) -> Any:
+        inputs = state_of(gm).inputs
+        with torch.no_grad():
+            return gm(**inputs.kwargs)

@@ -1,0 +1,151 @@
+"""`rewrite apply` as a plain function: load -> inputs -> capture -> passes -> export -> manifest.
+
+Everything is written into a temporary directory beside the output directory and moved into place only
+when the whole run succeeded, so a failure leaves no partial output. The input model is never modified
+(the pass manager works on a copy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+
+from rewrite.capture import CaptureReport, capture
+from rewrite.errors import SpecError
+from rewrite.export.manifest import build_manifest
+from rewrite.export.onnx_merged import check_onnx, export_merged
+from rewrite.inputs import ExampleInputs, example_inputs
+from rewrite.load import LoadedModel, load_model
+from rewrite.pass_infra import PassContext, PassManager, PassResult, ScheduledPass
+from rewrite.passes import REGISTRY
+from rewrite.spec import Spec
+
+Step = Callable[[str, float, dict[str, Any]], None]
+
+
+@dataclass
+class Summary:
+    model: str
+    output_dir: str | None
+    sites_total: int
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    capture: dict[str, Any] = field(default_factory=dict)
+    check_max_abs_diff: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def _inputs_for(loaded: LoadedModel, spec: Spec) -> ExampleInputs:
+    where = spec.location("capture")
+    if loaded.program is not None and not spec.capture.inputs:
+        args, kwargs = loaded.program.example_inputs or ((), {})
+        if args or not kwargs:
+            raise SpecError(f"{where}: this .pt2 archive was exported with positional inputs; name them in "
+                            "[[capture.inputs]]")
+        return ExampleInputs(dict(kwargs), {k: [None] * v.dim() for k, v in kwargs.items()})
+    inputs = example_inputs(loaded.module, loaded.config, spec.capture, where)
+    return inputs.to("meta") if spec.capture.device == "meta" else inputs
+
+
+def load_and_capture(model: str, spec: Spec, *, trust_pickle: bool = False,
+                     on_stage: Step | None = None) -> tuple[fx.GraphModule, LoadedModel, CaptureReport]:
+    stage = on_stage or (lambda *_: None)
+    start = time.perf_counter()
+    loaded = load_model(model, trust_pickle=trust_pickle or spec.model.trust_pickle, hf_class=spec.model.hf_class,
+                        device=spec.capture.device)
+    stage("load", time.perf_counter() - start, {"kind": loaded.kind})
+    inputs = _inputs_for(loaded, spec)
+    gm, report = capture(loaded, inputs, frontend=spec.capture.frontend, device=spec.capture.device,
+                         spec_digest=spec.digest)
+    stage("capture", report.seconds, {"nodes": report.nodes, "sites": report.sites})
+    return gm, loaded, report
+
+
+def schedule(spec: Spec, context: PassContext) -> list[ScheduledPass]:
+    out = []
+    for entry in spec.passes:
+        where = spec.location("pass", entry.index)
+        ctx = PassContext(spec_dir=context.spec_dir, output_dir=context.output_dir, where=where)
+        out.append(ScheduledPass(REGISTRY[entry.name](entry.options, ctx), f"pass[{entry.index}] '{entry.name}'"))
+    return out
+
+
+def _publish(tmp: Path, out_dir: Path) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(os.listdir(tmp))
+    for name in names:
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    return names
+
+
+def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check: bool | None = None,
+          trust_pickle: bool = False, on_stage: Step | None = None) -> Summary:
+    stage = on_stage or (lambda *_: None)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        summary = _apply_into(spec, model, tmp, verify, check, trust_pickle, stage)
+        summary.files = _publish(tmp, out_dir)
+        summary.output_dir = str(out_dir)
+        return summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | None, trust_pickle: bool,
+                stage: Step) -> Summary:
+    gm, loaded, report = load_and_capture(model, spec, trust_pickle=trust_pickle, on_stage=stage)
+    summary = Summary(model=model, output_dir=None, sites_total=report.sites,
+                      capture=dict(frontend=report.frontend, nodes=report.nodes,
+                                   replay_max_abs_diff=report.replay_max_abs_diff))
+
+    def on_pass(label: str, seconds: float, result: PassResult) -> None:
+        summary.passes.append(dict(label=label, modified=result.modified, seconds=seconds, stats=result.stats))
+        stage(label, seconds, result.stats)
+
+    context = PassContext(spec_dir=spec.base_dir, output_dir=tmp)
+    gm = PassManager(schedule(spec, context), verify=verify, on_step=on_pass).run(gm)
+    exports: list[dict[str, Any]] = []
+    if spec.export.format == "onnx":
+        gm = _fold_remaining(gm, context, on_pass)
+        start = time.perf_counter()
+        exported = export_merged(gm, tmp / spec.export.filename, spec.export, loaded.config)
+        stage("export", time.perf_counter() - start, {"nodes": exported.nodes})
+        entry = dict(file=spec.export.filename, mode="merged", nodes=exported.nodes, op_types=exported.op_types,
+                     external_data=exported.external_data)
+        if spec.export.check if check is None else check:
+            start = time.perf_counter()
+            diff = check_onnx(gm, tmp / spec.export.filename)
+            stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
+            entry["check_max_abs_diff"] = summary.check_max_abs_diff = diff
+            if not diff <= spec.export.tolerance:
+                raise SpecError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "
+                                f"(> [export] tolerance = {spec.export.tolerance:g})")
+        exports.append(entry)
+    manifest = build_manifest(gm, source=model, exports=exports)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return summary
+
+
+def _fold_remaining(gm: fx.GraphModule, context: PassContext, on_pass) -> fx.GraphModule:
+    """Merged export folds adapters still attached, as a final `merge` pass recorded in the history."""
+    merge = REGISTRY["merge"](None, PassContext(context.spec_dir, context.output_dir, "[export] mode = \"merged\""))
+    live = any(True for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters."))
+    if not live:
+        return gm
+    return PassManager([ScheduledPass(merge, "export 'merge'")], on_step=on_pass).run(gm, copy_model=False)

@@ -1,0 +1,242 @@
+"""Weight call sites and the selectors that pick them.
+
+A site is one call of a weight-carrying base op, named by the module path of the weight's owner
+(PEFT's `target_modules` vocabulary) plus `@k` for the k-th further call of the same weight:
+
+    op          graph node (export front-end)            weight layout      d_in, d_out
+    linear      aten.linear(x, W, b)                     W [d_out, d_in]    W.shape[1], W.shape[0]
+    conv1d      aten.addmm(b, x2d, W)   (HF GPT-2 Conv1D) W [d_in, d_out]    W.shape[0], W.shape[1]
+    conv2d      aten.conv2d(x, W, b, ...)                W [c_out, c_in/g, kh, kw]
+    embedding   aten.embedding(W, ids)                   W [V, d]           V, d
+
+Selectors (strings in a spec), with a fixed precedence when several give a site a value:
+global default < `class:Name` < glob / `re:` regex (first listed wins) < exact name. An exact name
+also matches as a dotted suffix (`q_proj` matches `model.layers.0.self_attn.q_proj`), like PEFT.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from rewrite.errors import SpecError, nearest
+
+aten = torch.ops.aten
+V = TypeVar("V")
+
+# op -> (index of x, index of the weight, index of the bias or None)
+_ATEN_SITES = {
+    aten.linear.default: ("linear", 0, 1, 2),
+    aten.addmm.default: ("conv1d", 1, 2, 0),
+    aten.conv2d.default: ("conv2d", 0, 1, 2),
+    aten.embedding.default: ("embedding", 1, 0, None),
+}
+_MODULE_SITES = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    owner: str
+    call_index: int
+    op: str
+    weight: str
+    bias: str | None
+    module_class: str
+    d_in: int
+    d_out: int
+    node: str
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.op == "conv1d":
+            return (self.d_in, self.d_out)
+        if self.op == "embedding":
+            return (self.d_in, self.d_out)
+        return (self.d_out, self.d_in)
+
+
+class SiteTable(Mapping[str, Site]):
+    """Sites in graph order, addressable by name."""
+
+    def __init__(self, sites: Iterable[Site]):
+        self._sites = {s.name: s for s in sites}
+
+    def __getitem__(self, name: str) -> Site:
+        return self._sites[name]
+
+    def __iter__(self):
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def node_of(self, gm: fx.GraphModule, name: str) -> fx.Node:
+        target = self._sites[name].node
+        for node in gm.graph.nodes:
+            if node.name == target:
+                return node
+        raise KeyError(f"site {name}: node {target} is no longer in the graph")
+
+
+def _get_attr_source(node: Any) -> str | None:
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 8:
+        if node.op == "get_attr":
+            return node.target
+        if node.op == "call_function" and node.target in (aten.t.default, aten.permute.default,
+                                                           aten.transpose.int, aten._to_copy.default,
+                                                           aten.alias.default):
+            node, seen = node.args[0], seen + 1
+            continue
+        return None
+    return None
+
+
+def _lookup(root: nn.Module, fqn: str) -> Any:
+    try:
+        return root.get_submodule(fqn) if fqn else root
+    except AttributeError:
+        return None
+
+
+def _owner_path(gm: fx.GraphModule, node: fx.Node, weight: str) -> str:
+    """The calling module if it owns this weight (keeps PEFT names for tied weights), else the weight's owner."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        module = _lookup(gm, path)
+        param = gm.get_parameter(weight) if weight else None
+        if module is not None and any(p is param for p in module.parameters(recurse=False)):
+            return path
+    return weight.rpartition(".")[0]
+
+
+def find_sites(gm: fx.GraphModule) -> SiteTable:
+    """Every call of a weight-carrying op whose weight is a parameter, in graph order."""
+    found: list[Site] = []
+    calls: dict[str, int] = {}
+
+    def add(node: fx.Node, op: str, owner: str, weight: str, bias: str | None, shape: tuple[int, ...]):
+        if op == "conv1d":
+            d_in, d_out = shape[0], shape[1]
+        elif op == "embedding":
+            d_in, d_out = shape
+        elif op == "conv2d":
+            d_in, d_out = shape[1], shape[0]
+        else:
+            d_in, d_out = shape[1], shape[0]
+        k = calls.get(owner, 0)
+        calls[owner] = k + 1
+        module = _lookup(gm, owner)
+        found.append(Site(name=owner if k == 0 else f"{owner}@{k}", owner=owner, call_index=k, op=op,
+                          weight=weight, bias=bias, module_class=type(module).__name__ if module is not None
+                          else "Parameter", d_in=d_in, d_out=d_out, node=node.name))
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _ATEN_SITES:
+            op, _, w_idx, b_idx = _ATEN_SITES[node.target]
+            weight = _get_attr_source(node.args[w_idx]) if len(node.args) > w_idx else None
+            if weight is None or not isinstance(_param(gm, weight), nn.Parameter):
+                continue
+            if op == "conv1d" and node.args[w_idx].op != "get_attr":
+                continue  # addmm over a transposed Linear weight is a decomposed linear, not Conv1D
+            bias = _get_attr_source(node.args[b_idx]) if b_idx is not None and len(node.args) > b_idx else None
+            add(node, op, _owner_path(gm, node, weight), weight, bias, tuple(_param(gm, weight).shape))
+        elif node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            op = next((v for k, v in _MODULE_SITES.items() if type(module) is k), None)
+            if op is None and type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+                op = "conv1d"
+            if op is not None:
+                bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+                add(node, op, node.target, f"{node.target}.weight", bias, tuple(module.weight.shape))
+    return SiteTable(found)
+
+
+def _param(gm: fx.GraphModule, fqn: str) -> Any:
+    module_path, _, attr = fqn.rpartition(".")
+    module = _lookup(gm, module_path)
+    return getattr(module, attr, None) if module is not None else None
+
+
+@dataclass(frozen=True)
+class Selector:
+    text: str
+    kind: str  # "exact" | "glob" | "regex" | "class"
+    rank: int  # precedence: higher wins
+
+    def matches(self, site: Site) -> bool:
+        if self.kind == "class":
+            return site.module_class == self.text[len("class:"):]
+        if self.kind == "regex":
+            return re.fullmatch(self.text[len("re:"):], site.owner) is not None
+        if self.kind == "glob":
+            return fnmatch.fnmatchcase(site.owner, self.text) or fnmatch.fnmatchcase(site.name, self.text)
+        return self.text in (site.owner, site.name) or site.owner.endswith("." + self.text)
+
+
+def parse_selector(text: str, where: str = "<spec>") -> Selector:
+    if not isinstance(text, str) or not text:
+        raise SpecError(f"{where}: a selector must be a non-empty string, got {text!r}")
+    if text.startswith("class:"):
+        return Selector(text, "class", 1)
+    if text.startswith("re:"):
+        try:
+            re.compile(text[3:])
+        except re.error as err:
+            raise SpecError(f"{where}: selector {text!r} is not a valid regular expression: {err}") from None
+        return Selector(text, "regex", 2)
+    if any(ch in text for ch in "*?["):
+        return Selector(text, "glob", 2)
+    return Selector(text, "exact", 3)
+
+
+def select(table: SiteTable, patterns: Iterable[str], where: str = "<spec>",
+           ops: Iterable[str] | None = None) -> list[Site]:
+    """Sites matched by any pattern, in graph order; a pattern that matches nothing is an error."""
+    allowed = set(ops) if ops else None
+    picked: dict[str, Site] = {}
+    for text in patterns:
+        selector = parse_selector(text, where)
+        hits = [s for s in table.values() if selector.matches(s) and (allowed is None or s.op in allowed)]
+        if not hits:
+            raise SpecError(_nothing_matched(table, selector, where, allowed))
+        picked.update((s.name, s) for s in hits)
+    return [s for s in table.values() if s.name in picked]
+
+
+def _nothing_matched(table: SiteTable, selector: Selector, where: str, allowed: set[str] | None) -> str:
+    candidates = [s.name for s in table.values() if allowed is None or s.op in allowed]
+    if selector.kind == "class":
+        classes = sorted({s.module_class for s in table.values()})
+        near = f" Module classes with sites: {', '.join(classes)}."
+    else:
+        hits = nearest(selector.text, candidates)
+        near = f" Nearest site names: {', '.join(hits)}." if hits else ""
+    kinds = f" (only {', '.join(sorted(allowed))} sites are eligible)" if allowed else ""
+    return (f"{where}: selector {selector.text!r} matches no site{kinds}.{near} "
+            f"Run `rewrite inspect MODEL` to list all {len(candidates)} sites.")
+
+
+def resolve(site: Site, default: V, mapping: Mapping[str, V], where: str = "<spec>") -> V:
+    """The value for one site: exact name > first matching glob/regex > class > `default`."""
+    best: tuple[int, int, V] | None = None
+    for order, (text, value) in enumerate(mapping.items()):
+        selector = parse_selector(text, where)
+        if selector.matches(site):
+            key = (selector.rank, -order)
+            if best is None or key > best[:2]:
+                best = (*key, value)
+    return default if best is None else best[2]
+
+
+def check_mapping(table: SiteTable, mapping: Mapping[str, Any], where: str) -> None:
+    """Every key of a per-site mapping (rank_pattern, ...) must match at least one site."""
+    select(table, list(mapping), where)

@@ -1,0 +1,205 @@
+"""The spec: `spec.toml` parsed and validated once, up front.
+
+    version = 1
+    [model]    how MODEL is loaded (trust_pickle, HF class)
+    [capture]  front-end, device, dynamic dims, example inputs
+    [[pass]]   ordered passes; `name` picks the pass, the other keys are its typed options
+    [export]   what is written (merged ONNX, check against ONNX Runtime)
+
+Every problem becomes one `SpecError` naming `file:line`, the key path, what was expected and what
+nearly matched. Nothing is written before the whole spec has validated.
+"""
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rewrite.errors import SpecError, did_you_mean
+from rewrite.toml_locate import TomlLocator
+
+SPEC_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelOptions(Strict):
+    trust_pickle: bool = False
+    hf_class: str | None = Field(default=None, description="transformers class for an HF directory")
+
+
+class InputSpec(Strict):
+    name: str
+    shape: list[int]
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+    low: float = 0.0
+    high: float = 1.0
+    dims: list[str] | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int]) -> list[int]:
+        if any(s < 1 for s in shape):
+            raise ValueError("every size must be >= 1")
+        return shape
+
+
+class CaptureOptions(Strict):
+    frontend: Literal["export", "fx"] = "export"
+    device: Literal["cpu", "meta"] = "cpu"
+    dynamic: bool = True
+    use_cache: bool = False
+    batch: int = Field(default=2, ge=2)
+    seq: int = Field(default=16, ge=2)
+    inputs: list[InputSpec] = []
+
+
+class ExportOptions(Strict):
+    format: Literal["onnx", "none"] = "onnx"
+    mode: Literal["merged"] = "merged"
+    opset: int | None = Field(default=None, ge=17)
+    check: bool = False
+    tolerance: float = 1e-4
+    external_data: Literal["auto", "always", "never"] = "auto"
+    filename: str = "model.onnx"
+
+
+class _Top(Strict):
+    version: int
+    model: ModelOptions = ModelOptions()
+    capture: CaptureOptions = CaptureOptions()
+    export: ExportOptions = ExportOptions()
+    pass_: list[dict[str, Any]] = Field(default=[], alias="pass")
+
+
+@dataclass(frozen=True)
+class PassEntry:
+    name: str
+    options: Any
+    index: int
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path | None
+    digest: str
+    model: ModelOptions
+    capture: CaptureOptions
+    export: ExportOptions
+    passes: list[PassEntry] = field(default_factory=list)
+    text: str = field(default="", repr=False)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def location(self, *key: Any) -> str:
+        return _Located(self.path, self.text).where(key)
+
+
+class _Located:
+    def __init__(self, path: Path | None, text: str):
+        self.path, self.locator = path, TomlLocator(text)
+
+    def where(self, key: tuple) -> str:
+        line = self.locator.line(key)
+        name = str(self.path) if self.path else "<spec>"
+        return f"{name}:{line}" if line else name
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _raise_validation(err: ValidationError, prefix: tuple, located: _Located, known: dict[tuple, list[str]]):
+    lines = []
+    for problem in err.errors():
+        loc = tuple("pass" if p == "pass_" else p for p in (*prefix, *problem["loc"]))
+        where = located.where(loc)
+        if problem["type"] == "extra_forbidden":
+            valid = known.get(tuple(p for p in loc[:-1] if not isinstance(p, int)), [])
+            hint = did_you_mean(str(loc[-1]), valid)
+            valid_txt = f" Valid keys: {', '.join(valid)}." if valid else ""
+            lines.append(f"{where}: unknown key '{_key_path(loc)}'.{hint}{valid_txt}")
+        else:
+            got = problem.get("input")
+            got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: '{_key_path(loc)}': {problem['msg']}{got_txt}")
+    raise SpecError("invalid spec:\n  " + "\n  ".join(lines))
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def parse_spec(text: str, path: Path | None = None) -> Spec:
+    """Parse and validate a spec; raises `SpecError` naming the TOML location of the first problems."""
+    from rewrite.passes import REGISTRY
+
+    located = _Located(path, text)
+    name = str(path) if path else "<spec>"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{name}: not valid TOML: {err}") from None
+    known = {
+        (): _fields(_Top),
+        ("model",): _fields(ModelOptions),
+        ("capture",): _fields(CaptureOptions),
+        ("capture", "inputs"): _fields(InputSpec),
+        ("export",): _fields(ExportOptions),
+    }
+    if "version" not in raw:
+        raise SpecError(f"{name}: missing top-level key 'version' (expected: version = {SPEC_VERSION})")
+    if raw["version"] != SPEC_VERSION:
+        raise SpecError(f"{located.where(('version',))}: 'version' is {raw['version']!r}; "
+                        f"this rewrite reads spec version {SPEC_VERSION}")
+    try:
+        top = _Top.model_validate(raw)
+    except ValidationError as err:
+        _raise_validation(err, (), located, known)
+    passes = []
+    for index, entry in enumerate(top.pass_):
+        where = located.where(("pass", index))
+        if "name" not in entry:
+            raise SpecError(f"{where}: [[pass]] number {index + 1} has no 'name'. "
+                            f"Registered passes: {', '.join(REGISTRY)}")
+        pass_name = entry["name"]
+        if pass_name not in REGISTRY:
+            raise SpecError(f"{located.where(('pass', index, 'name'))}: unknown pass {pass_name!r}."
+                            f"{did_you_mean(pass_name, REGISTRY)} Registered passes: {', '.join(REGISTRY)}")
+        options_type = REGISTRY[pass_name].Options
+        options = {k: v for k, v in entry.items() if k != "name"}
+        try:
+            parsed = options_type.model_validate(options)
+        except ValidationError as err:
+            _raise_validation(err, ("pass", index), located, {("pass",): ["name", *_fields(options_type)]})
+        passes.append(PassEntry(pass_name, parsed, index))
+    return Spec(path=path, digest=hashlib.sha256(text.encode()).hexdigest(), model=top.model,
+                capture=top.capture, export=top.export, passes=passes, text=text)
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read the spec: {err}") from None
+    return parse_spec(text, path)
+
+
+def default_spec() -> Spec:
+    """The spec used by `rewrite inspect` without --spec: capture settings only."""
+    return parse_spec(f"version = {SPEC_VERSION}\n")

@@ -1,0 +1,1 @@
+"""Serving-time pieces (adapter sessions); see issue 4."""
