@@ -134,10 +134,9 @@ def find_sites(gm: fx.GraphModule) -> SiteTable:
             d_in, d_out = shape[1], shape[0]
         k = calls.get(owner, 0)
         calls[owner] = k + 1
-        module = _lookup(gm, owner)
         found.append(Site(name=owner if k == 0 else f"{owner}@{k}", owner=owner, call_index=k, op=op,
-                          weight=weight, bias=bias, module_class=type(module).__name__ if module is not None
-                          else "Parameter", d_in=d_in, d_out=d_out, node=node.name))
+                          weight=weight, bias=bias, module_class=_module_class(gm, node, owner), d_in=d_in,
+                          d_out=d_out, node=node.name))
 
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _ATEN_SITES:
@@ -158,6 +157,18 @@ def find_sites(gm: fx.GraphModule) -> SiteTable:
                 bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
                 add(node, op, node.target, f"{node.target}.weight", bias, tuple(module.weight.shape))
     return SiteTable(found)
+
+
+def _module_class(gm: fx.GraphModule, node: fx.Node, owner: str) -> str:
+    """The original class name: `ep.module()` keeps only plain Modules, so read it from nn_module_stack."""
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        if path == owner:
+            name = cls if isinstance(cls, str) else cls.__qualname__
+            return name.rpartition(".")[2]
+    module = _lookup(gm, owner)
+    if module is None or type(module) is nn.Module:
+        return "Parameter"
+    return type(module).__name__
 
 
 def _param(gm: fx.GraphModule, fqn: str) -> Any:
