@@ -2,7 +2,9 @@
 
 Default front-end: `torch.export.export(model, (), kwargs, strict=False, dynamic_shapes=...)` then
 `.module()`: ATen ops, parameters as `get_attr` nodes named by their FQN, `nn_module_stack` kept.
-Opt-in `fx`: `torch.fx.symbolic_trace` for plain torch models. Dynamic axes are declared with
+Opt-in `fx`: `torch.fx.symbolic_trace` for plain torch models. Transformers models are switched to eager
+attention before capture (`[capture] attn_implementation`): with SDPA, re-exporting the captured graph
+to ONNX fails in torch's decompositions on T5 ("Cannot view a tensor ... strides"); eager exports everywhere. Dynamic axes are declared with
 `torch.export.Dim` (samples must be >= 2 there: export specialises sizes 0 and 1).
 """
 from __future__ import annotations
@@ -89,9 +91,12 @@ def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 
 
 def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "export", device: str = "cpu",
-            spec_digest: str | None = None, check_replay: bool = True) -> tuple[fx.GraphModule, CaptureReport]:
-    """Capture `loaded` into a GraphModule carrying `gm.meta["rewrite"]`; never modifies the model."""
+            spec_digest: str | None = None, check_replay: bool = True,
+            attn_implementation: str = "eager") -> tuple[fx.GraphModule, CaptureReport]:
+    """Capture `loaded` into a GraphModule carrying `gm.meta["rewrite"]`; never modifies the weights."""
     start = time.perf_counter()
+    if attn_implementation != "keep" and hasattr(loaded.module, "set_attn_implementation"):
+        loaded.module.set_attn_implementation(attn_implementation)
     if loaded.program is not None:
         gm = loaded.program.module()
         frontend = "pt2"

@@ -56,6 +56,7 @@ class CaptureOptions(Strict):
     device: Literal["cpu", "meta"] = "cpu"
     dynamic: bool = True
     use_cache: bool = False
+    attn_implementation: Literal["eager", "sdpa", "keep"] = "eager"
     batch: int = Field(default=2, ge=2)
     seq: int = Field(default=16, ge=2)
     inputs: list[InputSpec] = []
