@@ -69,13 +69,18 @@ def _print_summary(console: Console, summary, total: float) -> None:
     table = Table(title=f"rewrite apply: {summary.model} -> {summary.output_dir}", show_lines=False)
     for column in ("stage", "seconds", "result"):
         table.add_column(column)
-    table.add_row("capture", "", f"{summary.capture['frontend']}, {summary.capture['nodes']} nodes, "
-                                 f"{summary.sites_total} sites")
+    seconds = {entry["stage"]: entry["seconds"] for entry in summary.stages}
+    table.add_row("load", f"{seconds.get('load', 0):.2f}", "")
+    table.add_row("capture", f"{seconds.get('capture', 0):.2f}", f"{summary.capture['frontend']}, "
+                  f"{summary.capture['nodes']} nodes, {summary.sites_total} weight sites")
     for entry in summary.passes:
         stats = ", ".join(f"{k}={v}" for k, v in entry["stats"].items() if not isinstance(v, (dict, list)))
         table.add_row(entry["label"], f"{entry['seconds']:.3f}", stats if entry["modified"] else f"(no change) {stats}")
+    if "export" in seconds:
+        table.add_row("export", f"{seconds['export']:.2f}", "merged ONNX")
     if summary.check_max_abs_diff is not None:
-        table.add_row("check", "", f"ONNX Runtime vs torch max abs diff {summary.check_max_abs_diff:.2e}")
+        table.add_row("check", f"{seconds['check']:.2f}",
+                      f"ONNX Runtime vs torch max abs diff {summary.check_max_abs_diff:.2e}")
     table.add_row("total", f"{total:.2f}", ", ".join(summary.files))
     console.print(table)
 

@@ -109,10 +109,16 @@ def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check:
 
 def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | None, trust_pickle: bool,
                 stage: Step) -> Summary:
-    gm, loaded, report = load_and_capture(model, spec, trust_pickle=trust_pickle, on_stage=stage)
-    summary = Summary(model=model, output_dir=None, sites_total=report.sites,
-                      capture=dict(frontend=report.frontend, nodes=report.nodes,
-                                   replay_max_abs_diff=report.replay_max_abs_diff))
+    summary = Summary(model=model, output_dir=None, sites_total=0)
+
+    def on_stage(name: str, seconds: float, stats: dict[str, Any]) -> None:
+        summary.stages.append(dict(stage=name, seconds=seconds, **stats))
+        stage(name, seconds, stats)
+
+    gm, loaded, report = load_and_capture(model, spec, trust_pickle=trust_pickle, on_stage=on_stage)
+    summary.sites_total = report.sites
+    summary.capture = dict(frontend=report.frontend, nodes=report.nodes,
+                           replay_max_abs_diff=report.replay_max_abs_diff)
 
     def on_pass(label: str, seconds: float, result: PassResult) -> None:
         summary.passes.append(dict(label=label, modified=result.modified, seconds=seconds, stats=result.stats))
@@ -125,13 +131,13 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
         gm = _fold_remaining(gm, context, on_pass)
         start = time.perf_counter()
         exported = export_merged(gm, tmp / spec.export.filename, spec.export, loaded.config)
-        stage("export", time.perf_counter() - start, {"nodes": exported.nodes})
+        on_stage("export", time.perf_counter() - start, {"nodes": exported.nodes})
         entry = dict(file=spec.export.filename, mode="merged", nodes=exported.nodes, op_types=exported.op_types,
                      external_data=exported.external_data)
         if spec.export.check if check is None else check:
             start = time.perf_counter()
             diff = check_onnx(gm, tmp / spec.export.filename)
-            stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
+            on_stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
             entry["check_max_abs_diff"] = summary.check_max_abs_diff = diff
             if not diff <= spec.export.tolerance:
                 raise SpecError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "

@@ -1,0 +1,48 @@
+"""Build the example's inputs: a tiny LLaMA (random weights, seeded) and a LoRA adapter for it.
+
+The adapter is written in Hugging Face PEFT's on-disk format (adapter_config.json +
+adapter_model.safetensors) with non-zero weights; it stands in for an adapter fine-tuned with PEFT.
+Usage: python examples/make_models.py OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+
+def build_model(out: Path) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                      max_position_embeddings=256, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(out)
+    return model
+
+
+def build_adapter(model: torch.nn.Module, out: Path, rank: int = 8, alpha: float = 16.0) -> None:
+    generator = torch.Generator().manual_seed(1)
+    targets = ("q_proj", "v_proj")
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in targets:
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.05
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "task_type": "CAUSAL_LM"}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/models")
+    model = build_model(root / "tiny-llama")
+    build_adapter(model, root / "support-bot-lora")
+    print(f"wrote {root / 'tiny-llama'} and {root / 'support-bot-lora'}")
