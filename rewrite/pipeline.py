@@ -21,7 +21,9 @@ import torch.fx as fx
 from rewrite.capture import CaptureReport, capture
 from rewrite.errors import SpecError
 from rewrite.export.manifest import build_manifest
+from rewrite.export.check_unmerged import check_unmerged
 from rewrite.export.onnx_merged import check_onnx, export_merged
+from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.inputs import ExampleInputs, example_inputs
 from rewrite.load import LoadedModel, load_model
 from rewrite.pass_infra import PassContext, PassManager, PassResult, ScheduledPass
@@ -128,24 +130,39 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
     gm = PassManager(schedule(spec, context), verify=verify, on_step=on_pass).run(gm)
     exports: list[dict[str, Any]] = []
     if spec.export.format == "onnx":
-        gm = _fold_remaining(gm, context, on_pass)
-        start = time.perf_counter()
-        exported = export_merged(gm, tmp / spec.export.filename, spec.export, loaded.config)
-        on_stage("export", time.perf_counter() - start, {"nodes": exported.nodes})
-        entry = dict(file=spec.export.filename, mode="merged", nodes=exported.nodes, op_types=exported.op_types,
-                     external_data=exported.external_data)
-        if spec.export.check if check is None else check:
-            start = time.perf_counter()
-            diff = check_onnx(gm, tmp / spec.export.filename)
-            on_stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
-            entry["check_max_abs_diff"] = summary.check_max_abs_diff = diff
-            if not diff <= spec.export.tolerance:
-                raise SpecError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "
-                                f"(> [export] tolerance = {spec.export.tolerance:g})")
-        exports.append(entry)
+        exports.append(_export(gm, spec, tmp, loaded, check, on_stage, on_pass, summary, context))
     manifest = build_manifest(gm, source=model, exports=exports)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return summary
+
+
+def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, on_stage, on_pass,
+            summary: Summary, context: PassContext) -> dict[str, Any]:
+    options = spec.export
+    start = time.perf_counter()
+    if options.mode == "unmerged":
+        entry = export_unmerged(gm, tmp, options.filename, strategy=options.switching, adapters=options.adapters,
+                                capacity=options.capacity, opset=options.opset,
+                                external_data=options.external_data, config=loaded.config)
+    else:
+        gm = _fold_remaining(gm, context, on_pass)
+        exported = export_merged(gm, tmp / options.filename, options, loaded.config)
+        entry = dict(file=options.filename, mode="merged", nodes=exported.nodes, op_types=exported.op_types,
+                     external_data=exported.external_data)
+    on_stage("export", time.perf_counter() - start, {"nodes": entry["nodes"]})
+    if options.check if check is None else check:
+        start = time.perf_counter()
+        if options.mode == "unmerged":
+            (tmp / "manifest.json").write_text(json.dumps({"exports": [entry]}))
+            diff = check_unmerged(gm, tmp, list(entry["adapters"]))
+        else:
+            diff = check_onnx(gm, tmp / options.filename)
+        on_stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
+        entry["check_max_abs_diff"] = summary.check_max_abs_diff = diff
+        if not diff <= options.tolerance:
+            raise SpecError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "
+                            f"(> [export] tolerance = {options.tolerance:g})")
+    return entry
 
 
 def _fold_remaining(gm: fx.GraphModule, context: PassContext, on_pass) -> fx.GraphModule:

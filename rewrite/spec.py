@@ -12,6 +12,7 @@ nearly matched. Nothing is written before the whole spec has validated.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,10 @@ class CaptureOptions(Strict):
 
 class ExportOptions(Strict):
     format: Literal["onnx", "none"] = "onnx"
-    mode: Literal["merged"] = "merged"
+    mode: Literal["merged", "unmerged"] = "merged"
+    switching: Literal["ort-adapters", "bank", "custom-op"] = "ort-adapters"
+    adapters: list[str] | None = None
+    capacity: int | None = Field(default=None, ge=1)
     opset: int | None = Field(default=None, ge=17)
     check: bool = False
     tolerance: float = 1e-4
@@ -152,7 +156,8 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise SpecError(f"{name}: not valid TOML: {err}") from None
+        line = re.search(r"at line (\d+)", str(err))
+        raise SpecError(f"{name}{':' + line.group(1) if line else ''}: not valid TOML: {err}") from None
     known = {
         (): _fields(_Top),
         ("model",): _fields(ModelOptions),

@@ -1,0 +1,150 @@
+"""Unmerged ONNX export: adapters stay switchable at run time.
+
+After `lowering.lower`, the model is exported with the dynamo exporter and post-processed:
+
+    ort-adapters  every A/B becomes a graph input named like the parameter, with an EMPTY same-name
+                  initializer ([d_in, 0] / [0, d_out]) as default, so the model alone is the base model;
+                  each site gets its own symbolic rank dim `rank_<i>` (one shared dim breaks per-layer
+                  ranks in ORT's buffer planner); one `.onnx_adapter` file per adapter.
+    bank          an `adapter_ids` input [batch] (-1 = base); banks become inputs whose defaults are the
+    custom-op     exported adapters, so a session can fill free slots without reloading.
+
+Stale `value_info` is dropped and shapes re-inferred (ORT trusts it when planning buffers). Every
+adapter tensor name is checked to have survived export (matmul layout keeps them: ONNX.md §2.2).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+
+from rewrite.capture import dynamic_shapes
+from rewrite.errors import RewriteError
+from rewrite.export.lowering import Lowered, lower
+from rewrite.state import state_of
+
+IDS_INPUT = "adapter_ids"
+
+
+def model_signature(lowered: Lowered) -> int:
+    """A 31-bit integer from the adapter tensor names and shapes; stored as the adapter files' model version."""
+    text = json.dumps([(s.tensors, s.d_in, s.d_out) for s in lowered.sites], sort_keys=True)
+    return int(hashlib.sha256(text.encode()).hexdigest()[:7], 16)
+
+
+def _example_ids(batch: int, slots: int) -> torch.Tensor:
+    ids = torch.arange(batch, dtype=torch.int64) % max(slots, 1)
+    ids[-1] = -1
+    return ids
+
+
+def _export(lowered: Lowered, gm: fx.GraphModule, config: Any, opset: int | None):
+    state = state_of(gm)
+    inputs = state.inputs
+    shapes = dynamic_shapes(inputs, config)
+    table = None
+    if lowered.strategy == "custom-op":
+        from rewrite.runtime.ops import onnx_translation_table
+
+        table = onnx_translation_table()
+    common = dict(dynamo=True, verbose=False, opset_version=opset, custom_translation_table=table)
+    if not lowered.routed:
+        return torch.onnx.export(lowered.module, (), kwargs=inputs.kwargs, dynamic_shapes=shapes, **common)
+    names = list(inputs.kwargs)
+    batch = next(iter(inputs.kwargs.values())).shape[0]
+    ids = _example_ids(batch, len(lowered.adapters))
+    args = (*inputs.kwargs.values(), ids)
+    dyn = None
+    if shapes:
+        batch_dim = next((d for spec in shapes.values() for axis, d in spec.items() if axis == 0), None)
+        dyn = ((*[shapes.get(n, {}) for n in names], {0: batch_dim} if batch_dim is not None else {}),)
+    return torch.onnx.export(lowered.module, args, dynamic_shapes=dyn, input_names=[*names, IDS_INPUT], **common)
+
+
+def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
+    initializers = {init.name: init for init in model.graph.initializer}
+    wanted = [(site, key, name) for i, site in enumerate(lowered.sites) for key, name in site.tensors.items()]
+    missing = [name for _, _, name in wanted if name not in initializers]
+    if missing:
+        raise RewriteError(f"ONNX export lost adapter tensor names {missing[:4]} (found initializers like "
+                           f"{sorted(initializers)[:4]}); cannot make them switchable")
+    for index, site in enumerate(lowered.sites):
+        for key, name in site.tensors.items():
+            init = initializers[name]
+            shape: list[Any] = list(init.dims)
+            if lowered.strategy == "ort-adapters":
+                axis = 1 if key == "A" else 0
+                shape[axis] = f"rank_{index}"
+                empty = list(init.dims)
+                empty[axis] = 0
+                np_type = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(empty, np_type), name))
+            model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, shape))
+    del model.graph.value_info[:]
+
+
+def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strategy: str,
+                    adapters: list[str] | None, capacity: int | None, opset: int | None,
+                    external_data: str, config: Any = None) -> dict[str, Any]:
+    """Write the switchable model (and, for ort-adapters, one .onnx_adapter per adapter) into out_dir."""
+    if state_of(gm).device == "meta":
+        raise RewriteError("cannot export ONNX from a meta-device capture (it has no weights)")
+    lowered = lower(gm, strategy, adapters, capacity)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = _export(lowered, gm, config, opset)
+        except RewriteError:
+            raise
+        except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
+            raise RewriteError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    model = program.model_proto
+    _make_inputs(model, lowered)
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    path = out_dir / filename
+    big = model.ByteSize() > 2 * 1024**3 - 1 if external_data == "auto" else external_data == "always"
+    onnx.save_model(model, str(path), save_as_external_data=big, location=f"{filename}.data" if big else None)
+    version = model_signature(lowered)
+    entry: dict[str, Any] = dict(
+        file=filename, mode="unmerged", switching=strategy, model_version=version, nodes=len(model.graph.node),
+        op_types=sorted({n.op_type for n in model.graph.node}), external_data=big,
+        capacity=capacity or len(lowered.adapters) if lowered.routed else None,
+        ids_input=IDS_INPUT if lowered.routed else None,
+        sites=[dict(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, **s.tensors)
+               for s in lowered.sites],
+        adapters={name: dict(slot=i if lowered.routed else None) for i, name in enumerate(lowered.adapters)},
+    )
+    if strategy == "ort-adapters":
+        (out_dir / "adapters").mkdir(exist_ok=True)
+        for name in lowered.adapters:
+            tensors = {s.tensors[k]: s.per_adapter[name][k] for s in lowered.sites if name in s.per_adapter
+                       for k in ("A", "B")}
+            relative = f"adapters/{name}.onnx_adapter"
+            write_onnx_adapter(out_dir / relative, tensors, version)
+            entry["adapters"][name]["file"] = relative
+    return entry
+
+
+def write_onnx_adapter(path: Path, tensors: dict[str, Any], model_version: int) -> None:
+    """An ONNX Runtime adapter file; `tensors` maps model input names to torch tensors or numpy arrays."""
+    import onnxruntime as ort
+
+    # OrtValue.ortvalue_from_numpy does not copy: keep the arrays alive until export_adapter returns.
+    arrays = {name: np.ascontiguousarray(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
+              for name, t in tensors.items()}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(model_version)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()})
+    fmt.export_adapter(str(path))
+    del arrays

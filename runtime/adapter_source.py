@@ -1,0 +1,110 @@
+"""Read an adapter from any source into per-site factors for a switchable model.
+
+Sources: a PEFT directory, our `.safetensors` adapter file, an `.onnx_adapter` file, or a dict
+{site: (A [d_in, r], B [r, d_out])}. The result has the scale folded into B (B' = s B), which is
+what the exported model consumes. Validation against the model's sites (names, d_in, d_out, rank
+limits, dtype) happens here, before anything reaches ONNX Runtime, which would silently accept
+overlapping names.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rewrite.errors import AdapterFileError, nearest
+
+
+def _scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def read_factors(source: Any, sites: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{site: (A, B scaled)} as float32 numpy arrays, validated against `sites` (manifest entries)."""
+    if isinstance(source, dict):
+        factors = {k: (np.asarray(a, np.float32), np.asarray(b, np.float32)) for k, (a, b) in source.items()}
+        where = "<adapter dict>"
+    else:
+        path = Path(source)
+        where = str(path)
+        if path.is_dir():
+            factors = _from_peft(path)
+        elif path.suffix == ".onnx_adapter":
+            factors = _from_onnx_adapter(path, sites)
+        elif path.suffix == ".safetensors":
+            factors = _from_rewrite_file(path)
+        elif not path.exists():
+            raise AdapterFileError(f"{path}: adapter path does not exist")
+        else:
+            raise AdapterFileError(f"{path}: unknown adapter format (expected a PEFT directory, .safetensors or "
+                                   ".onnx_adapter)")
+    _validate(factors, sites, where)
+    return factors
+
+
+def _from_peft(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from rewrite.export.peft_format import read_peft_dir
+
+    adapter = read_peft_dir(path)
+    out = {}
+    for module, tensors in adapter.modules.items():
+        if "lora_A.weight" not in tensors or tensors["lora_A.weight"].dim() != 2:
+            raise AdapterFileError(f"{path}: module {module!r}: only Linear / Conv1D LoRA can be switched at run time")
+        a = tensors["lora_A.weight"].float().T.numpy()
+        rank = a.shape[1]
+        b = tensors["lora_B.weight"].float().T.numpy() * _scale(adapter.alpha_of(module), rank, adapter.rslora)
+        out[module] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
+    return out
+
+
+def _from_rewrite_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from rewrite.export.adapter_files import read_adapter_file
+
+    adapter = read_adapter_file(path)
+    out = {}
+    for owner, info in adapter.sites.items():
+        scale = _scale(float(info["alpha"]), int(info["rank"]), bool(info["rslora"]))
+        parts = adapter.tensors[owner]
+        out[owner] = (parts["lora_A"].float().numpy(), parts["lora_B"].float().numpy() * scale)
+    return out
+
+
+def _from_onnx_adapter(path: Path, sites: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import onnxruntime as ort
+
+    params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+    by_name = {(info["A"]): site for site, info in sites.items()}
+    out = {}
+    for name, array in params.items():
+        if name in by_name:
+            site = by_name[name]
+            b_name = sites[site]["B"]
+            if b_name not in params:
+                raise AdapterFileError(f"{path}: has {name} but not its pair {b_name}")
+            out[site] = (array, params[b_name])
+        elif not any(name == info["B"] for info in sites.values()):
+            raise AdapterFileError(f"{path}: tensor {name!r} is not an adapter input of this model."
+                                   f" Nearest: {', '.join(nearest(name, [i['A'] for i in sites.values()]))}")
+    return out
+
+
+def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str, dict[str, Any]], where: str):
+    if not factors:
+        raise AdapterFileError(f"{where}: the adapter has no tensors")
+    for site, (a, b) in factors.items():
+        if site not in sites:
+            raise AdapterFileError(f"{where}: site {site!r} has no switchable adapter slot in this model "
+                                   f"(nearest: {', '.join(nearest(site, sites)) or 'none'})")
+        info = sites[site]
+        if a.dtype != np.float32 or b.dtype != np.float32:
+            raise AdapterFileError(f"{where}: site {site!r}: dtypes {a.dtype}/{b.dtype}, the model takes float32")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != info["d_in"] or b.shape[1] != info["d_out"] \
+                or a.shape[1] != b.shape[0]:
+            raise AdapterFileError(f"{where}: site {site!r}: shapes A {a.shape}, B {b.shape} do not fit "
+                                   f"d_in={info['d_in']}, d_out={info['d_out']} (A [d_in, r], B [r, d_out])")
+        limit = info.get("rank_limit")
+        if limit is not None and a.shape[1] > limit:
+            raise AdapterFileError(f"{where}: site {site!r}: rank {a.shape[1]} exceeds the bank's rank {limit} "
+                                   "for this site (export with a larger rank or use ort-adapters)")
