@@ -1,0 +1,67 @@
+// rewrite::LoraDelta — the delta-only multi-adapter LoRA op (ORT-free declarations).
+//
+//   y[n, :] = x[n, :] @ A_bank[k] @ B_bank[k]      k = idx[n / (N / nb)], rows of block b use adapter idx[b]
+//   y[n, :] = 0                                    when k < 0 (no adapter)
+//
+// x is [N, d_in] row-major (leading dims flattened), A_bank [K, d_in, r], B_bank [K, r, d_out] (matmul layout, the
+// LoRA scale folded into B, smaller ranks zero-padded to r), idx [nb] int64 with N % nb == 0. The base GEMM is not
+// computed here: it stays ORT's own Gemm/MatMul, and the graph adds the two.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace rewrite_lora {
+
+struct Problem {
+  const float* x = nullptr;      // [N, din]
+  const float* a = nullptr;      // [K, din, r]
+  const float* b = nullptr;      // [K, r, dout]
+  const int64_t* idx = nullptr;  // [nb] (host memory)
+  float* y = nullptr;            // [N, dout]
+  int64_t n = 0, nb = 1, din = 0, r = 0, dout = 0, k = 0;
+};
+
+// Shape checks shared by the CPU and CUDA ops. Returns "" when the shapes are fine, else the message
+// (every message starts with "LoraDelta: "). Fills p.n, p.nb, p.din, p.r, p.dout, p.k.
+std::string check_shapes(const int64_t* x_shape, size_t x_rank, const int64_t* a_shape, size_t a_rank,
+                         const int64_t* b_shape, size_t b_rank, const int64_t* idx_shape, size_t idx_rank,
+                         Problem& p);
+
+// Every idx[i] < K (negative means "no adapter"). Returns "" or the message.
+std::string check_indices(const int64_t* idx, int64_t nb, int64_t k);
+
+// How the CPU kernel may run work items in parallel: run(ctx, fn, total, max_batches) must call fn(data, i) once
+// for every i < total, possibly concurrently. ORT's op passes its intra-op pool (KernelContext::ParallelFor); a null
+// run means serial.
+struct Executor {
+  void (*run)(void* ctx, void (*fn)(void*, size_t), size_t total, size_t max_batches, void* data) = nullptr;
+  void* ctx = nullptr;
+  int threads = 1;  // upper bound on useful concurrency (REWRITE_LORA_THREADS, default hardware concurrency)
+};
+
+// The CPU kernel (idx already checked). Picks the AVX2+FMA build when the CPU has it, else the portable one;
+// REWRITE_LORA_ISA=generic forces the portable build.
+void lora_delta_cpu(const Problem& p, const Executor& ex);
+
+// Which CPU build lora_delta_cpu will use right now ("avx2" or "generic").
+const char* cpu_isa();
+
+// Threads from REWRITE_LORA_THREADS (>= 1), default std::thread::hardware_concurrency().
+int env_threads();
+
+namespace generic {
+void run_item(const Problem& p, const int64_t* rows, int64_t m, int64_t adapter, int64_t c0, int64_t c1);
+}
+namespace avx2 {
+void run_item(const Problem& p, const int64_t* rows, int64_t m, int64_t adapter, int64_t c0, int64_t c1);
+}
+
+#ifdef REWRITE_LORA_CUDA
+// The CUDA kernel: x, a, b, y are device pointers, idx is host memory (already checked); stream-ordered on
+// `stream` (a cudaStream_t), no synchronisation. Returns "" or a CUDA error message.
+std::string lora_delta_cuda(const Problem& p, void* stream);
+#endif
+
+}  // namespace rewrite_lora

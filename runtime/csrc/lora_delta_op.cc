@@ -1,0 +1,146 @@
+// ONNX Runtime registration of rewrite::LoraDelta (domain "rewrite", version 1) with the lite custom-op API.
+//
+// Built against the ORT 1.21 headers (ORT_API_VERSION 21); newer runtimes keep serving that API version, so the
+// library loads into any onnxruntime >= 1.21 (ONNX.md §7.1). Not linked against libonnxruntime: the API table
+// comes from the host at RegisterCustomOps. Only RegisterCustomOps is exported (exports.map).
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#include "onnxruntime_lite_custom_op.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <vector>
+
+#include "lora_delta.h"
+
+namespace rewrite_lora {
+namespace {
+
+using Ort::Custom::Tensor;
+
+// Errors are returned as statuses, never thrown across the C boundary into ONNX Runtime.
+Ort::Status fail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+  return Ort::Status(msg.c_str(), code);
+}
+
+// Shapes, index range and output allocation shared by both execution providers. Returns "" or the message.
+std::string prepare(const Tensor<float>& x, const Tensor<float>& a, const Tensor<float>& b,
+                    const Tensor<int64_t>& idx, Tensor<float>& y, Problem& p) {
+  const auto& xs = x.Shape();
+  const auto& as = a.Shape();
+  const auto& bs = b.Shape();
+  const auto& is = idx.Shape();
+  std::string err = check_shapes(xs.data(), xs.size(), as.data(), as.size(), bs.data(), bs.size(), is.data(),
+                                 is.size(), p);
+  if (!err.empty()) return err;
+  p.idx = idx.Data();  // host memory (CPU EP; for the CUDA EP input 3 is declared OrtMemTypeCPUInput)
+  err = check_indices(p.idx, p.nb, p.k);
+  if (!err.empty()) return err;
+  std::vector<int64_t> ys = xs;
+  ys.back() = p.dout;
+  p.y = y.Allocate(ys);
+  p.x = x.Data();
+  p.a = a.Data();
+  p.b = b.Data();
+  return "";
+}
+
+void ort_parallel_for(void* c, void (*fn)(void*, size_t), size_t total, size_t max_batches, void* data) {
+  static_cast<const Ort::KernelContext*>(c)->ParallelFor(fn, total, max_batches, data);
+}
+
+Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, const Tensor<float>& a,
+                         const Tensor<float>& b, const Tensor<int64_t>& idx, Tensor<float>& y) {
+  try {
+    Problem p;
+    const std::string err = prepare(x, a, b, idx, y, p);
+    if (!err.empty()) return fail(err);
+    if (p.n == 0 || p.dout == 0) return Ort::Status{nullptr};
+    const Ort::KernelContext kctx(context);
+    Executor ex;
+    ex.run = ort_parallel_for;
+    ex.ctx = const_cast<Ort::KernelContext*>(&kctx);
+    ex.threads = env_threads();
+    lora_delta_cpu(p, ex);
+    return Ort::Status{nullptr};
+  } catch (const Ort::Exception& e) {
+    return fail(e.what(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return fail(std::string("LoraDelta: ") + e.what(), ORT_FAIL);
+  }
+}
+
+#ifdef REWRITE_LORA_CUDA
+Ort::Status LoraDeltaCuda(OrtKernelContext* context, const Tensor<float>& x, const Tensor<float>& a,
+                          const Tensor<float>& b, const Tensor<int64_t>& idx, Tensor<float>& y) {
+  try {
+    Problem p;
+    const std::string err = prepare(x, a, b, idx, y, p);
+    if (!err.empty()) return fail(err);
+    if (p.n == 0 || p.dout == 0) return Ort::Status{nullptr};
+    const Ort::KernelContext kctx(context);
+    const std::string cerr = lora_delta_cuda(p, kctx.GetGPUComputeStream());
+    if (!cerr.empty()) return fail(cerr, ORT_RUNTIME_EXCEPTION);
+    return Ort::Status{nullptr};
+  } catch (const Ort::Exception& e) {
+    return fail(e.what(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return fail(std::string("LoraDelta: ") + e.what(), ORT_FAIL);
+  }
+}
+#endif
+
+Ort::Status infer_shape(Ort::ShapeInferContext& ctx) {
+  // y = x.shape[:-1] + [B_bank.shape[2]]
+  try {
+    Ort::ShapeInferContext::Shape s = ctx.GetInputShape(0);
+    const auto& bs = ctx.GetInputShape(2);
+    if (s.empty() || bs.size() != 3) return Ort::Status{nullptr};
+    s.back() = bs[2];
+    return ctx.SetOutputShape(0, s);
+  } catch (const Ort::Exception& e) {
+    return fail(e.what(), e.GetOrtErrorCode());
+  }
+}
+
+struct Registry {
+  Ort::CustomOpDomain domain{"rewrite"};
+  std::vector<Ort::Custom::OrtLiteCustomOp*> ops;  // never freed (see registry())
+};
+
+Registry& registry() {
+  // Domain and ops must outlive every session that uses them: static storage, never freed.
+  static Registry* r = [] {
+    auto* reg = new Registry;
+    auto* cpu = Ort::Custom::CreateLiteCustomOp("LoraDelta", "CPUExecutionProvider", LoraDeltaCpu, infer_shape);
+    reg->domain.Add(cpu);
+    reg->ops.push_back(cpu);
+#ifdef REWRITE_LORA_CUDA
+    auto* cuda = Ort::Custom::CreateLiteCustomOp("LoraDelta", "CUDAExecutionProvider", LoraDeltaCuda, infer_shape);
+    // The adapter ids are routing decisions made on the host: take them in host memory so the op can check them
+    // (clean error) and plan without a device->host copy or a stream synchronisation.
+    cuda->GetInputMemoryType = [](const OrtCustomOp*, size_t i) {
+      return i == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+    };
+    reg->domain.Add(cuda);
+    reg->ops.push_back(cuda);
+#endif
+    return reg;
+  }();
+  return *r;
+}
+
+}  // namespace
+}  // namespace rewrite_lora
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr)  // the runtime is older than the headers (1.21): report through the oldest API table
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "rewrite LoraDelta needs onnxruntime >= 1.21");
+  Ort::InitApi(api);
+  try {
+    Ort::UnownedSessionOptions(options).Add(rewrite_lora::registry().domain);
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}

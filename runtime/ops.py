@@ -1,0 +1,200 @@
+"""The delta-only multi-adapter LoRA op `rewrite::LoraDelta`: torch op, ONNX schema and ONNX Runtime library.
+
+    y = lora_delta(x, a_bank, b_bank, idx)       x [..., d_in], a_bank [K, d_in, r], b_bank [K, r, d_out], idx [B]
+
+The N = prod(x.shape[:-1]) rows of x split into B equal blocks; the rows of block b get
+`x_row @ a_bank[idx[b]] @ b_bank[idx[b]]`, or zeros when idx[b] < 0 (no adapter). The LoRA scale is folded into
+b_bank and smaller ranks are zero-padded to r. Only the delta: the graph adds it to ORT's own Gemm/MatMul output
+(ONNX.md §10), e.g. `base(x) + torch.ops.rewrite.lora_delta(x, A, B, idx)`.
+
+* `torch.ops.rewrite.lora_delta` — a `torch.library.custom_op` with a torch reference implementation and a fake
+  (meta) kernel, so it traces through `torch.export` / fx.
+* `register_onnx_schema()` / `onnx_translation_table()` — ONNX domain "rewrite", version 1; pass the table to
+  `torch.onnx.export(..., dynamo=True, custom_translation_table=onnx_translation_table())` to get one
+  `rewrite::LoraDelta` node per call (ONNX.md §6).
+* `library_path()` — the C++ ONNX Runtime library (runtime/csrc), built on first use into build/lora and rebuilt
+  when its sources change; `session_options_with_library()` registers it with an `ort.SessionOptions`.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+from rewrite.errors import RewriteError
+
+DOMAIN = "rewrite"
+OP_TYPE = "LoraDelta"
+VERSION = 1
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+_BUILD_SCRIPT = CSRC / "build.sh"
+_LIB_PREFIX = "librewrite_lora-"
+_build_lock = threading.Lock()
+
+
+class LoraLibraryError(RewriteError):
+    """The LoraDelta library cannot be built (no compiler, no ONNX Runtime headers, compile error)."""
+
+
+class LoraHeadersUnavailable(LoraLibraryError):
+    """The ONNX Runtime headers could not be found or fetched (offline and no ORT_INCLUDE_DIR)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch op
+
+
+def _check_args(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> None:
+    torch._check(x.dim() >= 1, lambda: "LoraDelta: x must be [..., d_in]")
+    torch._check(a_bank.dim() == 3, lambda: "LoraDelta: A_bank must be [K, d_in, r]")
+    torch._check(b_bank.dim() == 3, lambda: "LoraDelta: B_bank must be [K, r, d_out]")
+    torch._check(idx.dim() <= 1, lambda: "LoraDelta: idx must be a 1-D int64 tensor [B]")
+    torch._check(a_bank.shape[1] == x.shape[-1], lambda: "LoraDelta: A_bank dim 1 must equal the last dim of x")
+    torch._check(a_bank.shape[0] == b_bank.shape[0], lambda: "LoraDelta: A_bank and B_bank hold different K")
+    torch._check(a_bank.shape[2] == b_bank.shape[1], lambda: "LoraDelta: rank mismatch between A_bank and B_bank")
+
+
+@torch.library.custom_op("rewrite::lora_delta", mutates_args=())
+def lora_delta(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Reference implementation (torch): per block, x_rows @ a_bank[k] @ b_bank[k]; zeros where idx < 0."""
+    _check_args(x, a_bank, b_bank, idx)
+    d_in, d_out, k_count = x.shape[-1], b_bank.shape[2], a_bank.shape[0]
+    rows = x.reshape(-1, d_in)
+    n = rows.shape[0]
+    ids = idx.reshape(-1).to(torch.int64)
+    nb = ids.numel()
+    if nb < 1 or n % nb:
+        raise ValueError(f"LoraDelta: the {n} rows of x do not split into {nb} equal blocks (N % B != 0)")
+    if bool((ids >= k_count).any()):
+        raise IndexError("LoraDelta: adapter index out of range")
+    y = rows.new_zeros(n, d_out)
+    blocks = rows.reshape(nb, n // nb, d_in)
+    out = y.reshape(nb, n // nb, d_out)
+    for k in torch.unique(ids[ids >= 0]).tolist():          # one segment per adapter (SGMV order)
+        sel = (ids == k).nonzero().reshape(-1)
+        out[sel] = blocks[sel] @ a_bank[k] @ b_bank[k]
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+@lora_delta.register_fake
+def _lora_delta_fake(x, a_bank, b_bank, idx):
+    _check_args(x, a_bank, b_bank, idx)
+    return x.new_empty((*x.shape[:-1], b_bank.shape[2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX
+
+
+def register_onnx_schema() -> None:
+    """Register the `rewrite::LoraDelta` (version 1) schema with onnx (idempotent)."""
+    import onnx
+
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    P = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        VERSION,
+        doc="Multi-adapter LoRA delta: y[rows of block b] = x @ A_bank[idx[b]] @ B_bank[idx[b]], 0 where idx < 0.",
+        inputs=[
+            P("x", "T", "rows to adapt, [..., d_in]"),
+            P("A_bank", "T", "[K, d_in, r] (matmul layout)"),
+            P("B_bank", "T", "[K, r, d_out] (LoRA scale folded in)"),
+            P("idx", "tensor(int64)", "[B] adapter per row block, < 0 = none"),
+        ],
+        outputs=[P("y", "T", "the delta only, [..., d_out]")],
+        type_constraints=[("T", ["tensor(float)"], "float32 activations and adapter banks")],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def onnx_translation_table() -> dict:
+    """`{torch.ops.rewrite.lora_delta.default: f}` for `torch.onnx.export(..., custom_translation_table=...)`."""
+    import onnxscript
+
+    register_onnx_schema()
+    rewrite_opset = onnxscript.values.Opset(DOMAIN, VERSION)
+
+    def lora_delta_onnx(x, a_bank, b_bank, idx):
+        return rewrite_opset.LoraDelta(x, a_bank, b_bank, idx)
+
+    return {torch.ops.rewrite.lora_delta.default: lora_delta_onnx}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime library
+
+
+def build_dir() -> Path:
+    """Where the library is built: $REWRITE_BUILD_DIR, else <repo>/build/lora (git-ignored)."""
+    env = os.environ.get("REWRITE_BUILD_DIR")
+    if env:
+        return Path(env) / "lora"
+    return CSRC.parents[1] / "build" / "lora"
+
+
+def _digest() -> str:
+    h = hashlib.sha256()
+    for f in sorted(CSRC.iterdir()):
+        if f.is_file() and f.suffix in {".h", ".cc", ".inc", ".map", ".sh"}:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    for var in ("CXX", "ORT_INCLUDE_DIR"):
+        h.update(f"{var}={os.environ.get(var, '')}".encode())
+    return h.hexdigest()[:12]
+
+
+def library_path(build: bool = True) -> Path:
+    """Path of the CPU custom-op library, built (once per source digest) when missing and `build` is true.
+
+    Raises LoraHeadersUnavailable when the ONNX Runtime headers cannot be had (set ORT_INCLUDE_DIR),
+    LoraLibraryError for a missing compiler or a failed compile, or when `build` is false and nothing is built.
+    """
+    out = build_dir()
+    path = out / f"{_LIB_PREFIX}{_digest()}.so"
+    if path.is_file():
+        return path
+    if not build:
+        raise LoraLibraryError(f"the LoraDelta library is not built ({path}); call library_path(build=True)")
+    if shutil.which("bash") is None:
+        raise LoraLibraryError("building the LoraDelta library needs bash")
+    out.mkdir(parents=True, exist_ok=True)
+    with _build_lock, open(out / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes (pytest-xdist, parallel runs)
+        if path.is_file():
+            return path
+        proc = subprocess.run(
+            ["bash", str(_BUILD_SCRIPT), "--lib", str(path)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0 or not path.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            if proc.returncode == 3:
+                raise LoraHeadersUnavailable(
+                    "cannot build the LoraDelta library: no ONNX Runtime headers (set ORT_INCLUDE_DIR to a folder "
+                    f"holding onnxruntime_cxx_api.h and onnxruntime_lite_custom_op.h)\n{tail}"
+                )
+            if proc.returncode == 4:
+                raise LoraLibraryError(f"cannot build the LoraDelta library: no compiler\n{tail}")
+            raise LoraLibraryError(f"building the LoraDelta library failed (exit {proc.returncode}):\n{tail}")
+        for old in out.glob(f"{_LIB_PREFIX}*.so"):  # stale builds (a loaded copy stays mapped in its process)
+            if old != path:
+                old.unlink(missing_ok=True)
+    return path
+
+
+def session_options_with_library(options=None, build: bool = True):
+    """An `onnxruntime.SessionOptions` (the given one, or a new one) with the LoraDelta library registered."""
+    import onnxruntime as ort
+
+    so = options if options is not None else ort.SessionOptions()
+    so.register_custom_ops_library(str(library_path(build=build)))
+    return so
