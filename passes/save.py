@@ -20,7 +20,6 @@ from typing import Literal
 import torch.fx as fx
 from pydantic import Field
 
-import rewrite
 from rewrite.errors import SpecError
 from rewrite.export.adapter_files import write_adapter_file
 from rewrite.export.peft_format import PREFIX, write_peft_dir
@@ -51,7 +50,7 @@ def _peft_config(modules: dict) -> dict:
         "rank_pattern": {o: m.rank for o, m in modules.items() if m.rank != r},
         "alpha_pattern": {o: m.alpha for o, m in modules.items() if m.alpha != alpha},
         "modules_to_save": None, "use_dora": False,
-        "revision": None, "rewrite_version": rewrite.__version__,
+        "revision": None,  # no keys of our own: PEFT warns "upgrade PEFT" about any key it does not know
     }
 
 

@@ -9,10 +9,12 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rewrite.errors import RewriteError
@@ -122,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True, quiet=args.quiet)
     try:
-        result = _cmd_apply(args, console) if args.command == "apply" else _cmd_inspect(args, console)
+        with warnings.catch_warnings():
+            if args.quiet:  # library warnings are not errors: --quiet prints errors only
+                warnings.simplefilter("ignore")
+            result = _cmd_apply(args, console) if args.command == "apply" else _cmd_inspect(args, console)
     except RewriteError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+        # the message is plain text: `[model]` must not be read as markup, nor `pkg:X:` as an emoji code
+        Console(stderr=True, emoji=False).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                                                markup=True, soft_wrap=True)
         return err.exit_code
     except KeyboardInterrupt:
         return 130

@@ -43,10 +43,17 @@ def nearest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates closest to `word`, best first (for 'did you mean' hints)."""
     pool = list(dict.fromkeys(candidates))
     hits = difflib.get_close_matches(word, pool, n=n, cutoff=0.5)
-    if len(hits) < n:
-        stem = word.strip("*?[]^$.").split(".")[-1]
-        hits += [c for c in pool if stem and stem in c and c not in hits][: n - len(hits)]
-    return hits
+    stem = word.strip("*?[]^$.").split(".")[-1]
+    if len(hits) < n and stem:
+        # compare last dotted parts too, so a short PEFT-style name ('q_prj') finds 'model.layers.0.self_attn.q_proj'
+        tails: dict[str, list[str]] = {}
+        for c in pool:
+            tails.setdefault(c.rpartition(".")[2], []).append(c)
+        for tail in difflib.get_close_matches(stem, list(tails), n=n, cutoff=0.6):
+            hits += [c for c in tails[tail] if c not in hits]
+    if len(hits) < n and stem:
+        hits += [c for c in pool if stem in c and c not in hits]
+    return hits[:n]
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:

@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,17 +93,35 @@ def _load_factory(text: str, device: str) -> LoadedModel:
     return LoadedModel(model.eval(), None, "factory", text, getattr(model, "config", None))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _weights_only_reason(detail: str) -> str:
+    """The useful line of torch's weights_only error ('Unsupported operand 103'), not its advice."""
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.partition("WeightsUnpickler error:")[2].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else "unpickling failed"
+
+
 def _load_pickle(path: Path, trust: bool) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        detail = _ANSI.sub("", str(err))
+        objects = re.search(r"Unsupported global: (GLOBAL \S+)", detail)
+        if not trust and objects is None:
+            raise ModelLoadError(f"{path}: not a readable PyTorch file (corrupt, or not written by torch.save): "
+                                 f"{_weights_only_reason(detail)}") from None
         if not trust:
             raise ModelLoadError(
                 f"{path}: this pickle holds Python objects (not just tensors), and unpickling it would run "
                 f"code from the file. Only do that for a file you made or trust: pass --trust-pickle "
                 f"(or set [model] trust_pickle = true in the spec). Safer: save the model as a Hugging Face "
-                f"directory (save_pretrained) or a torch.export archive (.pt2). Detail: "
-                f"{str(err).splitlines()[0]}") from None
+                f"directory (save_pretrained) or a torch.export archive (.pt2). Detail: it needs "
+                f"{objects.group(1)}") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as load_err:  # noqa: BLE001 - any failure of a user pickle is bad input

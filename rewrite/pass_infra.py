@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,9 @@ class PassManager:
     def run(self, gm: fx.GraphModule, *, copy_model: bool = True) -> fx.GraphModule:
         """Run every pass in order on a copy of `gm` (the user's weights are never modified)."""
         if copy_model:
-            gm = copy.deepcopy(gm)
+            with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                gm = copy.deepcopy(gm)
         state = state_of(gm)
         reference = None
         done: list[str] = []
