@@ -43,6 +43,7 @@ class Summary:
     files: list[str] = field(default_factory=list)
     capture: dict[str, Any] = field(default_factory=dict)
     check_max_abs_diff: float | None = None
+    exports: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -131,6 +132,7 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
     exports: list[dict[str, Any]] = []
     if spec.export.format == "onnx":
         exports.append(_export(gm, spec, tmp, loaded, check, on_stage, on_pass, summary, context))
+    summary.exports = exports
     manifest = build_manifest(gm, source=model, exports=exports)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return summary
