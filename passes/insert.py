@@ -17,13 +17,13 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rewrite.adapters import KINDS
 from rewrite.errors import SpecError
 from rewrite.graph_edit import has_adapter, register_adapter, wire
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
-from rewrite.sites import Site, check_mapping, resolve, select
+from rewrite.sites import Site, check_mapping, check_selector_syntax, resolve, select
 from rewrite.state import state_of
 
 ADAPTABLE_OPS = ("linear", "conv1d", "conv2d", "embedding")
@@ -41,6 +41,18 @@ class InsertOptions(PassOptions):
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     seed: int = 0
+
+    @field_validator("targets")
+    @classmethod
+    def _selectors(cls, targets: list[str]) -> list[str]:
+        return [check_selector_syntax(t) for t in targets]
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _pattern_keys(cls, mapping: dict) -> dict:
+        for key in mapping:
+            check_selector_syntax(key)
+        return mapping
 
 
 def conv_settings(gm: fx.GraphModule, site: Site, where: str) -> dict | None:
@@ -71,9 +83,9 @@ class InsertPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         o, where = self.options, self.context.where
         table = state_of(gm).sites
-        sites = select(table, o.targets, where, ops=ADAPTABLE_OPS)
-        check_mapping(table, o.rank_pattern, f"{where} rank_pattern")
-        check_mapping(table, o.alpha_pattern, f"{where} alpha_pattern")
+        sites = select(table, o.targets, self.context.at("targets"), ops=ADAPTABLE_OPS)
+        check_mapping(table, o.rank_pattern, f"{self.context.at('rank_pattern')} rank_pattern")
+        check_mapping(table, o.alpha_pattern, f"{self.context.at('alpha_pattern')} alpha_pattern")
         for key, value in o.rank_pattern.items():
             if value < 1:
                 raise SpecError(f"{where}: rank_pattern[{key!r}] = {value}; ranks must be >= 1")

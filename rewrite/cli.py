@@ -1,4 +1,5 @@
-"""Command line: `rewrite apply SPEC MODEL -o OUT` and `rewrite inspect MODEL [--spec SPEC]`.
+"""Command line: `rewrite apply SPEC MODEL -o OUT`, `rewrite bundle MODEL --adapter NAME=DIR ...`
+and `rewrite inspect MODEL [--spec SPEC]`.
 
 Bad input (spec, model, adapter files) prints one clear message and exits with code 2, writing nothing.
 Progress goes to stderr; `--json` prints a machine-readable result to stdout; `--quiet` prints only errors.
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rewrite.errors import RewriteError
+from rewrite.errors import RewriteError, SpecError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,10 +31,19 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--verify", action="store_true",
                        help="after each pass that promises equivalence, check the outputs did not change")
     apply.add_argument("--check", action="store_true", help="run ONNX Runtime on the export and compare with torch")
+    bundle = sub.add_parser("bundle", help="several PEFT adapter directories in, one switchable ONNX model out")
+    bundle.add_argument("model", help="the base model (same forms as for apply)")
+    bundle.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="a PEFT adapter directory (repeat for each adapter)")
+    bundle.add_argument("--switching", choices=["ort-adapters", "bank", "custom-op"], default="bank",
+                        help="ort-adapters: one adapter per run; bank / custom-op: one adapter per batch row")
+    bundle.add_argument("--capacity", type=int, help="bank slots (default: the number of adapters)")
+    bundle.add_argument("-o", "--output", default="out", help="output directory (default: out)")
+    bundle.add_argument("--check", action="store_true", help="compare ONNX Runtime with torch per adapter")
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
     inspect.add_argument("model")
     inspect.add_argument("--spec", help="spec.toml: capture settings and selectors to resolve")
-    for p in (apply, inspect):
+    for p in (apply, bundle, inspect):
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow unpickling a .pt model with code execution (only for files you trust)")
         p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
@@ -45,7 +55,13 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rewrite.pipeline import apply
     from rewrite.spec import load_spec
 
-    spec = load_spec(args.spec)
+    if args.command == "bundle":
+        from rewrite.bundle import bundle_spec
+
+        spec = bundle_spec(args.adapter, switching=args.switching, capacity=args.capacity, check=args.check)
+        args.verify = False
+    else:
+        spec = load_spec(args.spec)
     start = time.perf_counter()
     status = console.status("loading model", spinner="dots") if not args.quiet else None
     if status:
@@ -79,7 +95,10 @@ def _print_summary(console: Console, summary, total: float) -> None:
         stats = ", ".join(f"{k}={v}" for k, v in entry["stats"].items() if not isinstance(v, (dict, list)))
         table.add_row(entry["label"], f"{entry['seconds']:.3f}", stats if entry["modified"] else f"(no change) {stats}")
     if "export" in seconds:
-        table.add_row("export", f"{seconds['export']:.2f}", "merged ONNX")
+        entry = summary.exports[0]
+        how = entry["mode"] + (f", {entry['switching']}, adapters: {', '.join(entry['adapters'])}"
+                               if entry["mode"] == "unmerged" else "")
+        table.add_row("export", f"{seconds['export']:.2f}", f"ONNX {how}, {entry['nodes']} nodes")
     if summary.check_max_abs_diff is not None:
         table.add_row("check", f"{seconds['check']:.2f}",
                       f"ONNX Runtime vs torch max abs diff {summary.check_max_abs_diff:.2e}")
@@ -103,9 +122,12 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for key in ("targets",):
             for pattern in getattr(entry.options, key, None) or []:
                 where = spec.location("pass", entry.index, key)
-                hits = [s.name for s in select(sites, [pattern], where)]
+                try:
+                    hits, note = [s.name for s in select(sites, [pattern], where)], ""
+                except SpecError as err:
+                    hits, note = [], str(err)
                 selectors.append(dict(pass_index=entry.index, pass_name=entry.name, selector=pattern,
-                                      matches=hits))
+                                      matches=hits, error=note))
     if not args.quiet and not args.json:
         table = Table(title=f"{args.model}: {len(rows)} weight sites ({report.frontend}, {report.nodes} nodes)")
         for column in ("site", "op", "class", "d_in", "d_out"):
@@ -116,7 +138,9 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for sel in selectors:
             console.print(f"pass[{sel['pass_index']}] {sel['pass_name']}: {sel['selector']!r} matches "
                           f"{len(sel['matches'])} site(s): {', '.join(sel['matches'][:8])}"
-                          f"{' ...' if len(sel['matches']) > 8 else ''}")
+                          f"{' ...' if len(sel['matches']) > 8 else ''}", highlight=False, markup=False)
+            if sel["error"]:
+                console.print(f"  {sel['error']}", highlight=False, markup=False)
     return dict(model=args.model, sites=rows, selectors=selectors)
 
 
@@ -127,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if args.quiet:  # library warnings are not errors: --quiet prints errors only
                 warnings.simplefilter("ignore")
-            result = _cmd_apply(args, console) if args.command == "apply" else _cmd_inspect(args, console)
+            result = _cmd_inspect(args, console) if args.command == "inspect" else _cmd_apply(args, console)
     except RewriteError as err:
         # the message is plain text: `[model]` must not be read as markup, nor `pkg:X:` as an emoji code
         Console(stderr=True, emoji=False).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,

@@ -44,6 +44,10 @@ class PassContext:
     spec_dir: Path = Path(".")
     output_dir: Path | None = None
     where: str = "<spec>"
+    locate: Callable[[str], str] | None = None  # key -> "spec.toml:LINE" of that key in this pass
+
+    def at(self, key: str) -> str:
+        return self.locate(key) if self.locate else self.where
 
     def input_path(self, path: str) -> Path:
         p = Path(path)

@@ -79,7 +79,8 @@ def schedule(spec: Spec, context: PassContext) -> list[ScheduledPass]:
     out = []
     for entry in spec.passes:
         where = spec.location("pass", entry.index)
-        ctx = PassContext(spec_dir=context.spec_dir, output_dir=context.output_dir, where=where)
+        ctx = PassContext(spec_dir=context.spec_dir, output_dir=context.output_dir, where=where,
+                          locate=lambda key, i=entry.index: spec.location("pass", i, key))
         out.append(ScheduledPass(REGISTRY[entry.name](entry.options, ctx), f"pass[{entry.index}] '{entry.name}'"))
     return out
 
@@ -98,13 +99,13 @@ def _publish(tmp: Path, out_dir: Path) -> list[str]:
 def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check: bool | None = None,
           trust_pickle: bool = False, on_stage: Step | None = None) -> Summary:
     stage = on_stage or (lambda *_: None)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    shown, out_dir = str(out_dir), Path(out_dir).absolute()
+    scratch = next(p for p in out_dir.parents if p.is_dir())  # same filesystem; creates no folder yet
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=scratch))
     try:
         summary = _apply_into(spec, model, tmp, verify, check, trust_pickle, stage)
         summary.files = _publish(tmp, out_dir)
-        summary.output_dir = str(out_dir)
+        summary.output_dir = shown
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

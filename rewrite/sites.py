@@ -209,6 +209,15 @@ def parse_selector(text: str, where: str = "<spec>") -> Selector:
     return Selector(text, "exact", 3)
 
 
+def check_selector_syntax(text: str) -> str:
+    """For spec validation: a ValueError (reported with its TOML location) for a malformed selector."""
+    try:
+        parse_selector(text)
+    except SpecError as err:
+        raise ValueError(str(err).removeprefix("<spec>: ")) from None
+    return text
+
+
 def select(table: SiteTable, patterns: Iterable[str], where: str = "<spec>",
            ops: Iterable[str] | None = None) -> list[Site]:
     """Sites matched by any pattern, in graph order; a pattern that matches nothing is an error."""

@@ -118,15 +118,13 @@ def test_missing_spec_file(tmp_path, capsys, files):
 # Spec problems that need the model's site table: found after capture, still nothing written.
 SITE_CASES = {
     "selector_matches_nothing": ('targets = ["q_prj"]\n',
-                                 ["spec.toml:6", "selector 'q_prj' matches no site", "Nearest site names: q_proj",
+                                 ["spec.toml:8", "selector 'q_prj' matches no site", "Nearest site names: q_proj",
                                   "rewrite inspect"]),
     "class_selector_matches_nothing": ('targets = ["class:Conv2d"]\n',
                                        ["selector 'class:Conv2d' matches no site",
                                         "Module classes with sites: Linear"]),
-    "bad_regex": ('targets = ["re:q_(proj"]\n',
-                  ["spec.toml:6", "'re:q_(proj' is not a valid regular expression"]),
     "rank_pattern_key_matches_nothing": ('targets = ["q_proj"]\nrank_pattern = { "v_prj" = 2 }\n',
-                                         ["spec.toml:6 rank_pattern", "selector 'v_prj' matches no site",
+                                         ["spec.toml:9 rank_pattern", "selector 'v_prj' matches no site",
                                           "Nearest site names: v_proj"]),
 }
 
@@ -135,11 +133,20 @@ SITE_CASES = {
 def test_selector_errors_name_the_pass_and_nearest_sites(case, tmp_path, capsys, files):
     options, expected = SITE_CASES[case]
     spec = write_spec(tmp_path, HEAD + NET_INPUTS + '\n[[pass]]\nname = "insert"\n' + options)
-    # the [[pass]] header moved down by the 4 input lines
-    expected = [e.replace("spec.toml:6", "spec.toml:10") for e in expected]
+    # the key lines moved down by the 4 input lines
+    expected = [e.replace("spec.toml:8", "spec.toml:12").replace("spec.toml:9", "spec.toml:13") for e in expected]
     out = tmp_path / "out"
     code, _, err = cli(capsys, "apply", spec, files / "net.pt", "-o", out, "--trust-pickle")
     assert_error(code, err, "while running pass[0] 'insert'", *expected)
+    assert_nothing_written(out)
+
+
+def test_bad_regex_is_reported_before_the_model_loads(tmp_path, capsys):
+    spec = write_spec(tmp_path, HEAD + '[[pass]]\nname = "insert"\ntargets = ["re:q_(proj"]\n')
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "apply", spec, tmp_path / "no-model-needed.pt", "-o", out)
+    assert_error(code, err, "spec.toml:8", "not a valid regular expression")
+    assert "while running" not in err
     assert_nothing_written(out)
 
 
@@ -147,7 +154,7 @@ def test_selector_on_hf_model_lists_nearest_full_names(hf_dir, tmp_path, capsys)
     spec = write_spec(tmp_path, HEAD + '[[pass]]\nname = "insert"\ntargets = ["q_prj"]\n')
     out = tmp_path / "out"
     code, _, err = cli(capsys, "apply", spec, hf_dir("llama"), "-o", out)
-    assert_error(code, err, "spec.toml:6", "selector 'q_prj' matches no site",
+    assert_error(code, err, "spec.toml:8", "selector 'q_prj' matches no site",
                  "Nearest site names: model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj",
                  "list all 16 sites")
     assert_nothing_written(out)
