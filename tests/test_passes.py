@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -238,8 +239,8 @@ def test_selector_matching_nothing_names_the_nearest_sites(llama):
         run(gm, "insert", targets=["class:Conv2d"])
     with pytest.raises(SpecError, match=r"rank_pattern: selector 'v_prj' matches no site.*Nearest site names: " + V0):
         run(gm, "insert", targets=["q_proj"], rank_pattern={"v_prj": 2})
-    with pytest.raises(SpecError, match="not a valid regular expression"):
-        run(gm, "insert", targets=["re:q_(proj"])
+    with pytest.raises(ValidationError, match="not a valid regular expression"):
+        run(gm, "insert", targets=["re:q_(proj"])  # refused while the options validate, before any pass runs
     assert gm.code == before and kinds(gm)["adapters"] == 0  # nothing changed before the error
 
 
