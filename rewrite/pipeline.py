@@ -80,7 +80,7 @@ def schedule(spec: Spec, context: PassContext) -> list[ScheduledPass]:
     for entry in spec.passes:
         where = spec.location("pass", entry.index)
         ctx = PassContext(spec_dir=context.spec_dir, output_dir=context.output_dir, where=where,
-                          locate=lambda key, i=entry.index: spec.location("pass", i, key))
+                          locate=lambda key, i=entry.index: spec.location("pass", i, key), data=spec.data)
         out.append(ScheduledPass(REGISTRY[entry.name](entry.options, ctx), f"pass[{entry.index}] '{entry.name}'"))
     return out
 

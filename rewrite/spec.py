@@ -3,6 +3,7 @@
     version = 1
     [model]    how MODEL is loaded (trust_pickle, HF class)
     [capture]  front-end, device, dynamic dims, example inputs
+    [data]     calibration / training data for data-driven passes (a tensor file or a batch factory)
     [[pass]]   ordered passes; `name` picks the pass, the other keys are its typed options
     [export]   what is written (merged ONNX, check against ONNX Runtime)
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rewrite.errors import SpecError, did_you_mean
 from rewrite.toml_locate import TomlLocator
@@ -76,10 +77,32 @@ class ExportOptions(Strict):
     filename: str = "model.onnx"
 
 
+class DataOptions(Strict):
+    """Calibration / training data: a file of named tensors (model inputs + `labels`) or a batch factory."""
+    path: str | None = None
+    factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    batch_size: int = Field(default=8, ge=1)
+    loss: Literal["cross_entropy", "mse", "causal_lm", "model"] = "cross_entropy"
+    output: str | int = 0
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataOptions":
+        if (self.path is None) == (self.factory is None):
+            raise ValueError("[data] needs exactly one of 'path' (a tensor file) or 'factory' (package.module:function)")
+        return self
+
+
 class _Top(Strict):
     version: int
     model: ModelOptions = ModelOptions()
     capture: CaptureOptions = CaptureOptions()
+    data: DataOptions | None = None
     export: ExportOptions = ExportOptions()
     pass_: list[dict[str, Any]] = Field(default=[], alias="pass")
 
@@ -99,6 +122,7 @@ class Spec:
     capture: CaptureOptions
     export: ExportOptions
     passes: list[PassEntry] = field(default_factory=list)
+    data: DataOptions | None = None
     text: str = field(default="", repr=False)
 
     @property
@@ -164,6 +188,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
         ("capture",): _fields(CaptureOptions),
         ("capture", "inputs"): _fields(InputSpec),
         ("export",): _fields(ExportOptions),
+        ("data",): _fields(DataOptions),
     }
     if "version" not in raw:
         raise SpecError(f"{name}: missing top-level key 'version' (expected: version = {SPEC_VERSION})")
@@ -192,7 +217,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
             _raise_validation(err, ("pass", index), located, {("pass",): ["name", *_fields(options_type)]})
         passes.append(PassEntry(pass_name, parsed, index))
     return Spec(path=path, digest=hashlib.sha256(text.encode()).hexdigest(), model=top.model,
-                capture=top.capture, export=top.export, passes=passes, text=text)
+                capture=top.capture, export=top.export, passes=passes, data=top.data, text=text)
 
 
 def load_spec(path: str | Path) -> Spec:
