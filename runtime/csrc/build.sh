@@ -72,7 +72,9 @@ fi
 
 if [ "$cuda" = 1 ] || [ "$selftest" = 1 ]; then
     command -v "$NVCC" >/dev/null || { echo "build.sh: nvcc not found (set NVCC)" >&2; exit 4; }
-    cuda_home="$(cd "$(dirname "$(command -v "$NVCC")")/.." && pwd)"
+    # CUDA_HOME, else the toolkit nvcc reports (nvcc may be a wrapper script elsewhere).
+    cuda_home="${CUDA_HOME:-$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)}"
+    [ -n "$cuda_home" ] || cuda_home="$(cd "$(dirname "$(command -v "$NVCC")")/.." && pwd)"
     gencode=()
     last=""
     for a in ${CUDA_ARCHS:-80 90}; do gencode+=(-gencode "arch=compute_$a,code=sm_$a"); last="$a"; done

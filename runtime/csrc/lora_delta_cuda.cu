@@ -42,8 +42,11 @@ struct Ids {
   int32_t v[CAP];
 };
 
+// __grid_constant__: ids.v[lb] with a run-time index reads the parameter bank directly (ld.param) instead of
+// copying the whole array to local memory in every thread.
 template <int ROWS, int CAP>
-__global__ void __launch_bounds__(1024) lora_delta_kernel(const Args p, const Ids<CAP> ids) {
+__global__ void __launch_bounds__(ROWS == 1 ? 1024 : 256)
+    lora_delta_kernel(const Args p, const __grid_constant__ Ids<CAP> ids) {
   extern __shared__ float smem[];
   const int r = static_cast<int>(p.r);
   float* t_s = smem;                // [ROWS][r]
@@ -151,7 +154,9 @@ std::string lora_delta_cuda(const Problem& p, void* stream_ptr) {
   const int nt = static_cast<int>(p.r) * groups;
   Args args{p.x, p.a, p.b, p.y, p.n / p.nb, p.din, p.r, p.dout, 0, 0, groups};
   const int64_t L = p.n / p.nb;
-  // Rows per CTA: as many as the block holds (up to 8) within the default shared-memory limit.
+  // Rows per CTA: as many as the block holds (up to 8) within the default shared-memory limit; ranks above 256
+  // take one thread per rank column (up to 1024 threads), which only the one-row kernel is bounded for.
+  if (nt > 256) return launch_rows<1>(p, args, nt, stream);
   if (L >= 8 && smem_bytes(8, p.r, nt) <= kSmemLimit) return launch_rows<8>(p, args, nt, stream);
   if (L >= 4 && smem_bytes(4, p.r, nt) <= kSmemLimit) return launch_rows<4>(p, args, nt, stream);
   if (L >= 2 && smem_bytes(2, p.r, nt) <= kSmemLimit) return launch_rows<2>(p, args, nt, stream);
