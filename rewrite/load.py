@@ -12,7 +12,6 @@ whole module, it is unpickled with code execution only when the user trusts it e
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pickle
 import re
@@ -165,12 +164,3 @@ def load_model(source: str, *, trust_pickle: bool = False, hf_class: str | None 
                              "archive, a .pt pickle or package.module:function)")
     raise ModelLoadError(f"{source}: unknown model format {path.suffix!r} (expected an HF model directory, "
                          ".pt2, .pt/.pth, or package.module:function)")
-
-
-def describe_config(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    try:
-        return json.loads(config.to_json_string())
-    except (AttributeError, TypeError, ValueError):
-        return {}

@@ -53,14 +53,6 @@ class Site:
     d_out: int
     node: str
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        if self.op == "conv1d":
-            return (self.d_in, self.d_out)
-        if self.op == "embedding":
-            return (self.d_in, self.d_out)
-        return (self.d_out, self.d_in)
-
 
 class SiteTable(Mapping[str, Site]):
     """Sites in graph order, addressable by name."""
