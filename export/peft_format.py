@@ -4,12 +4,14 @@ Keys look like `base_model.model.<module path>.lora_A.weight` (Linear / Conv1D /
 `...lora_embedding_A` (Embedding); PEFT strips the adapter name of its saved adapter. Per-module rank and
 alpha come from `rank_pattern` / `alpha_pattern`, whose keys PEFT matches as `(.*\\.)?<key>$` regexes.
 Only safetensors weights are read: `adapter_model.bin` is a pickle and is refused.
+PEFT also saves a full copy of a targeted embedding's base weight (`<path>.base_layer.weight`, its default
+`save_embedding_layers="auto"`); those copies are returned apart, in `base_weights`, for the loader to check.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from rewrite.errors import AdapterFileError
 
 PREFIX = "base_model.model."
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+BASE_COPY = ".base_layer.weight"
 _UNSUPPORTED = {"use_dora": "DoRA", "modules_to_save": "modules_to_save (trained full modules)"}
 
 
@@ -28,6 +31,7 @@ class PeftAdapter:
     path: Path
     config: dict[str, Any]
     modules: dict[str, dict[str, torch.Tensor]]  # module path -> {suffix: tensor}
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> saved base weight
 
     def rank_of(self, module: str) -> int:
         tensors = self.modules[module]
@@ -90,7 +94,12 @@ def read_peft_dir(path: Path) -> PeftAdapter:
     except Exception as err:  # noqa: BLE001 - a corrupt file is bad input
         raise AdapterFileError(f"{weights_file}: not a readable safetensors file: {err}") from None
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name.endswith(BASE_COPY):
+            base_weights[name[: -len(BASE_COPY)]] = tensor
+            continue
         module, suffix = _split_key(key, weights_file)
         modules.setdefault(module, {})[suffix] = tensor
     for module, parts in modules.items():
@@ -98,7 +107,7 @@ def read_peft_dir(path: Path) -> PeftAdapter:
         if set(parts) not in pair:
             raise AdapterFileError(f"{weights_file}: module {module!r} has tensors {sorted(parts)}; "
                                    "expected an A and a B")
-    return PeftAdapter(path, config, modules)
+    return PeftAdapter(path, config, modules, base_weights)
 
 
 def write_peft_dir(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

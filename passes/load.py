@@ -7,6 +7,9 @@ Rules:
    (`lora_alpha` / `alpha_pattern`) and rsLoRA flag; a site that has it must agree in shape.
 3. Tensors are converted to our matmul layout (A^T, B^T) and the base weight's dtype.
 4. Loading the same weights twice leaves the graph unchanged (modified=False).
+5. A full copy of a base weight saved beside the adapter (PEFT's `<path>.base_layer.weight`, written for
+   targeted embeddings) must equal the model's weight; it is then ignored (a different one is an error:
+   the base weight is never replaced).
 """
 from __future__ import annotations
 
@@ -57,8 +60,11 @@ class LoadPass(GraphPass):
     @staticmethod
     def _peft_entries(path: Path) -> dict[str, dict]:
         adapter = read_peft_dir(path)
-        return {module: dict(peft=tensors, rank=adapter.rank_of(module), alpha=adapter.alpha_of(module),
-                             rslora=adapter.rslora) for module, tensors in adapter.modules.items()}
+        entries = {module: dict(peft=tensors, rank=adapter.rank_of(module), alpha=adapter.alpha_of(module),
+                                rslora=adapter.rslora) for module, tensors in adapter.modules.items()}
+        for module, tensor in adapter.base_weights.items():
+            entries.setdefault(module, {})["base_copy"] = tensor
+        return entries
 
     @staticmethod
     def _rewrite_entries(path: Path) -> dict[str, dict]:
@@ -74,6 +80,10 @@ class LoadPass(GraphPass):
             near = nearest(unknown[0], owners)
             raise AdapterFileError(f"{path}: {len(unknown)} adapter module(s) match no site of this model, e.g. "
                                    f"{unknown[0]!r}. Nearest sites: {', '.join(near) or '(none)'}")
+        for owner, entry in entries.items():
+            if "base_copy" in entry:
+                self._check_base_copy(gm, path, owner, owners[owner][0], entry.pop("base_copy"))
+        entries = {owner: entry for owner, entry in entries.items() if entry}
         plan = []
         for owner, entry in entries.items():
             site = owners[owner][0]
@@ -104,6 +114,17 @@ class LoadPass(GraphPass):
             loaded += 1
         return PassResult(gm, changed > 0, {"adapter": name, "modules": loaded, "changed": changed,
                                             "source": str(path)})
+
+    @staticmethod
+    def _check_base_copy(gm: fx.GraphModule, path: Path, owner: str, site: Site, saved: torch.Tensor) -> None:
+        weight = gm.get_parameter(site.weight)
+        same = tuple(saved.shape) == tuple(weight.shape) and (
+            weight.is_meta or torch.equal(saved.to(device=weight.device, dtype=weight.dtype), weight))
+        if not same:
+            raise AdapterFileError(f"{path}: module {owner!r}: the directory carries a full base weight "
+                                   f"({owner}.base_layer.weight, shape {tuple(saved.shape)}) that differs from this "
+                                   f"model's {site.weight} (shape {tuple(weight.shape)}): resized or retrained "
+                                   "embeddings are not an adapter; load the model they were trained with")
 
     @staticmethod
     def _check_shapes(path: Path, owner: str, module, entry: dict) -> None:
