@@ -7,8 +7,8 @@ The N = prod(x.shape[:-1]) rows of x split into B equal blocks; the rows of bloc
 b_bank and smaller ranks are zero-padded to r. Only the delta: the graph adds it to ORT's own Gemm/MatMul output
 (ONNX.md §10), e.g. `base(x) + torch.ops.rewrite.lora_delta(x, A, B, idx)`.
 
-* `torch.ops.rewrite.lora_delta` — a `torch.library.custom_op` with a torch reference implementation and a fake
-  (meta) kernel, so it traces through `torch.export` / fx.
+* `torch.ops.rewrite.lora_delta` — a `torch.library.custom_op` with a torch reference implementation, a fake
+  (meta) kernel, so it traces through `torch.export` / fx, and autograd (trains adapter banks).
 * `register_onnx_schema()` / `onnx_translation_table()` — ONNX domain "rewrite", version 1; pass the table to
   `torch.onnx.export(..., dynamo=True, custom_translation_table=onnx_translation_table())` to get one
   `rewrite::LoraDelta` node per call (ONNX.md §6).
@@ -61,9 +61,8 @@ def _check_args(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx
     torch._check(a_bank.shape[2] == b_bank.shape[1], lambda: "LoraDelta: rank mismatch between A_bank and B_bank")
 
 
-@torch.library.custom_op("rewrite::lora_delta", mutates_args=())
-def lora_delta(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Reference implementation (torch): per block, x_rows @ a_bank[k] @ b_bank[k]; zeros where idx < 0."""
+def _lora_delta_impl(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Segmented reference: one `x_seg @ A_k @ B_k` per adapter present (SGMV order); differentiable."""
     _check_args(x, a_bank, b_bank, idx)
     d_in, d_out, k_count = x.shape[-1], b_bank.shape[2], a_bank.shape[0]
     rows = x.reshape(-1, d_in)
@@ -74,19 +73,41 @@ def lora_delta(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx:
         raise ValueError(f"LoraDelta: the {n} rows of x do not split into {nb} equal blocks (N % B != 0)")
     if bool((ids >= k_count).any()):
         raise IndexError("LoraDelta: adapter index out of range")
-    y = rows.new_zeros(n, d_out)
     blocks = rows.reshape(nb, n // nb, d_in)
-    out = y.reshape(nb, n // nb, d_out)
-    for k in torch.unique(ids[ids >= 0]).tolist():          # one segment per adapter (SGMV order)
+    out = blocks.new_zeros(nb, n // nb, d_out)
+    for k in torch.unique(ids[ids >= 0]).tolist():
         sel = (ids == k).nonzero().reshape(-1)
-        out[sel] = blocks[sel] @ a_bank[k] @ b_bank[k]
-    return y.reshape(*x.shape[:-1], d_out)
+        out = out.index_put((sel,), blocks[sel] @ a_bank[k] @ b_bank[k])
+    return out.reshape(*x.shape[:-1], d_out)
+
+
+@torch.library.custom_op("rewrite::lora_delta", mutates_args=())
+def lora_delta(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Reference implementation (torch): per block, x_rows @ a_bank[k] @ b_bank[k]; zeros where idx < 0."""
+    return _lora_delta_impl(x, a_bank, b_bank, idx)
 
 
 @lora_delta.register_fake
 def _lora_delta_fake(x, a_bank, b_bank, idx):
     _check_args(x, a_bank, b_bank, idx)
     return x.new_empty((*x.shape[:-1], b_bank.shape[2]))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    x, a_bank, b_bank, idx = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((x, a_bank, b_bank), ctx.needs_input_grad[:3])]
+        y = _lora_delta_impl(*leaves, idx)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True) if wanted else ())
+    return (*(next(grads) if t.requires_grad else None for t in leaves), None)
+
+
+lora_delta.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
