@@ -15,10 +15,18 @@ Inits: `zeros` (PEFT's default: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0; embed
 `gaussian` (A ~ N(0, 1/r^2), B = 0). Both start as the identity: base(x) + 0.
 PEFT keys: `lora_A.weight` [r, d_in] = A^T, `lora_B.weight` [d_out, r] = B^T (embedding:
 `lora_embedding_A` [r, V] = A^T, `lora_embedding_B` [d, r] = B^T; conv2d: same tensors as ours).
+
+Resizing (`resize(rank, keep)`, used by rank allocation) replaces A and B by new Parameters of the new
+rank. Scaling convention: **the branch scale s is kept fixed across a resize** and alpha is rescaled to
+match (alpha' = s r', rsLoRA: alpha' = s sqrt(r')), as AdaLoRA keeps c = alpha / r_init. The components
+that are kept therefore contribute exactly what they did before, and every consumer that reads
+`alpha` / `rank` / `scaling` (merge, save as PEFT with `alpha_pattern`, the manifest, unmerged export,
+which folds s into B) sees the same s. New components are zero-delta (one factor is zero, as at insert).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +78,68 @@ class LoRA(nn.Module):
             self.lora_B.zero_()
         else:
             raise ValueError(f"unknown LoRA init {init!r} (expected one of {IDENTITY_INITS})")
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, B as matrices [fan_in, r] and [r, d_out] (views) with delta = s * A_mat @ B_mat (matmul layout)."""
+        if self.op == "conv2d":
+            return self.lora_A.flatten(1).T, self.lora_B.flatten(1).T
+        return self.lora_A, self.lora_B
+
+    @torch.no_grad()
+    def resize(self, rank: int, keep: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Change the rank physically: new A, B Parameters of the new shape (optimizers must be rebuilt).
+
+        `keep` lists the components (rank-1 terms A[:, i] B[i, :]) to keep, in order, or is a bool mask over
+        the current rank; at most `rank` of them. They fill the first slots; the remaining slots are new
+        zero-delta components initialised as at insert. With `keep=None`:
+          - growing keeps every component and appends zero-delta ones;
+          - shrinking an adapter whose delta is zero (freshly inserted) keeps the first `rank` components
+            as they are (their init is preserved);
+          - shrinking a non-zero adapter first re-factors it exactly into orthogonal components sorted by
+            singular value (QR of A and B^T, SVD of the r x r core; the delta is unchanged up to rounding),
+            then keeps the top `rank`: the best rank-`rank` approximation of the current delta.
+        The scale s = `scaling` is unchanged (alpha is rescaled, see the module docstring). Rank 0 is not a
+        LoRA: drop the branch instead (`rewrite.graph_edit.unwire` + `drop_adapter`).
+        """
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}; rank 0 drops the branch (unwire + drop_adapter)")
+        old = self.rank
+        if keep is not None:
+            keep_t = torch.as_tensor(keep)
+            if keep_t.dtype == torch.bool:
+                if keep_t.numel() != old:
+                    raise ValueError(f"keep mask has {keep_t.numel()} entries for rank {old}")
+                keep_t = keep_t.nonzero().flatten()
+            keep_idx = [int(i) for i in keep_t.flatten().tolist()]
+            if len(keep_idx) > rank or len(set(keep_idx)) != len(keep_idx) or any(not 0 <= i < old for i in keep_idx):
+                raise ValueError(f"keep must list at most {rank} distinct components in [0, {old}), got {keep_idx}")
+        else:
+            keep_idx = list(range(min(rank, old)))
+        if keep is None and rank == old:
+            return
+        scale = self.scaling
+        a_mat, b_mat = (t.detach() for t in self._factors())
+        if keep is None and rank < old and not self.lora_A.is_meta and bool(a_mat.any()) and bool(b_mat.any()):
+            a_mat, b_mat = _orthogonal_factors(a_mat, b_mat)  # min(r, fan_in, d_out) components, best first
+            keep_idx = keep_idx[:a_mat.shape[1]]
+        kept_a, kept_b = a_mat[:, keep_idx], b_mat[keep_idx, :]
+        grads = (self.lora_A.requires_grad, self.lora_B.requires_grad)
+        factory = dict(dtype=self.lora_A.dtype, device=self.lora_A.device)
+        if self.op == "conv2d":
+            self.lora_A = nn.Parameter(torch.empty(rank, *self.lora_A.shape[1:], **factory))
+            self.lora_B = nn.Parameter(torch.empty(self.lora_B.shape[0], rank, 1, 1, **factory))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(self.lora_A.shape[0], rank, **factory))
+            self.lora_B = nn.Parameter(torch.empty(rank, self.lora_B.shape[1], **factory))
+        self.rank = rank
+        self.alpha = scale * (math.sqrt(rank) if self.rslora else rank)
+        if not self.lora_A.is_meta:
+            self.reset_parameters(self.init)  # zero-delta everywhere, then the kept components go back in
+            new_a, new_b = self._factors()
+            new_a[:, :len(keep_idx)] = kept_a.to(new_a.dtype)
+            new_b[:len(keep_idx), :] = kept_b.to(new_b.dtype)
+        self.lora_A.requires_grad_(grads[0])
+        self.lora_B.requires_grad_(grads[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op == "embedding":
@@ -133,3 +203,16 @@ class LoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"op={self.op}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+def _orthogonal_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact re-factorisation a @ b = a2 @ b2 with orthogonal components sorted by singular value.
+
+    a = Qa Ra, b^T = Qb Rb, Ra Rb^T = U S V^T  =>  a @ b = (Qa U sqrt(S)) (sqrt(S) V^T Qb^T).
+    """
+    work = torch.float64
+    qa, ra = torch.linalg.qr(a.to(work))
+    qb, rb = torch.linalg.qr(b.T.to(work))
+    u, s, vh = torch.linalg.svd(ra @ rb.T, full_matrices=False)
+    root = s.sqrt()
+    return (qa @ u * root).to(a.dtype), (root[:, None] * (vh @ qb.T)).to(b.dtype)
