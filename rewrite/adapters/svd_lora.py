@@ -1,0 +1,249 @@
+"""SVD-form LoRA (AdaLoRA, IncreLoRA): a low-rank branch whose rank can shrink or grow while training.
+
+    y = base(x) + c * P (lam (.) (Q drop(x)))        c = alpha / (ranknum + 1e-5)     (METHODS.md §2.1)
+
+One rank is a *triplet* i = (P[:, i], lam_i, Q[i, :]). Layout is PEFT's AdaLoRA layout, so importance
+scores are computed on the very same tensors as PEFT's `RankAllocator` (bit for bit):
+
+    Q   [r, d_in]   (conv2d: [r, c_in * kh * kw])      PEFT `lora_A`
+    lam [r, 1]                                          PEFT `lora_E`
+    P   [d_out, r]                                      PEFT `lora_B`
+
+Parameters are kept as *blocks* (`ParameterList`s): AdaLoRA uses one block of r0 triplets; IncreLoRA
+appends blocks as it grows, so the optimizer keeps the state of old parameters and new ones join as new
+parameter groups (with their own warm-up). The last `reserve` triplets are IncreLoRA's reserve ("advance
+learning") triplets: trained, but not counted in `rank`.
+
+`ranknum` sets the scale: AdaLoRA keeps it at r0 for the whole run (also after pruning: PEFT's resize
+keeps it); IncreLoRA raises it as ranks are added (every existing component is rescaled by
+ranknum_old / ranknum_new). Init (PEFT's): lam = 0, P, Q ~ N(0, 0.02^2): the branch starts as the identity.
+
+Merge: linear W += c P diag(lam) Q; Conv1D Wc += (c P diag(lam) Q)^T; conv2d W += (c P diag(lam) Q).view(W).
+`to_lora(keep)` turns the kept triplets into a plain `LoRA` of exactly that rank with the same delta
+(A = (diag(lam) Q)^T, B = P^T * c / s_lora, alpha unchanged) -- what training allocators leave in the graph.
+Embedding sites are not supported (PEFT's AdaLoRA does not support them either).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewrite.adapters.lora import LoRA
+
+SVD_INITS = ("zeros", "gaussian", "adalora")
+INIT_STD = 0.02
+
+
+class SvdLoRA(nn.Module):
+    kind = "svd_lora"
+
+    def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, rslora: bool = False,
+                 dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        if op not in ("linear", "conv1d", "conv2d"):
+            raise ValueError(f"SVD-form LoRA supports linear, Conv1D and conv2d sites, not {op!r}")
+        if rank < 1:
+            raise ValueError(f"SVD-form LoRA rank must be >= 1, got {rank}")
+        if rslora:
+            raise ValueError("SVD-form LoRA scales by alpha / ranknum (AdaLoRA); rslora does not apply")
+        if init not in SVD_INITS:
+            raise ValueError(f"unknown SVD-form LoRA init {init!r} (expected one of {SVD_INITS})")
+        self.op, self.d_in, self.d_out, self.alpha = op, d_in, d_out, float(alpha)
+        self.rslora, self.init = False, init
+        self.conv = dict(conv or {})
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.ranknum = float(rank)
+        self.reserve = 0
+        self.track_product_grad = False        # IncreLoRA: materialise c P diag(lam) Q and keep dL/d(that)
+        self.product_grad: torch.Tensor | None = None
+        self.Q, self.E, self.P = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
+        self._factory = dict(dtype=dtype, device=device)
+        self.add_block(rank)
+
+    # --- shape -------------------------------------------------------------------------------------------
+    @property
+    def q_width(self) -> int:
+        if self.op == "conv2d":
+            kh, kw = self.conv["kernel_size"]
+            return self.d_in * kh * kw
+        return self.d_in
+
+    @property
+    def slots(self) -> int:
+        """Triplets held, reserves included."""
+        return sum(e.shape[0] for e in self.E)
+
+    @property
+    def rank(self) -> int:
+        """Triplets that count (reserves excluded); AdaLoRA's masked triplets still count until resized."""
+        return self.slots - self.reserve
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.ranknum + 1e-5)
+
+    def add_block(self, rank: int, *, lam: float = 0.0, train_lam: bool = True) -> tuple[nn.Parameter, ...]:
+        """Append `rank` fresh triplets (P, Q ~ N(0, 0.02^2), lam = `lam`); returns (Q, E, P) of the block."""
+        q = nn.Parameter(torch.empty(rank, self.q_width, **self._factory))
+        e = nn.Parameter(torch.full((rank, 1), float(lam), **self._factory), requires_grad=train_lam)
+        p = nn.Parameter(torch.empty(self.d_out, rank, **self._factory))
+        if q.device.type != "meta":
+            with torch.no_grad():
+                q.normal_(0.0, INIT_STD)
+                p.normal_(0.0, INIT_STD)
+        self.Q.append(q)
+        self.E.append(e)
+        self.P.append(p)
+        return q, e, p
+
+    # --- the three factors as single tensors ---------------------------------------------------------------
+    def q(self) -> torch.Tensor:
+        return self.Q[0] if len(self.Q) == 1 else torch.cat(list(self.Q), 0)
+
+    def e(self) -> torch.Tensor:
+        return self.E[0] if len(self.E) == 1 else torch.cat(list(self.E), 0)
+
+    def p(self) -> torch.Tensor:
+        return self.P[0] if len(self.P) == 1 else torch.cat(list(self.P), 1)
+
+    def product(self) -> torch.Tensor:
+        """c P diag(lam) Q as a [d_out, q_width] matrix (differentiable)."""
+        return self.p() @ (self.q() * self.e()) * self.alpha / (self.ranknum + 1e-5)
+
+    # --- forward / merge -----------------------------------------------------------------------------------
+    def _accumulate_product_grad(self, grad: torch.Tensor) -> None:
+        grad = grad.detach()
+        self.product_grad = grad.clone() if self.product_grad is None else self.product_grad + grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track_product_grad and torch.is_grad_enabled():
+            weight = self.product()
+            weight.register_hook(self._accumulate_product_grad)
+            if self.op != "conv2d":
+                return F.linear(self.dropout(x), weight)
+        elif self.op == "conv2d":
+            weight = self.product()
+        if self.op == "conv2d":
+            kh, kw = self.conv["kernel_size"]
+            weight = weight.view(self.d_out, self.d_in, kh, kw)
+            return F.conv2d(self.dropout(x), weight, None, self.conv["stride"], self.conv["padding"],
+                            self.conv["dilation"])
+        # PEFT's order of operations: (x @ (Q * lam)^T @ P^T) * alpha / (ranknum + 1e-5)
+        return (self.dropout(x) @ (self.q() * self.e()).T @ self.p().T) * self.alpha / (self.ranknum + 1e-5)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The change of the base weight, in the base weight's own layout."""
+        mat = self.product()
+        if self.op == "conv1d":
+            return mat.T
+        if self.op == "conv2d":
+            kh, kw = self.conv["kernel_size"]
+            return mat.view(self.d_out, self.d_in, kh, kw)
+        return mat
+
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor, sign: float = 1.0) -> None:
+        weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        self.merge_into(weight, sign=-1.0)
+
+    # --- resizing ------------------------------------------------------------------------------------------
+    def _keep_index(self, keep: torch.Tensor | list[bool] | None) -> torch.Tensor:
+        if keep is None:
+            return torch.arange(self.rank)
+        keep = torch.as_tensor(keep).reshape(-1)
+        if keep.dtype == torch.bool:
+            if keep.numel() not in (self.rank, self.slots):
+                raise ValueError(f"keep mask has {keep.numel()} entries; this adapter holds {self.rank} ranks")
+            keep = keep[:self.rank].nonzero().reshape(-1)
+        return keep.long()
+
+    @torch.no_grad()
+    def resize(self, keep: torch.Tensor | list[bool] | None = None, *, ranknum: float | None = None) -> None:
+        """Keep only the triplets `keep` (bool mask over ranks, or indices) as one block; reserves are dropped.
+
+        `ranknum` stays as it is unless given (AdaLoRA keeps c = alpha / r0 after pruning)."""
+        index = self._keep_index(keep)
+        if index.numel() == 0:
+            raise ValueError("resize would leave rank 0; drop the adapter instead")
+        q, e, p = self.q()[index].clone(), self.e()[index].clone(), self.p()[:, index].clone()
+        self.Q, self.E, self.P = (nn.ParameterList([nn.Parameter(q)]), nn.ParameterList([nn.Parameter(e)]),
+                                  nn.ParameterList([nn.Parameter(p)]))
+        self.reserve = 0
+        if ranknum is not None:
+            self.ranknum = float(ranknum)
+
+    @torch.no_grad()
+    def to_lora(self, keep: torch.Tensor | list[bool] | None = None, *, alpha: float | None = None,
+                rslora: bool = False) -> LoRA:
+        """A plain LoRA holding exactly the kept triplets, with the same delta (rank = number kept)."""
+        index = self._keep_index(keep)
+        rank = int(index.numel())
+        if rank == 0:
+            raise ValueError("no triplet kept: the site loses its branch (drop the adapter)")
+        q, e, p = self.q()[index], self.e()[index], self.p()[:, index]
+        lora = LoRA(self.op, self.d_in, self.d_out, rank, self.alpha if alpha is None else alpha, rslora=rslora,
+                    dropout=getattr(self.dropout, "p", 0.0), init="zeros", conv=self.conv,
+                    dtype=q.dtype, device=q.device)
+        factor = self.scaling / lora.scaling
+        a = q * e                                   # [r, q_width]
+        if self.op == "conv2d":
+            lora.lora_A.copy_(a.view_as(lora.lora_A))
+            lora.lora_B.copy_((p * factor).view_as(lora.lora_B))
+        else:
+            lora.lora_A.copy_(a.T)
+            lora.lora_B.copy_(p.T * factor)
+        lora.train(self.training)
+        return lora
+
+    # --- PEFT ----------------------------------------------------------------------------------------------
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT AdaLoRA's key suffixes: lora_A = Q, lora_E = lam, lora_B = P (reserves dropped)."""
+        r = self.rank
+        return {"lora_A": self.q()[:r].detach().clone(), "lora_E": self.e()[:r].detach().clone(),
+                "lora_B": self.p()[:, :r].detach().clone()}
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        r = self.rank
+        return {"lora_A": (r, self.q_width), "lora_E": (r, 1), "lora_B": (self.d_out, r)}
+
+    @torch.no_grad()
+    def load_peft_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy PEFT AdaLoRA tensors in (one block of the given rank; reserves dropped)."""
+        q, e, p = tensors["lora_A"], tensors["lora_E"].reshape(-1, 1), tensors["lora_B"]
+        dtype = self.E[0].dtype
+        self.Q = nn.ParameterList([nn.Parameter(q.detach().to(dtype).clone())])
+        self.E = nn.ParameterList([nn.Parameter(e.detach().to(dtype).clone())])
+        self.P = nn.ParameterList([nn.Parameter(p.detach().to(dtype).clone())])
+        self.reserve = 0
+
+    def extra_repr(self) -> str:
+        return (f"op={self.op}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, reserve={self.reserve}, "
+                f"ranknum={self.ranknum:g}, scaling={self.scaling:g}")
+
+
+def orthogonality(modules, *, blockwise: bool = False) -> torch.Tensor:
+    """Mean over every P and Q of ||P^T P - I||_F and ||Q Q^T - I||_F (PEFT / official AdaLoRA).
+
+    `blockwise=True` applies it per parameter block (IncreLoRA's rank-1 blocks: each vector is normalised,
+    there is no cross-rank term), as IncreLoRA's `compute_orth_regu` does on its ParameterLists."""
+    total, count = None, 0
+    for module in modules:
+        pairs = ([(q, "q") for q in module.Q] + [(p, "p") for p in module.P]) if blockwise else \
+            [(module.q(), "q"), (module.p(), "p")]
+        for tensor, which in pairs:
+            cov = tensor @ tensor.T if which == "q" else tensor.T @ tensor
+            eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+            term = torch.norm(cov - eye, p="fro")
+            total = term if total is None else total + term
+            count += 1
+    if total is None:
+        return torch.zeros(())
+    return total / count
+
+
+__all__ = ["SvdLoRA", "orthogonality"]

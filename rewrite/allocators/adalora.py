@@ -1,0 +1,251 @@
+"""AdaLoRA: prune SVD-form triplets during training by sensitivity x uncertainty (METHODS.md §2.1).
+
+Each step t (after `optimizer.step()`, before `zero_grad`, exactly where PEFT calls `update_and_allocate`):
+
+    I_t = |w (.) grad_w|                         for every element w of P, lam, Q
+    Ibar_t = b1 Ibar_{t-1} + (1 - b1) I_t         sensitivity, smoothed
+    Ubar_t = b2 Ubar_{t-1} + (1 - b2) |I_t - Ibar_t|     uncertainty (with the fresh Ibar_t)
+    S_{k,i} = e(lam_{k,i}) + (mean_j e(Q_{k,i,j}) + mean_j e(P_{k,j,i})),     e = Ibar (.) Ubar
+
+Budget in triplets, b0 = sum_k r0_k, bT = target_rank * N (or `target_budget`):
+
+    t <= t_init                 b(t) = b0, nothing masked
+    t_init < t < T - t_final    b(t) = int((b0 - bT) (1 - (t - t_init) / (T - t_final - t_init))^3 + bT),
+                                mask when t mod deltaT = 0
+    t = T - t_final             final mask at bT (no score update at this step), scores reset
+    t > T - t_final             the final pattern is re-applied every step (soft-pruned triplets stay 0)
+
+Masking: tau = kthvalue(all S, b0 - b(t)) over every matrix at once; lam_{k,i} <- 0 where S_{k,i} <= tau
+(ties can prune more). P and Q are not zeroed; a masked triplet still gets gradients and can come back
+until the final phase. The orthogonality regulariser gamma * mean(||P^T P - I||_F, ||Q Q^T - I||_F) is
+`regularizer()`. This is PEFT 0.21's `RankAllocator` / `AdaLoraModel.update_and_allocate` step for step
+(tests/test_adalora.py checks it against PEFT itself); one deliberate difference: where PEFT's
+kthvalue would be asked for k = 0 (budget not below b0 at a masking step) and raise, nothing is masked.
+
+`finalize()` physically resizes: each site keeps exactly its unmasked triplets as a plain LoRA with the
+same delta (c = alpha / r0 kept, as PEFT's resize keeps ranknum = r0); sites left with none lose their
+branch. If training stopped before T - t_final, the final mask is taken at bT from the current scores.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
+from rewrite.allocators.common import finalize_svd, install_svd, svd_modules
+from rewrite.train import TrainCallback, TrainContext
+
+FACTORS = ("Q", "E", "P")
+
+
+class AdaLoRA(TrainCallback):
+    scorer = "adalora"
+
+    def __init__(self, gm: fx.GraphModule, adapter: str = "default", *, total_steps: int, target_rank: int = 8,
+                 init_rank: int | None = 12, target_budget: int | None = None, tinit: int = 0, tfinal: int = 0,
+                 delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
+                 alpha: float | None = None, targets: Iterable[str] | None = None, where: str = "<adalora>"):
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"{where}: beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+        if total_steps < 1 or tinit >= total_steps - tfinal:
+            raise ValueError(f"{where}: the schedule leaves no budgeting phase: need tinit ({tinit}) < total_steps "
+                             f"({total_steps}) - tfinal ({tfinal})")
+        if delta_t < 1 or orth_reg_weight < 0:
+            raise ValueError(f"{where}: need delta_t >= 1 and orth_reg_weight >= 0")
+        self.gm, self.adapter, self.where = gm, adapter, where
+        self.total_steps, self.target_rank, self.init_rank = int(total_steps), int(target_rank), init_rank
+        self.target_budget, self.tinit, self.tfinal, self.delta_t = target_budget, int(tinit), int(tfinal), int(delta_t)
+        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
+        self.alpha, self.targets = alpha, list(targets) if targets else None
+        self.modules: dict[str, SvdLoRA] = {}
+        self.reset_ipt()
+        self.rank_pattern: dict[str, torch.Tensor] | None = None
+        self.final_scores: dict[str, torch.Tensor] | None = None
+        self.final_reached = False
+        self.finalized = False
+        self.history: dict[str, Any] = {"scorer": self.scorer, "step": [], "budget": [], "ranks": {},
+                                        "masked_at": []}
+
+    # --- setup ---------------------------------------------------------------------------------------------
+    def install(self) -> dict[str, SvdLoRA]:
+        """Swap the adapter's LoRA modules for SVD-form ones (idempotent); sets b0 and bT."""
+        if not self.modules:
+            self.modules = install_svd(self.gm, self.adapter, rank=self.init_rank, alpha=self.alpha,
+                                       targets=self.targets, where=self.where)
+            self._set_budget()
+        return self.modules
+
+    prepare = install
+
+    def attach(self, modules: dict[str, SvdLoRA]) -> None:
+        """Use SVD-form modules that already exist (e.g. a model built by hand) instead of `install`."""
+        self.modules = dict(modules)
+        self._set_budget()
+
+    def _set_budget(self) -> None:
+        self.init_bgt = sum(m.rank for m in self.modules.values())
+        self.target_bgt = (self.target_budget if self.target_budget is not None
+                           else self.target_rank * len(self.modules))
+        if not 0 <= self.target_bgt <= self.init_bgt:
+            raise ValueError(f"{self.where}: target budget {self.target_bgt} triplets is outside [0, "
+                             f"{self.init_bgt}] (the {len(self.modules)} sites start with {self.init_bgt})")
+        for owner in self.modules:
+            self.history["ranks"].setdefault(owner, [])
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.install().values() for p in m.parameters() if p.requires_grad]
+
+    # --- the schedule --------------------------------------------------------------------------------------
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        """(b(step), whether this step masks) -- PEFT's `RankAllocator.budget_schedule`."""
+        if step <= self.tinit:
+            return self.init_bgt, False
+        if step > self.total_steps - self.tfinal:
+            return self.target_bgt, True
+        mul_coeff = 1 - (step - self.tinit) / (self.total_steps - self.tfinal - self.tinit)
+        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff ** 3) + self.target_bgt)
+        return budget, step % self.delta_t == 0
+
+    # --- importance ----------------------------------------------------------------------------------------
+    def reset_ipt(self) -> None:
+        self.ipt: dict[tuple[str, str], torch.Tensor] = {}
+        self.exp_avg_ipt: dict[tuple[str, str], torch.Tensor] = {}
+        self.exp_avg_unc: dict[tuple[str, str], torch.Tensor] = {}
+
+    @staticmethod
+    def _factor(module: SvdLoRA, which: str) -> torch.nn.Parameter:
+        params = getattr(module, which)
+        if len(params) != 1:
+            raise RuntimeError("AdaLoRA works on single-block SVD-form adapters")
+        return params[0]
+
+    @torch.no_grad()
+    def update_ipt(self) -> None:
+        for owner, module in self.modules.items():
+            for which in FACTORS:
+                p = self._factor(module, which)
+                key = (owner, which)
+                if key not in self.ipt:
+                    self.ipt[key] = torch.zeros_like(p)
+                    self.exp_avg_ipt[key] = torch.zeros_like(p)
+                    self.exp_avg_unc[key] = torch.zeros_like(p)
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                self.ipt[key] = (p * grad).abs().detach()
+                self.exp_avg_ipt[key] = self.beta1 * self.exp_avg_ipt[key] + (1 - self.beta1) * self.ipt[key]
+                self.exp_avg_unc[key] = (self.beta2 * self.exp_avg_unc[key]
+                                         + (1 - self.beta2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs())
+
+    def element_score(self, owner: str, which: str) -> torch.Tensor:
+        key = (owner, which)
+        if key not in self.exp_avg_ipt:
+            return torch.zeros_like(self._factor(self.modules[owner], which))
+        return self.exp_avg_ipt[key] * self.exp_avg_unc[key]
+
+    @torch.no_grad()
+    def triplet_scores(self) -> dict[str, torch.Tensor]:
+        """owner -> S [r]: e(lam) + (mean over d_in of e(Q) + mean over d_out of e(P))."""
+        out = {}
+        for owner in self.modules:
+            q = torch.mean(self.element_score(owner, "Q"), dim=1, keepdim=True)
+            p = torch.mean(self.element_score(owner, "P"), dim=0, keepdim=False).view(-1, 1)
+            ab = torch.cat([q, p], dim=1).sum(dim=1, keepdim=False)
+            out[owner] = self.element_score(owner, "E").view(-1) + ab.view(-1)
+        return out
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> dict[str, torch.Tensor]:
+        """Zero lam of every triplet scoring <= the (b0 - budget)-th smallest score; returns the kept masks."""
+        scores = self.triplet_scores()
+        k = self.init_bgt - budget
+        if k <= 0:
+            pattern = {o: torch.ones(s.numel(), dtype=torch.bool) for o, s in scores.items()}
+        else:
+            threshold = torch.kthvalue(torch.cat([s.view(-1) for s in scores.values()]), k=k)[0].item()
+            pattern = {o: ~(s <= threshold).view(-1) for o, s in scores.items()}
+        for owner, keep in pattern.items():
+            e = self._factor(self.modules[owner], "E")
+            e.masked_fill_(~keep.view(-1, 1).to(e.device), 0.0)
+        self.last_threshold = None if k <= 0 else threshold
+        return pattern
+
+    @torch.no_grad()
+    def mask_using_rank_pattern(self, pattern: dict[str, torch.Tensor]) -> None:
+        for owner, keep in pattern.items():
+            e = self._factor(self.modules[owner], "E")
+            e.masked_fill_(~keep.view(-1, 1).to(e.device), 0.0)
+
+    # --- the per-step call ---------------------------------------------------------------------------------
+    def update(self, step: int) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """PEFT's `update_and_allocate(step)`: call once per optimizer step, after `optimizer.step()` and
+        before `zero_grad()`. Returns (budget, the new pattern or None when nothing was masked)."""
+        self.install()
+        final_step = self.total_steps - self.tfinal
+        pattern = None
+        budget, mask_now = self.budget_schedule(step)
+        if step < final_step:
+            self.update_ipt()
+            if mask_now:
+                pattern = self.mask_to_budget(budget)
+                self.rank_pattern = pattern
+        elif step == final_step:
+            pattern = self.mask_to_budget(budget)
+            self.rank_pattern = pattern
+            self.final_scores = self.triplet_scores()
+            self.reset_ipt()
+            self.final_reached = True
+        elif self.rank_pattern is not None:
+            self.mask_using_rank_pattern(self.rank_pattern)
+        self._record(step, budget, pattern)
+        return budget, pattern
+
+    def _record(self, step: int, budget: int, pattern: dict[str, torch.Tensor] | None) -> None:
+        self.history["step"].append(step)
+        self.history["budget"].append(budget)
+        if pattern is not None:
+            self.history["masked_at"].append(step)
+        for owner, module in self.modules.items():
+            rank = int(self.rank_pattern[owner].sum()) if self.rank_pattern is not None else module.rank
+            self.history["ranks"][owner].append(rank)
+
+    def on_step(self, ctx: TrainContext) -> None:
+        self.update(ctx.step)
+
+    def regularizer(self, ctx: TrainContext | None = None) -> torch.Tensor | None:
+        if self.orth_reg_weight == 0:
+            return None
+        return self.orth_reg_weight * orthogonality(self.install().values())
+
+    # --- the end -------------------------------------------------------------------------------------------
+    def final_pattern(self) -> dict[str, torch.Tensor]:
+        if self.final_reached and self.rank_pattern is not None:
+            return self.rank_pattern
+        if not self.exp_avg_ipt:  # never scored: keep what the last mask kept (or everything)
+            return self.rank_pattern or {o: torch.ones(m.rank, dtype=torch.bool) for o, m in self.modules.items()}
+        return self.mask_to_budget(self.target_bgt)
+
+    def finalize(self, *, to_lora: bool = True) -> dict[str, int]:
+        """Physically resize every site to its kept triplets (plain LoRA by default); returns final ranks."""
+        if self.finalized:
+            return dict(self.final_ranks)
+        pattern = self.final_pattern()
+        scores = self.final_scores if self.final_scores is not None else self.triplet_scores()
+        self.history["scores"] = {o: s.tolist() for o, s in scores.items()}
+        self.final_ranks = finalize_svd(self.gm, self.adapter, pattern, to_lora=to_lora)
+        self.history["final_ranks"] = dict(self.final_ranks)
+        self.history["init_budget"], self.history["target_budget"] = self.init_bgt, self.target_bgt
+        self.finalized = True
+        return dict(self.final_ranks)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.finalize()
+
+    def settings(self) -> dict[str, Any]:
+        return dict(init_rank=self.init_rank, target_rank=self.target_rank, target_budget=self.target_bgt,
+                    total_steps=self.total_steps, tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t,
+                    beta1=self.beta1, beta2=self.beta2, orth_reg_weight=self.orth_reg_weight)
+
+
+__all__ = ["AdaLoRA"]

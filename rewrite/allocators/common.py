@@ -1,0 +1,120 @@
+"""What the training-time allocators share: putting SVD-form adapters in, and taking plain LoRA out.
+
+`install_svd` swaps the LoRA modules of one adapter for `SvdLoRA` modules of a chosen starting rank (same
+site, alpha and dropout; the graph keeps calling `adapters.<site>.<name>`, so no re-trace); sites selected
+by `targets` that have no such adapter yet get one wired in. `finalize_svd` physically resizes: each site
+keeps exactly its chosen triplets as a plain `LoRA` of that rank (same delta), and a site left with no
+triplet loses its branch: its call and join nodes are removed from the graph.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.fx as fx
+
+from rewrite.adapters.svd_lora import SvdLoRA
+from rewrite.errors import SpecError
+from rewrite.graph_edit import adapters_at, drop_adapter, register_adapter, unwire, wire
+from rewrite.state import state_of
+
+
+def _owners(gm: fx.GraphModule) -> list[str]:
+    return list(dict.fromkeys(site.owner for site in state_of(gm).sites.values()))
+
+
+def svd_modules(gm: fx.GraphModule, adapter: str) -> dict[str, SvdLoRA]:
+    """site owner -> SvdLoRA module of `adapter`, in site-table order."""
+    out = {}
+    for owner in _owners(gm):
+        module = adapters_at(gm, owner).get(adapter)
+        if isinstance(module, SvdLoRA):
+            out[owner] = module
+    return out
+
+
+def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, int] | None = None,
+                alpha: float | None = None, dropout: float | None = None, targets: Iterable[str] | None = None,
+                where: str = "<allocator>") -> dict[str, SvdLoRA]:
+    """Make `adapter` an SVD-form adapter at every site that has it (and at `targets` sites that do not).
+
+    `rank`: starting rank (int or per-owner mapping; default: the existing LoRA's rank). `alpha`: default
+    the existing adapter's alpha (8.0 for new sites). Existing SvdLoRA modules are left as they are."""
+    from rewrite.passes.insert import ADAPTABLE_OPS, conv_settings
+    from rewrite.sites import select
+
+    state = state_of(gm)
+    table = state.sites
+    wanted_new: dict[str, list] = {}
+    if targets:
+        for site in select(table, list(targets), where, ops=ADAPTABLE_OPS):
+            wanted_new.setdefault(site.owner, []).append(site)
+    out: dict[str, SvdLoRA] = {}
+    for owner in _owners(gm):
+        current = adapters_at(gm, owner).get(adapter)
+        if isinstance(current, SvdLoRA):
+            out[owner] = current
+            continue
+        if current is None and owner not in wanted_new:
+            continue
+        site = next(s for s in table.values() if s.owner == owner)
+        if site.op == "embedding":
+            raise SpecError(f"{where}: site {owner} is an embedding; SVD-form (AdaLoRA / IncreLoRA) adapters "
+                            "support linear, Conv1D and conv2d sites")
+        r = rank.get(owner) if isinstance(rank, Mapping) else rank
+        r = int(r if r is not None else getattr(current, "rank", 8))
+        a = float(alpha if alpha is not None else getattr(current, "alpha", 8.0))
+        p = float(dropout if dropout is not None else getattr(getattr(current, "dropout", None), "p", 0.0))
+        weight = gm.get_parameter(site.weight)
+        module = SvdLoRA(site.op, site.d_in, site.d_out, r, a, dropout=p, conv=conv_settings(gm, site, where),
+                         dtype=weight.dtype, device=weight.device)
+        if current is not None:
+            holder = gm.get_submodule(f"adapters.{owner}")
+            setattr(holder, adapter, module)
+        else:
+            register_adapter(gm, owner, adapter, module)
+            for s in wanted_new[owner]:
+                wire(gm, table.node_of(gm, s.name), s, adapter, module.kind)
+        out[owner] = module
+    if not out:
+        raise SpecError(f"{where}: adapter {adapter!r} is attached to no site; insert it first (or give targets)")
+    gm.graph.lint()
+    gm.recompile()
+    return out
+
+
+@torch.no_grad()
+def finalize_svd(gm: fx.GraphModule, adapter: str, keep: Mapping[str, torch.Tensor | list[bool] | None], *,
+                 to_lora: bool = True) -> dict[str, int]:
+    """Resize every SvdLoRA of `adapter` to its kept triplets; returns site owner -> final rank.
+
+    `keep[owner]`: bool mask over the module's ranks (None: keep all counted ranks, reserves dropped).
+    With `to_lora` (default) each site ends as a plain LoRA of its final rank; rank 0 sites are removed."""
+    ranks: dict[str, int] = {}
+    removed = False
+    for owner, module in svd_modules(gm, adapter).items():
+        mask = keep.get(owner)
+        index = module._keep_index(mask)
+        rank = int(index.numel())
+        ranks[owner] = rank
+        if rank == 0:
+            unwire(gm, adapter, owner)
+            drop_adapter(gm, owner, adapter)
+            removed = True
+            continue
+        if to_lora:
+            holder = gm.get_submodule(f"adapters.{owner}")
+            lora = module.to_lora(index)
+            lora.train(False)
+            setattr(holder, adapter, lora)
+        else:
+            module.resize(index)
+    if removed:
+        gm.graph.lint()
+        gm.recompile()
+    return ranks
+
+
+def ema(previous: torch.Tensor | float, value: torch.Tensor | float, beta: float):
+    """beta * previous + (1 - beta) * value (the exact expression PEFT and the official code use)."""
+    return beta * previous + (1 - beta) * value

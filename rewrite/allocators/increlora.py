@@ -1,0 +1,238 @@
+"""IncreLoRA: start small and add ranks to the most important modules on a schedule (METHODS.md §2.2).
+
+Every site starts with `init_rank` SVD-form triplets (usually 1), scale c_k = alpha / (ranknum_k + 1e-5).
+Each step t (called *before* `optimizer.step()`, as the official code does), while R_t < R_T:
+
+    S_k = sum |dW_k (.) G_k| / sqrt(d_out d_in)       dW_k = c_k P diag(lam) Q (materialised while growing),
+                                                       G_k = dL/d(dW_k), summed over the calls of the site
+    Ibar_k = b1 Ibar_k + (1 - b1) S_k;   Ubar_k = b2 Ubar_k + (1 - b2) |S_k - Ibar_k|;   score_k = Ibar_k Ubar_k
+    if t > t_warmup and t mod Delta == 0:
+        k = min(h, R_T - R_t);  tau = the k-th largest score;  every site with score_k >= tau (ties: more)
+        gets `a` ranks: ranknum_k += a, R_t += a (every existing component is rescaled by old/new ranknum)
+
+Advance learning (default): each site carries `a` reserve triplets whose P, Q train from the start while
+lam stays fixed at 1e-5; when the site is selected, those lam become trainable and a fresh reserve is
+appended. Without it, reserves are frozen (lam = 0) until selected. New parameters go to the optimizer as
+a new parameter group that gets its own linear warm-up and decay over the remaining steps (the official
+`Multi_LambdaLR`; `rewrite.train.GroupLinearSchedule` does this). When R_t >= R_T the gradient tracking
+stops and unused reserves are disabled (lam = 0); `finalize()` drops them and leaves a plain LoRA of rank
+ranknum_k at each site (same delta). The orthogonality term is the official one: per parameter block.
+
+Deliberate difference: the official stops only at R_t == R_T exactly (ties can overshoot and then the
+reserves are never disabled); here R_t >= R_T stops and disables them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
+from rewrite.allocators.common import finalize_svd, install_svd
+from rewrite.train import TrainCallback, TrainContext
+
+RESERVE_LAM = 1e-5
+DEFAULT_STEP_RANKS = {2: 1, 4: 2, 6: 3, 8: 4}
+
+
+class IncreLoRA(TrainCallback):
+    scorer = "increlora"
+
+    def __init__(self, gm: fx.GraphModule, adapter: str = "default", *, total_steps: int, target_rank: int = 2,
+                 init_rank: int = 1, target_budget: int | None = None, warmup: int = 0, interval: int = 10,
+                 top_h: int = 2, rank_step: int | None = None, advance_learning: bool = True,
+                 beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.1, weight_decay: float = 0.0,
+                 alpha: float | None = None, targets: Iterable[str] | None = None, where: str = "<increlora>"):
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"{where}: beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+        if interval < 1 or top_h < 1 or init_rank < 1:
+            raise ValueError(f"{where}: need interval >= 1, top_h >= 1 and init_rank >= 1")
+        self.gm, self.adapter, self.where = gm, adapter, where
+        self.total_steps, self.target_rank, self.init_rank = int(total_steps), int(target_rank), int(init_rank)
+        self.target_budget, self.warmup, self.interval, self.top_h = target_budget, int(warmup), int(interval), int(top_h)
+        self.rank_step = int(rank_step if rank_step is not None
+                             else DEFAULT_STEP_RANKS.get(self.target_rank, max(1, self.target_rank // 2)))
+        self.advance_learning, self.weight_decay = advance_learning, weight_decay
+        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
+        self.alpha, self.targets = alpha, list(targets) if targets else None
+        self.modules: dict[str, SvdLoRA] = {}
+        self.ipt: dict[str, torch.Tensor] = {}
+        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
+        self.exp_avg_unc: dict[str, torch.Tensor] = {}
+        self.done = False
+        self.finalized = False
+        self.history: dict[str, Any] = {"scorer": self.scorer, "step": [], "budget": [], "ranks": {},
+                                        "growth": []}
+
+    # --- setup ---------------------------------------------------------------------------------------------
+    def install(self) -> dict[str, SvdLoRA]:
+        """SVD-form adapters of rank `init_rank` at every site, each with its first reserve (idempotent)."""
+        if not self.modules:
+            modules = install_svd(self.gm, self.adapter, rank=self.init_rank, alpha=self.alpha,
+                                  targets=self.targets, where=self.where)
+            self.attach(modules)
+        return self.modules
+
+    prepare = install
+
+    def attach(self, modules: dict[str, SvdLoRA]) -> None:
+        """Use existing SVD-form modules (each gets its first reserve block here)."""
+        self.modules = dict(modules)
+        for module in self.modules.values():
+            module.ranknum = float(module.rank)
+            if module.reserve == 0:
+                self._add_reserve(module)
+            module.track_product_grad = True
+            self.history["ranks"].setdefault(self._owner(module), [])
+        self.total_rank = sum(m.rank for m in self.modules.values())
+        self.target_total = (self.target_budget if self.target_budget is not None
+                             else self.target_rank * len(self.modules))
+        if self.target_total < self.total_rank:
+            raise ValueError(f"{self.where}: target budget {self.target_total} ranks is below the starting "
+                             f"{self.total_rank} ({len(self.modules)} sites x init_rank {self.init_rank})")
+        if self.total_rank >= self.target_total:
+            self._stop()
+
+    def _owner(self, module: SvdLoRA) -> str:
+        return next(o for o, m in self.modules.items() if m is module)
+
+    def _add_reserve(self, module: SvdLoRA) -> list[torch.nn.Parameter]:
+        q, e, p = module.add_block(self.rank_step, lam=RESERVE_LAM if self.advance_learning else 0.0,
+                                   train_lam=False)
+        q.requires_grad_(self.advance_learning)
+        p.requires_grad_(self.advance_learning)
+        module.reserve += self.rank_step
+        return [q, p] if self.advance_learning else []
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.install().values() for p in m.parameters() if p.requires_grad]
+
+    # --- scores --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def module_scores(self) -> dict[str, torch.Tensor]:
+        """owner -> S_k = sum |dW_k (.) G_k| / sqrt(numel) from the gradients of the last backward (0 if none)."""
+        out = {}
+        for owner, module in self.modules.items():
+            grad = module.product_grad
+            if grad is None:
+                out[owner] = torch.zeros(())
+                continue
+            w = module.product().abs()
+            out[owner] = torch.sum((w * grad).abs()) / math.sqrt(w.numel())
+            module.product_grad = None
+        return out
+
+    @torch.no_grad()
+    def update_ipt(self, scores: dict[str, torch.Tensor | float] | None = None) -> None:
+        scores = self.module_scores() if scores is None else scores
+        for owner in self.modules:
+            value = torch.as_tensor(scores[owner], dtype=torch.float32)
+            if owner not in self.ipt:
+                self.ipt[owner] = torch.zeros(())
+                self.exp_avg_ipt[owner] = torch.zeros(())
+                self.exp_avg_unc[owner] = torch.zeros(())
+            self.ipt[owner] = value
+            self.exp_avg_ipt[owner] = self.beta1 * self.exp_avg_ipt[owner] + (1 - self.beta1) * value
+            self.exp_avg_unc[owner] = (self.beta2 * self.exp_avg_unc[owner]
+                                       + (1 - self.beta2) * (value - self.exp_avg_ipt[owner]).abs())
+
+    def scores(self) -> dict[str, float]:
+        return {o: float(self.exp_avg_ipt.get(o, 0.0) * self.exp_avg_unc.get(o, 0.0)) for o in self.modules}
+
+    # --- growth --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def grow(self, optimizer: torch.optim.Optimizer | None = None, step: int | None = None) -> list[str]:
+        """Add `rank_step` ranks to every site whose score is >= the k-th largest, k = min(h, R_T - R_t)."""
+        scores = self.scores()
+        k = min(self.top_h, self.target_total - self.total_rank)
+        if k <= 0:
+            return []
+        threshold = torch.topk(torch.tensor(list(scores.values())), k)[0][-1].item()
+        selected, new_params = [], []
+        for owner, module in self.modules.items():
+            if scores[owner] >= threshold:
+                selected.append(owner)
+                a = self.rank_step
+                module.ranknum += a
+                module.reserve -= a
+                self.total_rank += a
+                block = len(module.E) - 1
+                module.E[block].requires_grad_(True)
+                new_params.append(module.E[block])
+                if not self.advance_learning:
+                    module.Q[block].requires_grad_(True)
+                    module.P[block].requires_grad_(True)
+                    new_params += [module.Q[block], module.P[block]]
+                new_params += self._add_reserve(module)
+        if optimizer is not None and new_params:
+            optimizer.add_param_group({"params": new_params, "weight_decay": self.weight_decay})
+        self.history["growth"].append({"step": step, "threshold": threshold, "selected": selected,
+                                       "scores": scores})
+        if self.total_rank >= self.target_total:
+            self._stop()
+        return selected
+
+    @torch.no_grad()
+    def _stop(self) -> None:
+        """Budget reached: stop tracking gradients of dW and disable the unused reserves (lam = 0)."""
+        self.done = True
+        for module in self.modules.values():
+            module.track_product_grad = False
+            module.product_grad = None
+            if module.reserve:
+                module.E[len(module.E) - 1].zero_()
+
+    def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+        """Once per optimizer step, after backward and before `optimizer.step()`; returns the sites grown."""
+        self.install()
+        grown: list[str] = []
+        if not self.done:
+            self.update_ipt()
+            if step > self.warmup and step % self.interval == 0:
+                grown = self.grow(optimizer, step)
+        self._record(step)
+        return grown
+
+    def _record(self, step: int) -> None:
+        self.history["step"].append(step)
+        self.history["budget"].append(self.total_rank)
+        for owner, module in self.modules.items():
+            self.history["ranks"][owner].append(module.rank)
+
+    def before_step(self, ctx: TrainContext) -> None:
+        self.update(ctx.step, ctx.optimizer)
+
+    def regularizer(self, ctx: TrainContext | None = None) -> torch.Tensor | None:
+        if self.orth_reg_weight == 0:
+            return None
+        return self.orth_reg_weight * orthogonality(self.install().values(), blockwise=True)
+
+    # --- the end -------------------------------------------------------------------------------------------
+    def finalize(self, *, to_lora: bool = True) -> dict[str, int]:
+        """Drop the reserves and leave each site at its grown rank (plain LoRA by default)."""
+        if self.finalized:
+            return dict(self.final_ranks)
+        if not self.done:
+            self._stop()
+        keep = {o: torch.arange(m.rank) for o, m in self.modules.items()}
+        self.history["scores"] = self.scores()
+        self.final_ranks = finalize_svd(self.gm, self.adapter, keep, to_lora=to_lora)
+        self.history["final_ranks"] = dict(self.final_ranks)
+        self.history["target_budget"] = self.target_total
+        self.finalized = True
+        return dict(self.final_ranks)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.finalize()
+
+    def settings(self) -> dict[str, Any]:
+        return dict(init_rank=self.init_rank, target_rank=self.target_rank, target_budget=self.target_total,
+                    total_steps=self.total_steps, warmup=self.warmup, interval=self.interval, top_h=self.top_h,
+                    rank_step=self.rank_step, advance_learning=self.advance_learning, beta1=self.beta1,
+                    beta2=self.beta2, orth_reg_weight=self.orth_reg_weight)
+
+
+__all__ = ["IncreLoRA"]
