@@ -61,8 +61,11 @@ int env_threads() {
     const int v = std::atoi(s);
     if (v >= 1) return v;
   }
-  const unsigned hc = std::thread::hardware_concurrency();
-  return hc ? static_cast<int>(hc) : 1;
+  static const int hc = [] {  // (reads /sys on glibc: once, not per call)
+    const unsigned n = std::thread::hardware_concurrency();
+    return n ? static_cast<int>(n) : 1;
+  }();
+  return hc;
 }
 
 namespace {
