@@ -5,7 +5,8 @@ Trains the parameters under `gm.adapters` (the base model is frozen for the run 
 
     AdamW (decoupled weight decay) . linear warm-up then linear decay, per parameter group .
     gradient clipping by global norm . seeded (data order, dropout, any init a callback does) .
-    adapter dropout active while training (adapter modules in train mode), eval mode restored after.
+    adapter dropout active while training (adapter modules in train mode); they are left in eval mode
+    after (the graph goes on to merge / export), whatever mode they were in before.
 
 One optimizer step per batch. Per step, in this order:
 
@@ -234,7 +235,6 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
         if not name.startswith("adapters."):
             p.requires_grad_(False)
     modules = adapter_modules(gm, adapters)
-    modes = {path: m.training for path, m in modules.items()}
     losses: list[float] = []
     lrs: list[float] = []
     start = time.perf_counter()
@@ -281,8 +281,8 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
         for name, p in gm.named_parameters():
             if name in frozen:
                 p.requires_grad_(frozen[name])
-        for path, m in adapter_modules(gm, adapters).items():
-            m.train(modes.get(path, False))
+        for m in adapter_modules(gm, adapters).values():
+            m.train(False)  # the graph serves inference and export after training: dropout off
     seconds = time.perf_counter() - start
     final = sum(p.numel() for p in trainable_parameters(gm, adapters))
     return TrainResult(len(losses), seconds, losses, lrs, final)

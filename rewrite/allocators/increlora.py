@@ -127,7 +127,11 @@ class IncreLoRA(TrainCallback):
 
     @torch.no_grad()
     def update_ipt(self, scores: dict[str, torch.Tensor | float] | None = None) -> None:
-        scores = self.module_scores() if scores is None else scores
+        if scores is None:
+            scores = self.module_scores()
+        else:
+            for module in self.modules.values():
+                module.product_grad = None
         for owner in self.modules:
             value = torch.as_tensor(scores[owner], dtype=torch.float32)
             if owner not in self.ipt:
@@ -185,12 +189,15 @@ class IncreLoRA(TrainCallback):
             if module.reserve:
                 module.E[len(module.E) - 1].zero_()
 
-    def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
-        """Once per optimizer step, after backward and before `optimizer.step()`; returns the sites grown."""
+    def update(self, step: int, optimizer: torch.optim.Optimizer | None = None,
+               scores: dict[str, float] | None = None) -> list[str]:
+        """Once per optimizer step, after backward and before `optimizer.step()`; returns the sites grown.
+
+        `scores` replaces the measured S_k (tests, or a scorer of your own)."""
         self.install()
         grown: list[str] = []
         if not self.done:
-            self.update_ipt()
+            self.update_ipt(scores)
             if step > self.warmup and step % self.interval == 0:
                 grown = self.grow(optimizer, step)
         self._record(step)
