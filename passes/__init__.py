@@ -1,10 +1,11 @@
 """The pass registry: spec name -> pass class (explicit, no discovery)."""
+from rewrite.passes.allocate import AllocatePass
 from rewrite.passes.insert import InsertPass
 from rewrite.passes.load import LoadPass
 from rewrite.passes.merge import MergePass
 from rewrite.passes.save import SavePass
 from rewrite.passes.unmerge import UnmergePass
 
-REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass)}
+REGISTRY = {p.name: p for p in (InsertPass, LoadPass, AllocatePass, MergePass, UnmergePass, SavePass)}
 
-__all__ = ["REGISTRY", "InsertPass", "LoadPass", "MergePass", "SavePass", "UnmergePass"]
+__all__ = ["REGISTRY", "AllocatePass", "InsertPass", "LoadPass", "MergePass", "SavePass", "UnmergePass"]

@@ -1,5 +1,5 @@
-"""Command line: `rewrite apply SPEC MODEL -o OUT`, `rewrite bundle MODEL --adapter NAME=DIR ...`
-and `rewrite inspect MODEL [--spec SPEC]`.
+"""Command line: `rewrite apply SPEC MODEL -o OUT`, `rewrite bundle MODEL --adapter NAME=DIR ...`,
+`rewrite inspect MODEL [--spec SPEC]` and `rewrite report allocation.json [-o DIR]`.
 
 Bad input (spec, model, adapter files) prints one clear message and exits with code 2, writing nothing.
 Progress goes to stderr; `--json` prints a machine-readable result to stdout; `--quiet` prints only errors.
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
     inspect.add_argument("model")
     inspect.add_argument("--spec", help="spec.toml: capture settings and selectors to resolve")
+    report = sub.add_parser("report", help="re-render a rank-allocation report (Markdown, heatmap) from its JSON")
+    report.add_argument("report_json", metavar="JSON", help="allocation.json written by the allocate pass")
+    report.add_argument("-o", "--output", help="output directory (default: the JSON file's directory)")
+    report.add_argument("--no-plot", action="store_true", help="write the Markdown only")
+    report.add_argument("--json", action="store_true", help="print a JSON result to stdout")
+    report.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     for p in (apply, bundle, inspect):
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow unpickling a .pt model with code execution (only for files you trust)")
@@ -144,6 +150,15 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return dict(model=args.model, sites=rows, selectors=selectors)
 
 
+def _cmd_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.report import rerender
+
+    written = rerender(args.report_json, args.output, plot=not args.no_plot)
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, markup=False)
+    return dict(report=args.report_json, files=[str(p) for p in written])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True, quiet=args.quiet)
@@ -151,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if args.quiet:  # library warnings are not errors: --quiet prints errors only
                 warnings.simplefilter("ignore")
-            result = _cmd_inspect(args, console) if args.command == "inspect" else _cmd_apply(args, console)
+            commands = {"inspect": _cmd_inspect, "report": _cmd_report}
+            result = commands.get(args.command, _cmd_apply)(args, console)
     except RewriteError as err:
         # the message is plain text: `[model]` must not be read as markup, nor `pkg:X:` as an emoji code
         Console(stderr=True, emoji=False).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,

@@ -1,0 +1,320 @@
+"""allocate: decide every site's rank under a budget and physically resize the adapters.
+
+    [[pass]]
+    name = "allocate"
+    adapter = "default"          # an adapter already attached (insert / load) sets the candidate sites
+    scorer = "fisher"            # spectrum (no data) | activation (inputs) | fisher (inputs + labels)
+    budget = { params = 20000 }  # or flops = ..., bytes = ..., latency_ms = ...,
+                                 # or { fraction = 0.5, metric = "params", rank = 8 }: a share of the cost of
+                                 #    uniform rank `rank` (default: each adapter's current rank)
+    min_rank = 0                 # 0 lets a site lose its branch
+    max_rank = 16                # default: each adapter's current rank (capped at min(fan_in, d_out))
+    max_rank_pattern = { "*.mlp.*" = 32 }   # per-site bounds: exact > glob/regex > class > the global value
+    ranks = [0, 1, 2, 4, 8, 16]  # optional: allowed ranks (serving engines bucket ranks)
+
+Rules:
+1. Candidates: every site carrying `adapter` (restricted by `targets` when given; a target without the
+   adapter is an error). One decision per adapted module (calls of one module share its adapter).
+2. The scorer turns each site into a value curve v(r) (rewrite.scorers); data-driven scorers read the
+   spec's [data] table (a scorer that needs data without one is an error naming this pass).
+3. The cost model prices every allowed rank in the budget's metric (rewrite.costmodel); the solver picks
+   the ranks with the most total value within the budget (rewrite.solver: greedy by value per unit cost
+   on concave envelopes, LP bound, exact DP for small instances); a budget below every site's minimum
+   is an error stating both numbers.
+4. Each adapter is resized physically (`LoRA.resize`: kept components are the best rank-r part of the
+   current delta, new ones are zero-delta, the scale s is unchanged); rank 0 sites lose the branch
+   (unwired and dropped: they vanish from the graph and every export).
+5. The report (`report` stem, in the output directory): <stem>.json, <stem>.md, <stem>.png
+   (rewrite.report). `report = ""` writes none.
+6. Running the pass again with the same options leaves the graph alone (modified=False).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Literal
+
+import torch.fx as fx
+from pydantic import Field, field_validator, model_validator
+
+from rewrite.costmodel import CostModel, LatencyTable, site_shape
+from rewrite.errors import SpecError
+from rewrite.graph_edit import adapters_at, drop_adapter, unwire
+from rewrite.pass_infra import GraphPass, PassOptions, PassResult
+from rewrite.report import new_report, site_layer, write_report
+from rewrite.scorers import ScoreContext, Target, get_scorer
+from rewrite.sites import check_mapping, check_selector_syntax, resolve, select
+from rewrite.solver import BudgetError, Item, solve
+from rewrite.state import state_of
+
+_ABSOLUTE = {"params": "params", "flops": "flops", "bytes": "bytes", "latency_ms": "latency"}
+MARK = "_rewrite_allocation"
+
+
+class BudgetOptions(PassOptions):
+    params: float | None = Field(default=None, ge=0)
+    flops: float | None = Field(default=None, ge=0)
+    bytes: float | None = Field(default=None, ge=0)
+    latency_ms: float | None = Field(default=None, ge=0)
+    fraction: float | None = Field(default=None, gt=0)
+    metric: Literal["params", "flops", "bytes", "latency"] | None = None
+    rank: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> "BudgetOptions":
+        given = [k for k in (*_ABSOLUTE, "fraction") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("budget needs exactly one of params, flops, bytes, latency_ms (absolute) or fraction "
+                             f"(of a uniform-rank baseline); got {given or 'none'}")
+        if given[0] != "fraction" and (self.metric is not None or self.rank is not None):
+            raise ValueError("budget: 'metric' and 'rank' go with 'fraction' only")
+        return self
+
+    @property
+    def metric_name(self) -> str:
+        for key, metric in _ABSOLUTE.items():
+            if getattr(self, key) is not None:
+                return metric
+        return self.metric or "params"
+
+    def text(self) -> str:
+        parts = [f"{k} = {getattr(self, k):g}" if isinstance(getattr(self, k), float) else f"{k} = {getattr(self, k)!r}"
+                 for k in ("params", "flops", "bytes", "latency_ms", "fraction", "metric", "rank")
+                 if getattr(self, k) is not None]
+        return "{ " + ", ".join(parts) + " }"
+
+
+class AllocateOptions(PassOptions):
+    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    scorer: Literal["spectrum", "activation", "fisher"] = "spectrum"
+    budget: BudgetOptions
+    targets: list[str] | None = None
+    min_rank: int = Field(default=0, ge=0)
+    max_rank: int | None = Field(default=None, ge=1)
+    min_rank_pattern: dict[str, int] = {}
+    max_rank_pattern: dict[str, int] = {}
+    ranks: list[int] | None = Field(default=None, min_length=1)
+    batches: int = Field(default=8, ge=1)
+    normalize: Literal["site", "none"] | None = None
+    whiten: Literal["input", "none"] = "input"
+    damping: float = Field(default=1e-3, ge=0)
+    probe_steps: int = Field(default=0, ge=0)
+    tokens: int = Field(default=128, ge=1)
+    latency_cache: str | None = None
+    latency_threads: int = Field(default=1, ge=1)
+    report: str = "allocation"
+    plot: bool = True
+
+    @field_validator("targets")
+    @classmethod
+    def _selectors(cls, targets: list[str] | None) -> list[str] | None:
+        return None if targets is None else [check_selector_syntax(t) for t in targets]
+
+    @field_validator("min_rank_pattern", "max_rank_pattern")
+    @classmethod
+    def _pattern_keys(cls, mapping: dict[str, int]) -> dict[str, int]:
+        for key, value in mapping.items():
+            check_selector_syntax(key)
+            if value < 0:
+                raise ValueError(f"{key!r}: ranks must be >= 0, got {value}")
+        return mapping
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, ranks: list[int] | None) -> list[int] | None:
+        if ranks is not None and any(r < 0 for r in ranks):
+            raise ValueError("allowed ranks must be >= 0")
+        return None if ranks is None else sorted(set(ranks))
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AllocateOptions":
+        if self.max_rank is not None and self.min_rank > self.max_rank:
+            raise ValueError(f"min_rank = {self.min_rank} is above max_rank = {self.max_rank}")
+        if self.probe_steps and self.scorer != "fisher":
+            raise ValueError(f"probe_steps goes with scorer = 'fisher' (got scorer = {self.scorer!r})")
+        return self
+
+
+def _digest(options: AllocateOptions, data) -> str:
+    text = json.dumps([options.model_dump(mode="json"), data.model_dump(mode="json") if data else None],
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class AllocatePass(GraphPass):
+    name = "allocate"
+    Options = AllocateOptions
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        o, where = self.options, self.context.where
+        state = state_of(gm)
+        if state.device == "meta":
+            raise SpecError(f"{where}: allocate reads weights (and data): capture on a real device, not meta")
+        table = state.sites
+        by_owner: dict[str, list] = {}
+        for site in table.values():
+            by_owner.setdefault(site.owner, []).append(site)
+        owners = [owner for owner in by_owner if o.adapter in adapters_at(gm, owner)]
+        if o.targets is not None:
+            chosen = dict.fromkeys(s.owner for s in select(table, o.targets, self.context.at("targets")))
+            missing = [owner for owner in chosen if owner not in owners]
+            if missing:
+                raise SpecError(f"{self.context.at('targets')}: sites {missing[:5]} do not carry adapter {o.adapter!r} "
+                                "(insert or load it first)")
+            owners = [owner for owner in owners if owner in chosen]
+        if not owners:
+            raise SpecError(f"{where}: adapter {o.adapter!r} is attached to no site; insert or load it before "
+                            "allocate")
+        check_mapping(table, o.min_rank_pattern, f"{self.context.at('min_rank_pattern')} min_rank_pattern")
+        check_mapping(table, o.max_rank_pattern, f"{self.context.at('max_rank_pattern')} max_rank_pattern")
+        key = _digest(o, self.context.data)
+        modules = {owner: adapters_at(gm, owner)[o.adapter] for owner in owners}
+        if all(getattr(m, MARK, None) == key for m in modules.values()):
+            return PassResult(gm, False, {"adapter": o.adapter, "sites": len(owners), "note": "already allocated"})
+
+        targets, allowed, bounds = self._targets(gm, owners, by_owner, modules)
+        curves = self._score(gm, targets)
+        model = self._cost_model()
+        items = []
+        for t in targets:
+            ranks = allowed[t.owner]
+            items.append(Item(t.owner, ranks, [curves.values[t.owner][r] for r in ranks], model.curve(t.shape, ranks)))
+        budget = self._budget_value(model, targets, modules)
+        try:
+            solution = solve(items, budget)
+        except BudgetError as err:
+            raise SpecError(f"{self.context.at('budget')}: budget = {o.budget.text()}: {err}") from None
+        sensitivity = {}
+        for label, factor in (("-10%", 0.9), ("+10%", 1.1)):
+            try:
+                other = solve(items, budget * factor, dp_limit=200_000)
+                sensitivity[label] = dict(budget=budget * factor, value=other.value, ranks=other.ranks)
+            except BudgetError:
+                sensitivity[label] = None
+
+        before = {owner: m.rank for owner, m in modules.items()}
+        params_before = sum(p.numel() for m in modules.values() for p in m.parameters())
+        dropped, resized = [], 0
+        for owner, module in modules.items():
+            rank = solution.ranks[owner]
+            if rank == 0:
+                unwire(gm, o.adapter, owner)
+                drop_adapter(gm, owner, o.adapter)
+                dropped.append(owner)
+            elif rank != module.rank:
+                module.resize(rank)
+                resized += 1
+            setattr(module, MARK, key)
+        params_after = sum(p.numel() for owner, m in modules.items() if owner not in dropped for p in m.parameters())
+
+        report = self._report(targets, curves, model, solution, budget, before, bounds, sensitivity,
+                              params_before)
+        files = []
+        if o.report:
+            files = [p.name for p in write_report(report, self.context.output_path("."), o.report, plot=o.plot)]
+        modified = bool(dropped) or resized > 0
+        return PassResult(gm, modified, {
+            "adapter": o.adapter, "scorer": o.scorer, "metric": model.metric, "budget": budget,
+            "spent": solution.cost, "sites": len(owners), "resized": resized, "dropped": len(dropped),
+            "params_before": params_before, "params_after": params_after, "solver": solution.method,
+            "exact": solution.exact, "report": files})
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _targets(self, gm, owners, by_owner, modules):
+        o, where = self.options, self.context.where
+        targets, allowed, bounds = [], {}, {}
+        for owner in owners:
+            site, module = by_owner[owner][0], modules[owner]
+            kernel = tuple(module.conv["kernel_size"]) if site.op == "conv2d" else (1, 1)
+            shape = site_shape(site, calls=len(by_owner[owner]), kernel=kernel)
+            lo = resolve(site, o.min_rank, o.min_rank_pattern, where)
+            hi = resolve(site, o.max_rank if o.max_rank is not None else module.rank, o.max_rank_pattern, where)
+            hi = min(hi, shape.max_rank)
+            if lo > hi:
+                raise SpecError(f"{where}: site {owner}: min rank {lo} is above its max rank {hi} (max_rank, capped at "
+                                f"min(fan_in, d_out) = {shape.max_rank})")
+            ranks = [r for r in range(lo, hi + 1) if o.ranks is None or r in o.ranks]
+            if not ranks:
+                raise SpecError(f"{self.context.at('ranks')}: site {owner}: no allowed rank in [{lo}, {hi}] "
+                                f"(ranks = {o.ranks})")
+            targets.append(Target(owner, shape, module, gm.get_parameter(site.weight), hi, kernel))
+            allowed[owner], bounds[owner] = ranks, (lo, hi)
+        return targets, allowed, bounds
+
+    def _score(self, gm, targets):
+        o = self.options
+        scorer = get_scorer(o.scorer)
+        source = loss = None
+        if scorer.needs_data:
+            data = self.context.data
+            if data is None:
+                raise SpecError(f"{self.context.at('scorer')}: pass 'allocate' with scorer = {o.scorer!r} needs "
+                                "calibration data, and the spec has no [data] table: add [data] with path = "
+                                "\"file.safetensors\" (model inputs + labels) or factory = \"package.module:function\"")
+            from rewrite.data import DataSource, make_loss
+
+            source = DataSource(data, self.context.spec_dir, list(state_of(gm).inputs.kwargs))
+            loss = make_loss(data)
+        options = {"normalize": o.normalize, "whiten": o.whiten, "damping": o.damping, "probe_steps": o.probe_steps}
+        ctx = ScoreContext(gm, targets, source, loss, o.batches, options)
+        curves = scorer()(ctx)
+        for t in targets:
+            values = curves.values[t.owner]
+            if len(values) != t.max_rank + 1 or not all(math.isfinite(v) for v in values):
+                raise SpecError(f"{self.context.where}: scorer {o.scorer!r} gave site {t.owner} an invalid value curve "
+                                "(non-finite: check the data and the loss)")
+        return curves
+
+    def _cost_model(self) -> CostModel:
+        o = self.options
+        metric = o.budget.metric_name
+        latency = None
+        if metric == "latency":
+            latency = LatencyTable(self.context.input_path(o.latency_cache) if o.latency_cache else None,
+                                   threads=o.latency_threads)
+        return CostModel(metric, tokens=o.tokens, latency=latency)
+
+    def _budget_value(self, model: CostModel, targets, modules) -> float:
+        b = self.options.budget
+        for key in _ABSOLUTE:
+            if getattr(b, key) is not None:
+                return float(getattr(b, key))
+        baseline = sum(model.cost(t.shape, min(b.rank or modules[t.owner].rank, t.shape.max_rank)) for t in targets)
+        return b.fraction * baseline
+
+    def _report(self, targets, curves, model, solution, budget, before, bounds, sensitivity, params_before):
+        o = self.options
+        sites = []
+        for t in targets:
+            r = solution.ranks[t.owner]
+            values = curves.values[t.owner]
+            breakdown = model.breakdown(t.shape, r)
+            cost = model.cost(t.shape, r)
+            layer, module = site_layer(t.owner)
+            sites.append(dict(site=t.owner, layer=layer, module=module, op=t.shape.op, d_in=t.shape.fan_in,
+                              d_out=t.shape.d_out, rank=r, rank_before=before[t.owner], min_rank=bounds[t.owner][0],
+                              max_rank=bounds[t.owner][1], **breakdown, cost=cost,
+                              share=cost / budget if budget > 0 else None, value=values[r], value_max=values[-1],
+                              captured=values[r] / values[-1] if values[-1] > 0 else None,
+                              curve=[round(v, 10) for v in values]))
+        kept = [s for s in sites if s["rank"] > 0]
+        return new_report(
+            adapter=o.adapter,
+            scorer=dict(name=o.scorer, unit=curves.unit, settings=curves.settings),
+            budget=dict(metric=model.metric, unit=model.unit, value=budget, spent=solution.cost,
+                        minimum=solution.minimum, request=o.budget.text(), tokens=model.tokens),
+            solver=dict(method=solution.method, exact=solution.exact, value=solution.value,
+                        upper_bound=solution.upper_bound, gap=solution.gap, shadow_price=solution.shadow_price,
+                        notes=solution.notes, nonconcave_sites=[n for n, ok in solution.concave.items() if not ok]),
+            sites=sites,
+            totals=dict(sites=len(sites), kept=len(kept), dropped=[s["site"] for s in sites if s["rank"] == 0],
+                        params=sum(s["params"] for s in sites), flops=sum(s["flops"] for s in sites),
+                        bytes=sum(s["bytes"] for s in sites), params_before=params_before),
+            sensitivity=sensitivity,
+            options=o.model_dump(mode="json"),
+        )
+
+
+__all__ = ["AllocateOptions", "AllocatePass", "BudgetOptions"]

@@ -1,0 +1,124 @@
+"""fisher: a few batches of inputs and labels; the loss gradient dL/dW at each site, read as a spectrum.
+
+G = mean over batches of dL/dW (in [d_out, fan_in] layout, from the adapters' hooks: G = sum_n g_n x_n^T).
+A gradient step restricted to rank r lowers the loss to first order by eta sum_{i<=r} sigma_i(G)^2, so
+
+    whiten = "none"    v(r) = sum_{i<=r} sigma_i(G)^2                       (gradient spectrum, LoRA-GA style)
+    whiten = "input"   v(r) = 1/2 sum_{i<=r} sigma_i(G (C + lambda I)^{-1/2})^2   (the default)
+
+The whitened form is the loss decrease of the best rank-r Gauss-Newton step when the site's output metric
+is the identity (K-FAC with input factor C = X^T X / n, lambda = damping * mean eigenvalue): for one
+linear layer under MSE it is exactly the loss a rank-r correction removes. Values are in loss units, so
+normalize defaults to "none".
+
+`probe_steps = N > 0`: the gradient at the current point attributes the whole output error to every site
+(in a residual stream all sites see the same error, so a site with no task update still shows a large
+gradient). With a probe, the adapters being allocated (insert them at the largest rank you allow) take N
+Adam steps on the [data] loss (lr, grad_clip from [data]; only adapter parameters move), the fitted
+update D of each site is read, and the adapters are restored exactly. Then
+
+    v(r) = 1/2 sum_{i<=r} sigma_i(D C^{1/2})^2        (the output energy of the rank-r part of the update)
+
+which is the same quantity as the whitened one-step curve above (one GN step is D = -G C^{-1}), after N
+joint steps instead of one. bench/bench_planted_ranks.py shows the difference.
+"""
+from __future__ import annotations
+
+import torch
+
+from rewrite.errors import SpecError
+from rewrite.scorers import Curves, ScoreContext, Scorer, Target, energy_curve
+from rewrite.scorers.activation import _run, collect_statistics, whiten as whiten_by
+
+
+def _delta_matrix(target: Target) -> torch.Tensor:
+    """The adapter's current delta as [d_out, fan_in] (with its scale)."""
+    delta = target.adapter.delta_weight().double()
+    op = target.shape.op
+    if op in ("conv1d", "embedding"):
+        return delta.T
+    if op == "conv2d":
+        return delta.flatten(1)
+    return delta
+
+
+def probe_fit(ctx: ScoreContext, steps: int) -> dict[str, torch.Tensor]:
+    """Train the targets' adapters for `steps` Adam steps, return each update (fitted - initial), restore."""
+    modules = {t.owner: t.adapter for t in ctx.targets}
+    saved = {o: {k: v.detach().clone() for k, v in m.state_dict().items()} for o, m in modules.items()}
+    start = {t.owner: _delta_matrix(t) for t in ctx.targets}
+    params = dict(ctx.gm.named_parameters())
+    flags = {name: p.requires_grad for name, p in params.items()}
+    train_params = [p for m in modules.values() for p in m.parameters()]
+    ids = {id(p) for p in train_params}
+    modes = {o: m.training for o, m in modules.items()}
+    options = ctx.data.options
+    try:
+        for p in params.values():
+            p.requires_grad_(id(p) in ids)
+        for m in modules.values():
+            m.eval()  # no dropout: the probe measures the update, not a regularised one
+        optimizer = torch.optim.Adam(train_params, lr=options.lr)
+        done = 0
+        for batch in ctx.data.batches(limit=steps):
+            with torch.enable_grad():
+                loss = ctx.loss(_run(ctx.gm, ctx.data.model_inputs(batch)), batch)
+                if not torch.isfinite(loss):
+                    raise SpecError(f"probe fit: the [data] loss is {float(loss)} at step {done}; lower [data] lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            if options.grad_clip:
+                torch.nn.utils.clip_grad_norm_(train_params, options.grad_clip)
+            optimizer.step()
+            done += 1
+        return {t.owner: _delta_matrix(t) - start[t.owner] for t in ctx.targets}
+    finally:
+        with torch.no_grad():
+            for owner, module in modules.items():
+                module.load_state_dict(saved[owner])
+                module.train(modes[owner])
+                for p in module.parameters():
+                    p.grad = None
+        for name, flag in flags.items():
+            params[name].requires_grad_(flag)
+
+
+class FisherScorer(Scorer):
+    name = "fisher"
+    needs_data = True
+    needs_labels = True
+
+    def __call__(self, ctx: ScoreContext) -> Curves:
+        mode = ctx.options.get("whiten") or "input"
+        damping = float(ctx.options.get("damping", 1e-3))
+        normalize = ctx.options.get("normalize") or "none"
+        probe_steps = int(ctx.options.get("probe_steps") or 0)
+        stats = collect_statistics(ctx, gradients=probe_steps == 0)
+        updates = probe_fit(ctx, probe_steps) if probe_steps else None
+        values = {}
+        for t in ctx.targets:
+            st = stats[t.owner]
+            if updates is not None:
+                matrix, half = whiten_by(updates[t.owner], st.cov), 0.5
+            else:
+                g = st.grad / st.batches if st.grad is not None else torch.zeros(
+                    t.shape.d_out, t.shape.fan_in, dtype=torch.float64)
+                if mode == "input":
+                    matrix, half = whiten_by(g, st.cov, inverse=True, damping=damping), 0.5
+                else:
+                    matrix, half = g, 1.0
+            sigma = torch.linalg.svdvals(matrix)
+            total = float((sigma ** 2).sum())
+            scale = 1.0 / total if normalize == "site" and total > 0 else half
+            values[t.owner] = energy_curve(sigma, t.max_rank, scale)
+        if normalize == "site":
+            unit = "share of the site's update energy"
+        elif updates is not None:
+            unit = "output energy of the probe update (Gauss-Newton loss units)"
+        else:
+            unit = "Gauss-Newton loss decrease" if mode == "input" else "first-order loss decrease (x step size)"
+        settings = {"whiten": "input" if updates is not None else mode, "damping": damping, "normalize": normalize,
+                    "batches": ctx.batches, "probe_steps": probe_steps}
+        if updates is not None:
+            settings.update(lr=ctx.data.options.lr, grad_clip=ctx.data.options.grad_clip)
+        return Curves(values, unit, settings)
