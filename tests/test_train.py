@@ -201,9 +201,13 @@ def test_run_training_allocator_from_spec_options(base, data_file):
     # cross_entropy on the MLP's 64 outputs (labels < 4): a valid, if wide, classification
     ranks, history = run_training_allocator(gm, options, data, context)
     assert sum(ranks.values()) == 12 and set(ranks) == {f"layers.{i}" for i in range(4)}
-    assert history["scorer"] == "adalora" and len(history["loss"]) == 40 and len(history["budget"]) == 40
-    assert history["budget"][0] == 24 and history["budget"][-1] == 12
-    assert history["settings"]["delta_t"] == 5
+    assert history.summary["scorer"] == "adalora" and len(history) == 40
+    assert [h["step"] for h in history] == list(range(1, 41))
+    assert history[0]["budget"] == 24 and history[-1]["budget"] == 12
+    assert sum(history[-1]["ranks"].values()) == 12 and history[0]["ranks"]["layers.0"] == 6
+    assert all("loss" in h and "lr" in h for h in history)
+    assert history.summary["settings"]["delta_t"] == 5 and history.summary["final_ranks"] == ranks
+    assert history.summary["params"] == 12 * 128
     for owner, rank in ranks.items():
         module = adapters_at(gm, owner).get("default")
         assert (module is None) if rank == 0 else (module.kind == "lora" and module.rank == rank)
@@ -212,7 +216,21 @@ def test_run_training_allocator_from_spec_options(base, data_file):
     options = types.SimpleNamespace(scorer="increlora", adapter="default", budget=None, steps=30,
                                     settings={"init_rank": 1, "target_rank": 2, "interval": 3, "warmup": 2})
     ranks, history = run_training_allocator(gm, options, data, context)
-    assert sum(ranks.values()) >= 8 and len(history["loss"]) == 30
+    assert sum(ranks.values()) >= 8 and len(history) == 30 and history.summary["growth"]
+
+    # a parameter budget (what the allocate pass passes): 4 sites of 64x64, 128 params per rank
+    gm = fresh(base, rank=4)
+    options = types.SimpleNamespace(scorer="adalora", adapter="default", budget={"params": 8 * 128 + 100},
+                                    adalora={"tinit": 2, "tfinal": 5})
+    ranks, _ = run_training_allocator(gm, options, data, context)
+    assert sum(ranks.values()) == 8
+    gm = fresh(base, rank=4)
+    options = types.SimpleNamespace(scorer="increlora", budget={"fraction": 0.75}, settings={"interval": 2})
+    ranks, _ = run_training_allocator(gm, options, data, context)
+    assert sum(ranks.values()) >= 12
+    with pytest.raises(SpecError, match="budget.flops is not supported"):
+        run_training_allocator(fresh(base), types.SimpleNamespace(scorer="adalora", budget={"flops": 1e6}), data,
+                               context)
 
     with pytest.raises(SpecError, match="needs training data"):
         run_training_allocator(fresh(base), types.SimpleNamespace(scorer="adalora"), None, context)

@@ -88,16 +88,75 @@ def _data_source(gm: fx.GraphModule, data: Any, context: Any, scorer: str, where
     return data
 
 
-def _param_budget_to_triplets(gm: fx.GraphModule, budget: float, adapter: str) -> int:
-    """A parameter budget as a rank budget: budget / mean per-rank cost (d_in + d_out) of the adapted sites."""
+def _rank_costs(gm: fx.GraphModule, adapter: str) -> dict[str, tuple[int, int]]:
+    """owner -> (params per rank = d_in + d_out, current rank) for the sites carrying `adapter`."""
     from rewrite.graph_edit import adapters_at
 
-    costs: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for site in state_of(gm).sites.values():
-        if site.owner not in costs and adapters_at(gm, site.owner).get(adapter) is not None:
-            costs[site.owner] = site.d_in + site.d_out
-    costs = list(costs.values())
-    return int(math.floor(budget / (sum(costs) / len(costs)))) if costs else 0
+        module = adapters_at(gm, site.owner).get(adapter)
+        if site.owner not in out and module is not None:
+            width = module.q_width if hasattr(module, "q_width") else site.d_in
+            if site.op == "conv2d" and hasattr(module, "lora_A"):
+                width = module.lora_A[0].numel()
+            out[site.owner] = (width + site.d_out, int(module.rank))
+    return out
+
+
+def budget_in_ranks(gm: fx.GraphModule, budget: Any, adapter: str, where: str = "<allocate>") -> int:
+    """The allocate pass's budget as a total rank (AdaLoRA / IncreLoRA count ranks, not parameters).
+
+    `params = P` -> floor(P / mean params per rank); `fraction = f` (metric params, of uniform rank `rank`,
+    default each adapter's current rank) -> floor(f * sum_k r_k (d_in + d_out) / mean params per rank).
+    Exact when every site has the same shape; otherwise the final parameter count can differ (the
+    allocators rank triplets globally, whatever they cost)."""
+    costs = _rank_costs(gm, adapter)
+    if not costs:
+        raise SpecError(f"{where}: adapter {adapter!r} is attached to no site; insert it before allocate")
+    mean = sum(c for c, _ in costs.values()) / len(costs)
+    if isinstance(budget, (int, float)):
+        return int(math.floor(float(budget) / mean))
+    for key in ("flops", "bytes", "latency_ms"):
+        if _lookup(budget, key) is not None:
+            raise SpecError(f"{where}: the training scorers (adalora, increlora) budget parameters (ranks); "
+                            f"budget.{key} is not supported with them: use params or fraction")
+    params = _lookup(budget, "params")
+    if params is not None:
+        return int(math.floor(float(params) / mean))
+    fraction = _lookup(budget, "fraction")
+    if fraction is not None:
+        metric = _lookup(budget, "metric") or "params"
+        if metric != "params":
+            raise SpecError(f"{where}: the training scorers budget parameters; budget.metric = {metric!r} is not "
+                            "supported with them")
+        rank = _lookup(budget, "rank")
+        baseline = sum(c * (rank if rank is not None else r) for c, r in costs.values())
+        return int(math.floor(float(fraction) * baseline / mean))
+    raise SpecError(f"{where}: budget {budget!r}: expected params = N or fraction = f")
+
+
+class TrainingHistory(list):
+    """One record per optimizer step, {step, budget, ranks {site: r}, loss, lr} (what `render_history`
+    plots), plus `.summary`: scorer, settings, growth / masking events, final ranks and scores, seconds."""
+
+    def __init__(self, records: list[dict[str, Any]], summary: dict[str, Any]):
+        super().__init__(records)
+        self.summary = summary
+
+
+def history_records(history: dict[str, Any], losses: list[float] | None = None,
+                    lrs: list[float] | None = None) -> list[dict[str, Any]]:
+    """The allocators' column history as per-step records."""
+    records = []
+    for i, step in enumerate(history["step"]):
+        record = {"step": step, "budget": history["budget"][i],
+                  "ranks": {o: r[i] for o, r in history["ranks"].items()}}
+        if losses is not None and i < len(losses):
+            record["loss"] = losses[i]
+        if lrs is not None and i < len(lrs):
+            record["lr"] = lrs[i]
+        records.append(record)
+    return records
 
 
 def make_allocator(gm: fx.GraphModule, scorer: str, settings: dict[str, Any], *, adapter: str, total_steps: int,
@@ -115,8 +174,10 @@ def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None,
     """Train `options.adapter` with the allocator `options.scorer` on `data`; resize; return (ranks, history).
 
     `data`: a `rewrite.spec.DataOptions` ([data]), a `rewrite.data.DataSource`, or None (then
-    `context.data`). Settings come from `settings_from(options, scorer)`; `options.budget` with
-    `options.budget_unit`/`cost` = "params" becomes a rank budget through the mean per-rank cost."""
+    `context.data`). Settings come from `settings_from(options, scorer)`; without a target_rank /
+    target_budget there, `options.budget` ({params} or {fraction, rank}) becomes a total rank through
+    `budget_in_ranks`. `options.steps` overrides [data] steps. The returned history is a `TrainingHistory`:
+    per-step records for `rewrite.report.render_history`, with `.summary` for the report's scorer section."""
     from rewrite.train import train
 
     scorer = _lookup(options, "scorer") or "adalora"
@@ -129,20 +190,30 @@ def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None,
     steps = int(_lookup(options, "steps") or getattr(data_options, "steps", 100))
     settings = settings_from(options, scorer)
     budget = _lookup(options, "budget")
-    unit = _lookup(options, "budget_unit") or _lookup(options, "cost") or "params"
-    if "target_budget" not in settings and "target_rank" not in settings and budget is not None:
-        if unit in ("params", "parameters"):
-            settings["target_budget"] = _param_budget_to_triplets(gm, float(budget), adapter)
-        elif unit in ("rank", "ranks", "triplets"):
-            settings["target_budget"] = int(budget)
+    if "target_budget" not in settings and "target_rank" not in settings:
+        if budget is None:
+            raise SpecError(f"{where}: scorer = {scorer!r} needs a budget (budget = {{ params = N }} or "
+                            "{ fraction = f }) or a target_rank")
+        settings["target_budget"] = budget_in_ranks(gm, budget, adapter, where)
+    if scorer == "adalora":
+        settings.setdefault("init_rank", None)  # default: the inserted adapter's rank is r0
     allocator = make_allocator(gm, scorer, settings, adapter=adapter, total_steps=steps,
                                weight_decay=float(getattr(data_options, "weight_decay", 0.0) or 0.0), where=where)
     result = train(gm, source, steps=steps, callbacks=[allocator])
     ranks = allocator.finalize()
-    history = dict(allocator.history)
-    history.update(loss=result.losses, lr=result.lrs, seconds=result.seconds, settings=allocator.settings(),
-                   adapter=adapter)
-    return ranks, history
+    raw = allocator.history
+    summary = {k: v for k, v in raw.items() if k not in ("step", "budget", "ranks")}
+    summary.update(seconds=result.seconds, settings=allocator.settings(), adapter=adapter, steps=result.steps,
+                   params=sum(p.numel() for m in _modules(gm, adapter) for p in m.parameters()))
+    return ranks, TrainingHistory(history_records(raw, result.losses, result.lrs), summary)
 
 
-__all__ = ["AdaLoRA", "IncreLoRA", "TRAINING_SCORERS", "make_allocator", "run_training_allocator", "settings_from"]
+def _modules(gm: fx.GraphModule, adapter: str) -> list:
+    from rewrite.graph_edit import adapters_at
+
+    owners = dict.fromkeys(site.owner for site in state_of(gm).sites.values())
+    return [m for o in owners for n, m in adapters_at(gm, o).items() if n == adapter]
+
+
+__all__ = ["AdaLoRA", "IncreLoRA", "TRAINING_SCORERS", "TrainingHistory", "budget_in_ranks", "history_records",
+           "make_allocator", "run_training_allocator", "settings_from"]
