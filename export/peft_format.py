@@ -23,7 +23,8 @@ from rewrite.errors import AdapterFileError
 PREFIX = "base_model.model."
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 BASE_COPY = ".base_layer.weight"
-_UNSUPPORTED = {"use_dora": "DoRA", "modules_to_save": "modules_to_save (trained full modules)"}
+_UNSUPPORTED = {"use_dora": "DoRA", "modules_to_save": "modules_to_save (trained full modules)",
+                "lora_bias": "lora_bias (a trained bias on lora_B)"}
 
 
 @dataclass
