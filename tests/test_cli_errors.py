@@ -79,7 +79,7 @@ SPEC_CASES = {
     "wrong_version": ('version = 2\n', ["spec.toml:1", "'version' is 2", "spec version 1"]),
     "unknown_top_level_key": ('version = 1\n\n[exprot]\nformat = "none"\n',
                               ["spec.toml:3", "unknown key 'exprot'", "Did you mean: 'export'",
-                               "Valid keys: version, model, capture, export, pass"]),
+                               "Valid keys: version, model, capture, data, export, pass"]),
     "unknown_pass": (HEAD + '[[pass]]\nname = "insrt"\ntargets = ["q_proj"]\n',
                      ["spec.toml:7", "unknown pass 'insrt'", "Did you mean: 'insert'",
                       "Registered passes: insert, load, merge"]),
