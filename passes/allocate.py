@@ -33,11 +33,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch.fx as fx
 from pydantic import Field, field_validator, model_validator
 
+from rewrite.allocators import TRAINING_SCORERS
 from rewrite.costmodel import CostModel, LatencyTable, site_shape
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at, drop_adapter, unwire
@@ -87,8 +88,8 @@ class BudgetOptions(PassOptions):
 
 class AllocateOptions(PassOptions):
     adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    scorer: Literal["spectrum", "activation", "fisher"] = "spectrum"
-    budget: BudgetOptions
+    scorer: Literal["spectrum", "activation", "fisher", "adalora", "increlora"] = "spectrum"
+    budget: BudgetOptions | None = None
     targets: list[str] | None = None
     min_rank: int = Field(default=0, ge=0)
     max_rank: int | None = Field(default=None, ge=1)
@@ -105,6 +106,11 @@ class AllocateOptions(PassOptions):
     latency_threads: int = Field(default=1, ge=1)
     report: str = "allocation"
     plot: bool = True
+    # training-time scorers (rewrite.allocators): steps (default [data] steps) and their settings
+    steps: int | None = Field(default=None, ge=1)
+    settings: dict[str, Any] = {}
+    adalora: dict[str, Any] = {}
+    increlora: dict[str, Any] = {}
 
     @field_validator("targets")
     @classmethod
@@ -131,6 +137,11 @@ class AllocateOptions(PassOptions):
     def _bounds(self) -> "AllocateOptions":
         if self.max_rank is not None and self.min_rank > self.max_rank:
             raise ValueError(f"min_rank = {self.min_rank} is above max_rank = {self.max_rank}")
+        if self.budget is None and self.scorer not in TRAINING_SCORERS:
+            raise ValueError(f"scorer = {self.scorer!r} needs a budget (budget = {{ params = N }}, flops, bytes, "
+                             "latency_ms, or { fraction = f })")
+        if self.scorer not in TRAINING_SCORERS and (self.steps or self.settings or self.adalora or self.increlora):
+            raise ValueError("steps, settings, adalora and increlora go with the training scorers (adalora, increlora)")
         if self.probe_steps and self.scorer != "fisher":
             raise ValueError(f"probe_steps goes with scorer = 'fisher' (got scorer = {self.scorer!r})")
         return self
@@ -173,6 +184,8 @@ class AllocatePass(GraphPass):
         if all(getattr(m, MARK, None) == key for m in modules.values()):
             return PassResult(gm, False, {"adapter": o.adapter, "sites": len(owners), "note": "already allocated"})
 
+        if o.scorer in TRAINING_SCORERS:
+            return self._train(gm, owners, by_owner, modules, key)
         targets, allowed, bounds = self._targets(gm, owners, by_owner, modules)
         curves = self._score(gm, targets)
         model = self._cost_model()
@@ -219,6 +232,71 @@ class AllocatePass(GraphPass):
             "spent": solution.cost, "sites": len(owners), "resized": resized, "dropped": len(dropped),
             "params_before": params_before, "params_after": params_after, "solver": solution.method,
             "exact": solution.exact, "report": files})
+
+    def _train(self, gm, owners, by_owner, modules, key) -> PassResult:
+        """adalora / increlora: train the adapter with the allocator on [data]; it resizes at the end."""
+        from rewrite.allocators import run_training_allocator
+
+        o = self.options
+        before = {owner: m.rank for owner, m in modules.items()}
+        params_before = sum(p.numel() for m in modules.values() for p in m.parameters())
+        shapes = {}
+        for owner in owners:
+            site, module = by_owner[owner][0], modules[owner]
+            kernel = tuple(module.conv["kernel_size"]) if site.op == "conv2d" else (1, 1)
+            shapes[owner] = site_shape(site, calls=len(by_owner[owner]), kernel=kernel)
+        model = CostModel("params", tokens=o.tokens)
+        budget = None
+        if o.budget is not None and o.budget.metric_name == "params":
+            budget = o.budget.params if o.budget.params is not None else o.budget.fraction * sum(
+                model.cost(shapes[w], min(o.budget.rank or before[w], shapes[w].max_rank)) for w in owners)
+        ranks, history = run_training_allocator(gm, o, self.context.data, self.context)
+        after = {owner: adapters_at(gm, owner).get(o.adapter) for owner in owners}
+        for module in after.values():
+            if module is not None:
+                setattr(module, MARK, key)
+        params_after = sum(p.numel() for m in after.values() if m is not None for p in m.parameters())
+        summary = dict(getattr(history, "summary", {}) or {})
+        scores = summary.get("final_scores") or summary.get("scores") or {}
+        sites = []
+        for owner in owners:
+            r = int(ranks.get(owner, 0))
+            layer, name = site_layer(owner)
+            cost = model.cost(shapes[owner], r)
+            score = scores.get(owner) if isinstance(scores, dict) else None
+            sites.append(dict(site=owner, layer=layer, module=name, op=shapes[owner].op, d_in=shapes[owner].fan_in,
+                              d_out=shapes[owner].d_out, rank=r, rank_before=before[owner], min_rank=None,
+                              max_rank=None, **model.breakdown(shapes[owner], r), cost=cost,
+                              share=cost / budget if budget else None,
+                              value=score if isinstance(score, (int, float)) else None, value_max=None,
+                              captured=None))
+        spent = sum(s["cost"] for s in sites)
+        scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+        report = new_report(
+            adapter=o.adapter,
+            scorer=dict(name=o.scorer, unit="training-time importance",
+                        settings={**(summary.get("settings") or {}), **scalars}),
+            budget=dict(metric="params", unit=model.unit, value=budget, spent=spent, minimum=0,
+                        request=o.budget.text() if o.budget is not None else "(from the allocator settings)"),
+            solver=dict(method=f"{o.scorer} (during training)", exact=False, value=None, upper_bound=None, gap=None,
+                        shadow_price=None, notes=[], nonconcave_sites=[]),
+            sites=sites,
+            totals=dict(sites=len(sites), kept=sum(1 for s in sites if s["rank"] > 0),
+                        dropped=[s["site"] for s in sites if s["rank"] == 0], params=spent,
+                        flops=sum(s["flops"] for s in sites), bytes=sum(s["bytes"] for s in sites),
+                        params_before=params_before),
+            sensitivity={},
+            options=o.model_dump(mode="json"),
+            history=list(history),
+        )
+        files = []
+        if o.report:
+            files = [p.name for p in write_report(report, self.context.output_path("."), o.report, plot=o.plot)]
+        return PassResult(gm, True, {
+            "adapter": o.adapter, "scorer": o.scorer, "metric": "params", "budget": budget, "spent": spent,
+            "sites": len(owners), "resized": sum(1 for w in owners if 0 < ranks.get(w, 0) != before[w]),
+            "dropped": sum(1 for w in owners if ranks.get(w, 0) == 0), "params_before": params_before,
+            "params_after": params_after, "solver": o.scorer, "exact": False, "report": files})
 
     # ------------------------------------------------------------------------------------------ steps
 
