@@ -46,6 +46,31 @@ def site_layer(name: str) -> tuple[int | None, str]:
     return int(match.group(1)), match.group(2)
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("spearman needs two sequences of the same length >= 2")
+
+    def ranks(xs: list[float]) -> list[float]:
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        out = [0.0] * len(xs)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(list(a)), ranks(list(b))
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+
+
 def new_report(**fields: Any) -> dict[str, Any]:
     report = {"format": FORMAT, "version": VERSION, "history": []}
     report.update(fields)
@@ -317,4 +342,4 @@ def rerender(json_path: str | Path, out_dir: str | Path | None = None, *, plot: 
 
 
 __all__ = ["FORMAT", "VERSION", "ReportError", "load_report", "new_report", "rank_grid", "render_all",
-           "render_heatmap", "render_history", "render_markdown", "rerender", "site_layer", "write_report"]
+           "render_heatmap", "render_history", "render_markdown", "rerender", "site_layer", "spearman", "write_report"]
