@@ -93,7 +93,11 @@ def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "export", device: str = "cpu",
             spec_digest: str | None = None, check_replay: bool = True,
             attn_implementation: str = "eager") -> tuple[fx.GraphModule, CaptureReport]:
-    """Capture `loaded` into a GraphModule carrying `gm.meta["rewrite"]`; never modifies the weights."""
+    """Capture `loaded` into a GraphModule carrying `gm.meta["rewrite"]`.
+
+    The graph shares its parameters with the model: `PassManager.run` copies it before any pass edits
+    weights, so only direct pass calls on a fresh capture (tests, benchmarks) touch the user's tensors.
+    """
     start = time.perf_counter()
     if attn_implementation != "keep" and hasattr(loaded.module, "set_attn_implementation"):
         loaded.module.set_attn_implementation(attn_implementation)

@@ -49,7 +49,7 @@ def _forward_params(model: nn.Module) -> set[str]:
 def _hf_defaults(model: nn.Module, config: Any, options: CaptureOptions) -> list[InputSpec]:
     params = _forward_params(model)
     b, s = options.batch, options.seq
-    dyn = ["batch", "seq"] if options.dynamic else None
+    dyn = ["batch", "seq"] if options.dynamic_axes else None
     specs: list[InputSpec] = []
     if "input_ids" in params:
         vocab = getattr(config, "vocab_size", None) or 1000
@@ -57,7 +57,7 @@ def _hf_defaults(model: nn.Module, config: Any, options: CaptureOptions) -> list
         if "attention_mask" in params:
             specs.append(InputSpec(name="attention_mask", shape=[b, s], dtype="int64", low=1, high=2, dims=dyn))
         if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-            dec = ["batch", "dec_seq"] if options.dynamic else None
+            dec = ["batch", "dec_seq"] if options.dynamic_axes else None
             specs.append(InputSpec(name="decoder_input_ids", shape=[b, s], dtype="int64", low=0, high=vocab,
                                    dims=dec))
     elif "pixel_values" in params:
@@ -65,7 +65,7 @@ def _hf_defaults(model: nn.Module, config: Any, options: CaptureOptions) -> list
         size = size if isinstance(size, int) else size[0]
         channels = getattr(config, "num_channels", 3)
         specs.append(InputSpec(name="pixel_values", shape=[b, channels, size, size], dtype="float32",
-                               dims=["batch", "", "", ""] if options.dynamic else None))
+                               dims=["batch", "", "", ""] if options.dynamic_axes else None))
     return specs
 
 
@@ -85,7 +85,7 @@ def example_inputs(model: nn.Module | None, config: Any, options: CaptureOptions
             raise SpecError(f"{where}: input {spec.name!r}: dims has {len(spec.dims)} entries for a shape of "
                             f"rank {len(spec.shape)}")
         kwargs[spec.name] = _draw(spec, generator)
-        dims[spec.name] = [d or None for d in spec.dims] if spec.dims and options.dynamic else [None] * len(spec.shape)
+        dims[spec.name] = [d or None for d in spec.dims] if spec.dims and options.dynamic_axes else [None] * len(spec.shape)
     if model is not None:
         params = _forward_params(model)
         unknown = [k for k in kwargs if params and k not in params and "kwargs" not in params]

@@ -97,7 +97,7 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, *, copy_model: bool = True) -> fx.GraphModule:
         """Run every pass in order on a copy of `gm` (the user's weights are never modified)."""
-        if copy_model:
+        if copy_model and state_of(gm).device != "meta":  # meta tensors hold no user weights to protect
             with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
                 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
                 gm = copy.deepcopy(gm)

@@ -56,7 +56,11 @@ class InputSpec(Strict):
 class CaptureOptions(Strict):
     frontend: Literal["export", "fx"] = "export"
     device: Literal["cpu", "meta"] = "cpu"
-    dynamic: bool = True
+    dynamic: bool | None = None  # default: dynamic batch/seq on cpu, static on meta (no ONNX from meta)
+
+    @property
+    def dynamic_axes(self) -> bool:
+        return self.dynamic if self.dynamic is not None else self.device != "meta"
     use_cache: bool = False
     attn_implementation: Literal["eager", "sdpa", "keep"] = "eager"
     batch: int = Field(default=2, ge=2)

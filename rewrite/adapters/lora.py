@@ -163,6 +163,8 @@ class LoRA(nn.Module):
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, sign: float = 1.0) -> None:
         """weight += sign * delta, in place, without materialising the delta where a fused GEMM can do it."""
+        if weight.is_meta:  # nothing to compute; shapes agree by construction
+            return
         a, b = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
         alpha = sign * self.scaling
         if self.op == "linear":
