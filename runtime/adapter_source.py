@@ -21,8 +21,12 @@ def _scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
-def read_factors(source: Any, sites: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{site: (A, B scaled)} as float32 numpy arrays, validated against `sites` (manifest entries)."""
+def read_factors(source: Any, sites: dict[str, dict[str, Any]], *,
+                 model_version: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{site: (A, B scaled)} as float32 numpy arrays, validated against `sites` (manifest entries).
+
+    `model_version` (the manifest's) is checked against an `.onnx_adapter` file's own model version.
+    """
     if isinstance(source, dict):
         factors = {k: (np.asarray(a, np.float32), np.asarray(b, np.float32)) for k, (a, b) in source.items()}
         where = "<adapter dict>"
@@ -32,7 +36,7 @@ def read_factors(source: Any, sites: dict[str, dict[str, Any]]) -> dict[str, tup
         if path.is_dir():
             factors = _from_peft(path)
         elif path.suffix == ".onnx_adapter":
-            factors = _from_onnx_adapter(path, sites)
+            factors = _from_onnx_adapter(path, sites, model_version)
         elif path.suffix == ".safetensors":
             factors = _from_rewrite_file(path)
         elif not path.exists():
@@ -71,22 +75,37 @@ def _from_rewrite_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _from_onnx_adapter(path: Path, sites: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _read_onnx_adapter(path: Path) -> tuple[int, dict[str, np.ndarray]]:
+    """(model version, {name: array}); the arrays are copies: `OrtValue.numpy()` views memory owned by the
+    AdapterFormat object, which is freed (and reused: garbage weights) once that object is collected."""
     import onnxruntime as ort
 
-    params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
-    by_name = {(info["A"]): site for site, info in sites.items()}
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as err:  # noqa: BLE001 - a corrupt file is bad input
+        raise AdapterFileError(f"{path}: not a readable .onnx_adapter file: {err}") from None
+    params = {name: np.array(value.numpy(), copy=True) for name, value in fmt.get_parameters().items()}
+    return fmt.get_model_version(), params
+
+
+def _from_onnx_adapter(path: Path, sites: dict[str, dict[str, Any]],
+                       model_version: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    version, params = _read_onnx_adapter(path)
+    if model_version is not None and version != model_version:
+        raise AdapterFileError(f"{path}: adapter was written for another model (model_version {version}, this "
+                               f"model's is {model_version}: tensor names or shapes differ)")
+    pairs = {info[key]: (site, info["A"], info["B"]) for site, info in sites.items() for key in ("A", "B")}
+    unknown = sorted(name for name in params if name not in pairs)
+    if unknown:
+        raise AdapterFileError(f"{path}: tensor {unknown[0]!r} is not an adapter input of this model. "
+                               f"Nearest: {', '.join(nearest(unknown[0], pairs)) or '(none)'}")
     out = {}
-    for name, array in params.items():
-        if name in by_name:
-            site = by_name[name]
-            b_name = sites[site]["B"]
-            if b_name not in params:
-                raise AdapterFileError(f"{path}: has {name} but not its pair {b_name}")
-            out[site] = (array, params[b_name])
-        elif not any(name == info["B"] for info in sites.values()):
-            raise AdapterFileError(f"{path}: tensor {name!r} is not an adapter input of this model."
-                                   f" Nearest: {', '.join(nearest(name, [i['A'] for i in sites.values()]))}")
+    for name in sorted(params):
+        site, a_name, b_name = pairs[name]
+        missing = b_name if name == a_name else a_name
+        if missing not in params:
+            raise AdapterFileError(f"{path}: has {name} but not its pair {missing}")
+        out[site] = (params[a_name], params[b_name])
     return out
 
 

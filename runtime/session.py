@@ -91,37 +91,58 @@ class AdapterSession:
             adapter_ids: Sequence[str | int | None] | np.ndarray | None = None,
             output_names: list[str] | None = None) -> list[np.ndarray]:
         snap = self._snapshot
+        if adapter is not None and adapter_ids is not None:
+            raise RewriteError("give `adapter` (one for the batch) or `adapter_ids` (one per row), not both")
         if self.switching == "ort-adapters":
             if adapter_ids is not None:
-                names = {a for a in adapter_ids}
-                if len(names) > 1:
-                    raise RewriteError("this model switches one adapter per run (ort-adapters); export with "
-                                       "switching = \"bank\" or \"custom-op\" for a different adapter per row")
-                adapter = names.pop() if names else None
+                adapter = self._one_adapter(adapter_ids, self._batch(feeds))
             options = None
             if adapter is not None:
                 options = snap.run_options.get(adapter)
                 if options is None:
                     raise RewriteError(f"unknown adapter {adapter!r}; loaded: {sorted(snap.run_options)}")
             return self._session.run(output_names, feeds, options)
-        batch = next(iter(feeds.values())).shape[0]
         all_feeds = dict(feeds)
-        all_feeds[self.entry["ids_input"]] = self._ids(snap, batch, adapter, adapter_ids)
+        all_feeds[self.entry["ids_input"]] = self._ids(snap, self._batch(feeds), adapter, adapter_ids)
         if snap.bank_dirty:
             all_feeds.update(snap.bank)
         return self._session.run(output_names, all_feeds)
+
+    @staticmethod
+    def _batch(feeds: dict[str, np.ndarray]) -> int:
+        return next(iter(feeds.values())).shape[0]
+
+    @staticmethod
+    def _check_length(adapter_ids, batch: int) -> None:
+        count = len(adapter_ids) if np.ndim(adapter_ids) == 1 else -1
+        if count != batch:
+            shape = f"{count} entries" if count >= 0 else f"shape {np.shape(adapter_ids)}"
+            raise RewriteError(f"adapter_ids has {shape} for a batch of {batch} (one id per row)")
+
+    def _one_adapter(self, adapter_ids, batch: int) -> str | None:
+        """ort-adapters: per-row ids are accepted only when every row names the same adapter."""
+        self._check_length(adapter_ids, batch)
+        names = set(adapter_ids.tolist() if isinstance(adapter_ids, np.ndarray) else adapter_ids)
+        if len(names) > 1:
+            raise RewriteError("this model switches one adapter per run (ort-adapters); export with "
+                               "switching = \"bank\" or \"custom-op\" for a different adapter per row")
+        return names.pop() if names else None
 
     def _ids(self, snap: _Snapshot, batch: int, adapter: str | None, adapter_ids) -> np.ndarray:
         if adapter_ids is None:
             slot = -1 if adapter is None else self._slot(snap, adapter)
             return np.full(batch, slot, dtype=np.int64)
-        if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind == "i":
-            ids = adapter_ids.astype(np.int64, copy=False)
+        self._check_length(adapter_ids, batch)
+        if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "iu":
+            ids = adapter_ids.astype(np.int64)
         else:
             ids = np.array([-1 if a is None else a if isinstance(a, (int, np.integer)) else self._slot(snap, a)
                             for a in adapter_ids], dtype=np.int64)
-        if ids.shape != (batch,):
-            raise RewriteError(f"adapter_ids has {ids.shape[0]} entries for a batch of {batch}")
+        capacity = self.entry["capacity"]
+        bad = ids[(ids < -1) | (ids >= capacity)]
+        if bad.size:  # the one-hot bank would silently answer with the base model, LoraDelta would fail
+            raise RewriteError(f"adapter_ids: slot {int(bad[0])} is neither -1 (base) nor a bank slot "
+                               f"0..{capacity - 1}")
         return ids
 
     @staticmethod
@@ -134,7 +155,7 @@ class AdapterSession:
     # ---- adapter management --------------------------------------------------------------------
     def add_adapter(self, name: str, source: Any, *, replace_existing: bool = False) -> None:
         """Add (or with replace_existing, replace) an adapter from a PEFT dir, our file, .onnx_adapter or dict."""
-        factors = read_factors(source, self._sites)
+        factors = read_factors(source, self._sites, model_version=self.entry["model_version"])
         with self._lock:
             if name in self.adapters and not replace_existing:
                 raise AdapterFileError(f"adapter {name!r} is already loaded (remove it first or pass "
@@ -145,7 +166,7 @@ class AdapterSession:
                 file = self._tmp / f"{name}-{len(self._files)}.onnx_adapter"
                 tensors = {self._sites[s][k]: t for s, (a, b) in factors.items() for k, t in (("A", a), ("B", b))}
                 write_onnx_adapter(file, tensors, self.entry["model_version"])
-                self._add_file(name, file, locked=True)
+                self._add_file(name, file)
             else:
                 self._add_to_bank(name, factors)
 
@@ -163,10 +184,10 @@ class AdapterSession:
             slots = {n: s for n, s in snap.slots.items() if n != name}
             self._snapshot = replace(snap, slots=slots, bank=self._write_slot(snap.bank, slot, None), bank_dirty=True)
 
-    def _add_file(self, name: str, file: Path, locked: bool = False) -> None:
-        if ort.AdapterFormat.read_adapter(str(file)).get_model_version() != self.entry["model_version"]:
-            raise AdapterFileError(f"{file}: adapter was written for another model (model_version differs)")
-        read_factors(file, self._sites)
+    def _add_file(self, name: str, file: Path) -> None:
+        """Activate an .onnx_adapter (validated: model version, names, shapes, dtype); the caller holds the lock
+        or is __init__. Loaded adapters are kept for the session's life: RunOptions of in-flight runs use them."""
+        read_factors(file, self._sites, model_version=self.entry["model_version"])
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()

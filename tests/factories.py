@@ -27,3 +27,23 @@ def cnn() -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+class DeepMLP(nn.Module):
+    """4 x Linear(64, 64) with ReLUs between: weight sites `layers.0` .. `layers.3`, rows independent."""
+
+    def __init__(self, width: int = 64, depth: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def mlp4() -> nn.Module:
+    torch.manual_seed(0)
+    return DeepMLP().eval()
