@@ -158,7 +158,6 @@ def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
     if slots < len(names):
         raise RewriteError(f"[export] capacity = {slots} is smaller than the {len(names)} adapters exported")
     routed = strategy != "ort-adapters"
-    prefix = "gm." if routed else ""  # RoutedModel holds the graph as `self.gm`
     lowered_sites = []
     for owner, modules in live.items():
         chosen = {n: m for n, m in modules.items() if n in names}
@@ -177,7 +176,7 @@ def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
         for site in sites:
             _wire_lowered(gm, state.sites.node_of(gm, site.name), site, path)
         lowered_sites.append(SiteLowering(owner, sites[0].op, sites[0].d_in, sites[0].d_out, rank,
-                                          {"A": f"{prefix}{path}.A", "B": f"{prefix}{path}.B"}, padded))
+                                          {"A": f"{path}.A", "B": f"{path}.B"}, padded))
     gm.graph.lint()
     gm.recompile()
     root = RoutedModel(gm, list(state.inputs.kwargs)) if routed else gm

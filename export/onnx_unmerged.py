@@ -69,6 +69,18 @@ def _export(lowered: Lowered, gm: fx.GraphModule, config: Any, opset: int | None
     return torch.onnx.export(lowered.module, args, dynamic_shapes=dyn, input_names=[*names, IDS_INPUT], **common)
 
 
+def _drop_root_prefix(model: onnx.ModelProto, prefix: str = "gm.") -> None:
+    """RoutedModel holds the graph as `self.gm`; strip that from tensor names so every strategy names
+    the same parameter the same way (an .onnx_adapter then fits any export of the model)."""
+    renamed = {i.name: i.name[len(prefix):] for i in model.graph.initializer if i.name.startswith(prefix)}
+    for init in model.graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    for value in model.graph.input:
+        value.name = renamed.get(value.name, value.name)
+
+
 def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
     initializers = {init.name: init for init in model.graph.initializer}
     wanted = [(site, key, name) for i, site in enumerate(lowered.sites) for key, name in site.tensors.items()]
@@ -108,6 +120,8 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strateg
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
             raise RewriteError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     model = program.model_proto
+    if lowered.routed:
+        _drop_root_prefix(model)
     _make_inputs(model, lowered)
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
