@@ -14,8 +14,6 @@ the index among the flattened outputs):
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import SpecError
+from rewrite.factory import import_callable
 from rewrite.spec import DataOptions
 
 Batch = dict[str, torch.Tensor]
@@ -71,7 +70,7 @@ class DataSource:
             self._tensors = _read_file(path if path.is_absolute() else spec_dir / path)
             self._check_names(set(self._tensors), f"[data] path {options.path}")
         else:
-            self._factory = _import(options.factory)
+            self._factory = import_callable(options.factory, SpecError, "[data] factory")
 
     def _check_names(self, names: set[str], where: str) -> None:
         missing = [n for n in self.input_names if n not in names]
@@ -118,20 +117,6 @@ class DataSource:
 
     def model_inputs(self, batch: Batch) -> Batch:
         return {k: v for k, v in batch.items() if k in self.input_names}
-
-
-def _import(text: str) -> Callable[[], Any]:
-    module_name, _, fn_name = text.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise SpecError(f"[data] factory: cannot import {module_name!r}: {err}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise SpecError(f"[data] factory: {module_name!r} has no callable {fn_name!r}")
-    return fn
 
 
 def select_output(outputs: Any, key: str | int) -> torch.Tensor:

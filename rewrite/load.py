@@ -11,11 +11,9 @@ whole module, it is unpickled with code execution only when the user trusts it e
 """
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from rewrite.errors import ModelLoadError
+from rewrite.factory import import_callable
 
 
 @dataclass
@@ -75,16 +74,7 @@ def _load_hf(path: Path, hf_class: str | None, device: str) -> LoadedModel:
 
 
 def _load_factory(text: str, device: str) -> LoadedModel:
-    module_name, _, fn_name = text.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ModelLoadError(f"{text}: cannot import module {module_name!r}: {err}") from None
-    factory = getattr(module, fn_name, None)
-    if not callable(factory):
-        raise ModelLoadError(f"{text}: module {module_name!r} has no callable {fn_name!r}")
+    factory = import_callable(text, ModelLoadError, text)
     with torch.device(device):
         model = factory()
     if not isinstance(model, nn.Module):
