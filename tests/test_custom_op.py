@@ -215,10 +215,13 @@ KERNEL_CASES = [  # (x shape, K, r, d_out, ids)
 
 
 @pytest.mark.parametrize("isa", ["auto", "generic"])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, "2, REWRITE_LORA_THREADS=1"])
 def test_kernel_paths(lib, isa, threads, monkeypatch):
     if isa == "generic":
         monkeypatch.setenv("REWRITE_LORA_ISA", "generic")  # read per call by the library
+    if isinstance(threads, str):
+        monkeypatch.setenv("REWRITE_LORA_THREADS", "1")  # caps the op's parallel batches (ORT still has 2)
+        threads = 2
     rng = np.random.default_rng(2)
     so = ops.session_options_with_library()
     so.intra_op_num_threads = threads
