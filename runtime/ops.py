@@ -156,11 +156,16 @@ def onnx_translation_table() -> dict:
 
 
 def build_dir() -> Path:
-    """Where the library is built: $REWRITE_BUILD_DIR, else <repo>/build/lora (git-ignored)."""
+    """Where the library is built: $REWRITE_BUILD_DIR, else <repo>/build/lora (git-ignored) in a source
+    checkout, else the user's cache ($XDG_CACHE_HOME or ~/.cache)/rewrite/lora for an installed package."""
     env = os.environ.get("REWRITE_BUILD_DIR")
     if env:
         return Path(env) / "lora"
-    return CSRC.parents[1] / "build" / "lora"
+    repo = CSRC.parents[1]
+    if (repo / "pyproject.toml").is_file():
+        return repo / "build" / "lora"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "rewrite" / "lora"
 
 
 def _digest() -> str:
