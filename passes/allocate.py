@@ -4,6 +4,7 @@
     name = "allocate"
     adapter = "default"          # an adapter already attached (insert / load) sets the candidate sites
     scorer = "fisher"            # spectrum (no data) | activation (inputs) | fisher (inputs + labels)
+                                 # | adalora | increlora (train on [data] while allocating: rewrite.allocators)
     budget = { params = 20000 }  # or flops = ..., bytes = ..., latency_ms = ...,
                                  # or { fraction = 0.5, metric = "params", rank = 8 }: a share of the cost of
                                  #    uniform rank `rank` (default: each adapter's current rank)
@@ -11,6 +12,13 @@
     max_rank = 16                # default: each adapter's current rank (capped at min(fan_in, d_out))
     max_rank_pattern = { "*.mlp.*" = 32 }   # per-site bounds: exact > glob/regex > class > the global value
     ranks = [0, 1, 2, 4, 8, 16]  # optional: allowed ranks (serving engines bucket ranks)
+    batches = 8                  # calibration batches from [data] (activation, fisher)
+    probe_steps = 0              # fisher: N > 0 fits the adapters for N Adam steps first (then restores them)
+    whiten = "kfac"              # fisher: "kfac" | "input" | "none" (see rewrite/scorers/fisher.py)
+    normalize = "site"           # "site" (each curve sums to 1) | "none"; default: per scorer
+    tokens = 128                 # tokens per call for the bytes and latency metrics
+    latency_cache = "cache/"     # latency table directory (default ~/.cache/rewrite/latency)
+    report = "allocation"        # <report>.json / .md / .png in the output directory; "" writes none
 
 Rules:
 1. Candidates: every site carrying `adapter` (restricted by `targets` when given; a target without the
@@ -98,7 +106,7 @@ class AllocateOptions(PassOptions):
     ranks: list[int] | None = Field(default=None, min_length=1)
     batches: int = Field(default=8, ge=1)
     normalize: Literal["site", "none"] | None = None
-    whiten: Literal["input", "none"] = "input"
+    whiten: Literal["kfac", "input", "none"] = "kfac"
     damping: float = Field(default=1e-3, ge=0)
     probe_steps: int = Field(default=0, ge=0)
     tokens: int = Field(default=128, ge=1)
@@ -142,6 +150,8 @@ class AllocateOptions(PassOptions):
                              "latency_ms, or { fraction = f })")
         if self.scorer not in TRAINING_SCORERS and (self.steps or self.settings or self.adalora or self.increlora):
             raise ValueError("steps, settings, adalora and increlora go with the training scorers (adalora, increlora)")
+        if self.whiten != "kfac" and self.scorer != "fisher":
+            raise ValueError(f"whiten goes with scorer = 'fisher' (got scorer = {self.scorer!r})")
         if self.probe_steps and self.scorer != "fisher":
             raise ValueError(f"probe_steps goes with scorer = 'fisher' (got scorer = {self.scorer!r})")
         return self

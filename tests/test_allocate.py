@@ -302,6 +302,23 @@ def test_planted_ranks_are_found(setup):
     assert torch.equal(gm(x=setup.x[:8]), setup.gm(x=setup.x[:8]))
 
 
+def test_training_scorer_runs_through_the_pass_with_a_history(setup, tmp_path):
+    """adalora inside allocate (rewrite.allocators trains): resized adapters, a report with the history."""
+    gm = setup.fresh(rank=6)
+    data = setup.data.model_copy(update={"path": str(setup.root / "teacher.safetensors")})
+    result = run(gm, "allocate", tmp_path, data=data, scorer="adalora", budget={"fraction": 0.5}, steps=20,
+                 adalora={"tinit": 4, "tfinal": 6, "deltaT": 4}, plot=False)
+    ranks = ranks_of(gm)
+    assert result.modified and sum(ranks.values()) == 21 and result.stats["params_after"] <= result.stats["budget"]
+    report = load_report(tmp_path / "allocation.json")
+    assert len(report["history"]) == 20 and report["history"][-1]["ranks"] == {o: r for o, r in ranks.items()}
+    assert report["scorer"]["name"] == "adalora" and report["scorer"]["settings"]["delta_t"] == 4
+    assert "Training history: 20 records" in (tmp_path / "allocation.md").read_text()
+    again = run(gm, "allocate", tmp_path, data=data, scorer="adalora", budget={"fraction": 0.5}, steps=20,
+                adalora={"tinit": 4, "tfinal": 6, "deltaT": 4}, plot=False)
+    assert again.modified is False
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

@@ -10,11 +10,11 @@ costs (rewrite.costmodel). Registered scorers (METHODS.md §2.5):
     activation  inputs        sum_{i<=r} sigma_i(W C^{1/2})^2, C = X^T X / n: the      mean output energy
                               output energy the best rank-r approximation of W keeps   E||W x||^2 (or share)
                               (whitened SVD, SVD-LLM); discarded sigma^2 = output error
-    fisher      inputs+labels sum_{i<=r} sigma_i(G)^2, G = dL/dW averaged over          first-order loss decrease
-                              batches (gradient spectrum, LoRA-GA style); with          (whiten="input": Gauss-
-                              whiten="input" 1/2 sum sigma_i(G C^{-1/2})^2, the loss    Newton loss decrease)
-                              decrease of the best rank-r Gauss-Newton step (K-FAC with
-                              an identity output factor)
+    fisher      inputs+labels 1/2 sum_{i<=r} sigma_i(Gamma^{-1/2} G C^{-1/2})^2,       Gauss-Newton loss decrease
+                              G = dL/dW, Gamma = E[J^T J] at the site's output: the     (K-FAC)
+                              best rank-r natural-gradient step (whiten = "kfac");
+                              with probe_steps = N: the same metric on the update the
+                              adapters fit in N Adam steps (see fisher.py)
 
 Site matrices are taken as W [d_out, fan_in]: linear W, Conv1D W^T, conv2d W.flatten(1) acting on
 unfolded patches, embedding E^T acting on one-hot token vectors (C is then diagonal: token frequencies).

@@ -29,7 +29,13 @@ class SiteStats:
     second_moment: torch.Tensor | None = None   # [fan_in, fan_in] (embedding: [V] diagonal), float64 sum
     tokens: int = 0
     grad: torch.Tensor | None = None            # [d_out, fan_in] float64 sum over batches of dL/dW
+    out_moment: torch.Tensor | None = None      # [d_out, d_out] sum of J^T u u^T J (u ~ N(0, I) at the output)
     batches: int = 0
+
+    @property
+    def out_metric(self) -> torch.Tensor:
+        """Gauss-Newton output factor per batch: E[J^T J] summed over a batch's tokens."""
+        return self.out_moment / max(self.batches, 1)
 
     @property
     def cov(self) -> torch.Tensor:
@@ -51,12 +57,17 @@ def _grad_rows(target: Target, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1, g.shape[-1])
 
 
-def collect_statistics(ctx: ScoreContext, *, gradients: bool) -> dict[str, SiteStats]:
-    """Second moments of every target's inputs and (with `gradients`) the mean dL/dW, over ctx.batches."""
+def collect_statistics(ctx: ScoreContext, *, gradients: bool, output_metric: bool = False,
+                       seed: int = 0) -> dict[str, SiteStats]:
+    """Over ctx.batches: second moments of every target's inputs; with `gradients` the summed dL/dW; with
+    `output_metric` the Gauss-Newton output factor E[J^T J] at each site's output (J: d outputs / d site
+    output), estimated by back-propagating a random N(0, I) cotangent from the model output the loss reads."""
     if ctx.data is None:
         raise SpecError("this scorer needs calibration data: add a [data] table to the spec")
     stats = {t.owner: SiteStats() for t in ctx.targets}
     handles, saved_flags, modes = [], {}, {}
+    phase = {"name": ""}
+    backward = gradients or output_metric
 
     def forward_hook(target: Target):
         st = stats[target.owner]
@@ -76,9 +87,13 @@ def collect_statistics(ctx: ScoreContext, *, gradients: bool) -> dict[str, SiteS
                 m = rows.T @ rows
                 st.second_moment = m if st.second_moment is None else st.second_moment + m
                 st.tokens += rows.shape[0]
-            if gradients and output.requires_grad:
+            if backward and output.requires_grad:
                 def grad_hook(g, rows=rows):
                     g_rows = _grad_rows(target, g.detach()).double()
+                    if phase["name"] == "metric":
+                        m = g_rows.T @ g_rows
+                        st.out_moment = m if st.out_moment is None else st.out_moment + m
+                        return
                     if op == "embedding":
                         contrib = torch.zeros(target.shape.d_out, target.shape.fan_in, dtype=torch.float64)
                         contrib.index_add_(1, rows, g_rows.T)
@@ -94,18 +109,26 @@ def collect_statistics(ctx: ScoreContext, *, gradients: bool) -> dict[str, SiteS
         t.adapter.eval()  # no adapter dropout while measuring
     params = dict(ctx.gm.named_parameters())
     adapter_params = {id(p) for t in ctx.targets for p in t.adapter.parameters()}
-    if gradients:
+    if backward:
         saved_flags = {name: p.requires_grad for name, p in params.items()}
         for p in params.values():
             p.requires_grad_(id(p) in adapter_params)  # only the branches carry gradients: no dL/dW buffers
+    generator = torch.Generator().manual_seed(seed)
     seen = 0
     try:
         for batch in ctx.data.batches(limit=ctx.batches):
             inputs = ctx.data.model_inputs(batch)
-            with torch.enable_grad() if gradients else torch.no_grad():
+            with torch.enable_grad() if backward else torch.no_grad():
                 outputs = _run(ctx.gm, inputs)
                 if gradients:
-                    ctx.loss(outputs, batch).backward()
+                    phase["name"] = "loss"
+                    ctx.loss(outputs, batch).backward(retain_graph=output_metric)
+                if output_metric:
+                    from rewrite.data import select_output
+
+                    out = select_output(outputs, ctx.data.options.output)
+                    phase["name"] = "metric"
+                    out.backward(torch.randn(out.shape, generator=generator, dtype=out.dtype))
             seen += 1
     finally:
         for handle in handles:

@@ -1,26 +1,32 @@
-"""fisher: a few batches of inputs and labels; the loss gradient dL/dW at each site, read as a spectrum.
+"""fisher: a few batches of inputs and labels; the loss gradient at each site, read as a spectrum.
 
-G = mean over batches of dL/dW (in [d_out, fan_in] layout, from the adapters' hooks: G = sum_n g_n x_n^T).
-A gradient step restricted to rank r lowers the loss to first order by eta sum_{i<=r} sigma_i(G)^2, so
+Per site (W as [d_out, fan_in]): G = mean over batches of dL/dW (from the adapters' hooks, G = sum_n g_n x_n^T),
+the input factor C = E[x x^T] and the output factor Gamma = E[J^T J] (J: model output / site output,
+estimated by back-propagating a random N(0, I) cotangent from the output the loss reads: exact
+Gauss-Newton for `mse`). With lambda = damping * mean eigenvalue on each factor:
 
-    whiten = "none"    v(r) = sum_{i<=r} sigma_i(G)^2                       (gradient spectrum, LoRA-GA style)
-    whiten = "input"   v(r) = 1/2 sum_{i<=r} sigma_i(G (C + lambda I)^{-1/2})^2   (the default)
+    whiten = "kfac"    v(r) = 1/2 sum_{i<=r} sigma_i(Gamma^{-1/2} G C^{-1/2})^2   (the default)
+    whiten = "input"   v(r) = 1/2 sum_{i<=r} sigma_i(G C^{-1/2})^2                (identity output metric)
+    whiten = "none"    v(r) = sum_{i<=r} sigma_i(G)^2                             (gradient spectrum, LoRA-GA)
 
-The whitened form is the loss decrease of the best rank-r Gauss-Newton step when the site's output metric
-is the identity (K-FAC with input factor C = X^T X / n, lambda = damping * mean eigenvalue): for one
-linear layer under MSE it is exactly the loss a rank-r correction removes. Values are in loss units, so
-normalize defaults to "none".
+"kfac" is the loss decrease of the best rank-r natural-gradient step under the K-FAC Gauss-Newton
+approximation (Gamma (x) C) of the site's Hessian block; "input" assumes every site's output reaches the loss
+with the same gain, which over-values sites whose outputs matter little (q/k projections before a softmax)
+and under-values sites with small inputs (o_proj, down_proj). Values are in loss units (normalize defaults to
+"none"); "kfac" needs the model output (not [data] loss = "model"; it falls back to "input" there).
 
-`probe_steps = N > 0`: the gradient at the current point attributes the whole output error to every site
-(in a residual stream all sites see the same error, so a site with no task update still shows a large
+`probe_steps = N > 0`: a gradient taken at one point attributes the whole output error to every site (in a
+residual stream all sites see the same error, so a site with no task update still shows a large
 gradient). With a probe, the adapters being allocated (insert them at the largest rank you allow) take N
 Adam steps on the [data] loss (lr, grad_clip from [data]; only adapter parameters move), the fitted
 update D of each site is read, and the adapters are restored exactly. Then
 
-    v(r) = 1/2 sum_{i<=r} sigma_i(D C^{1/2})^2        (the output energy of the rank-r part of the update)
+    v(r) = 1/2 sum_{i<=r} sigma_i(Gamma^{1/2} D C^{1/2})^2     (the K-FAC Gauss-Newton value of the rank-r
+                                                             part of the site's fitted update)
 
-which is the same quantity as the whitened one-step curve above (one GN step is D = -G C^{-1}), after N
-joint steps instead of one. bench/bench_planted_ranks.py shows the difference.
+the same quantity as the one-step curve above (one natural-gradient step is D = -Gamma^{-1} G C^{-1}), after
+N joint steps. bench/bench_planted_ranks.py shows the difference (planted ranks found: Spearman about
++0.2 to +0.4 from one step, +1.0 with a probe).
 """
 from __future__ import annotations
 
@@ -89,36 +95,42 @@ class FisherScorer(Scorer):
     needs_labels = True
 
     def __call__(self, ctx: ScoreContext) -> Curves:
-        mode = ctx.options.get("whiten") or "input"
+        mode = ctx.options.get("whiten") or "kfac"
         damping = float(ctx.options.get("damping", 1e-3))
         normalize = ctx.options.get("normalize") or "none"
         probe_steps = int(ctx.options.get("probe_steps") or 0)
-        stats = collect_statistics(ctx, gradients=probe_steps == 0)
+        kfac = mode == "kfac" and ctx.data.options.loss != "model"
+        stats = collect_statistics(ctx, gradients=probe_steps == 0, output_metric=kfac)
         updates = probe_fit(ctx, probe_steps) if probe_steps else None
         values = {}
         for t in ctx.targets:
             st = stats[t.owner]
-            if updates is not None:
-                matrix, half = whiten_by(updates[t.owner], st.cov), 0.5
-            else:
-                g = st.grad / st.batches if st.grad is not None else torch.zeros(
+            if updates is not None:  # the fitted update, measured in the (output, input) metric
+                matrix = updates[t.owner]
+                if mode != "none":
+                    matrix = whiten_by(matrix, st.cov)
+                if kfac:
+                    matrix = whiten_by(matrix.T, st.out_metric).T
+            else:                    # one (natural-)gradient step
+                matrix = st.grad / st.batches if st.grad is not None else torch.zeros(
                     t.shape.d_out, t.shape.fan_in, dtype=torch.float64)
-                if mode == "input":
-                    matrix, half = whiten_by(g, st.cov, inverse=True, damping=damping), 0.5
-                else:
-                    matrix, half = g, 1.0
+                if mode != "none":
+                    matrix = whiten_by(matrix, st.cov, inverse=True, damping=damping)
+                if kfac:
+                    matrix = whiten_by(matrix.T, st.out_metric, inverse=True, damping=damping).T
+            half = 1.0 if mode == "none" and updates is None else 0.5
             sigma = torch.linalg.svdvals(matrix)
             total = float((sigma ** 2).sum())
             scale = 1.0 / total if normalize == "site" and total > 0 else half
             values[t.owner] = energy_curve(sigma, t.max_rank, scale)
         if normalize == "site":
             unit = "share of the site's update energy"
-        elif updates is not None:
-            unit = "output energy of the probe update (Gauss-Newton loss units)"
+        elif mode == "none" and updates is None:
+            unit = "first-order loss decrease (x step size)"
         else:
-            unit = "Gauss-Newton loss decrease" if mode == "input" else "first-order loss decrease (x step size)"
-        settings = {"whiten": "input" if updates is not None else mode, "damping": damping, "normalize": normalize,
-                    "batches": ctx.batches, "probe_steps": probe_steps}
+            unit = "Gauss-Newton loss decrease" + (" (K-FAC)" if kfac else " (identity output metric)")
+        settings = {"whiten": mode if kfac or mode != "kfac" else "input", "damping": damping,
+                    "normalize": normalize, "batches": ctx.batches, "probe_steps": probe_steps}
         if updates is not None:
             settings.update(lr=ctx.data.options.lr, grad_clip=ctx.data.options.grad_clip)
         return Curves(values, unit, settings)
