@@ -163,6 +163,14 @@ def _digest(options: AllocateOptions, data) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _shape(gm: fx.GraphModule, sites: list):
+    site = sites[0]
+    kernel = (1, 1)
+    if site.op == "conv2d":
+        kernel = tuple(gm.get_submodule(site.owner).kernel_size)
+    return site_shape(site, calls=len(sites), kernel=kernel)
+
+
 class AllocatePass(GraphPass):
     name = "allocate"
     Options = AllocateOptions
@@ -176,6 +184,8 @@ class AllocatePass(GraphPass):
         by_owner: dict[str, list] = {}
         for site in table.values():
             by_owner.setdefault(site.owner, []).append(site)
+        if o.scorer in TRAINING_SCORERS:
+            return self._train(gm, by_owner)
         owners = [owner for owner in by_owner if o.adapter in adapters_at(gm, owner)]
         if o.targets is not None:
             chosen = dict.fromkeys(s.owner for s in select(table, o.targets, self.context.at("targets")))
@@ -194,8 +204,6 @@ class AllocatePass(GraphPass):
         if all(getattr(m, MARK, None) == key for m in modules.values()):
             return PassResult(gm, False, {"adapter": o.adapter, "sites": len(owners), "note": "already allocated"})
 
-        if o.scorer in TRAINING_SCORERS:
-            return self._train(gm, owners, by_owner, modules, key)
         targets, allowed, bounds = self._targets(gm, owners, by_owner, modules)
         curves = self._score(gm, targets)
         model = self._cost_model()
@@ -243,29 +251,33 @@ class AllocatePass(GraphPass):
             "params_before": params_before, "params_after": params_after, "solver": solution.method,
             "exact": solution.exact, "report": files})
 
-    def _train(self, gm, owners, by_owner, modules, key) -> PassResult:
-        """adalora / increlora: train the adapter with the allocator on [data]; it resizes at the end."""
+    def _train(self, gm, by_owner) -> PassResult:
+        """adalora / increlora: train the adapter with the allocator on [data]; it resizes at the end.
+
+        The allocator owns the site choice (its `targets` may add the adapter where it is missing) and the
+        budget in ranks (rewrite.allocators.budget_in_ranks); this pass reports what it did."""
         from rewrite.allocators import run_training_allocator
 
         o = self.options
+        key = _digest(o, self.context.data)
+        modules = {w: adapters_at(gm, w)[o.adapter] for w in by_owner if o.adapter in adapters_at(gm, w)}
+        if modules and o.targets is None and all(getattr(m, MARK, None) == key for m in modules.values()):
+            return PassResult(gm, False, {"adapter": o.adapter, "sites": len(modules), "note": "already allocated"})
         before = {owner: m.rank for owner, m in modules.items()}
         params_before = sum(p.numel() for m in modules.values() for p in m.parameters())
-        shapes = {}
-        for owner in owners:
-            site, module = by_owner[owner][0], modules[owner]
-            kernel = tuple(module.conv["kernel_size"]) if site.op == "conv2d" else (1, 1)
-            shapes[owner] = site_shape(site, calls=len(by_owner[owner]), kernel=kernel)
-        model = CostModel("params", tokens=o.tokens)
-        budget = None
-        if o.budget is not None and o.budget.metric_name == "params":
-            budget = o.budget.params if o.budget.params is not None else o.budget.fraction * sum(
-                model.cost(shapes[w], min(o.budget.rank or before[w], shapes[w].max_rank)) for w in owners)
         ranks, history = run_training_allocator(gm, o, self.context.data, self.context)
-        after = {owner: adapters_at(gm, owner).get(o.adapter) for owner in owners}
+        after = {w: adapters_at(gm, w).get(o.adapter) for w in by_owner}
+        owners = [w for w in by_owner if w in before or w in ranks or after[w] is not None]
         for module in after.values():
             if module is not None:
                 setattr(module, MARK, key)
         params_after = sum(p.numel() for m in after.values() if m is not None for p in m.parameters())
+        shapes = {w: _shape(gm, by_owner[w]) for w in owners}
+        model = CostModel("params", tokens=o.tokens)
+        budget = None
+        if o.budget is not None and o.budget.metric_name == "params":
+            budget = o.budget.params if o.budget.params is not None else o.budget.fraction * sum(
+                model.cost(shapes[w], min(o.budget.rank or before.get(w, 0), shapes[w].max_rank)) for w in owners)
         summary = dict(getattr(history, "summary", {}) or {})
         scores = summary.get("final_scores") or summary.get("scores") or {}
         sites = []
@@ -275,7 +287,7 @@ class AllocatePass(GraphPass):
             cost = model.cost(shapes[owner], r)
             score = scores.get(owner) if isinstance(scores, dict) else None
             sites.append(dict(site=owner, layer=layer, module=name, op=shapes[owner].op, d_in=shapes[owner].fan_in,
-                              d_out=shapes[owner].d_out, rank=r, rank_before=before[owner], min_rank=None,
+                              d_out=shapes[owner].d_out, rank=r, rank_before=before.get(owner, 0), min_rank=None,
                               max_rank=None, **model.breakdown(shapes[owner], r), cost=cost,
                               share=cost / budget if budget else None,
                               value=score if isinstance(score, (int, float)) else None, value_max=None,
@@ -304,7 +316,7 @@ class AllocatePass(GraphPass):
             files = [p.name for p in write_report(report, self.context.output_path("."), o.report, plot=o.plot)]
         return PassResult(gm, True, {
             "adapter": o.adapter, "scorer": o.scorer, "metric": "params", "budget": budget, "spent": spent,
-            "sites": len(owners), "resized": sum(1 for w in owners if 0 < ranks.get(w, 0) != before[w]),
+            "sites": len(owners), "resized": sum(1 for w in owners if 0 < ranks.get(w, 0) != before.get(w, 0)),
             "dropped": sum(1 for w in owners if ranks.get(w, 0) == 0), "params_before": params_before,
             "params_after": params_after, "solver": o.scorer, "exact": False, "report": files})
 
@@ -315,8 +327,8 @@ class AllocatePass(GraphPass):
         targets, allowed, bounds = [], {}, {}
         for owner in owners:
             site, module = by_owner[owner][0], modules[owner]
+            shape = _shape(gm, by_owner[owner])
             kernel = tuple(module.conv["kernel_size"]) if site.op == "conv2d" else (1, 1)
-            shape = site_shape(site, calls=len(by_owner[owner]), kernel=kernel)
             lo = resolve(site, o.min_rank, o.min_rank_pattern, where)
             hi = resolve(site, o.max_rank if o.max_rank is not None else module.rank, o.max_rank_pattern, where)
             hi = min(hi, shape.max_rank)

@@ -216,6 +216,28 @@ def test_spectrum_allocation_resizes_drops_and_matches_the_oracle(setup):
     torch.testing.assert_close(merged(x=setup.x[:8]), gm(x=setup.x[:8]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_resized_adapters_round_trip_through_peft_files(setup, tmp_path, rslora):
+    """s is kept by rescaling alpha; a PEFT directory written after allocate (per-site alpha_pattern) loads
+    back into a fresh capture with the same outputs."""
+    gm = setup.fresh(rank=12, alpha=24.0, rslora=rslora)
+    randomize(gm)
+    run(gm, "allocate", tmp_path, scorer="spectrum", budget={"fraction": 0.4}, report="")
+    s = 24.0 / (math.sqrt(12) if rslora else 12)
+    for owner, rank in ranks_of(gm).items():
+        if rank:
+            module = adapters_at(gm, owner)["default"]
+            assert module.scaling == pytest.approx(s)
+            assert module.alpha == pytest.approx(s * (math.sqrt(rank) if rslora else rank))
+    run(gm, "save", tmp_path, path="peft", format="peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is rslora and config["rank_pattern"]
+    fresh = copy.deepcopy(setup.gm)
+    run(fresh, "load", tmp_path, path=str(tmp_path / "peft"))
+    assert ranks_of(fresh) == ranks_of(gm)
+    torch.testing.assert_close(fresh(x=setup.x[:8]), gm(x=setup.x[:8]), atol=1e-6, rtol=1e-6)
+
+
 def test_fresh_adapters_stay_the_identity_and_a_second_run_is_a_no_op(setup):
     gm = setup.fresh()
     base = setup.gm(x=setup.x[:8])
