@@ -92,7 +92,7 @@ def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 
 def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "export", device: str = "cpu",
             spec_digest: str | None = None, check_replay: bool = True,
-            attn_implementation: str = "eager") -> tuple[fx.GraphModule, CaptureReport]:
+            attn_implementation: str = "eager", use_cache: bool = False) -> tuple[fx.GraphModule, CaptureReport]:
     """Capture `loaded` into a GraphModule carrying `gm.meta["rewrite"]`.
 
     The graph shares its parameters with the model: `PassManager.run` copies it before any pass edits
@@ -101,6 +101,9 @@ def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "expo
     start = time.perf_counter()
     if attn_implementation != "keep" and hasattr(loaded.module, "set_attn_implementation"):
         loaded.module.set_attn_implementation(attn_implementation)
+    config = getattr(loaded.module, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = use_cache  # a KV cache in the outputs cannot be exported (CAPTURE.md §4.1)
     if loaded.program is not None:
         gm = loaded.program.module()
         frontend = "pt2"

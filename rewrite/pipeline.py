@@ -70,7 +70,8 @@ def load_and_capture(model: str, spec: Spec, *, trust_pickle: bool = False,
     stage("load", time.perf_counter() - start, {"kind": loaded.kind})
     inputs = _inputs_for(loaded, spec)
     gm, report = capture(loaded, inputs, frontend=spec.capture.frontend, device=spec.capture.device,
-                         spec_digest=spec.digest, attn_implementation=spec.capture.attn_implementation)
+                         spec_digest=spec.digest, attn_implementation=spec.capture.attn_implementation,
+                         use_cache=spec.capture.use_cache)
     stage("capture", report.seconds, {"nodes": report.nodes, "sites": report.sites})
     return gm, loaded, report
 

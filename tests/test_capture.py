@@ -160,3 +160,23 @@ def test_dynamic_onnx_runs_at_other_sizes(tmp_path):
         with torch.no_grad():
             want = model(input_ids=ids, attention_mask=mask).logits.numpy()
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_external_data_export_loads_in_onnx_runtime(tmp_path):
+    spec = _spec("""
+        [capture]
+        dynamic = false
+        [[pass]]
+        name = "insert"
+        targets = ["q_proj"]
+        init = "gaussian"
+        [export]
+        external_data = "always"
+        check = true
+    """)
+    build("llama").save_pretrained(tmp_path / "llama")
+    summary = apply(spec, str(tmp_path / "llama"), tmp_path / "out")
+    weights = sum(p.numel() * 4 for p in build("llama").parameters())
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size > weights // 2  # the big tensors moved out
+    assert summary.check_max_abs_diff < 1e-5
