@@ -355,6 +355,8 @@ class AllocatePass(GraphPass):
                                 "\"file.safetensors\" (model inputs + labels) or factory = \"package.module:function\"")
             from rewrite.data import DataSource, make_loss
 
+            if not scorer.needs_labels:  # inputs only: a calibration file needs no labels
+                data = data.model_copy(update={"loss": "model"})
             source = DataSource(data, self.context.spec_dir, list(state_of(gm).inputs.kwargs))
             loss = make_loss(data)
         options = {"normalize": o.normalize, "whiten": o.whiten, "damping": o.damping, "probe_steps": o.probe_steps}

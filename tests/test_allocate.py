@@ -88,6 +88,7 @@ class Setup:
             self.y = plant(self.model, PLAN)(self.x)
         save_file({"x": self.x, "labels": self.y}, root / "teacher.safetensors")
         save_file({"x": self.x, "labels": self.y[:, :3].contiguous()}, root / "bad_labels.safetensors")
+        save_file({"x": self.x}, root / "inputs_only.safetensors")
         self.data = DataOptions(path="teacher.safetensors", loss="mse", batch_size=128, lr=3e-2)
 
     def fresh(self, rank: int = 12, alpha: float = 12.0, **insert) -> torch.fx.GraphModule:
@@ -292,6 +293,9 @@ def test_activation_curve_equals_the_output_energy_by_hand(setup):
     sigma = torch.linalg.svdvals(w @ torch.linalg.cholesky(x.T @ x / len(x)))  # W L, L = chol(C): SVD-LLM
     assert site["blocks.0.up"]["curve"][:4] == pytest.approx([0.0, *(sigma[:3] ** 2).cumsum(0).tolist()], rel=1e-6)
     assert report["scorer"]["unit"] == "E||W x||^2" and report["scorer"]["settings"]["batches"] == 8
+    inputs_only = DataOptions(path="inputs_only.safetensors")  # activation needs no labels
+    assert run(setup.fresh(rank=4), "allocate", setup.root, data=inputs_only, scorer="activation",
+               budget={"fraction": 0.5}, report="").modified
 
 
 def test_fisher_gradient_spectrum_equals_autograd(setup):
