@@ -176,8 +176,8 @@ def render_markdown(report: dict[str, Any], *, images: bool = True, stem: str = 
     if solver:
         proof = "optimal" if solver.get("exact") else f"within {_num(solver.get('gap'))} of the upper bound"
         lines.append(f"- **Solver**: {solver.get('method', '?')}, {proof}; value {_num(solver.get('value'))}, upper "
-                     f"bound {_num(solver.get('upper_bound'))}, marginal value per {unit or 'unit'} at the cut "
-                     f"{_num(solver.get('shadow_price'))}")
+                     f"bound {_num(solver.get('upper_bound'))}, value per unit of {budget.get('metric', 'budget')} at the "
+                     f"cut {_num(solver.get('shadow_price'))}")
         for note in solver.get("notes", []):
             lines.append(f"  - {note}")
     if totals:
