@@ -94,6 +94,7 @@ class TrainResult:
     losses: list[float]
     lrs: list[float]
     params: int                    # trainable parameters at the end
+    step_seconds: list[float] = field(default_factory=list)   # wall time of each optimizer step
 
     @property
     def final_loss(self) -> float:
@@ -199,12 +200,13 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
           steps: int | None = None, lr: float | None = None, warmup: float | None = None,
           weight_decay: float | None = None, grad_clip: float | None | str = "data", seed: int | None = None,
           callbacks: Iterable[Any] = (), adapters: Iterable[str] | None = None,
-          optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+          extra_params: Iterable[str] = (), optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Train the adapters of `gm` on `data` (a `DataSource`, or an iterable of batch dicts with `labels`).
 
     Settings default to the DataSource's `[data]` options (steps, lr, warmup fraction, weight_decay,
     grad_clip, seed); `loss_fn` defaults to `make_loss(data.options)`. `adapters` restricts training to
-    adapters of those names. Returns the per-step losses and the wall time."""
+    adapters of those names; `extra_params` names base parameters to train too (e.g. a classifier head:
+    `["head.weight", "head.bias"]`). Returns the per-step losses and the wall time."""
     steps = int(_options(data, "steps", steps, 100))
     lr = float(_options(data, "lr", lr, 1e-3))
     warmup = float(_options(data, "warmup", warmup, 0.1))
@@ -223,7 +225,12 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
     for cb in callbacks:  # allocators may swap adapter modules before the optimizer sees the parameters
         if hasattr(cb, "prepare"):
             cb.prepare()
-    params = trainable_parameters(gm, adapters)
+    named = dict(gm.named_parameters())
+    unknown = [n for n in extra_params if n not in named]
+    if unknown:
+        raise SpecError(f"train: no parameter named {unknown} in the graph")
+    extra = set(extra_params)
+    params = trainable_parameters(gm, adapters) + [named[n] for n in extra]
     if not params:
         raise SpecError("nothing to train: the graph has no adapter parameters (insert an adapter first)")
     warmup_steps = int(round(warmup * steps)) if warmup < 1 else int(warmup)
@@ -233,10 +240,11 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
     frozen = {name: p.requires_grad for name, p in gm.named_parameters() if not name.startswith("adapters.")}
     for name, p in gm.named_parameters():
         if not name.startswith("adapters."):
-            p.requires_grad_(False)
+            p.requires_grad_(name in extra)
     modules = adapter_modules(gm, adapters)
     losses: list[float] = []
     lrs: list[float] = []
+    step_times: list[float] = []
     start = time.perf_counter()
     try:
         for m in modules.values():
@@ -244,6 +252,7 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
         for cb in callbacks:
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(ctx)
+        tick = time.perf_counter()
         for step, batch in enumerate(_batches(data, steps), start=1):
             ctx.step = step
             outputs = gm(**_inputs(data, batch))
@@ -274,6 +283,9 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
             ctx.history["step"].append(step)
             ctx.history["loss"].append(ctx.loss)
             ctx.history["lr"].append(current[0])
+            now = time.perf_counter()
+            step_times.append(now - tick)
+            tick = now
         for cb in callbacks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(ctx)
@@ -285,7 +297,7 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
             m.train(False)  # the graph serves inference and export after training: dropout off
     seconds = time.perf_counter() - start
     final = sum(p.numel() for p in trainable_parameters(gm, adapters))
-    return TrainResult(len(losses), seconds, losses, lrs, final)
+    return TrainResult(len(losses), seconds, losses, lrs, final, step_times)
 
 
 @torch.no_grad()

@@ -130,8 +130,9 @@ class SvdLoRA(nn.Module):
             weight = weight.view(self.d_out, self.d_in, kh, kw)
             return F.conv2d(self.dropout(x), weight, None, self.conv["stride"], self.conv["padding"],
                             self.conv["dilation"])
-        # PEFT's order of operations: (x @ (Q * lam)^T @ P^T) * alpha / (ranknum + 1e-5)
-        return (self.dropout(x) @ (self.q() * self.e()).T @ self.p().T) * self.alpha / (self.ranknum + 1e-5)
+        # c P diag(lam) Q x with lam and c folded into the small factors: two GEMMs, nothing elementwise on
+        # the activations (PEFT scales the [.., d_out] output twice; same value up to rounding)
+        return F.linear(F.linear(self.dropout(x), self.q() * self.e()), self.p() * self.scaling)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
