@@ -6,6 +6,6 @@ from rewrite.passes.merge import MergePass
 from rewrite.passes.save import SavePass
 from rewrite.passes.unmerge import UnmergePass
 
-REGISTRY = {p.name: p for p in (InsertPass, LoadPass, AllocatePass, MergePass, UnmergePass, SavePass)}
+REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass, AllocatePass)}
 
 __all__ = ["REGISTRY", "AllocatePass", "InsertPass", "LoadPass", "MergePass", "SavePass", "UnmergePass"]
