@@ -51,7 +51,8 @@ class SwitchableLora(nn.Module):
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
-        self.A, self.B = nn.Parameter(a, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        self.A = nn.Parameter(a.clone(), requires_grad=False)
+        self.B = nn.Parameter(b.clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.A @ self.B

@@ -69,6 +69,23 @@ def _export(lowered: Lowered, gm: fx.GraphModule, config: Any, opset: int | None
     return torch.onnx.export(lowered.module, args, dynamic_shapes=dyn, input_names=[*names, IDS_INPUT], **common)
 
 
+def _distinct_placeholders(lowered: Lowered) -> dict[str, np.ndarray]:
+    """Trace with distinct random adapter tensors and return the real values by tensor name.
+
+    The exporter's optimizer deduplicates equal initializers (freshly inserted adapters all have B = 0)
+    and may fold constants, which would lose the names that make adapters switchable."""
+    names = {name for site in lowered.sites for name in site.tensors.values()}
+    prefix = "gm." if lowered.routed else ""
+    generator = torch.Generator().manual_seed(0)
+    real = {}
+    with torch.no_grad():
+        for name, param in lowered.module.named_parameters():
+            if name.removeprefix(prefix) in names:
+                real[name.removeprefix(prefix)] = param.detach().cpu().numpy().copy()
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return real
+
+
 def _drop_root_prefix(model: onnx.ModelProto, prefix: str = "gm.") -> None:
     """RoutedModel holds the graph as `self.gm`; strip that from tensor names so every strategy names
     the same parameter the same way (an .onnx_adapter then fits any export of the model)."""
@@ -110,6 +127,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strateg
     if state_of(gm).device == "meta":
         raise RewriteError("cannot export ONNX from a meta-device capture (it has no weights)")
     lowered = lower(gm, strategy, adapters, capacity)
+    real = _distinct_placeholders(lowered)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,6 +140,9 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strateg
     model = program.model_proto
     if lowered.routed:
         _drop_root_prefix(model)
+    for init in model.graph.initializer:
+        if init.name in real:
+            init.CopyFrom(onnx.numpy_helper.from_array(real[init.name], init.name))
     _make_inputs(model, lowered)
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)

@@ -82,7 +82,7 @@ SPEC_CASES = {
                                "Valid keys: version, model, capture, data, export, pass"]),
     "unknown_pass": (HEAD + '[[pass]]\nname = "insrt"\ntargets = ["q_proj"]\n',
                      ["spec.toml:7", "unknown pass 'insrt'", "Did you mean: 'insert'",
-                      "Registered passes: insert, load, merge"]),
+                      "Registered passes: ", "insert, load, merge"]),
     "unknown_pass_option": (HEAD + '[[pass]]\nname = "insert"\ntargets = ["q_proj"]\nrnak = 4\n',
                             ["spec.toml:9", "unknown key 'pass[0].rnak'", "Did you mean: 'rank'",
                              "Valid keys: name, adapter"]),

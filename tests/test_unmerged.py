@@ -695,3 +695,19 @@ def test_real_model_equals_peft(real, model, strategy):
                                              if g.shape and g.shape[0] == batch))
             _record(f"{model} {strategy} per row vs PEFT", worst)
             assert worst <= tolerance
+
+
+@pytest.mark.parametrize("switching", ["ort-adapters", "bank"])
+def test_fresh_identity_adapters_keep_their_names(tmp_path, switching):
+    """Freshly inserted adapters all have B = 0; the exporter must not merge those equal tensors."""
+    from rewrite.pipeline import apply
+    from rewrite.spec import parse_spec
+
+    passes = "".join(f'[[pass]]\nname = "insert"\nadapter = "{n}"\ntargets = ["layers.*"]\nrank = 4\n' for n in "ab")
+    spec = parse_spec('version = 1\n[[capture.inputs]]\nname = "x"\nshape = [4, 64]\ndims = ["batch", ""]\n'
+                      + passes + f'[export]\nmode = "unmerged"\nswitching = "{switching}"\ncheck = true\n')
+    summary = apply(spec, "factories:mlp4", tmp_path / "out")
+    assert summary.check_max_abs_diff <= 1e-6
+    with AdapterSession(tmp_path / "out") as session:
+        assert session.adapters == ["a", "b"]
+        assert len(session.entry["sites"]) == 4
