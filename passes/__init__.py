@@ -4,8 +4,9 @@ from rewrite.passes.insert import InsertPass
 from rewrite.passes.load import LoadPass
 from rewrite.passes.merge import MergePass
 from rewrite.passes.save import SavePass
+from rewrite.passes.train import TrainPass
 from rewrite.passes.unmerge import UnmergePass
 
-REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass, AllocatePass)}
+REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass, TrainPass, AllocatePass)}
 
-__all__ = ["REGISTRY", "AllocatePass", "InsertPass", "LoadPass", "MergePass", "SavePass", "UnmergePass"]
+__all__ = ["REGISTRY", "AllocatePass", "InsertPass", "LoadPass", "MergePass", "SavePass", "TrainPass", "UnmergePass"]

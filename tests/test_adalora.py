@@ -254,3 +254,24 @@ def test_schedule_validation_and_budget_bounds():
     bad = AdaLoRA(gm, total_steps=10, target_rank=7, init_rank=6)
     with pytest.raises(ValueError, match="target budget"):
         bad.attach(AdaLoRA(gm, total_steps=10).install())
+
+
+def test_install_carries_an_existing_delta_over():
+    """A LoRA that already has a delta (loaded or trained) keeps its function when it becomes SVD-form."""
+    torch.manual_seed(0)
+    base = DeepMLP().eval()
+    x = torch.randn(4, 64)
+    gm, _ = capture(LoadedModel(base, None, "factory", "mlp", None), ExampleInputs({"x": x}, {"x": [None, None]}),
+                    frontend="fx")
+    insert = REGISTRY["insert"]
+    insert(insert.Options(targets=["layers.*"], rank=2, alpha=4.0))(gm)
+    with torch.no_grad():
+        for owner in OWNERS:
+            adapters_at(gm, owner)["default"].lora_B.normal_()
+    before = gm(x=x).detach()
+    allocator = AdaLoRA(gm, total_steps=10, init_rank=4, target_rank=2)
+    allocator.install()
+    assert all(isinstance(adapters_at(gm, o)["default"], SvdLoRA) for o in OWNERS)
+    torch.testing.assert_close(gm(x=x), before, rtol=1e-4, atol=1e-5)
+    module = allocator.modules["layers.0"]
+    assert int((module.E[0] != 0).sum()) == 2  # the rank-2 delta in two triplets, the other two start at lam = 0

@@ -7,6 +7,7 @@ of a captured 4 x Linear(64, 64) MLP (+ a linear head inside the last layer's 4 
 from __future__ import annotations
 
 import copy
+import json
 import types
 
 import numpy as np
@@ -250,3 +251,65 @@ def test_make_loss_and_datasource_drive_training(base, data_file):
     result = train(gm, data)
     assert result.final_loss < result.losses[0]
     assert make_loss(data.options) is not None
+
+
+def _spec(data_file, passes: str, steps: int = 20):
+    from rewrite.spec import parse_spec
+
+    text = (f'version = 1\n[data]\npath = "{data_file}"\nloss = "cross_entropy"\nsteps = {steps}\nlr = 0.01\n'
+            f'batch_size = 32\n[[pass]]\nname = "insert"\ntargets = ["layers.*"]\nrank = 3\n' + passes)
+    return parse_spec(text, data_file.parent / "spec.toml")
+
+
+def _run(spec, base, out_dir):
+    from rewrite.pass_infra import PassManager
+    from rewrite.pipeline import schedule
+    from rewrite.state import state_of
+
+    gm = PassManager(schedule(spec, PassContext(spec_dir=spec.base_dir, output_dir=out_dir))).run(base)
+    return gm, state_of(gm).history
+
+
+def test_train_pass_from_a_spec_and_idempotence(base, data_file, tmp_path):
+    spec = _spec(data_file, '[[pass]]\nname = "train"\n[[pass]]\nname = "train"\n')
+    gm, history = _run(spec, base, tmp_path)
+    assert [r.name for r in history] == ["insert", "train", "train"]
+    stats = history[1].stats
+    assert history[1].modified and stats["steps"] == 20 and stats["loss_final"] < stats["loss_first"]
+    assert stats["params"] == 4 * 3 * 128
+    assert not history[2].modified  # same options, same data: already trained
+
+
+def test_train_pass_with_an_allocator_writes_the_report(base, data_file, tmp_path):
+    spec = _spec(data_file, '[[pass]]\nname = "train"\nallocator = "adalora"\nbudget = { params = 768 }\n'
+                            'adalora = { tinit = 2, tfinal = 6, deltaT = 2 }\n', steps=24)
+    gm, history = _run(spec, base, tmp_path)
+    stats = history[1].stats
+    assert stats["allocator"] == "adalora" and stats["ranks"] == 6 and stats["params"] == 6 * 128
+    assert sorted(stats["report"]) == ["allocation.json", "allocation.md", "allocation.png",
+                                       "allocation_history.png"]
+    report = json.loads((tmp_path / "allocation.json").read_text())
+    assert report["scorer"]["name"] == "adalora" and len(report["history"]) == 24
+    assert sum(s["rank"] for s in report["sites"]) == 6 and report["budget"]["ranks"] == 6
+    assert report["history"][0]["budget"] == 12 and report["history"][-1]["budget"] == 6
+    assert "Training history: 24 records" in (tmp_path / "allocation.md").read_text()
+
+    spec = _spec(data_file, '[[pass]]\nname = "train"\nallocator = "increlora"\ntarget_rank = 2\nreport = ""\n'
+                            'increlora = { interval = 2, warmup = 1 }\n', steps=24)
+    gm, history = _run(spec, base, tmp_path / "b")
+    assert history[1].stats["ranks"] >= 8 and history[1].stats["report"] == []
+
+
+def test_train_pass_errors(base, data_file, tmp_path):
+    from rewrite.spec import parse_spec
+
+    spec = parse_spec('version = 1\n[[pass]]\nname = "insert"\ntargets = ["layers.*"]\n[[pass]]\nname = "train"\n',
+                      tmp_path / "spec.toml")
+    with pytest.raises(SpecError, match="needs training data"):
+        _run(spec, base, tmp_path)
+    with pytest.raises(SpecError, match="attached to no site"):
+        _run(_spec(data_file, '[[pass]]\nname = "train"\nadapters = ["nope"]\n'), base, tmp_path)
+    with pytest.raises(SpecError, match="go with allocator"):
+        _spec(data_file, '[[pass]]\nname = "train"\nbudget = { params = 10 }\n')
+    with pytest.raises(SpecError, match="no parameter named"):
+        _run(_spec(data_file, '[[pass]]\nname = "train"\nextra_params = ["head.weight"]\n'), base, tmp_path)

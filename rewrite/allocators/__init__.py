@@ -169,15 +169,16 @@ def make_allocator(gm: fx.GraphModule, scorer: str, settings: dict[str, Any], *,
     raise SpecError(f"{where}: unknown training scorer {scorer!r} (expected one of {TRAINING_SCORERS})")
 
 
-def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None,
-                           context: Any = None) -> tuple[dict[str, int], dict[str, Any]]:
+def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None, context: Any = None, *,
+                           train_options: dict[str, Any] | None = None) -> tuple[dict[str, int], "TrainingHistory"]:
     """Train `options.adapter` with the allocator `options.scorer` on `data`; resize; return (ranks, history).
 
     `data`: a `rewrite.spec.DataOptions` ([data]), a `rewrite.data.DataSource`, or None (then
     `context.data`). Settings come from `settings_from(options, scorer)`; without a target_rank /
     target_budget there, `options.budget` ({params} or {fraction, rank}) becomes a total rank through
     `budget_in_ranks`. `options.steps` overrides [data] steps. The returned history is a `TrainingHistory`:
-    per-step records for `rewrite.report.render_history`, with `.summary` for the report's scorer section."""
+    per-step records for `rewrite.report.render_history`, with `.summary` for the report's scorer section.
+    `train_options` go to `rewrite.train.train` (lr, warmup, weight_decay, grad_clip, seed, extra_params)."""
     from rewrite.train import train
 
     scorer = _lookup(options, "scorer") or "adalora"
@@ -199,7 +200,7 @@ def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None,
         settings.setdefault("init_rank", None)  # default: the inserted adapter's rank is r0
     allocator = make_allocator(gm, scorer, settings, adapter=adapter, total_steps=steps,
                                weight_decay=float(getattr(data_options, "weight_decay", 0.0) or 0.0), where=where)
-    result = train(gm, source, steps=steps, callbacks=[allocator])
+    result = train(gm, source, steps=steps, callbacks=[allocator], **(train_options or {}))
     ranks = allocator.finalize()
     raw = allocator.history
     summary = {k: v for k, v in raw.items() if k not in ("step", "budget", "ranks")}
@@ -215,5 +216,61 @@ def _modules(gm: fx.GraphModule, adapter: str) -> list:
     return [m for o in owners for n, m in adapters_at(gm, o).items() if n == adapter]
 
 
+
+
+def training_report(gm: fx.GraphModule, ranks: dict[str, int], history: "TrainingHistory", *, adapter: str,
+                    scorer: str, budget_request: str = "", rank_before: dict[str, int] | None = None,
+                    tokens: int = 128) -> dict[str, Any]:
+    """A `rewrite.report` allocation report for a training-time allocator: per-site rank / params / FLOPs,
+    the final triplet (AdaLoRA) or module (IncreLoRA) score, the share of the budget, and the per-step
+    history (budget and ranks over training) that `render_history` draws."""
+    from rewrite.costmodel import CostModel, site_shape
+    from rewrite.report import new_report, site_layer
+
+    model = CostModel("params", tokens=tokens)
+    table = state_of(gm).sites
+    by_owner: dict[str, list] = {}
+    for site in table.values():
+        by_owner.setdefault(site.owner, []).append(site)
+    summary = history.summary
+    scores = summary.get("scores") or {}
+    budget_ranks = summary.get("target_budget") or summary.get("settings", {}).get("target_budget")
+    sites, spent = [], 0.0
+    shapes = {o: site_shape(by_owner[o][0], calls=len(by_owner[o])) for o in ranks}
+    per_rank = {o: model.cost(shapes[o], 1) for o in ranks}
+    budget_params = (budget_ranks * sum(per_rank.values()) / len(per_rank)) if budget_ranks and per_rank else None
+    for owner, rank in ranks.items():
+        shape = shapes[owner]
+        breakdown = model.breakdown(shape, rank)
+        cost = model.cost(shape, rank)
+        spent += cost
+        layer, module = site_layer(owner)
+        score = scores.get(owner)
+        value = (sum(sorted(score, reverse=True)[:rank]) if isinstance(score, list) else score)
+        sites.append(dict(site=owner, layer=layer, module=module, op=shape.op, d_in=shape.fan_in, d_out=shape.d_out,
+                          rank=rank, rank_before=(rank_before or {}).get(owner), **breakdown, cost=cost,
+                          share=cost / budget_params if budget_params else None, value=value, value_max=None,
+                          captured=None))
+    kept = [s for s in sites if s["rank"] > 0]
+    settings = {k: v for k, v in summary.get("settings", {}).items() if v is not None}
+    unit = "triplet score (EMA sensitivity x uncertainty)" if scorer == "adalora" else \
+        "module score (EMA of |dW . dL/dW| / sqrt(numel))"
+    report = new_report(
+        adapter=adapter, scorer=dict(name=scorer, unit=unit, settings=settings),
+        budget=dict(metric="params", unit="parameters", value=budget_params, spent=spent, minimum=0,
+                    request=budget_request or f"{budget_ranks} ranks", ranks=budget_ranks, tokens=tokens),
+        sites=sites,
+        totals=dict(sites=len(sites), kept=len(kept), dropped=[s["site"] for s in sites if s["rank"] == 0],
+                    params=sum(s["params"] for s in sites), flops=sum(s["flops"] for s in sites),
+                    bytes=sum(s["bytes"] for s in sites), params_before=None),
+        training=dict(steps=summary.get("steps"), seconds=summary.get("seconds"),
+                      loss_first=history[0].get("loss") if len(history) else None,
+                      loss_final=history[-1].get("loss") if len(history) else None,
+                      events=summary.get("growth") or summary.get("masked_at")),
+    )
+    report["history"] = list(history)
+    return report
+
+
 __all__ = ["AdaLoRA", "IncreLoRA", "TRAINING_SCORERS", "TrainingHistory", "budget_in_ranks", "history_records",
-           "make_allocator", "run_training_allocator", "settings_from"]
+           "make_allocator", "run_training_allocator", "settings_from", "training_report"]

@@ -1,7 +1,8 @@
 """What the training-time allocators share: putting SVD-form adapters in, and taking plain LoRA out.
 
 `install_svd` swaps the LoRA modules of one adapter for `SvdLoRA` modules of a chosen starting rank (same
-site, alpha and dropout; the graph keeps calling `adapters.<site>.<name>`, so no re-trace); sites selected
+site, alpha and dropout; the graph keeps calling `adapters.<site>.<name>`, so no re-trace; a LoRA that
+already has a delta, loaded or trained, is carried over through its SVD); sites selected
 by `targets` that have no such adapter yet get one wired in. `finalize_svd` physically resizes: each site
 keeps exactly its chosen triplets as a plain `LoRA` of that rank (same delta), and a site left with no
 triplet loses its branch: its call and join nodes are removed from the graph.
@@ -69,6 +70,7 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
         module = SvdLoRA(site.op, site.d_in, site.d_out, r, a, dropout=p, conv=conv_settings(gm, site, where),
                          dtype=weight.dtype, device=weight.device)
         if current is not None:
+            warm_start(module, current)
             holder = gm.get_submodule(f"adapters.{owner}")
             setattr(holder, adapter, module)
         else:
@@ -81,6 +83,36 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
     gm.graph.lint()
     gm.recompile()
     return out
+
+
+@torch.no_grad()
+def warm_start(module: SvdLoRA, current) -> bool:
+    """Carry a non-zero delta over: its top singular triplets become the first triplets of `module`
+    (P = U, lam = S / c, Q = V^T), so the swap keeps the function; the rest keep PEFT's init with lam = 0.
+    A fresh LoRA (B = 0) has no delta and nothing changes. Returns whether a delta was carried over."""
+    if not hasattr(current, "delta_weight") or next(current.parameters()).device.type == "meta":
+        return False
+    delta = current.delta_weight().float()
+    if not bool(delta.any()):
+        return False
+    if module.op == "conv1d":
+        mat = delta.T
+    elif module.op == "conv2d":
+        mat = delta.flatten(1)
+    else:
+        mat = delta
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    k = min(module.rank, int((s > s[0] * 1e-6).sum()))
+    if module.rank < int((s > s[0] * 1e-6).sum()):
+        import warnings
+
+        warnings.warn(f"SVD-form adapter of rank {module.rank} keeps only the top {k} directions of the existing "
+                      f"rank-{int((s > s[0] * 1e-6).sum())} delta", stacklevel=3)
+    q, e, p = module.Q[0], module.E[0], module.P[0]
+    p[:, :k] = u[:, :k].to(p.dtype)
+    q[:k] = vh[:k].to(q.dtype)
+    e[:k, 0] = (s[:k] / module.scaling).to(e.dtype)
+    return True
 
 
 @torch.no_grad()
