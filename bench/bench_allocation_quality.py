@@ -217,6 +217,7 @@ class Bench:
 
         self.train_t, self.test_t = encode(train_x, train_y), encode(test_x, test_y)
         bert = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+        torch.manual_seed(0)
         self.model = Classifier(bert, len(PACKAGES)).eval()
         probe = copy.deepcopy(self.model)
         fit_head(probe, self.train_t)

@@ -233,7 +233,7 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
     params = trainable_parameters(gm, adapters) + [named[n] for n in extra]
     if not params:
         raise SpecError("nothing to train: the graph has no adapter parameters (insert an adapter first)")
-    warmup_steps = int(round(warmup * steps)) if warmup < 1 else int(warmup)
+    warmup_steps = int(round(warmup * steps)) if warmup <= 1 else int(warmup)  # a fraction, or a step count
     opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = GroupLinearSchedule(opt, steps, warmup_steps)
     ctx = TrainContext(gm, opt, schedule, steps)

@@ -231,17 +231,22 @@ def orthogonality(modules, *, blockwise: bool = False) -> torch.Tensor:
     """Mean over every P and Q of ||P^T P - I||_F and ||Q Q^T - I||_F (PEFT / official AdaLoRA).
 
     `blockwise=True` applies it per parameter block (IncreLoRA's rank-1 blocks: each vector is normalised,
-    there is no cross-rank term), as IncreLoRA's `compute_orth_regu` does on its ParameterLists."""
-    total, count = None, 0
+    there is no cross-rank term), as IncreLoRA's `compute_orth_regu` does on its ParameterLists.
+    Factors of the same shape are stacked and reduced with one batched matmul (same value as the loop)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for module in modules:
-        pairs = ([(q, "q") for q in module.Q] + [(p, "p") for p in module.P]) if blockwise else \
-            [(module.q(), "q"), (module.p(), "p")]
-        for tensor, which in pairs:
-            cov = tensor @ tensor.T if which == "q" else tensor.T @ tensor
-            eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-            term = torch.norm(cov - eye, p="fro")
-            total = term if total is None else total + term
-            count += 1
+        pairs = ([(q, "q") for q in module.Q] + [(p.T, "p") for p in module.P]) if blockwise else \
+            [(module.q(), "q"), (module.p().T, "p")]
+        for tensor, _ in pairs:  # P^T P = (P^T)(P^T)^T: both are "rows times rows^T"
+            groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
+    total, count = None, 0
+    for (shape, dtype, device), tensors in groups.items():
+        stacked = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+        cov = stacked @ stacked.transpose(1, 2)
+        eye = torch.eye(shape[0], dtype=dtype, device=device)
+        term = torch.linalg.matrix_norm(cov - eye, ord="fro").sum()
+        total = term if total is None else total + term
+        count += len(tensors)
     if total is None:
         return torch.zeros(())
     return total / count

@@ -111,9 +111,26 @@ class AdaLoRA(TrainCallback):
 
     # --- importance ----------------------------------------------------------------------------------------
     def reset_ipt(self) -> None:
-        self.ipt: dict[tuple[str, str], torch.Tensor] = {}
-        self.exp_avg_ipt: dict[tuple[str, str], torch.Tensor] = {}
-        self.exp_avg_unc: dict[tuple[str, str], torch.Tensor] = {}
+        self._ipt = self._avg = self._unc = None   # flat [sum of numel] buffers, PEFT's dicts as views
+        self._index: dict[tuple[str, str], tuple[int, int, torch.Size]] = {}
+
+    def _views(self, flat: torch.Tensor | None) -> dict[tuple[str, str], torch.Tensor]:
+        if flat is None:
+            return {}
+        return {key: flat[start:start + size].view(shape) for key, (start, size, shape) in self._index.items()}
+
+    @property
+    def ipt(self) -> dict[tuple[str, str], torch.Tensor]:
+        """(owner, "Q" | "E" | "P") -> I_t, as PEFT's `RankAllocator.ipt` (views into one flat buffer)."""
+        return self._views(self._ipt)
+
+    @property
+    def exp_avg_ipt(self) -> dict[tuple[str, str], torch.Tensor]:
+        return self._views(self._avg)
+
+    @property
+    def exp_avg_unc(self) -> dict[tuple[str, str], torch.Tensor]:
+        return self._views(self._unc)
 
     @staticmethod
     def _factor(module: SvdLoRA, which: str) -> torch.nn.Parameter:
@@ -122,37 +139,39 @@ class AdaLoRA(TrainCallback):
             raise RuntimeError("AdaLoRA works on single-block SVD-form adapters")
         return params[0]
 
+    def _flat_params(self) -> list[tuple[tuple[str, str], torch.nn.Parameter]]:
+        """[((owner, factor), parameter)], cached while the modules' parameters stay the same objects."""
+        ids = tuple(id(p) for m in self.modules.values() for p in m.parameters())
+        if getattr(self, "_flat_ids", None) != ids:
+            self._flat = [((o, w), self._factor(m, w)) for o, m in self.modules.items() for w in FACTORS]
+            self._flat_ids = ids
+        return self._flat
+
     @torch.no_grad()
     def update_ipt(self) -> None:
-        """PEFT's `update_ipt`, batched over every tensor with `torch._foreach_*` (same elementwise arithmetic,
-        in the same order, so the values are bit-identical; ~10 kernel launches instead of ~10 per tensor)."""
-        keys, params = [], []
-        for owner, module in self.modules.items():
-            for which in FACTORS:
-                p = self._factor(module, which)
-                keys.append((owner, which))
-                params.append(p.detach())
-                if keys[-1] not in self.ipt:
-                    self.exp_avg_ipt[keys[-1]] = torch.zeros_like(p)
-                    self.exp_avg_unc[keys[-1]] = torch.zeros_like(p)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in
-                 (self._factor(self.modules[o], w) for o, w in keys)]
-        ipt = torch._foreach_mul(params, grads)
-        torch._foreach_abs_(ipt)
-        avg = torch._foreach_add(torch._foreach_mul([self.exp_avg_ipt[k] for k in keys], self.beta1),
-                                 torch._foreach_mul(ipt, 1 - self.beta1))
-        diff = torch._foreach_sub(ipt, avg)
-        torch._foreach_abs_(diff)
-        unc = torch._foreach_add(torch._foreach_mul([self.exp_avg_unc[k] for k in keys], self.beta2),
-                                 torch._foreach_mul(diff, 1 - self.beta2))
-        for key, i, a, u in zip(keys, ipt, avg, unc):
-            self.ipt[key], self.exp_avg_ipt[key], self.exp_avg_unc[key] = i, a, u
+        """PEFT's `update_ipt` on one flat buffer holding every P, lam, Q element: the same elementwise
+        arithmetic in the same order (bit-identical values), a handful of kernels instead of ~10 per tensor."""
+        flat = self._flat_params()
+        if not self._index:
+            start = 0
+            for key, p in flat:
+                self._index[key] = (start, p.numel(), p.shape)
+                start += p.numel()
+        values = torch.cat([p.detach().reshape(-1) for _, p in flat])
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for _, p in flat])
+        ipt = (values * grads).abs()
+        avg = torch.zeros_like(ipt) if self._avg is None else self._avg
+        unc = torch.zeros_like(ipt) if self._unc is None else self._unc
+        self._ipt = ipt
+        self._avg = self.beta1 * avg + (1 - self.beta1) * ipt
+        self._unc = self.beta2 * unc + (1 - self.beta2) * (ipt - self._avg).abs()
 
     def element_score(self, owner: str, which: str) -> torch.Tensor:
         key = (owner, which)
-        if key not in self.exp_avg_ipt:
+        if self._avg is None or key not in self._index:
             return torch.zeros_like(self._factor(self.modules[owner], which))
-        return self.exp_avg_ipt[key] * self.exp_avg_unc[key]
+        start, size, shape = self._index[key]
+        return (self._avg[start:start + size] * self._unc[start:start + size]).view(shape)
 
     @torch.no_grad()
     def triplet_scores(self) -> dict[str, torch.Tensor]:
@@ -234,7 +253,7 @@ class AdaLoRA(TrainCallback):
     def final_pattern(self) -> dict[str, torch.Tensor]:
         if self.final_reached and self.rank_pattern is not None:
             return self.rank_pattern
-        if not self.exp_avg_ipt:  # never scored: keep what the last mask kept (or everything)
+        if self._avg is None:  # never scored: keep what the last mask kept (or everything)
             return self.rank_pattern or {o: torch.ones(m.rank, dtype=torch.bool) for o, m in self.modules.items()}
         return self.mask_to_budget(self.target_bgt)
 

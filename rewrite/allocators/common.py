@@ -37,7 +37,8 @@ def svd_modules(gm: fx.GraphModule, adapter: str) -> dict[str, SvdLoRA]:
 def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, int] | None = None,
                 alpha: float | None = None, dropout: float | None = None, targets: Iterable[str] | None = None,
                 where: str = "<allocator>") -> dict[str, SvdLoRA]:
-    """Make `adapter` an SVD-form adapter at every site that has it (and at `targets` sites that do not).
+    """Make `adapter` an SVD-form adapter at every site that has it; with `targets`, at exactly the selected
+    sites (those without the adapter get one wired in, the others are left alone).
 
     `rank`: starting rank (int or per-owner mapping; default: the existing LoRA's rank). `alpha`: default
     the existing adapter's alpha (8.0 for new sites). Existing SvdLoRA modules are left as they are."""
@@ -56,7 +57,7 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
         if isinstance(current, SvdLoRA):
             out[owner] = current
             continue
-        if current is None and owner not in wanted_new:
+        if owner not in wanted_new and (targets or current is None):
             continue
         site = next(s for s in table.values() if s.owner == owner)
         if site.op == "embedding":
