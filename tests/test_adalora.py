@@ -275,3 +275,20 @@ def test_install_carries_an_existing_delta_over():
     torch.testing.assert_close(gm(x=x), before, rtol=1e-4, atol=1e-5)
     module = allocator.modules["layers.0"]
     assert int((module.E[0] != 0).sum()) == 2  # the rank-2 delta in two triplets, the other two start at lam = 0
+
+
+def test_targets_select_exactly_the_sites_to_convert_or_create():
+    torch.manual_seed(0)
+    base = DeepMLP().eval()
+    x = torch.randn(4, 64)
+    gm, _ = capture(LoadedModel(base, None, "factory", "mlp", None), ExampleInputs({"x": x}, {"x": [None, None]}),
+                    frontend="fx")
+    insert = REGISTRY["insert"]
+    insert(insert.Options(targets=["layers.0", "layers.1", "layers.2"], rank=2))(gm)
+    allocator = AdaLoRA(gm, total_steps=10, init_rank=3, target_rank=2, targets=["layers.1", "layers.3"])
+    modules = allocator.install()
+    assert sorted(modules) == ["layers.1", "layers.3"]
+    kinds = {o: type(adapters_at(gm, o).get("default")).__name__ for o in OWNERS}
+    assert kinds == {"layers.0": "LoRA", "layers.1": "SvdLoRA", "layers.2": "LoRA", "layers.3": "SvdLoRA"}
+    assert sum(n.op == "call_module" and n.target == "adapters.layers.3.default" for n in gm.graph.nodes) == 1
+    assert gm(x=x).shape == (4, 64)
