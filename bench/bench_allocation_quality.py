@@ -451,13 +451,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    parser.add_argument("--methods", nargs="*", default=list(ALL_METHODS), choices=ALL_METHODS,
+                        help="accuracy runs (none: only the timing phase)")
     parser.add_argument("--per-class", type=int, default=138)
     parser.add_argument("--seq", type=int, default=24)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--timing-rounds", type=int, default=6, help="interleaved timing rounds (0: skip)")
+    parser.add_argument("--timing-rounds", type=int, default=16,
+                        help="interleaved timing rounds, one step per configuration per round (0: skip)")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -476,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
     table, summary = summarize(results, bench)
     console.print(table)
     if args.timing_rounds:
-        ms = bench.timing(args.timing_rounds, 3)
+        ms = bench.timing(args.timing_rounds, 1)
         ours, theirs = ms["adalora"] - ms["uniform"], ms["peft-adalora"] - ms["peft-lora"]
         summary["adalora_overhead"] = o = dict(ours_ms=ours, peft_ms=theirs, step_ms=ms,
                                                ratio=ours / theirs if theirs > 0 else math.nan)

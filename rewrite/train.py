@@ -23,7 +23,8 @@ optimizer step with `ctx.step` = 1, 2, ..., `ctx.total_steps`.
 
 The allocators are callbacks for *your own* training loop too (one call per optimizer step):
 
-    from rewrite.allocators.adalora import AdaLoRA
+    from rewrite.allocators import AdaLoRA, IncreLoRA
+    gm.requires_grad_(False)                        # freeze the base (the allocator's parameters train)
     alloc = AdaLoRA(gm, adapter="default", target_rank=4, total_steps=T, tinit=20, tfinal=40, delta_t=5)
     alloc.install()                                 # LoRA adapters -> SVD-form adapters of rank init_rank
     opt = torch.optim.AdamW(alloc.parameters(), lr=1e-3)
@@ -35,8 +36,21 @@ The allocators are callbacks for *your own* training loop too (one call per opti
         opt.zero_grad()
     ranks = alloc.finalize()                        # physically resized LoRA adapters; rank 0 sites dropped
 
-`GroupLinearSchedule` gives parameter groups added mid-run (IncreLoRA's new ranks) their own warm-up and
-decay over the remaining steps; use it in your loop too if a callback adds groups.
+IncreLoRA adds parameters while training, so it is called *before* `optimizer.step()` with the optimizer
+(it appends a parameter group per growth); `GroupLinearSchedule` gives each such group its own warm-up
+and decay over the remaining steps (IncreLoRA's warm-up restarts):
+
+    inc = IncreLoRA(gm, target_rank=2, total_steps=T, warmup=100, interval=50, top_h=2)
+    inc.install()
+    opt = torch.optim.AdamW(inc.parameters(), lr=1e-3)
+    schedule = GroupLinearSchedule(opt, T, warmup_steps=T // 10)
+    for step, batch in enumerate(batches, start=1):
+        (loss_fn(gm(**inputs(batch)), batch) + inc.regularizer()).backward()
+        inc.update(step, opt)                       # may grow ranks: new parameters join `opt`
+        schedule.apply(step)
+        opt.step()
+        opt.zero_grad()
+    ranks = inc.finalize()
 """
 from __future__ import annotations
 

@@ -313,3 +313,39 @@ def test_train_pass_errors(base, data_file, tmp_path):
         _spec(data_file, '[[pass]]\nname = "train"\nbudget = { params = 10 }\n')
     with pytest.raises(SpecError, match="no parameter named"):
         _run(_spec(data_file, '[[pass]]\nname = "train"\nextra_params = ["head.weight"]\n'), base, tmp_path)
+
+
+def test_the_documented_user_loops_run(base, data_file):
+    """The two loops in rewrite/train.py's docstring, verbatim in shape: AdaLoRA after optimizer.step,
+    IncreLoRA before it with the optimizer and a GroupLinearSchedule."""
+    from rewrite.allocators import AdaLoRA, IncreLoRA
+    from rewrite.train import GroupLinearSchedule
+
+    data = source(data_file, steps=24)
+    batches = list(data.batches(limit=24))
+    gm = fresh(base, rank=4)
+    gm.requires_grad_(False)
+    alloc = AdaLoRA(gm, adapter="default", target_rank=2, total_steps=24, tinit=4, tfinal=8, delta_t=2)
+    alloc.install()
+    opt = torch.optim.AdamW(alloc.parameters(), lr=1e-2)
+    for step, batch in enumerate(batches, start=1):
+        loss = ce4(gm(x=batch["x"]), batch) + alloc.regularizer()
+        loss.backward()
+        opt.step()
+        alloc.update(step)
+        opt.zero_grad()
+    assert sum(alloc.finalize().values()) == 8
+
+    gm = fresh(base, rank=1)
+    gm.requires_grad_(False)
+    inc = IncreLoRA(gm, target_rank=2, total_steps=24, warmup=2, interval=2, top_h=2)
+    inc.install()
+    opt = torch.optim.AdamW(inc.parameters(), lr=1e-2)
+    schedule = GroupLinearSchedule(opt, 24, warmup_steps=2)
+    for step, batch in enumerate(batches, start=1):
+        (ce4(gm(x=batch["x"]), batch) + inc.regularizer()).backward()
+        inc.update(step, opt)
+        schedule.apply(step)
+        opt.step()
+        opt.zero_grad()
+    assert sum(inc.finalize().values()) == 8 and len(opt.param_groups) == 1 + len(inc.history["growth"])
