@@ -70,7 +70,8 @@ def adapters_at(gm: fx.GraphModule, owner: str) -> dict[str, nn.Module]:
 
 
 def register_adapter(gm: fx.GraphModule, owner: str, adapter: str, module: nn.Module) -> None:
-    gm.add_submodule(adapter_path(owner, adapter), module)
+    """Adapters start in inference mode (dropout off); the training driver switches them to train mode."""
+    gm.add_submodule(adapter_path(owner, adapter), module.eval())
 
 
 def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, kind: str) -> None:
