@@ -51,13 +51,7 @@ class ResMLP(nn.Module):
         return self.head(x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster for these tiny matmuls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plant(model: nn.Module, plan: dict[str, int], seed: int = 1, scale: float = 0.5) -> nn.Module:

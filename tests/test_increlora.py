@@ -28,12 +28,7 @@ from rewrite.train import GroupLinearSchedule, train
 A, B, C, D = (f"layers.{i}" for i in range(4))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def captured(rank: int = 2):
