@@ -7,10 +7,12 @@ per-row adapter ids. Variants (all exported with torch.onnx.export(dynamo=True),
 
   base          4 x Gemm, no adapters (the reference latency)
   one-hot       Gemm + MatMul(x, A_cat) * mask(ids) -> MatMul(., B_cat), standard ops only (ONNX.md §5)
-  LoraDelta     Gemm + rewrite::LoraDelta(x, A_bank, B_bank, ids) + Add (this repo's custom op)
+  LoraDelta     Gemm -> rewrite::LoraDelta(x, A_bank, B_bank, ids, base) (this repo's custom op, the add fused in;
+                ORT runs it in place on the Gemm's output) -- what `switching = "custom-op"` exports
+  delta+Add     Gemm + rewrite::LoraDelta(x, A_bank, B_bank, ids) + Add (the op's delta-only form, for comparison)
 
 ids: "mixed" = row i uses adapter i % 8 (all 8 adapters in a batch of 32), "same" = every row adapter 3,
-"none" = every row -1 (custom op only). Timing: per-call wall time of `InferenceSession.run` from Python; blocks of
+"none" = every row -1 (custom ops only). Timing: per-call wall time of `InferenceSession.run` from Python; blocks of
 `--block` consecutive calls per variant, variants interleaved over `--rounds` rounds, median of all calls. The
 table prints the wall-time median, its ratio to base of the same batch/threads and its interquartile range; for
 1-thread sessions (which ORT runs in the calling thread) also the median CPU time of the calling thread per call
@@ -81,17 +83,22 @@ class OneHot(Base):
 
 
 class Custom(Base):
-    """Gemm + rewrite::LoraDelta (delta only) + Add."""
+    """Gemm -> rewrite::LoraDelta(..., base) (fused), or Gemm + rewrite::LoraDelta (delta only) + Add."""
 
-    def __init__(self, d: int = D, layers: int = LAYERS, k: int = K, r: int = R):
+    def __init__(self, d: int = D, layers: int = LAYERS, k: int = K, r: int = R, fused: bool = True):
         super().__init__(d, layers)
+        self.fused = fused
         for i, (a, b) in enumerate(_banks(d, layers, k, r)):
             self.register_buffer(f"a_bank{i}", a)
             self.register_buffer(f"b_bank{i}", b)
 
     def forward(self, x, ids):
         for i, lin in enumerate(self.lins):
-            x = lin(x) + torch.ops.rewrite.lora_delta(x, getattr(self, f"a_bank{i}"), getattr(self, f"b_bank{i}"), ids)
+            a, b = getattr(self, f"a_bank{i}"), getattr(self, f"b_bank{i}")
+            if self.fused:
+                x = torch.ops.rewrite.lora_delta(x, a, b, ids, lin(x))
+            else:
+                x = lin(x) + torch.ops.rewrite.lora_delta(x, a, b, ids)
         return x
 
 
@@ -153,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         "base": export(Base(), tmp / "base.onnx", None),
         "one-hot": export(OneHot(), tmp / "onehot.onnx", None),
         "LoraDelta": export(Custom(), tmp / "custom.onnx", table),
+        "delta+Add": export(Custom(fused=False), tmp / "delta_add.onnx", table),
     }
+    custom = {"LoraDelta", "delta+Add"}
     lib = ops.library_path()
     export_s = time.perf_counter() - t0
     nodes = [n.op_type for n in onnx.load(str(paths["LoraDelta"]), load_external_data=False).graph.node]
@@ -166,16 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("mixed", "same", "none"):
         ids = ids_for(kind, 32)
         ref = _reference(xs, ids, lins, banks)
-        for name in ("one-hot", "LoraDelta"):
-            got = session(paths[name], 1, name == "LoraDelta").run(None, {"x": xs, "ids": ids})[0]
+        for name in ("one-hot", "LoraDelta", "delta+Add"):
+            got = session(paths[name], 1, name in custom).run(None, {"x": xs, "ids": ids})[0]
             check[f"{name}/{kind}"] = float(np.abs(got - ref).max())
 
     variants = [("base", "mixed"), ("one-hot", "mixed"), ("one-hot", "same"),
-                ("LoraDelta", "mixed"), ("LoraDelta", "same"), ("LoraDelta", "none")]
+                ("LoraDelta", "mixed"), ("LoraDelta", "same"), ("LoraDelta", "none"),
+                ("delta+Add", "mixed"), ("delta+Add", "same"), ("delta+Add", "none")]
     results = []
     rng = np.random.default_rng(1)
     for threads in args.threads:
-        sessions = {name: session(p, threads, name == "LoraDelta") for name, p in paths.items()}
+        sessions = {name: session(p, threads, name in custom) for name, p in paths.items()}
         for batch in args.batches:
             x = rng.standard_normal((batch, D)).astype(np.float32)
             feeds = {v: {"x": x, "ids": ids_for(v[1], batch)} for v in variants}

@@ -7,7 +7,8 @@ adapter selected at run time. Scales are folded into B; ranks of one site are ze
                   (become ONNX inputs with empty defaults: no adapter fed = base model)
     bank          A [d_in, C r], B [C r, d_out], ids [batch]  delta = ((x A) * onehot(ids)) B
                   (standard ops; C slots; id -1 = no adapter; rows of one batch may differ)
-    custom-op     A [C, d_in, r], B [C, r, d_out], ids        delta = rewrite::LoraDelta(x, A, B, ids)
+    custom-op     A [C, d_in, r], B [C, r, d_out], ids        y = rewrite::LoraDelta(x, A, B, ids, base(x))
+                  (the add is fused into the op: it takes the base output and may run in place on it)
 
 Batch-row ids reach the lowered modules through `ROUTER`, set by `RoutedModel.forward`: non-strict
 export runs this Python for real, so the ids tensor is traced like any other input. A row id covers the
@@ -76,7 +77,7 @@ class OneHotBank(nn.Module):
 
 
 class CustomOpBank(nn.Module):
-    """Delta-only custom op (segmented per adapter in C++/CUDA); the base GEMM stays ONNX Runtime's."""
+    """base + delta in one custom op (segmented per adapter in C++/CUDA); the base GEMM stays ONNX Runtime's."""
 
     def __init__(self, a_bank: torch.Tensor, b_bank: torch.Tensor):
         super().__init__()
@@ -84,8 +85,8 @@ class CustomOpBank(nn.Module):
 
         self.A, self.B = nn.Parameter(a_bank, requires_grad=False), nn.Parameter(b_bank, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.rewrite.lora_delta(x, self.A, self.B, _routed_ids())
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rewrite.lora_delta(x, self.A, self.B, _routed_ids(), base)
 
 
 class RoutedModel(nn.Module):
@@ -175,7 +176,7 @@ def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
         path = f"lora.{owner}"
         gm.add_submodule(path, module)
         for site in sites:
-            _wire_lowered(gm, state.sites.node_of(gm, site.name), site, path)
+            _wire_lowered(gm, state.sites.node_of(gm, site.name), site, path, fused=strategy == "custom-op")
         lowered_sites.append(SiteLowering(owner, sites[0].op, sites[0].d_in, sites[0].d_out, rank,
                                           {"A": f"{path}.A", "B": f"{path}.B"}, padded))
     gm.graph.lint()
@@ -197,12 +198,16 @@ def _lowered_module(strategy: str, padded: dict, names: list[str], slots: int, s
     return OneHotBank(a_bank, b_bank) if strategy == "bank" else CustomOpBank(a_bank, b_bank)
 
 
-def _wire_lowered(gm: fx.GraphModule, base: fx.Node, site: Site, path: str) -> None:
+def _wire_lowered(gm: fx.GraphModule, base: fx.Node, site: Site, path: str, fused: bool) -> None:
+    """base -> base + lowered(x), or lowered(x, base) when the module adds base itself."""
     from rewrite.graph_edit import site_input
 
     users = list(base.users)
     with gm.graph.inserting_before(base.next):
-        delta = gm.graph.call_module(path, (site_input(base, site),))
-        join = gm.graph.call_function(aten.add.Tensor, (base, delta))
+        if fused:
+            join = gm.graph.call_module(path, (site_input(base, site), base))
+        else:
+            delta = gm.graph.call_module(path, (site_input(base, site),))
+            join = gm.graph.call_function(aten.add.Tensor, (base, delta))
     for user in users:
         user.replace_input_with(base, join)

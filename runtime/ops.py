@@ -1,11 +1,14 @@
-"""The delta-only multi-adapter LoRA op `rewrite::LoraDelta`: torch op, ONNX schema and ONNX Runtime library.
+"""The multi-adapter LoRA op `rewrite::LoraDelta`: torch op, ONNX schema and ONNX Runtime library.
 
-    y = lora_delta(x, a_bank, b_bank, idx)       x [..., d_in], a_bank [K, d_in, r], b_bank [K, r, d_out], idx [B]
+    y = lora_delta(x, a_bank, b_bank, idx, base=None)
+        x [..., d_in], a_bank [K, d_in, r], b_bank [K, r, d_out], idx [B], base [..., d_out] or None
 
 The N = prod(x.shape[:-1]) rows of x split into B equal blocks; the rows of block b get
-`x_row @ a_bank[idx[b]] @ b_bank[idx[b]]`, or zeros when idx[b] < 0 (no adapter). The LoRA scale is folded into
-b_bank and smaller ranks are zero-padded to r. Only the delta: the graph adds it to ORT's own Gemm/MatMul output
-(ONNX.md §10), e.g. `base(x) + torch.ops.rewrite.lora_delta(x, A, B, idx)`.
+`base_row + x_row @ a_bank[idx[b]] @ b_bank[idx[b]]`, or `base_row` when idx[b] < 0 (no adapter); without `base`
+the delta alone (base = 0). The LoRA scale is folded into b_bank and smaller ranks are zero-padded to r. The base
+product stays ORT's own Gemm/MatMul (ONNX.md §10) and its output is `base`, e.g.
+`torch.ops.rewrite.lora_delta(x, A, B, idx, base(x))`: the add is fused into the op, which ONNX Runtime may run in
+place on base's buffer.
 
 * `torch.ops.rewrite.lora_delta` — a `torch.library.custom_op` with a torch reference implementation, a fake
   (meta) kernel, so it traces through `torch.export` / fx, and autograd (trains adapter banks).
@@ -51,7 +54,8 @@ class LoraHeadersUnavailable(LoraLibraryError):
 # torch op
 
 
-def _check_args(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> None:
+def _check_args(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor,
+                base: torch.Tensor | None = None) -> None:
     torch._check(x.dim() >= 1, lambda: "LoraDelta: x must be [..., d_in]")
     torch._check(a_bank.dim() == 3, lambda: "LoraDelta: A_bank must be [K, d_in, r]")
     torch._check(b_bank.dim() == 3, lambda: "LoraDelta: B_bank must be [K, r, d_out]")
@@ -59,11 +63,15 @@ def _check_args(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx
     torch._check(a_bank.shape[1] == x.shape[-1], lambda: "LoraDelta: A_bank dim 1 must equal the last dim of x")
     torch._check(a_bank.shape[0] == b_bank.shape[0], lambda: "LoraDelta: A_bank and B_bank hold different K")
     torch._check(a_bank.shape[2] == b_bank.shape[1], lambda: "LoraDelta: rank mismatch between A_bank and B_bank")
+    if base is not None:
+        torch._check(base.shape == (*x.shape[:-1], b_bank.shape[2]),
+                     lambda: "LoraDelta: base must have the shape of x with the last dim d_out")
 
 
-def _lora_delta_impl(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Segmented reference: one `x_seg @ A_k @ B_k` per adapter present (SGMV order); differentiable."""
-    _check_args(x, a_bank, b_bank, idx)
+def _lora_delta_impl(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor,
+                     base: torch.Tensor | None = None) -> torch.Tensor:
+    """Segmented reference: one `x_seg @ A_k @ B_k` per adapter present (SGMV order), plus base; differentiable."""
+    _check_args(x, a_bank, b_bank, idx, base)
     d_in, d_out, k_count = x.shape[-1], b_bank.shape[2], a_bank.shape[0]
     rows = x.reshape(-1, d_in)
     n = rows.shape[0]
@@ -78,33 +86,36 @@ def _lora_delta_impl(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor
     for k in torch.unique(ids[ids >= 0]).tolist():
         sel = (ids == k).nonzero().reshape(-1)
         out = out.index_put((sel,), blocks[sel] @ a_bank[k] @ b_bank[k])
-    return out.reshape(*x.shape[:-1], d_out)
+    out = out.reshape(*x.shape[:-1], d_out)
+    return out if base is None else base + out
 
 
 @torch.library.custom_op("rewrite::lora_delta", mutates_args=())
-def lora_delta(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Reference implementation (torch): per block, x_rows @ a_bank[k] @ b_bank[k]; zeros where idx < 0."""
-    return _lora_delta_impl(x, a_bank, b_bank, idx)
+def lora_delta(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx: torch.Tensor,
+               base: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference implementation (torch): per block, base + x_rows @ a_bank[k] @ b_bank[k]; base where idx < 0."""
+    return _lora_delta_impl(x, a_bank, b_bank, idx, base)
 
 
 @lora_delta.register_fake
-def _lora_delta_fake(x, a_bank, b_bank, idx):
-    _check_args(x, a_bank, b_bank, idx)
+def _lora_delta_fake(x, a_bank, b_bank, idx, base=None):
+    _check_args(x, a_bank, b_bank, idx, base)
     return x.new_empty((*x.shape[:-1], b_bank.shape[2]))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:4])
 
 
 def _backward(ctx, grad):
-    x, a_bank, b_bank, idx = ctx.saved_tensors
+    x, a_bank, b_bank, idx = ctx.saved_tensors[:4]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need) for t, need in zip((x, a_bank, b_bank), ctx.needs_input_grad[:3])]
         y = _lora_delta_impl(*leaves, idx)
         wanted = [t for t in leaves if t.requires_grad]
         grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True) if wanted else ())
-    return (*(next(grads) if t.requires_grad else None for t in leaves), None)
+    base_grad = grad if len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4] else None
+    return (*(next(grads) if t.requires_grad else None for t in leaves), None, base_grad)
 
 
 lora_delta.register_autograd(_backward, setup_context=_setup_context)
@@ -121,18 +132,21 @@ def register_onnx_schema() -> None:
     if onnx.defs.has(OP_TYPE, DOMAIN):
         return
     P = onnx.defs.OpSchema.FormalParameter
+    Optional = onnx.defs.OpSchema.FormalParameterOption.Optional
     schema = onnx.defs.OpSchema(
         OP_TYPE,
         DOMAIN,
         VERSION,
-        doc="Multi-adapter LoRA delta: y[rows of block b] = x @ A_bank[idx[b]] @ B_bank[idx[b]], 0 where idx < 0.",
+        doc="Multi-adapter LoRA: y[rows of block b] = base + x @ A_bank[idx[b]] @ B_bank[idx[b]], base where "
+        "idx < 0; base absent = 0 (the delta alone).",
         inputs=[
             P("x", "T", "rows to adapt, [..., d_in]"),
             P("A_bank", "T", "[K, d_in, r] (matmul layout)"),
             P("B_bank", "T", "[K, r, d_out] (LoRA scale folded in)"),
             P("idx", "tensor(int64)", "[B] adapter per row block, < 0 = none"),
+            P("base", "T", "[..., d_out] the base layer's output (optional)", param_option=Optional),
         ],
-        outputs=[P("y", "T", "the delta only, [..., d_out]")],
+        outputs=[P("y", "T", "base + delta, [..., d_out]")],
         type_constraints=[("T", ["tensor(float)"], "float32 activations and adapter banks")],
     )
     onnx.defs.register_schema(schema)
@@ -145,8 +159,10 @@ def onnx_translation_table() -> dict:
     register_onnx_schema()
     rewrite_opset = onnxscript.values.Opset(DOMAIN, VERSION)
 
-    def lora_delta_onnx(x, a_bank, b_bank, idx):
-        return rewrite_opset.LoraDelta(x, a_bank, b_bank, idx)
+    def lora_delta_onnx(x, a_bank, b_bank, idx, base=None):
+        if base is None:
+            return rewrite_opset.LoraDelta(x, a_bank, b_bank, idx)
+        return rewrite_opset.LoraDelta(x, a_bank, b_bank, idx, base)
 
     return {torch.ops.rewrite.lora_delta.default: lora_delta_onnx}
 

@@ -1,7 +1,8 @@
 """rewrite::LoraDelta: torch op, ONNX export (dynamo + translation table), the C++ ONNX Runtime library.
 
 Every ORT result is compared with an independent per-row float64 reference built from the *unpadded* adapter
-matrices: row n of block b gets x_n @ A[idx[b]] @ B[idx[b]], zeros for idx < 0.
+matrices: row n of block b gets x_n @ A[idx[b]] @ B[idx[b]], zeros for idx < 0 (plus base_n when the op is given
+the base output).
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def reference_delta(x: np.ndarray, idx: np.ndarray, adapters) -> np.ndarray:
 
 
 class TwoSites(nn.Module):
-    """Two linears with per-row adapters: base(x) + lora_delta(x, ...), twice (two LoraDelta calls)."""
+    """Two linears with per-row adapters: the first fused, lora_delta(x, ..., base(x)); the second delta-only,
+    base(h) + lora_delta(h, ...)."""
 
     def __init__(self):
         super().__init__()
@@ -77,7 +79,7 @@ class TwoSites(nn.Module):
             self.register_buffer(name, t)
 
     def forward(self, x, idx):
-        h = self.l1(x) + torch.ops.rewrite.lora_delta(x, self.a1, self.b1, idx)
+        h = torch.ops.rewrite.lora_delta(x, self.a1, self.b1, idx, self.l1(x))
         return self.l2(h) + torch.ops.rewrite.lora_delta(h, self.a2, self.b2, idx)
 
     def reference(self, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -127,7 +129,11 @@ def test_export_one_node_per_call_and_checker(fixture, request):
     op_types = [n.op_type for n in proto.graph.node]
     assert op_types.count("LoraDelta") == 2, op_types  # exactly one node per call
     nodes = [n for n in proto.graph.node if n.op_type == "LoraDelta"]
-    assert all(n.domain == "rewrite" and len(n.input) == 4 for n in nodes)
+    assert all(n.domain == "rewrite" for n in nodes)
+    assert [len(n.input) for n in nodes] == [5, 4]  # fused (base given), delta-only
+    deltas = {n.output[0] for n in nodes}
+    adds_of_deltas = [n for n in proto.graph.node if n.op_type == "Add" and deltas & set(n.input)]
+    assert len(adds_of_deltas) == 1  # only the delta-only call needs an Add
     assert {o.domain: o.version for o in proto.opset_import}["rewrite"] == 1
     onnx.checker.check_model(proto, full_check=True)
 
@@ -141,6 +147,11 @@ def test_torch_reference_op_matches_independent_reference():
     np.testing.assert_allclose(got.numpy(), reference_delta(x.numpy(), idx.numpy(), ad), atol=1e-5)
     with pytest.raises(IndexError, match="adapter index out of range"):
         torch.ops.rewrite.lora_delta(x, a, b, torch.tensor([0, 3, 1]))
+    base = torch.randn(3, 4, D_OUT)
+    fused = torch.ops.rewrite.lora_delta(x, a, b, idx, base)
+    np.testing.assert_allclose(fused.numpy(), base.numpy() + reference_delta(x.numpy(), idx.numpy(), ad), atol=1e-5)
+    with pytest.raises(RuntimeError, match="base must have the shape"):
+        torch.ops.rewrite.lora_delta(x, a, b, idx, base[:, :2])
 
 
 # --- ONNX Runtime with the library ---------------------------------------------------------------------------------
@@ -181,6 +192,15 @@ def test_ort_out_of_range_id_is_a_clean_error(lib, exported_3d):
         session(proto).run(None, {"x": x, "idx": np.array([0, 3], np.int64)})
 
 
+def test_ort_base_of_the_wrong_shape_is_an_error(lib):
+    so = ops.session_options_with_library()
+    sess = ort.InferenceSession(bare_model(2, 8, 4, 6, "base-input"), so, providers=["CPUExecutionProvider"])
+    feeds = {"x": np.ones((3, 8), np.float32), "A": np.ones((2, 8, 4), np.float32),
+             "B": np.ones((2, 4, 6), np.float32), "idx": np.array([0], np.int64), "base": np.ones((3, 5), np.float32)}
+    with pytest.raises(Exception, match="base must have the shape"):
+        sess.run(None, feeds)
+
+
 def test_ort_rows_not_divisible_by_blocks_is_an_error(lib, exported_2d):
     _, proto = exported_2d
     with pytest.raises(Exception, match="N % B != 0"):
@@ -190,16 +210,25 @@ def test_ort_rows_not_divisible_by_blocks_is_an_error(lib, exported_2d):
 # --- kernel paths (a bare one-node model: no export, exercises tiles, tails, packing, threads, both ISAs) ------------
 
 
-def bare_model(k: int, d_in: int, r: int, d_out: int) -> bytes:
-    node = helper.make_node("LoraDelta", ["x", "A", "B", "idx"], ["y"], domain="rewrite")
-    graph = helper.make_graph(
-        [node], "lora_delta",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("A", TensorProto.FLOAT, [k, d_in, r]),
-         helper.make_tensor_value_info("B", TensorProto.FLOAT, [k, r, d_out]),
-         helper.make_tensor_value_info("idx", TensorProto.INT64, None)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
+BASE_MODES = ("delta", "base-input", "base-computed")
+
+
+def bare_model(k: int, d_in: int, r: int, d_out: int, mode: str = "delta") -> bytes:
+    """One LoraDelta node. delta: no base; base-input: base is a graph input (ORT cannot hand its buffer to y, the
+    op copies it); base-computed: base = Neg(nbase) computed in the graph, its buffer free to reuse in place."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+              helper.make_tensor_value_info("A", TensorProto.FLOAT, [k, d_in, r]),
+              helper.make_tensor_value_info("B", TensorProto.FLOAT, [k, r, d_out]),
+              helper.make_tensor_value_info("idx", TensorProto.INT64, None)]
+    nodes = []
+    if mode == "base-input":
+        inputs.append(helper.make_tensor_value_info("base", TensorProto.FLOAT, None))
+    elif mode == "base-computed":
+        inputs.append(helper.make_tensor_value_info("nbase", TensorProto.FLOAT, None))
+        nodes.append(helper.make_node("Neg", ["nbase"], ["base"]))
+    names = ["x", "A", "B", "idx"] + ([] if mode == "delta" else ["base"])
+    nodes.append(helper.make_node("LoraDelta", names, ["y"], domain="rewrite"))
+    graph = helper.make_graph(nodes, "lora_delta", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid("rewrite", 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
@@ -214,9 +243,10 @@ KERNEL_CASES = [  # (x shape, K, r, d_out, ids)
 ]
 
 
+@pytest.mark.parametrize("mode", BASE_MODES)
 @pytest.mark.parametrize("isa", ["auto", "generic"])
 @pytest.mark.parametrize("threads", [1, 2, "2, REWRITE_LORA_THREADS=1"])
-def test_kernel_paths(lib, isa, threads, monkeypatch):
+def test_kernel_paths(lib, isa, threads, mode, monkeypatch):
     if isa == "generic":
         monkeypatch.setenv("REWRITE_LORA_ISA", "generic")  # read per call by the library
     if isinstance(threads, str):
@@ -231,10 +261,18 @@ def test_kernel_paths(lib, isa, threads, monkeypatch):
         a = (rng.standard_normal((k, d_in, r)) * 0.1).astype(np.float32)
         b = (rng.standard_normal((k, r, d_out)) * 0.1).astype(np.float32)
         idx = np.array(ids, np.int64)
-        sess = ort.InferenceSession(bare_model(k, d_in, r, d_out), so, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"x": x, "A": a, "B": b, "idx": idx})[0]
+        base = rng.standard_normal((*shape[:-1], d_out)).astype(np.float32)
+        feeds = {"x": x, "A": a, "B": b, "idx": idx}
+        if mode != "delta":
+            feeds["base" if mode == "base-input" else "nbase"] = base if mode == "base-input" else -base
+        sess = ort.InferenceSession(bare_model(k, d_in, r, d_out, mode), so, providers=["CPUExecutionProvider"])
+        got = sess.run(None, feeds)[0]
         adapters = [(torch.from_numpy(a[i]), torch.from_numpy(b[i])) for i in range(k)]
         want = reference_delta(x, idx, adapters) if x.size and r else np.zeros((*shape[:-1], d_out))
+        if mode != "delta":
+            want = want + base
+            if mode == "base-input":
+                np.testing.assert_array_equal(feeds["base"], base)  # the caller's input is never written
         assert got.shape == (*shape[:-1], d_out)
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5, err_msg=f"{shape} r={r} ids={ids}")
 
@@ -296,4 +334,8 @@ def test_torch_op_gradients_match_per_row_autograd():
         torch.testing.assert_close(got, ref)
     assert torch.autograd.gradcheck(
         lambda x_, a_, b_: torch.ops.rewrite.lora_delta(x_, a_, b_, idx), (x, a, b), eps=1e-6, atol=1e-6
+    )
+    base = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x_, a_, base_: torch.ops.rewrite.lora_delta(x_, a_, b, idx, base_), (x, a, base), eps=1e-6, atol=1e-6
     )

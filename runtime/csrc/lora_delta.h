@@ -1,11 +1,12 @@
-// rewrite::LoraDelta — the delta-only multi-adapter LoRA op (ORT-free declarations).
+// rewrite::LoraDelta — the multi-adapter LoRA op (ORT-free declarations).
 //
-//   y[n, :] = x[n, :] @ A_bank[k] @ B_bank[k]      k = idx[n / (N / nb)], rows of block b use adapter idx[b]
-//   y[n, :] = 0                                    when k < 0 (no adapter)
+//   y[n, :] = base[n, :] + x[n, :] @ A_bank[k] @ B_bank[k]    k = idx[n / (N / nb)]: rows of block b use idx[b]
+//   y[n, :] = base[n, :]                                      when k < 0 (no adapter)
 //
 // x is [N, d_in] row-major (leading dims flattened), A_bank [K, d_in, r], B_bank [K, r, d_out] (matmul layout, the
 // LoRA scale folded into B, smaller ranks zero-padded to r), idx [nb] int64 with N % nb == 0. The base GEMM is not
-// computed here: it stays ORT's own Gemm/MatMul, and the graph adds the two.
+// computed here: it stays ORT's own Gemm/MatMul and its output is the optional input `base` (absent: base = 0, the
+// delta alone). ORT may hand the op base's buffer as y (in place); otherwise the op copies base into y first.
 #pragma once
 
 #include <cstddef>
@@ -19,6 +20,7 @@ struct Problem {
   const float* a = nullptr;      // [K, din, r]
   const float* b = nullptr;      // [K, r, dout]
   const int64_t* idx = nullptr;  // [nb] (host memory)
+  const float* base = nullptr;   // [N, dout] or null (delta only); may equal y (in place)
   float* y = nullptr;            // [N, dout]
   int64_t n = 0, nb = 1, din = 0, r = 0, dout = 0, k = 0;
 };

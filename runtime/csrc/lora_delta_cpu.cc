@@ -1,7 +1,7 @@
 // rewrite::LoraDelta on the CPU: checks, segment planning (SGMV-style) and parallel dispatch; ORT-free.
 //
 // Plan per call:
-//   1. zero the rows of blocks with idx < 0 (no adapter);
+//   1. y = base (a copy unless ORT ran the op in place), or zero the rows of blocks with idx < 0 (delta only);
 //   2. bucket the other blocks by adapter (counting sort, O(nb + K)): the rows of one adapter form one segment,
 //      so each adapter's A_k / B_k is streamed once per macro tile instead of once per row;
 //   3. cut every segment into work items of up to `mt` rows (32 when there is enough work for every thread, down to
@@ -116,8 +116,9 @@ const char* cpu_isa() { return use_avx2() ? "avx2" : "generic"; }
 void lora_delta_cpu(const Problem& p, const Executor& ex) {
   if (p.n == 0 || p.dout == 0) return;
   const int64_t L = p.n / p.nb;
-  // 1. blocks without adapter.
-  for (int64_t b = 0; b < p.nb; ++b)
+  // 1. y starts as the base output (copied unless in place), or blocks without adapter get a zero delta.
+  if (p.base && p.base != p.y) std::memcpy(p.y, p.base, sizeof(float) * static_cast<size_t>(p.n * p.dout));
+  for (int64_t b = 0; b < p.nb && !p.base; ++b)
     if (p.idx[b] < 0) std::memset(p.y + b * L * p.dout, 0, sizeof(float) * static_cast<size_t>(L * p.dout));
   // 2. bucket blocks by adapter -> sorted row list.
   thread_local std::vector<int64_t> count, rows;

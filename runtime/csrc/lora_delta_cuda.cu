@@ -1,4 +1,5 @@
-// rewrite::LoraDelta on CUDA: the delta only (the base product stays ORT's cuBLAS Gemm), ORT-free.
+// rewrite::LoraDelta on CUDA: y = base + delta or the delta alone (the base product stays ORT's cuBLAS Gemm).
+// ORT-free.
 //
 // Design (BGMV / SGMV, fused): the rows of one idx block are a contiguous segment that shares one adapter, so a CTA
 // takes a tile of up to ROWS rows of one block and does both halves for them:
@@ -9,7 +10,8 @@
 //   expand  y[ROWS, :] = t @ B_k           threads over output columns (coalesced B_k reads and y writes), each B
 //                                          element reused for all ROWS rows; t comes from shared memory
 // No scratch in global memory, so nothing to free and no synchronisation: everything is enqueued on the caller's
-// stream (ORT's compute stream). Blocks with idx < 0 write zeros.
+// stream (ORT's compute stream). With a base, y starts as base (in place, or one device-to-device copy first) and
+// the kernel adds to it, leaving idx < 0 blocks alone; without one, blocks with idx < 0 write zeros.
 //
 // The adapter ids arrive in host memory (the ORT op declares idx a CPU input, the ids are checked on the host) and
 // travel to the GPU inside the kernel parameters, CAP ids per launch (one launch per CAP blocks): no host->device
@@ -35,6 +37,7 @@ struct Args {
   int64_t b0;    // first block of this launch
   int tiles_per_block;
   int groups;    // G: d_in slices per rank column (blockDim.x == r * G)
+  int accumulate;  // y holds the base output: add the delta
 };
 
 template <int CAP>
@@ -61,7 +64,8 @@ __global__ void __launch_bounds__(ROWS == 1 ? 1024 : 256)
   float* y0 = p.y + row0 * p.dout;
 
   if (k < 0) {  // no adapter: the delta is zero
-    for (int64_t e = tid; e < static_cast<int64_t>(nr) * p.dout; e += nt) y0[e] = 0.0f;
+    if (!p.accumulate)
+      for (int64_t e = tid; e < static_cast<int64_t>(nr) * p.dout; e += nt) y0[e] = 0.0f;
     return;
   }
   const float* a = p.a + static_cast<int64_t>(k) * p.din * p.r;
@@ -104,7 +108,7 @@ __global__ void __launch_bounds__(ROWS == 1 ? 1024 : 256)
     }
 #pragma unroll
     for (int i = 0; i < ROWS; ++i)
-      if (i < nr) y0[i * p.dout + col] = o[i];
+      if (i < nr) y0[i * p.dout + col] = p.accumulate ? y0[i * p.dout + col] + o[i] : o[i];
   }
 }
 
@@ -146,13 +150,19 @@ std::string lora_delta_cuda(const Problem& p, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.n == 0 || p.dout == 0) return "";
   if (p.r > 1024) return "LoraDelta (CUDA): rank above 1024 is not supported";
+  const size_t y_bytes = sizeof(float) * static_cast<size_t>(p.n * p.dout);
+  if (p.base != nullptr && p.base != p.y) {
+    const cudaError_t e = cudaMemcpyAsync(p.y, p.base, y_bytes, cudaMemcpyDeviceToDevice, stream);
+    if (e != cudaSuccess) return std::string("LoraDelta (CUDA): ") + cudaGetErrorString(e);
+  }
+  if (p.r == 0 && p.base != nullptr) return "";
   if (p.r == 0) {
-    const cudaError_t e = cudaMemsetAsync(p.y, 0, sizeof(float) * static_cast<size_t>(p.n * p.dout), stream);
+    const cudaError_t e = cudaMemsetAsync(p.y, 0, y_bytes, stream);
     return e == cudaSuccess ? "" : std::string("LoraDelta (CUDA): ") + cudaGetErrorString(e);
   }
   const int groups = p.r <= 256 ? static_cast<int>(256 / p.r) : 1;
   const int nt = static_cast<int>(p.r) * groups;
-  Args args{p.x, p.a, p.b, p.y, p.n / p.nb, p.din, p.r, p.dout, 0, 0, groups};
+  Args args{p.x, p.a, p.b, p.y, p.n / p.nb, p.din, p.r, p.dout, 0, 0, groups, p.base != nullptr};
   const int64_t L = p.n / p.nb;
   // Rows per CTA: as many as the block holds (up to 8) within the default shared-memory limit; ranks above 256
   // take one thread per rank column (up to 1024 threads), which only the one-row kernel is bounded for.

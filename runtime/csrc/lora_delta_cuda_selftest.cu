@@ -3,7 +3,9 @@
 //                                       --quick skips the timing
 // Cases: the benchmark shape (B = 32, d = 1024, K = 8, r = 16, some rows -1), 3-D blocks (several rows per id), a
 // one-element idx broadcast, odd rank and widths, more blocks than one launch carries, rank 0. Also times the
-// benchmark shape with CUDA events (everything stream-ordered: one synchronisation at the end).
+// benchmark shape with CUDA events (everything stream-ordered: one synchronisation at the end). Every case runs in
+// three modes: delta only (y starts as garbage), base in a separate buffer (y = base + delta, y garbage first) and
+// base in place (y holds base, p.base == p.y).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -32,17 +34,26 @@ struct Case {
   std::vector<int64_t> idx;
 };
 
-static bool run_case(const Case& c, std::mt19937& rng, bool time_it) {
+enum class Mode { kDelta, kBaseCopy, kBaseInPlace };
+const char* mode_name(Mode m) {
+  return m == Mode::kDelta ? "delta" : (m == Mode::kBaseCopy ? "+base" : "+base in place");
+}
+
+static bool run_case(const Case& c, Mode mode, std::mt19937& rng, bool time_it) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> x(c.n * c.din), a(c.k * c.din * c.r), b(c.k * c.r * c.dout);
   for (auto& v : x) v = nd(rng);
   for (auto& v : a) v = nd(rng) * 0.05f;
   for (auto& v : b) v = nd(rng) * 0.05f;
+  std::vector<float> base(c.n * c.dout, 0.0f);
+  if (mode != Mode::kDelta)
+    for (auto& v : base) v = nd(rng);
   const int64_t nb = static_cast<int64_t>(c.idx.size());
   const int64_t L = c.n / nb;
   // reference
-  std::vector<double> ref(c.n * c.dout, 0.0);
+  std::vector<double> ref(base.begin(), base.end());
   double ref_max = 0.0;
+  for (double v : ref) ref_max = std::fmax(ref_max, std::fabs(v));
   for (int64_t row = 0; row < c.n; ++row) {
     const int64_t k = c.idx[row / L];
     if (k < 0) continue;
@@ -52,27 +63,31 @@ static bool run_case(const Case& c, std::mt19937& rng, bool time_it) {
     for (int64_t col = 0; col < c.dout; ++col) {
       double s = 0.0;
       for (int64_t q = 0; q < c.r; ++q) s += t[q] * b[(k * c.r + q) * c.dout + col];
-      ref[row * c.dout + col] = s;
-      ref_max = std::fmax(ref_max, std::fabs(s));
+      ref[row * c.dout + col] += s;
+      ref_max = std::fmax(ref_max, std::fabs(ref[row * c.dout + col]));
     }
   }
-  float *dx, *da, *db, *dy;
+  float *dx, *da, *db, *dy, *dbase;
   CK(cudaMalloc(&dx, sizeof(float) * (x.size() + 1)));
   CK(cudaMalloc(&da, sizeof(float) * (a.size() + 1)));
   CK(cudaMalloc(&db, sizeof(float) * (b.size() + 1)));
   CK(cudaMalloc(&dy, sizeof(float) * (c.n * c.dout + 1)));
+  CK(cudaMalloc(&dbase, sizeof(float) * (c.n * c.dout + 1)));
   CK(cudaMemcpy(dx, x.data(), sizeof(float) * x.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(da, a.data(), sizeof(float) * a.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(db, b.data(), sizeof(float) * b.size(), cudaMemcpyHostToDevice));
   CK(cudaMemset(dy, 0x7f, sizeof(float) * c.n * c.dout));  // garbage: every element must be written
+  CK(cudaMemcpy(mode == Mode::kBaseInPlace ? dy : dbase, base.data(), sizeof(float) * base.size(),
+                cudaMemcpyHostToDevice));
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   Problem p;
   p.x = dx; p.a = da; p.b = db; p.y = dy; p.idx = c.idx.data();
+  p.base = mode == Mode::kDelta ? nullptr : (mode == Mode::kBaseCopy ? dbase : dy);
   p.n = c.n; p.nb = nb; p.din = c.din; p.r = c.r; p.dout = c.dout; p.k = c.k;
   std::string err = rewrite_lora::lora_delta_cuda(p, s);
   if (!err.empty()) {
-    std::printf("FAIL %-28s %s\n", c.name, err.c_str());
+    std::printf("FAIL %-28s %-14s %s\n", c.name, mode_name(mode), err.c_str());
     return false;
   }
   CK(cudaStreamSynchronize(s));
@@ -84,8 +99,8 @@ static bool run_case(const Case& c, std::mt19937& rng, bool time_it) {
     worst = std::isfinite(y[i]) ? std::fmax(worst, d) : INFINITY;
   }
   const bool ok = worst <= 1e-4 * (1.0 + ref_max);
-  std::printf("%s %-28s N=%lld d_in=%lld r=%lld d_out=%lld K=%lld B=%lld  max|err| %.3g (max|ref| %.3g)",
-              ok ? "ok  " : "FAIL", c.name, (long long)c.n, (long long)c.din, (long long)c.r, (long long)c.dout,
+  std::printf("%s %-28s %-14s N=%lld d_in=%lld r=%lld d_out=%lld K=%lld B=%lld  max|err| %.3g (max|ref| %.3g)",
+              ok ? "ok  " : "FAIL", c.name, mode_name(mode), (long long)c.n, (long long)c.din, (long long)c.r, (long long)c.dout,
               (long long)c.k, (long long)nb, worst, ref_max);
   if (time_it && ok) {
     cudaEvent_t e0, e1;
@@ -109,6 +124,7 @@ static bool run_case(const Case& c, std::mt19937& rng, bool time_it) {
   CK(cudaFree(da));
   CK(cudaFree(db));
   CK(cudaFree(dy));
+  CK(cudaFree(dbase));
   return ok;
 }
 
@@ -137,7 +153,9 @@ int main(int argc, char** argv) {
       {"all rows -1", 6, 32, 4, 24, 2, {-1, -1, -1}},
   };
   bool all = true;
-  for (size_t i = 0; i < cases.size(); ++i) all = run_case(cases[i], rng, !quick && (i == 0 || i == 1)) && all;
+  for (Mode mode : {Mode::kDelta, Mode::kBaseCopy, Mode::kBaseInPlace})
+    for (size_t i = 0; i < cases.size(); ++i)
+      all = run_case(cases[i], mode, rng, !quick && mode != Mode::kBaseCopy && (i == 0 || i == 1)) && all;
   std::printf(all ? "ALL OK\n" : "SOME CASES FAILED\n");
   return all ? 0 : 1;
 }

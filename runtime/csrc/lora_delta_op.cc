@@ -8,6 +8,7 @@
 #include "onnxruntime_lite_custom_op.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <optional>
 #include <vector>
 
 #include "lora_delta.h"
@@ -24,7 +25,7 @@ Ort::Status fail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMEN
 
 // Shapes, index range and output allocation shared by both execution providers. Returns "" or the message.
 std::string prepare(const Tensor<float>& x, const Tensor<float>& a, const Tensor<float>& b,
-                    const Tensor<int64_t>& idx, Tensor<float>& y, Problem& p) {
+                    const Tensor<int64_t>& idx, const Tensor<float>* base, Tensor<float>& y, Problem& p) {
   const auto& xs = x.Shape();
   const auto& as = a.Shape();
   const auto& bs = b.Shape();
@@ -37,7 +38,11 @@ std::string prepare(const Tensor<float>& x, const Tensor<float>& a, const Tensor
   if (!err.empty()) return err;
   std::vector<int64_t> ys = xs;
   ys.back() = p.dout;
-  p.y = y.Allocate(ys);
+  if (base != nullptr) {
+    if (base->Shape() != ys) return "LoraDelta: base must have the shape of x with the last dim d_out";
+    p.base = base->Data();
+  }
+  p.y = y.Allocate(ys);  // base's own buffer when ORT runs the op in place (kernel_may_inplace below)
   p.x = x.Data();
   p.a = a.Data();
   p.b = b.Data();
@@ -48,11 +53,15 @@ void ort_parallel_for(void* c, void (*fn)(void*, size_t), size_t total, size_t m
   static_cast<const Ort::KernelContext*>(c)->ParallelFor(fn, total, max_batches, data);
 }
 
+using OptionalBase = std::optional<const Tensor<float>*>;
+
+const Tensor<float>* present(const OptionalBase& base) { return base.has_value() ? *base : nullptr; }
+
 Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, const Tensor<float>& a,
-                         const Tensor<float>& b, const Tensor<int64_t>& idx, Tensor<float>& y) {
+                         const Tensor<float>& b, const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
   try {
     Problem p;
-    const std::string err = prepare(x, a, b, idx, y, p);
+    const std::string err = prepare(x, a, b, idx, present(base), y, p);
     if (!err.empty()) return fail(err);
     if (p.n == 0 || p.dout == 0) return Ort::Status{nullptr};
     const Ort::KernelContext kctx(context);
@@ -71,10 +80,10 @@ Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, cons
 
 #ifdef REWRITE_LORA_CUDA
 Ort::Status LoraDeltaCuda(OrtKernelContext* context, const Tensor<float>& x, const Tensor<float>& a,
-                          const Tensor<float>& b, const Tensor<int64_t>& idx, Tensor<float>& y) {
+                          const Tensor<float>& b, const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
   try {
     Problem p;
-    const std::string err = prepare(x, a, b, idx, y, p);
+    const std::string err = prepare(x, a, b, idx, present(base), y, p);
     if (!err.empty()) return fail(err);
     if (p.n == 0 || p.dout == 0) return Ort::Status{nullptr};
     const Ort::KernelContext kctx(context);
@@ -102,6 +111,23 @@ Ort::Status infer_shape(Ort::ShapeInferContext& ctx) {
   }
 }
 
+// y may reuse base's buffer (input 4 -> output 0): ORT decides, when base has no other consumer.
+size_t ORT_API_CALL kernel_may_inplace(int** input_index, int** output_index) {
+  *input_index = new int[1]{4};
+  *output_index = new int[1]{0};
+  return 1;
+}
+void ORT_API_CALL release_may_inplace(int* input_index, int* output_index) {
+  delete[] input_index;
+  delete[] output_index;
+}
+
+Ort::Custom::OrtLiteCustomOp* in_place(Ort::Custom::OrtLiteCustomOp* op) {
+  op->GetMayInplace = kernel_may_inplace;
+  op->ReleaseMayInplace = release_may_inplace;
+  return op;
+}
+
 struct Registry {
   Ort::CustomOpDomain domain{"rewrite"};
   std::vector<Ort::Custom::OrtLiteCustomOp*> ops;  // never freed (see registry())
@@ -111,11 +137,13 @@ Registry& registry() {
   // Domain and ops must outlive every session that uses them: static storage, never freed.
   static Registry* r = [] {
     auto* reg = new Registry;
-    auto* cpu = Ort::Custom::CreateLiteCustomOp("LoraDelta", "CPUExecutionProvider", LoraDeltaCpu, infer_shape);
+    auto* cpu = in_place(
+        Ort::Custom::CreateLiteCustomOp("LoraDelta", "CPUExecutionProvider", LoraDeltaCpu, infer_shape));
     reg->domain.Add(cpu);
     reg->ops.push_back(cpu);
 #ifdef REWRITE_LORA_CUDA
-    auto* cuda = Ort::Custom::CreateLiteCustomOp("LoraDelta", "CUDAExecutionProvider", LoraDeltaCuda, infer_shape);
+    auto* cuda = in_place(
+        Ort::Custom::CreateLiteCustomOp("LoraDelta", "CUDAExecutionProvider", LoraDeltaCuda, infer_shape));
     // The adapter ids are routing decisions made on the host: take them in host memory so the op can check them
     // (clean error) and plan without a device->host copy or a stream synchronisation.
     cuda->GetInputMemoryType = [](const OrtCustomOp*, size_t i) {
