@@ -8,7 +8,8 @@ adapter selected at run time. Scales are folded into B; ranks of one site are ze
     bank          A [d_in, C r], B [C r, d_out], ids [batch]  delta = ((x A) * onehot(ids)) B
                   (standard ops; C slots; id -1 = no adapter; rows of one batch may differ)
     custom-op     A [C, d_in, r], B [C, r, d_out], ids        y = rewrite::LoraDelta(x, A, B, ids, base(x))
-                  (the add is fused into the op: it takes the base output and may run in place on it)
+                  (the add is fused into the op: it takes the base output and may run in place on it;
+                  banks float32, or float16 to halve the bytes each call streams)
 
 Batch-row ids reach the lowered modules through `ROUTER`, set by `RoutedModel.forward`: non-strict
 export runs this Python for real, so the ids tensor is traced like any other input. A row id covers the
@@ -79,11 +80,12 @@ class OneHotBank(nn.Module):
 class CustomOpBank(nn.Module):
     """base + delta in one custom op (segmented per adapter in C++/CUDA); the base GEMM stays ONNX Runtime's."""
 
-    def __init__(self, a_bank: torch.Tensor, b_bank: torch.Tensor):
+    def __init__(self, a_bank: torch.Tensor, b_bank: torch.Tensor, dtype: torch.dtype = torch.float32):
         super().__init__()
         from rewrite.runtime import ops  # noqa: F401 - registers torch.ops.rewrite.lora_delta
 
-        self.A, self.B = nn.Parameter(a_bank, requires_grad=False), nn.Parameter(b_bank, requires_grad=False)
+        self.A = nn.Parameter(a_bank.to(dtype), requires_grad=False)
+        self.B = nn.Parameter(b_bank.to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return torch.ops.rewrite.lora_delta(x, self.A, self.B, _routed_ids(), base)
@@ -139,11 +141,17 @@ def _pad(t: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, pad)
 
 
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
-          capacity: int | None = None) -> Lowered:
+          capacity: int | None = None, bank_dtype: str = "float32") -> Lowered:
     """A copy of `gm` with each adapted site's branches replaced by one switchable module."""
     if strategy not in STRATEGIES:
         raise RewriteError(f"unknown switching strategy {strategy!r}; expected one of {STRATEGIES}")
+    if bank_dtype not in BANK_DTYPES or (bank_dtype != "float32" and strategy != "custom-op"):
+        raise RewriteError(f"[export] bank_dtype = {bank_dtype!r}: float16 banks need switching = \"custom-op\"; "
+                           f"expected one of {sorted(BANK_DTYPES)}")
     gm = copy.deepcopy(gm)
     state = state_of(gm)
     owners = list(dict.fromkeys(s.owner for s in state.sites.values()))
@@ -172,7 +180,7 @@ def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
         factors = {n: _factors(m) for n, m in chosen.items()}
         rank = max(a.shape[1] for a, _ in factors.values())
         padded = {n: {"A": _pad(a, rank, 1), "B": _pad(b, rank, 0)} for n, (a, b) in factors.items()}
-        module = _lowered_module(strategy, padded, names, slots, sites[0])
+        module = _lowered_module(strategy, padded, names, slots, sites[0], BANK_DTYPES[bank_dtype])
         path = f"lora.{owner}"
         gm.add_submodule(path, module)
         for site in sites:
@@ -185,7 +193,8 @@ def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
     return Lowered(root, strategy, names, lowered_sites, routed)
 
 
-def _lowered_module(strategy: str, padded: dict, names: list[str], slots: int, site: Site) -> nn.Module:
+def _lowered_module(strategy: str, padded: dict, names: list[str], slots: int, site: Site,
+                    dtype: torch.dtype) -> nn.Module:
     if strategy == "ort-adapters":
         first = padded[next(iter(padded))]
         return SwitchableLora(first["A"], first["B"])
@@ -195,7 +204,7 @@ def _lowered_module(strategy: str, padded: dict, names: list[str], slots: int, s
     for slot, name in enumerate(names):
         if name in padded:
             a_bank[slot], b_bank[slot] = padded[name]["A"], padded[name]["B"]
-    return OneHotBank(a_bank, b_bank) if strategy == "bank" else CustomOpBank(a_bank, b_bank)
+    return OneHotBank(a_bank, b_bank) if strategy == "bank" else CustomOpBank(a_bank, b_bank, dtype)
 
 
 def _wire_lowered(gm: fx.GraphModule, base: fx.Node, site: Site, path: str, fused: bool) -> None:

@@ -117,16 +117,19 @@ def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
                 np_type = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
                 init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(empty, np_type), name))
             model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, shape))
-    del model.graph.value_info[:]
+    # ort-adapters changed rank dims: drop the exporter's shapes. Routed strategies keep them: ONNX shape inference
+    # has no rule for LoraDelta, and ONNX Runtime runs the op in place only when it sees its output shape.
+    if lowered.strategy == "ort-adapters":
+        del model.graph.value_info[:]
 
 
 def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strategy: str,
                     adapters: list[str] | None, capacity: int | None, opset: int | None,
-                    external_data: str, config: Any = None) -> dict[str, Any]:
+                    external_data: str, config: Any = None, bank_dtype: str = "float32") -> dict[str, Any]:
     """Write the switchable model (and, for ort-adapters, one .onnx_adapter per adapter) into out_dir."""
     if state_of(gm).device == "meta":
         raise RewriteError("cannot export ONNX from a meta-device capture (it has no weights)")
-    lowered = lower(gm, strategy, adapters, capacity)
+    lowered = lower(gm, strategy, adapters, capacity, bank_dtype)
     real = _distinct_placeholders(lowered)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -154,6 +157,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strateg
         file=filename, mode="unmerged", switching=strategy, model_version=version, nodes=len(model.graph.node),
         op_types=sorted({n.op_type for n in model.graph.node}), external_data=big,
         capacity=capacity or len(lowered.adapters) if lowered.routed else None,
+        bank_dtype=bank_dtype if lowered.routed else None,
         ids_input=IDS_INPUT if lowered.routed else None,
         sites=[dict(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, **s.tensors)
                for s in lowered.sites],

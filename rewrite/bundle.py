@@ -29,7 +29,8 @@ def parse_adapter_arg(text: str) -> tuple[str, Path]:
     return name, Path(path).resolve()
 
 
-def bundle_spec(adapters: list[str], *, switching: str, capacity: int | None, check: bool) -> Spec:
+def bundle_spec(adapters: list[str], *, switching: str, capacity: int | None, check: bool,
+                bank_dtype: str = "float32") -> Spec:
     if not adapters:
         raise SpecError("rewrite bundle: give at least one --adapter NAME=PEFT_DIR")
     parsed = [parse_adapter_arg(a) for a in adapters]
@@ -44,4 +45,6 @@ def bundle_spec(adapters: list[str], *, switching: str, capacity: int | None, ch
               f"check = {'true' if check else 'false'}"]
     if capacity is not None:
         lines.append(f"capacity = {capacity}")
+    if bank_dtype != "float32":
+        lines.append(f"bank_dtype = {json.dumps(bank_dtype)}")
     return parse_spec("\n".join(lines) + "\n", None)

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     bundle.add_argument("--switching", choices=["ort-adapters", "bank", "custom-op"], default="bank",
                         help="ort-adapters: one adapter per run; bank / custom-op: one adapter per batch row")
     bundle.add_argument("--capacity", type=int, help="bank slots (default: the number of adapters)")
+    bundle.add_argument("--bank-dtype", choices=["float32", "float16"], default="float32",
+                        help="custom-op banks in float16: half the bytes per call, adapters rounded to half")
     bundle.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     bundle.add_argument("--check", action="store_true", help="compare ONNX Runtime with torch per adapter")
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
@@ -64,7 +66,8 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if args.command == "bundle":
         from rewrite.bundle import bundle_spec
 
-        spec = bundle_spec(args.adapter, switching=args.switching, capacity=args.capacity, check=args.check)
+        spec = bundle_spec(args.adapter, switching=args.switching, capacity=args.capacity, check=args.check,
+                           bank_dtype=args.bank_dtype)
         args.verify = False
     else:
         spec = load_spec(args.spec)

@@ -146,7 +146,7 @@ def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, 
     start = time.perf_counter()
     if options.mode == "unmerged":
         entry = export_unmerged(gm, tmp, options.filename, strategy=options.switching, adapters=options.adapters,
-                                capacity=options.capacity, opset=options.opset,
+                                capacity=options.capacity, bank_dtype=options.bank_dtype, opset=options.opset,
                                 external_data=options.external_data, config=loaded.config)
     else:
         gm = _fold_remaining(gm, context, on_pass)
@@ -163,9 +163,9 @@ def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, 
             diff = check_onnx(gm, tmp / options.filename)
         on_stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
         entry["check_max_abs_diff"] = summary.check_max_abs_diff = diff
-        if not diff <= options.tolerance:
+        if not diff <= options.check_tolerance:
             raise SpecError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "
-                            f"(> [export] tolerance = {options.tolerance:g})")
+                            f"(> [export] tolerance = {options.check_tolerance:g})")
     return entry
 
 

@@ -74,11 +74,27 @@ class ExportOptions(Strict):
     switching: Literal["ort-adapters", "bank", "custom-op"] = "ort-adapters"
     adapters: list[str] | None = None
     capacity: int | None = Field(default=None, ge=1)
+    bank_dtype: Literal["float32", "float16"] = "float32"
     opset: int | None = Field(default=None, ge=17)
     check: bool = False
-    tolerance: float = 1e-4
+    tolerance: float | None = Field(default=None, gt=0)
     external_data: Literal["auto", "always", "never"] = "auto"
     filename: str = "model.onnx"
+
+    @model_validator(mode="after")
+    def _half_banks_need_the_custom_op(self) -> "ExportOptions":
+        if self.bank_dtype == "float16" and (self.mode, self.switching) != ("unmerged", "custom-op"):
+            raise ValueError("bank_dtype = \"float16\" needs mode = \"unmerged\" and switching = \"custom-op\" "
+                             f"(got mode = \"{self.mode}\", switching = \"{self.switching}\")")
+        return self
+
+    @property
+    def check_tolerance(self) -> float:
+        """The max abs difference `check` allows: `tolerance`, else 1e-4 (2e-3 for float16 banks, whose adapters
+        are rounded to half precision)."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return 2e-3 if self.bank_dtype == "float16" else 1e-4
 
 
 class DataOptions(Strict):

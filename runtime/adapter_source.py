@@ -21,11 +21,12 @@ def _scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
-def read_factors(source: Any, sites: dict[str, dict[str, Any]], *,
-                 model_version: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version: int | None = None,
+                 dtype: str = "float32") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{site: (A, B scaled)} as float32 numpy arrays, validated against `sites` (manifest entries).
 
-    `model_version` (the manifest's) is checked against an `.onnx_adapter` file's own model version.
+    `model_version` (the manifest's) is checked against an `.onnx_adapter` file's own model version; `dtype` is the
+    element type the model's adapter inputs take, which an `.onnx_adapter` file must match.
     """
     if isinstance(source, dict):
         factors = {k: (np.asarray(a, np.float32), np.asarray(b, np.float32)) for k, (a, b) in source.items()}
@@ -44,8 +45,9 @@ def read_factors(source: Any, sites: dict[str, dict[str, Any]], *,
         else:
             raise AdapterFileError(f"{path}: unknown adapter format (expected a PEFT directory, .safetensors or "
                                    ".onnx_adapter)")
-    _validate(factors, sites, where)
-    return factors
+    _validate(factors, sites, where, np.dtype(dtype))
+    return {site: (a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
+            for site, (a, b) in factors.items()}
 
 
 def _from_peft(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -109,7 +111,8 @@ def _from_onnx_adapter(path: Path, sites: dict[str, dict[str, Any]],
     return out
 
 
-def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str, dict[str, Any]], where: str):
+def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str, dict[str, Any]], where: str,
+              dtype: np.dtype):
     if not factors:
         raise AdapterFileError(f"{where}: the adapter has no tensors")
     for site, (a, b) in factors.items():
@@ -117,8 +120,8 @@ def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str
             raise AdapterFileError(f"{where}: site {site!r} has no switchable adapter slot in this model "
                                    f"(nearest: {', '.join(nearest(site, sites)) or 'none'})")
         info = sites[site]
-        if a.dtype != np.float32 or b.dtype != np.float32:
-            raise AdapterFileError(f"{where}: site {site!r}: dtypes {a.dtype}/{b.dtype}, the model takes float32")
+        if a.dtype not in (np.float32, dtype) or b.dtype not in (np.float32, dtype):
+            raise AdapterFileError(f"{where}: site {site!r}: dtypes {a.dtype}/{b.dtype}, the model takes {dtype}")
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != info["d_in"] or b.shape[1] != info["d_out"] \
                 or a.shape[1] != b.shape[0]:
             raise AdapterFileError(f"{where}: site {site!r}: shapes A {a.shape}, B {b.shape} do not fit "

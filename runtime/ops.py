@@ -2,6 +2,7 @@
 
     y = lora_delta(x, a_bank, b_bank, idx, base=None)
         x [..., d_in], a_bank [K, d_in, r], b_bank [K, r, d_out], idx [B], base [..., d_out] or None
+        x / base / y float32; the banks float32 or both float16 (half the bytes; widened to float32 in the kernel)
 
 The N = prod(x.shape[:-1]) rows of x split into B equal blocks; the rows of block b get
 `base_row + x_row @ a_bank[idx[b]] @ b_bank[idx[b]]`, or `base_row` when idx[b] < 0 (no adapter); without `base`
@@ -63,6 +64,7 @@ def _check_args(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor, idx
     torch._check(a_bank.shape[1] == x.shape[-1], lambda: "LoraDelta: A_bank dim 1 must equal the last dim of x")
     torch._check(a_bank.shape[0] == b_bank.shape[0], lambda: "LoraDelta: A_bank and B_bank hold different K")
     torch._check(a_bank.shape[2] == b_bank.shape[1], lambda: "LoraDelta: rank mismatch between A_bank and B_bank")
+    torch._check(a_bank.dtype == b_bank.dtype, lambda: "LoraDelta: A_bank and B_bank must have one dtype")
     if base is not None:
         torch._check(base.shape == (*x.shape[:-1], b_bank.shape[2]),
                      lambda: "LoraDelta: base must have the shape of x with the last dim d_out")
@@ -85,7 +87,7 @@ def _lora_delta_impl(x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor
     out = blocks.new_zeros(nb, n // nb, d_out)
     for k in torch.unique(ids[ids >= 0]).tolist():
         sel = (ids == k).nonzero().reshape(-1)
-        out = out.index_put((sel,), blocks[sel] @ a_bank[k] @ b_bank[k])
+        out = out.index_put((sel,), blocks[sel] @ a_bank[k].to(x.dtype) @ b_bank[k].to(x.dtype))
     out = out.reshape(*x.shape[:-1], d_out)
     return out if base is None else base + out
 
@@ -141,13 +143,15 @@ def register_onnx_schema() -> None:
         "idx < 0; base absent = 0 (the delta alone).",
         inputs=[
             P("x", "T", "rows to adapt, [..., d_in]"),
-            P("A_bank", "T", "[K, d_in, r] (matmul layout)"),
-            P("B_bank", "T", "[K, r, d_out] (LoRA scale folded in)"),
+            P("A_bank", "TB", "[K, d_in, r] (matmul layout)"),
+            P("B_bank", "TB", "[K, r, d_out] (LoRA scale folded in)"),
             P("idx", "tensor(int64)", "[B] adapter per row block, < 0 = none"),
             P("base", "T", "[..., d_out] the base layer's output (optional)", param_option=Optional),
         ],
         outputs=[P("y", "T", "base + delta, [..., d_out]")],
-        type_constraints=[("T", ["tensor(float)"], "float32 activations and adapter banks")],
+        type_constraints=[("T", ["tensor(float)"], "float32 activations"),
+                          ("TB", ["tensor(float)", "tensor(float16)"], "adapter banks: float32, or float16 (half "
+                           "the bytes, widened to float32 in the kernel)")],
     )
     onnx.defs.register_schema(schema)
 

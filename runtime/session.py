@@ -53,6 +53,7 @@ class AdapterSession:
         if entry is None:
             raise RewriteError(f"{manifest_file}: no unmerged export; set [export] mode = \"unmerged\"")
         self.directory, self.entry, self.switching = directory, entry, entry["switching"]
+        self.bank_dtype = entry.get("bank_dtype") or "float32"
         self.model_path = directory / entry["file"]
         self._sites = {s["site"]: dict(s, rank_limit=s["rank"] if self.switching != "ort-adapters" else None)
                        for s in entry["sites"]}
@@ -155,7 +156,7 @@ class AdapterSession:
     # ---- adapter management --------------------------------------------------------------------
     def add_adapter(self, name: str, source: Any, *, replace_existing: bool = False) -> None:
         """Add (or with replace_existing, replace) an adapter from a PEFT dir, our file, .onnx_adapter or dict."""
-        factors = read_factors(source, self._sites, model_version=self.entry["model_version"])
+        factors = read_factors(source, self._sites, model_version=self.entry["model_version"], dtype=self.bank_dtype)
         with self._lock:
             if name in self.adapters and not replace_existing:
                 raise AdapterFileError(f"adapter {name!r} is already loaded (remove it first or pass "
@@ -187,7 +188,7 @@ class AdapterSession:
     def _add_file(self, name: str, file: Path) -> None:
         """Activate an .onnx_adapter (validated: model version, names, shapes, dtype); the caller holds the lock
         or is __init__. Loaded adapters are kept for the session's life: RunOptions of in-flight runs use them."""
-        read_factors(file, self._sites, model_version=self.entry["model_version"])
+        read_factors(file, self._sites, model_version=self.entry["model_version"], dtype=self.bank_dtype)
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()

@@ -213,12 +213,13 @@ def test_ort_rows_not_divisible_by_blocks_is_an_error(lib, exported_2d):
 BASE_MODES = ("delta", "base-input", "base-computed")
 
 
-def bare_model(k: int, d_in: int, r: int, d_out: int, mode: str = "delta") -> bytes:
+def bare_model(k: int, d_in: int, r: int, d_out: int, mode: str = "delta", bank=TensorProto.FLOAT) -> bytes:
     """One LoraDelta node. delta: no base; base-input: base is a graph input (ORT cannot hand its buffer to y, the
-    op copies it); base-computed: base = Neg(nbase) computed in the graph, its buffer free to reuse in place."""
+    op copies it); base-computed: base = Neg(nbase) computed in the graph, its buffer free to reuse in place.
+    `bank`: the element type of A and B (float or float16)."""
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-              helper.make_tensor_value_info("A", TensorProto.FLOAT, [k, d_in, r]),
-              helper.make_tensor_value_info("B", TensorProto.FLOAT, [k, r, d_out]),
+              helper.make_tensor_value_info("A", bank, [k, d_in, r]),
+              helper.make_tensor_value_info("B", bank, [k, r, d_out]),
               helper.make_tensor_value_info("idx", TensorProto.INT64, None)]
     nodes = []
     if mode == "base-input":
@@ -243,10 +244,12 @@ KERNEL_CASES = [  # (x shape, K, r, d_out, ids)
 ]
 
 
+@pytest.mark.parametrize("bank", ["float32", "float16"])
 @pytest.mark.parametrize("mode", BASE_MODES)
 @pytest.mark.parametrize("isa", ["auto", "generic"])
 @pytest.mark.parametrize("threads", [1, 2, "2, REWRITE_LORA_THREADS=1"])
-def test_kernel_paths(lib, isa, threads, mode, monkeypatch):
+def test_kernel_paths(lib, isa, threads, mode, bank, monkeypatch):
+    """Float16 banks are compared with the reference on the half-rounded values (the rounding is the caller's)."""
     if isa == "generic":
         monkeypatch.setenv("REWRITE_LORA_ISA", "generic")  # read per call by the library
     if isinstance(threads, str):
@@ -258,16 +261,20 @@ def test_kernel_paths(lib, isa, threads, mode, monkeypatch):
     for shape, k, r, d_out, ids in KERNEL_CASES:
         d_in = shape[-1]
         x = rng.standard_normal(shape).astype(np.float32)
-        a = (rng.standard_normal((k, d_in, r)) * 0.1).astype(np.float32)
-        b = (rng.standard_normal((k, r, d_out)) * 0.1).astype(np.float32)
+        a = (rng.standard_normal((k, d_in, r)) * 0.1).astype(bank)
+        b = (rng.standard_normal((k, r, d_out)) * 0.1).astype(bank)
+        if bank == "float16" and a.size:  # also widen subnormal, zero and large halves
+            a.reshape(-1)[:4] = np.array([6e-8, -3e-5, 0.0, 1000.0], np.float16)
         idx = np.array(ids, np.int64)
         base = rng.standard_normal((*shape[:-1], d_out)).astype(np.float32)
         feeds = {"x": x, "A": a, "B": b, "idx": idx}
         if mode != "delta":
             feeds["base" if mode == "base-input" else "nbase"] = base if mode == "base-input" else -base
-        sess = ort.InferenceSession(bare_model(k, d_in, r, d_out, mode), so, providers=["CPUExecutionProvider"])
+        elem = TensorProto.FLOAT16 if bank == "float16" else TensorProto.FLOAT
+        sess = ort.InferenceSession(bare_model(k, d_in, r, d_out, mode, elem), so, providers=["CPUExecutionProvider"])
         got = sess.run(None, feeds)[0]
-        adapters = [(torch.from_numpy(a[i]), torch.from_numpy(b[i])) for i in range(k)]
+        adapters = [(torch.from_numpy(a[i].astype(np.float64)), torch.from_numpy(b[i].astype(np.float64)))
+                    for i in range(k)]
         want = reference_delta(x, idx, adapters) if x.size and r else np.zeros((*shape[:-1], d_out))
         if mode != "delta":
             want = want + base

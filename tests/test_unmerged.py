@@ -168,20 +168,27 @@ class Mlp:
     def float32_factors(self, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {s: (a.astype(np.float32), b.astype(np.float32)) for s, (a, b) in self.factors[name].items()}
 
-    def export(self, strategy: str) -> Path:
-        """`rewrite apply spec.toml factories:mlp4 -o out --check` (once per strategy)."""
-        if strategy not in self._exports:
-            out = self.work / f"out-{strategy}"
-            spec = self.work / f"spec-{strategy}.toml"
+    def export(self, strategy: str, bank_dtype: str = "float32") -> Path:
+        """`rewrite apply spec.toml factories:mlp4 -o out --check` (once per strategy and bank dtype)."""
+        key = strategy if bank_dtype == "float32" else f"{strategy}-{bank_dtype}"
+        if key not in self._exports:
+            out = self.work / f"out-{key}"
+            spec = self.work / f"spec-{key}.toml"
             dirs = {n: self.peft_dir / n for n in ["support", "style", "extra"]}
             spec.write_text(
                 f"version = 1\n{MLP_INPUTS}{load_passes(dirs)}"
                 '[[pass]]\nname = "save"\nadapter = "extra"\npath = "extra.safetensors"\nformat = "rewrite"\n'
                 f'[export]\nmode = "unmerged"\nswitching = "{strategy}"\nadapters = {json.dumps(EXPORTED)}\n'
-                f"capacity = {CAPACITY}\ntolerance = 1e-5\n")
+                f"capacity = {CAPACITY}\nbank_dtype = \"{bank_dtype}\"\n"
+                + ("tolerance = 1e-5\n" if bank_dtype == "float32" else ""))
             assert main(["apply", str(spec), "factories:mlp4", "-o", str(out), "--check", "-q"]) == 0
-            self._exports[strategy] = out
-        return self._exports[strategy]
+            self._exports[key] = out
+        return self._exports[key]
+
+    def half_factors(self, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """What a float16 bank holds: A and (scale-folded) B rounded to half precision."""
+        return {s: (a.astype(np.float16).astype(np.float64), b.astype(np.float16).astype(np.float64))
+                for s, (a, b) in self.factors[name].items()}
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +301,51 @@ def test_mlp_rows_mix_adapters(mlp, row_strategy):
         got = session.run({"x": mlp.inputs[5]}, adapter_ids=["style", None])[0]  # batch 2, length 5
         worst = max(worst, check_answer(mlp, got, 5, ["style", None]))
         assert _record(f"mlp {row_strategy} per row", worst) <= 1e-5
+
+
+def test_float16_banks(mlp, tmp_path):
+    """custom-op with bank_dtype = "float16": the banks are half in the model (half the bytes), each row equals the
+    numpy oracle on the half-rounded adapters (<= 1e-5) and the float32 adapters within the default check tolerance;
+    the fused op's output carries base's shape (what lets ONNX Runtime run it in place); adapters added while
+    serving are rounded the same way."""
+    need("custom-op")
+    out = mlp.export("custom-op", "float16")
+    (entry,) = json.loads((out / "manifest.json").read_text())["exports"]
+    assert entry["bank_dtype"] == "float16" and entry["check_max_abs_diff"] <= 2e-3
+    model = onnx.load(str(out / "model.onnx"))
+    banks = {t.name: t.data_type for t in model.graph.initializer if t.name in {s["A"] for s in entry["sites"]}}
+    assert set(banks.values()) == {onnx.TensorProto.FLOAT16} and len(banks) == len(entry["sites"])
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.output]}
+    fused = [n for n in model.graph.node if n.op_type == "LoraDelta"]
+    assert len(fused) == 4 and all(len(n.input) == 5 for n in fused)
+    assert all(shapes[n.output[0]] == shapes[n.input[4]] == ["batch", "seq", 64] for n in fused)
+    half = {n: mlp.half_factors(n) for n in MLP_ADAPTERS}
+    rows = ["support", None, "style", "support"]
+    with AdapterSession(out) as session:
+        worst = worst_fp32 = 0.0
+        for k in range(5):
+            got = session.run({"x": mlp.inputs[k]}, adapter_ids=rows)[0]
+            for i, name in enumerate(rows):
+                worst = max(worst, diff(got[i], mlp.forward(mlp.inputs[k], half.get(name))[i]))
+                worst_fp32 = max(worst_fp32, diff(got[i], mlp.refs[name][k][i]))
+        session.add_adapter("tenant", mlp.peft_dir / "tenant")
+        got = session.run({"x": mlp.inputs[0]}, adapter="tenant")[0]
+        worst = max(worst, diff(got, mlp.forward(mlp.inputs[0], half["tenant"])))
+        session.add_adapter("tenant16", onnx_adapter_for(session, mlp.float32_factors("tenant"),
+                                                         tmp_path / "t16.onnx_adapter", dtype=np.float16))
+        worst = max(worst, diff(session.run({"x": mlp.inputs[0]}, adapter="tenant16")[0], got))
+    assert _record("mlp custom-op float16 banks vs rounded oracle", worst) <= 1e-5
+    assert 1e-7 < _record("mlp custom-op float16 banks vs float32 adapters", worst_fp32) <= 2e-3
+
+
+def test_float16_banks_need_the_custom_op(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'version = 1\n{MLP_INPUTS}[export]\nmode = "unmerged"\nswitching = "bank"\n'
+                    'bank_dtype = "float16"\n')
+    with pytest.raises(RewriteError, match='bank_dtype = "float16" needs mode = "unmerged" and switching = '
+                                           '"custom-op"'):
+        parse_spec(spec.read_text(), spec)
 
 
 # ------------------------------------------------------------------------------ 2. adapter management

@@ -12,7 +12,7 @@
 # DIR defaults to <repo>/build/lora (git-ignored); --lib names the CPU library file instead (runtime/ops.py uses it).
 # Headers: ORT_INCLUDE_DIR, else Debian trixie's libonnxruntime-dev fetched once into build/ort-headers
 # (fetch_headers.sh). Compilers: CXX (g++), NVCC (nvcc); CUDA_ARCHS (default "80 90") -> -gencode sm_XX each, plus
-# PTX of the newest for later GPUs. CPU code: one portable build and one -mavx2 -mfma build of the micro-kernels,
+# PTX of the newest for later GPUs. CPU code: one portable build and one -mavx2 -mfma -mf16c build of the micro-kernels,
 # chosen at run time (never -march=native).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -43,7 +43,7 @@ cxxflags=(-O3 -std=c++17 -fPIC -fvisibility=hidden -ffp-contract=fast -Wall -Wex
           -Wno-unused-parameter -Wno-missing-field-initializers)
 isa=()
 case "$("$CXX" -dumpmachine)" in
-    x86_64*|i?86*) isa=(-mavx2 -mfma) ;;
+    x86_64*|i?86*) isa=(-mavx2 -mfma -mf16c) ;;
 esac
 ldflags=(-shared -Wl,--version-script="$here/exports.map" -Wl,--no-undefined)
 

@@ -4,26 +4,52 @@
 //   y[n, :] = base[n, :]                                      when k < 0 (no adapter)
 //
 // x is [N, d_in] row-major (leading dims flattened), A_bank [K, d_in, r], B_bank [K, r, d_out] (matmul layout, the
-// LoRA scale folded into B, smaller ranks zero-padded to r), idx [nb] int64 with N % nb == 0. The base GEMM is not
+// LoRA scale folded into B, smaller ranks zero-padded to r; float32, or both float16 to halve the bytes streamed), idx [nb] int64 with N % nb == 0. The base GEMM is not
 // computed here: it stays ORT's own Gemm/MatMul and its output is the optional input `base` (absent: base = 0, the
 // delta alone). ORT may hand the op base's buffer as y (in place); otherwise the op copies base into y first.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace rewrite_lora {
 
 struct Problem {
   const float* x = nullptr;      // [N, din]
-  const float* a = nullptr;      // [K, din, r]
-  const float* b = nullptr;      // [K, r, dout]
+  const void* a = nullptr;       // [K, din, r]  float, or IEEE half bits (uint16_t) when half_banks
+  const void* b = nullptr;       // [K, r, dout] same type as a
+  bool half_banks = false;
   const int64_t* idx = nullptr;  // [nb] (host memory)
   const float* base = nullptr;   // [N, dout] or null (delta only); may equal y (in place)
   float* y = nullptr;            // [N, dout]
   int64_t n = 0, nb = 1, din = 0, r = 0, dout = 0, k = 0;
 };
+
+// IEEE half (bits) -> float, exact for every value (normals, subnormals, zeros, infinities, NaN).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: man * 2^-24, renormalised
+    uint32_t m = man, e = 113;
+    while (!(m & 0x400u)) {
+      m <<= 1;
+      --e;
+    }
+    bits = sign | (e << 23) | ((m & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // Shape checks shared by the CPU and CUDA ops. Returns "" when the shapes are fine, else the message
 // (every message starts with "LoraDelta: "). Fills p.n, p.nb, p.din, p.r, p.dout, p.k.

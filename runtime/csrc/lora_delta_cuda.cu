@@ -15,7 +15,8 @@
 //
 // The adapter ids arrive in host memory (the ORT op declares idx a CPU input, the ids are checked on the host) and
 // travel to the GPU inside the kernel parameters, CAP ids per launch (one launch per CAP blocks): no host->device
-// copy, no staging buffer, no stream synchronisation.
+// copy, no staging buffer, no stream synchronisation. Banks are float32 or float16 (TB); arithmetic is float.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,8 +30,8 @@ namespace {
 
 struct Args {
   const float* x;
-  const float* a;
-  const float* b;
+  const void* a;
+  const void* b;
   float* y;
   int64_t L;     // rows per block
   int64_t din, r, dout;
@@ -47,7 +48,10 @@ struct Ids {
 
 // __grid_constant__: ids.v[lb] with a run-time index reads the parameter bank directly (ld.param) instead of
 // copying the whole array to local memory in every thread.
-template <int ROWS, int CAP>
+__device__ __forceinline__ float ldf(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float ldf(const __half* p) { return __half2float(__ldg(p)); }
+
+template <int ROWS, int CAP, typename TB>
 __global__ void __launch_bounds__(ROWS == 1 ? 1024 : 256)
     lora_delta_kernel(const Args p, const __grid_constant__ Ids<CAP> ids) {
   extern __shared__ float smem[];
@@ -68,8 +72,8 @@ __global__ void __launch_bounds__(ROWS == 1 ? 1024 : 256)
       for (int64_t e = tid; e < static_cast<int64_t>(nr) * p.dout; e += nt) y0[e] = 0.0f;
     return;
   }
-  const float* a = p.a + static_cast<int64_t>(k) * p.din * p.r;
-  const float* b = p.b + static_cast<int64_t>(k) * p.r * p.dout;
+  const TB* a = static_cast<const TB*>(p.a) + static_cast<int64_t>(k) * p.din * p.r;
+  const TB* b = static_cast<const TB*>(p.b) + static_cast<int64_t>(k) * p.r * p.dout;
   const float* x0 = p.x + row0 * p.din;
 
   // shrink: thread tid owns rank column c = tid % r and d_in slice g = tid / r.
@@ -79,7 +83,7 @@ __global__ void __launch_bounds__(ROWS == 1 ? 1024 : 256)
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) acc[i] = 0.0f;
   for (int64_t j = g; j < p.din; j += p.groups) {
-    const float av = __ldg(a + j * p.r + c);
+    const float av = ldf(a + j * p.r + c);
 #pragma unroll
     for (int i = 0; i < ROWS; ++i)
       if (i < nr) acc[i] += __ldg(x0 + i * p.din + j) * av;
@@ -100,9 +104,9 @@ __global__ void __launch_bounds__(ROWS == 1 ? 1024 : 256)
     float o[ROWS];
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) o[i] = 0.0f;
-    const float* bp = b + col;
+    const TB* bp = b + col;
     for (int j = 0; j < r; ++j) {
-      const float bv = __ldg(bp + static_cast<int64_t>(j) * p.dout);
+      const float bv = ldf(bp + static_cast<int64_t>(j) * p.dout);
 #pragma unroll
       for (int i = 0; i < ROWS; ++i) o[i] += t_s[i * r + j] * bv;
     }
@@ -116,7 +120,7 @@ constexpr size_t kSmemLimit = 48 * 1024;  // default dynamic shared memory limit
 
 size_t smem_bytes(int rows, int64_t r, int nt) { return sizeof(float) * static_cast<size_t>(rows) * (r + nt); }
 
-template <int ROWS, int CAP>
+template <int ROWS, int CAP, typename TB>
 std::string launch(const Problem& p, Args args, int nt, cudaStream_t stream) {
   const int64_t L = p.n / p.nb;
   const int64_t tpb = (L + ROWS - 1) / ROWS;
@@ -129,19 +133,25 @@ std::string launch(const Problem& p, Args args, int nt, cudaStream_t stream) {
     for (int64_t i = 0; i < cnt; ++i) ids.v[i] = p.idx[b0 + i] < 0 ? -1 : static_cast<int32_t>(p.idx[b0 + i]);
     args.b0 = b0;
     const unsigned grid = static_cast<unsigned>(cnt * tpb);
-    lora_delta_kernel<ROWS, CAP><<<grid, nt, smem, stream>>>(args, ids);
+    lora_delta_kernel<ROWS, CAP, TB><<<grid, nt, smem, stream>>>(args, ids);
   }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return std::string("LoraDelta (CUDA): kernel launch failed: ") + cudaGetErrorString(e);
   return "";
 }
 
-template <int ROWS>
-std::string launch_rows(const Problem& p, const Args& args, int nt, cudaStream_t stream) {
+template <int ROWS, typename TB>
+std::string launch_ids(const Problem& p, const Args& args, int nt, cudaStream_t stream) {
   // Small batches pass their ids in a 128-byte parameter block, large ones 1000 per launch (4 000 bytes: within
   // the classic 4 KB kernel-parameter limit).
-  if (p.nb <= 32) return launch<ROWS, 32>(p, args, nt, stream);
-  return launch<ROWS, 1000>(p, args, nt, stream);
+  if (p.nb <= 32) return launch<ROWS, 32, TB>(p, args, nt, stream);
+  return launch<ROWS, 1000, TB>(p, args, nt, stream);
+}
+
+template <int ROWS>
+std::string launch_rows(const Problem& p, const Args& args, int nt, cudaStream_t stream) {
+  if (p.half_banks) return launch_ids<ROWS, __half>(p, args, nt, stream);
+  return launch_ids<ROWS, float>(p, args, nt, stream);
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 // one-element idx broadcast, odd rank and widths, more blocks than one launch carries, rank 0. Also times the
 // benchmark shape with CUDA events (everything stream-ordered: one synchronisation at the end). Every case runs in
 // three modes: delta only (y starts as garbage), base in a separate buffer (y = base + delta, y garbage first) and
-// base in place (y holds base, p.base == p.y).
+// base in place (y holds base, p.base == p.y); and with float32 and float16 banks (the reference uses the
+// half-rounded values).
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -39,12 +41,17 @@ const char* mode_name(Mode m) {
   return m == Mode::kDelta ? "delta" : (m == Mode::kBaseCopy ? "+base" : "+base in place");
 }
 
-static bool run_case(const Case& c, Mode mode, std::mt19937& rng, bool time_it) {
+static bool run_case(const Case& c, Mode mode, bool half, std::mt19937& rng, bool time_it) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> x(c.n * c.din), a(c.k * c.din * c.r), b(c.k * c.r * c.dout);
   for (auto& v : x) v = nd(rng);
   for (auto& v : a) v = nd(rng) * 0.05f;
   for (auto& v : b) v = nd(rng) * 0.05f;
+  std::vector<__half> ah(a.size()), bh(b.size());
+  if (half) {
+    for (size_t i = 0; i < a.size(); ++i) a[i] = __half2float(ah[i] = __float2half(a[i]));
+    for (size_t i = 0; i < b.size(); ++i) b[i] = __half2float(bh[i] = __float2half(b[i]));
+  }
   std::vector<float> base(c.n * c.dout, 0.0f);
   if (mode != Mode::kDelta)
     for (auto& v : base) v = nd(rng);
@@ -74,8 +81,13 @@ static bool run_case(const Case& c, Mode mode, std::mt19937& rng, bool time_it) 
   CK(cudaMalloc(&dy, sizeof(float) * (c.n * c.dout + 1)));
   CK(cudaMalloc(&dbase, sizeof(float) * (c.n * c.dout + 1)));
   CK(cudaMemcpy(dx, x.data(), sizeof(float) * x.size(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(da, a.data(), sizeof(float) * a.size(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(db, b.data(), sizeof(float) * b.size(), cudaMemcpyHostToDevice));
+  if (half) {
+    CK(cudaMemcpy(da, ah.data(), sizeof(__half) * ah.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db, bh.data(), sizeof(__half) * bh.size(), cudaMemcpyHostToDevice));
+  } else {
+    CK(cudaMemcpy(da, a.data(), sizeof(float) * a.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db, b.data(), sizeof(float) * b.size(), cudaMemcpyHostToDevice));
+  }
   CK(cudaMemset(dy, 0x7f, sizeof(float) * c.n * c.dout));  // garbage: every element must be written
   CK(cudaMemcpy(mode == Mode::kBaseInPlace ? dy : dbase, base.data(), sizeof(float) * base.size(),
                 cudaMemcpyHostToDevice));
@@ -83,11 +95,12 @@ static bool run_case(const Case& c, Mode mode, std::mt19937& rng, bool time_it) 
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   Problem p;
   p.x = dx; p.a = da; p.b = db; p.y = dy; p.idx = c.idx.data();
+  p.half_banks = half;
   p.base = mode == Mode::kDelta ? nullptr : (mode == Mode::kBaseCopy ? dbase : dy);
   p.n = c.n; p.nb = nb; p.din = c.din; p.r = c.r; p.dout = c.dout; p.k = c.k;
   std::string err = rewrite_lora::lora_delta_cuda(p, s);
   if (!err.empty()) {
-    std::printf("FAIL %-28s %-14s %s\n", c.name, mode_name(mode), err.c_str());
+    std::printf("FAIL %-28s %-14s %s %s\n", c.name, mode_name(mode), half ? "f16" : "f32", err.c_str());
     return false;
   }
   CK(cudaStreamSynchronize(s));
@@ -99,8 +112,8 @@ static bool run_case(const Case& c, Mode mode, std::mt19937& rng, bool time_it) 
     worst = std::isfinite(y[i]) ? std::fmax(worst, d) : INFINITY;
   }
   const bool ok = worst <= 1e-4 * (1.0 + ref_max);
-  std::printf("%s %-28s %-14s N=%lld d_in=%lld r=%lld d_out=%lld K=%lld B=%lld  max|err| %.3g (max|ref| %.3g)",
-              ok ? "ok  " : "FAIL", c.name, mode_name(mode), (long long)c.n, (long long)c.din, (long long)c.r, (long long)c.dout,
+  std::printf("%s %-28s %-14s %s N=%lld d_in=%lld r=%lld d_out=%lld K=%lld B=%lld  max|err| %.3g (max|ref| %.3g)",
+              ok ? "ok  " : "FAIL", c.name, mode_name(mode), half ? "f16" : "f32", (long long)c.n, (long long)c.din, (long long)c.r, (long long)c.dout,
               (long long)c.k, (long long)nb, worst, ref_max);
   if (time_it && ok) {
     cudaEvent_t e0, e1;
@@ -153,9 +166,10 @@ int main(int argc, char** argv) {
       {"all rows -1", 6, 32, 4, 24, 2, {-1, -1, -1}},
   };
   bool all = true;
-  for (Mode mode : {Mode::kDelta, Mode::kBaseCopy, Mode::kBaseInPlace})
-    for (size_t i = 0; i < cases.size(); ++i)
-      all = run_case(cases[i], mode, rng, !quick && mode != Mode::kBaseCopy && (i == 0 || i == 1)) && all;
+  for (bool half : {false, true})
+    for (Mode mode : {Mode::kDelta, Mode::kBaseCopy, Mode::kBaseInPlace})
+      for (size_t i = 0; i < cases.size(); ++i)
+        all = run_case(cases[i], mode, half, rng, !quick && mode != Mode::kBaseCopy && (i == 0 || i == 1)) && all;
   std::printf(all ? "ALL OK\n" : "SOME CASES FAILED\n");
   return all ? 0 : 1;
 }

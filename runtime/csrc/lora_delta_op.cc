@@ -9,6 +9,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "lora_delta.h"
@@ -23,8 +24,10 @@ Ort::Status fail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMEN
   return Ort::Status(msg.c_str(), code);
 }
 
-// Shapes, index range and output allocation shared by both execution providers. Returns "" or the message.
-std::string prepare(const Tensor<float>& x, const Tensor<float>& a, const Tensor<float>& b,
+// Shapes, index range and output allocation shared by both execution providers and both bank types (TB = float or
+// Ort::Float16_t). Returns "" or the message.
+template <typename TB>
+std::string prepare(const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
                     const Tensor<int64_t>& idx, const Tensor<float>* base, Tensor<float>& y, Problem& p) {
   const auto& xs = x.Shape();
   const auto& as = a.Shape();
@@ -46,6 +49,7 @@ std::string prepare(const Tensor<float>& x, const Tensor<float>& a, const Tensor
   p.x = x.Data();
   p.a = a.Data();
   p.b = b.Data();
+  p.half_banks = std::is_same<TB, Ort::Float16_t>::value;
   return "";
 }
 
@@ -57,8 +61,9 @@ using OptionalBase = std::optional<const Tensor<float>*>;
 
 const Tensor<float>* present(const OptionalBase& base) { return base.has_value() ? *base : nullptr; }
 
-Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, const Tensor<float>& a,
-                         const Tensor<float>& b, const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
+template <typename TB>
+Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
+                         const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
   try {
     Problem p;
     const std::string err = prepare(x, a, b, idx, present(base), y, p);
@@ -79,8 +84,9 @@ Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, cons
 }
 
 #ifdef REWRITE_LORA_CUDA
-Ort::Status LoraDeltaCuda(OrtKernelContext* context, const Tensor<float>& x, const Tensor<float>& a,
-                          const Tensor<float>& b, const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
+template <typename TB>
+Ort::Status LoraDeltaCuda(OrtKernelContext* context, const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
+                          const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
   try {
     Problem p;
     const std::string err = prepare(x, a, b, idx, present(base), y, p);
@@ -122,7 +128,7 @@ void ORT_API_CALL release_may_inplace(int* input_index, int* output_index) {
   delete[] output_index;
 }
 
-Ort::Custom::OrtLiteCustomOp* in_place(Ort::Custom::OrtLiteCustomOp* op) {
+Ort::Custom::OrtLiteCustomOp* in_place(Ort::Custom::OrtLiteCustomOp* op) {  // (y may reuse input 4, base)
   op->GetMayInplace = kernel_may_inplace;
   op->ReleaseMayInplace = release_may_inplace;
   return op;
@@ -134,23 +140,30 @@ struct Registry {
 };
 
 Registry& registry() {
-  // Domain and ops must outlive every session that uses them: static storage, never freed.
+  // Domain and ops must outlive every session that uses them: static storage, never freed. One kernel per bank type
+  // (float32 / float16) and execution provider; ONNX Runtime picks by the type of A_bank / B_bank.
   static Registry* r = [] {
     auto* reg = new Registry;
-    auto* cpu = in_place(
-        Ort::Custom::CreateLiteCustomOp("LoraDelta", "CPUExecutionProvider", LoraDeltaCpu, infer_shape));
-    reg->domain.Add(cpu);
-    reg->ops.push_back(cpu);
+    auto add = [reg](Ort::Custom::OrtLiteCustomOp* op) {
+      reg->domain.Add(in_place(op));
+      reg->ops.push_back(op);
+    };
+    add(Ort::Custom::CreateLiteCustomOp("LoraDelta", "CPUExecutionProvider", LoraDeltaCpu<float>, infer_shape));
+    add(Ort::Custom::CreateLiteCustomOp("LoraDelta", "CPUExecutionProvider", LoraDeltaCpu<Ort::Float16_t>,
+                                        infer_shape));
 #ifdef REWRITE_LORA_CUDA
-    auto* cuda = in_place(
-        Ort::Custom::CreateLiteCustomOp("LoraDelta", "CUDAExecutionProvider", LoraDeltaCuda, infer_shape));
     // The adapter ids are routing decisions made on the host: take them in host memory so the op can check them
     // (clean error) and plan without a device->host copy or a stream synchronisation.
-    cuda->GetInputMemoryType = [](const OrtCustomOp*, size_t i) {
-      return i == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+    auto ids_on_host = [](Ort::Custom::OrtLiteCustomOp* op) {
+      op->GetInputMemoryType = [](const OrtCustomOp*, size_t i) {
+        return i == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+      };
+      return op;
     };
-    reg->domain.Add(cuda);
-    reg->ops.push_back(cuda);
+    add(ids_on_host(
+        Ort::Custom::CreateLiteCustomOp("LoraDelta", "CUDAExecutionProvider", LoraDeltaCuda<float>, infer_shape)));
+    add(ids_on_host(Ort::Custom::CreateLiteCustomOp("LoraDelta", "CUDAExecutionProvider",
+                                                    LoraDeltaCuda<Ort::Float16_t>, infer_shape)));
 #endif
     return reg;
   }();
