@@ -9,14 +9,17 @@ per-row adapter ids. Variants (all exported with torch.onnx.export(dynamo=True),
   one-hot       Gemm + MatMul(x, A_cat) * mask(ids) -> MatMul(., B_cat), standard ops only (ONNX.md §5)
   LoraDelta     Gemm -> rewrite::LoraDelta(x, A_bank, B_bank, ids, base) (this repo's custom op, the add fused in;
                 ORT runs it in place on the Gemm's output) -- what `switching = "custom-op"` exports
+  LoraDelta f16 the same with float16 banks (`bank_dtype = "float16"`: half the adapter bytes per call)
   delta+Add     Gemm + rewrite::LoraDelta(x, A_bank, B_bank, ids) + Add (the op's delta-only form, for comparison)
 
 ids: "mixed" = row i uses adapter i % 8 (all 8 adapters in a batch of 32), "same" = every row adapter 3,
 "none" = every row -1 (custom ops only). Timing: per-call wall time of `InferenceSession.run` from Python; blocks of
 `--block` consecutive calls per variant, variants interleaved over `--rounds` rounds, median of all calls. The
-table prints the wall-time median, its ratio to base of the same batch/threads and its interquartile range; for
-1-thread sessions (which ORT runs in the calling thread) also the median CPU time of the calling thread per call
-and its ratio: unlike wall time it does not count time the thread spent preempted on a busy machine.
+table prints the wall-time median, its ratio to base of the same batch/threads and its interquartile range, and
+the paired ratio: the median over rounds of (this variant's block median / base's block median in the same round),
+which cancels the slow drifts of a shared machine; for 1-thread sessions (which ORT runs in the calling thread)
+also the median CPU time of the calling thread per call and its ratio: unlike wall time it does not count time the
+thread spent preempted on a busy machine.
 """
 from __future__ import annotations
 
@@ -85,12 +88,13 @@ class OneHot(Base):
 class Custom(Base):
     """Gemm -> rewrite::LoraDelta(..., base) (fused), or Gemm + rewrite::LoraDelta (delta only) + Add."""
 
-    def __init__(self, d: int = D, layers: int = LAYERS, k: int = K, r: int = R, fused: bool = True):
+    def __init__(self, d: int = D, layers: int = LAYERS, k: int = K, r: int = R, fused: bool = True,
+                 dtype: torch.dtype = torch.float32):
         super().__init__(d, layers)
         self.fused = fused
         for i, (a, b) in enumerate(_banks(d, layers, k, r)):
-            self.register_buffer(f"a_bank{i}", a)
-            self.register_buffer(f"b_bank{i}", b)
+            self.register_buffer(f"a_bank{i}", a.to(dtype))
+            self.register_buffer(f"b_bank{i}", b.to(dtype))
 
     def forward(self, x, ids):
         for i, lin in enumerate(self.lins):
@@ -160,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         "base": export(Base(), tmp / "base.onnx", None),
         "one-hot": export(OneHot(), tmp / "onehot.onnx", None),
         "LoraDelta": export(Custom(), tmp / "custom.onnx", table),
+        "LoraDelta f16": export(Custom(dtype=torch.float16), tmp / "custom_f16.onnx", table),
         "delta+Add": export(Custom(fused=False), tmp / "delta_add.onnx", table),
     }
-    custom = {"LoraDelta", "delta+Add"}
+    custom = {"LoraDelta", "LoraDelta f16", "delta+Add"}
     lib = ops.library_path()
     export_s = time.perf_counter() - t0
     nodes = [n.op_type for n in onnx.load(str(paths["LoraDelta"]), load_external_data=False).graph.node]
@@ -172,15 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     check = {}
     xs = np.random.default_rng(0).standard_normal((32, D)).astype(np.float32)
     lins, banks = Base().lins, _banks(D, LAYERS, K, R)
+    half = [(a.half().float(), b.half().float()) for a, b in banks]
     for kind in ("mixed", "same", "none"):
         ids = ids_for(kind, 32)
         ref = _reference(xs, ids, lins, banks)
-        for name in ("one-hot", "LoraDelta", "delta+Add"):
+        for name in ("one-hot", "LoraDelta", "LoraDelta f16", "delta+Add"):
             got = session(paths[name], 1, name in custom).run(None, {"x": xs, "ids": ids})[0]
-            check[f"{name}/{kind}"] = float(np.abs(got - ref).max())
+            want = _reference(xs, ids, lins, half) if name == "LoraDelta f16" else ref  # its own rounded banks
+            check[f"{name}/{kind}"] = float(np.abs(got - want).max())
 
     variants = [("base", "mixed"), ("one-hot", "mixed"), ("one-hot", "same"),
                 ("LoraDelta", "mixed"), ("LoraDelta", "same"), ("LoraDelta", "none"),
+                ("LoraDelta f16", "mixed"), ("LoraDelta f16", "same"),
                 ("delta+Add", "mixed"), ("delta+Add", "same"), ("delta+Add", "none")]
     results = []
     rng = np.random.default_rng(1)
@@ -191,18 +199,22 @@ def main(argv: list[str] | None = None) -> int:
             feeds = {v: {"x": x, "ids": ids_for(v[1], batch)} for v in variants}
             times: dict[tuple, list[float]] = {v: [] for v in variants}
             cpu: dict[tuple, list[float]] = {v: [] for v in variants}
+            rounds: dict[tuple, list[float]] = {v: [] for v in variants}  # block medians, one per round
             for v in variants:  # warm-up
                 for _ in range(5):
                     sessions[v[0]].run(None, feeds[v])
             for _ in range(args.rounds):
                 for v in variants:
                     s, f = sessions[v[0]], feeds[v]
+                    block = []
                     for _ in range(args.block):
                         c = time.thread_time()
                         t = time.perf_counter()
                         s.run(None, f)
-                        times[v].append(time.perf_counter() - t)
+                        block.append(time.perf_counter() - t)
                         cpu[v].append(time.thread_time() - c)
+                    times[v] += block
+                    rounds[v].append(statistics.median(block))
             base_med = statistics.median(times[("base", "mixed")])
             base_cpu = statistics.median(cpu[("base", "mixed")])
             for v in variants:
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {
                     "threads": threads, "batch": batch, "variant": v[0], "ids": "-" if v[0] == "base" else v[1],
                     "median_us": med * 1e6, "ratio": med / base_med, "iqr_us": (q3 - q1) * 1e6, "calls": len(ts),
+                    "paired": statistics.median(a / b for a, b in zip(rounds[v], rounds[("base", "mixed")])),
                 }
                 if threads == 1:  # ORT runs a 1-thread session in the calling thread: its CPU time is the work
                     cmed = statistics.median(cpu[v])
@@ -230,21 +243,23 @@ def _print(results: list[dict], check: dict, export_s: float, lib: Path) -> None
 
     con = Console(width=max(120, Console().width))
     tab = Table(title=f"4 x Linear {D}, rank {R}, K = {K} adapters, ONNX Runtime {ort.__version__} CPU EP")
-    for col in ("threads", "batch", "variant", "ids", "wall µs", "× base", "IQR µs", "CPU µs", "CPU × base"):
+    for col in ("threads", "batch", "variant", "ids", "wall µs", "× base", "paired", "IQR µs", "CPU µs",
+                "CPU × base"):
         tab.add_column(col, justify="right" if col not in ("variant", "ids") else "left")
     last = None
     for r in results:
         if last is not None and (r["threads"], r["batch"]) != last:
             tab.add_section()
         last = (r["threads"], r["batch"])
-        ratio = f"{r['ratio']:.2f}"
+        ratio, paired = f"{r['ratio']:.2f}", f"{r['paired']:.2f}"
         cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
-        if r["variant"] == "LoraDelta" and r["ids"] == "mixed":
+        if r["variant"].startswith("LoraDelta") and r["ids"] == "mixed":
             ratio = f"[bold {'green' if r['ratio'] <= 1.10 else 'red'}]{ratio}[/]"
+            paired = f"[bold {'green' if r['paired'] <= 1.10 else 'red'}]{paired}[/]"
             if "cpu_ratio" in r:
                 cpu_ratio = f"[bold {'green' if r['cpu_ratio'] <= 1.10 else 'red'}]{cpu_ratio}[/]"
         tab.add_row(str(r["threads"]), str(r["batch"]), r["variant"], r["ids"], f"{r['median_us']:.0f}", ratio,
-                    f"{r['iqr_us']:.0f}", f"{r['cpu_us']:.0f}" if "cpu_us" in r else "-", cpu_ratio)
+                    paired, f"{r['iqr_us']:.0f}", f"{r['cpu_us']:.0f}" if "cpu_us" in r else "-", cpu_ratio)
     con.print(tab)
     con.print("max |ORT - torch reference| at batch 32: " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()))
     con.print(f"CPU kernel build: {os.environ.get('REWRITE_LORA_ISA') or 'auto'} "
