@@ -34,7 +34,7 @@ from rewrite.runtime.adapter_source import read_factors
 
 @dataclass(frozen=True)
 class _Snapshot:
-    run_options: dict[str, ort.RunOptions] = field(default_factory=dict)  # ort-adapters
+    run_options: dict[str, tuple[ort.RunOptions, ort.LoraAdapter]] = field(default_factory=dict)  # ort-adapters
     slots: dict[str, int] = field(default_factory=dict)                   # bank / custom-op
     bank: dict[str, np.ndarray] = field(default_factory=dict)             # input name -> current bank
     bank_dirty: bool = False
@@ -69,7 +69,6 @@ class AdapterSession:
                                              providers=list(providers or ["CPUExecutionProvider"]))
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="rewrite-adapters-"))
-        self._files: dict[str, ort.LoraAdapter] = {}
         self._snapshot = _Snapshot()
         if self.switching == "ort-adapters":
             for name, info in entry["adapters"].items():
@@ -97,12 +96,14 @@ class AdapterSession:
         if self.switching == "ort-adapters":
             if adapter_ids is not None:
                 adapter = self._one_adapter(adapter_ids, self._batch(feeds))
-            options = None
-            if adapter is not None:
-                options = snap.run_options.get(adapter)
-                if options is None:
-                    raise RewriteError(f"unknown adapter {adapter!r}; loaded: {sorted(snap.run_options)}")
-            return self._session.run(output_names, feeds, options)
+            if adapter is None:
+                return self._session.run(output_names, feeds)
+            # RunOptions points at its LoraAdapter without owning it: `active` keeps both alive for this run even if
+            # the adapter is removed or replaced meanwhile; once no run holds them they are freed.
+            active = snap.run_options.get(adapter)
+            if active is None:
+                raise RewriteError(f"unknown adapter {adapter!r}; loaded: {sorted(snap.run_options)}")
+            return self._session.run(output_names, feeds, active[0])
         all_feeds = dict(feeds)
         all_feeds[self.entry["ids_input"]] = self._ids(snap, self._batch(feeds), adapter, adapter_ids)
         if snap.bank_dirty:
@@ -164,10 +165,13 @@ class AdapterSession:
             if self.switching == "ort-adapters":
                 from rewrite.export.onnx_unmerged import write_onnx_adapter
 
-                file = self._tmp / f"{name}-{len(self._files)}.onnx_adapter"
+                file = self._tmp / f"{name}.onnx_adapter"
                 tensors = {self._sites[s][k]: t for s, (a, b) in factors.items() for k, t in (("A", a), ("B", b))}
                 write_onnx_adapter(file, tensors, self.entry["model_version"])
-                self._add_file(name, file)
+                try:
+                    self._add_file(name, file)
+                finally:
+                    file.unlink()  # loaded (mapped) already: nothing accumulates on disk
             else:
                 self._add_to_bank(name, factors)
 
@@ -187,15 +191,14 @@ class AdapterSession:
 
     def _add_file(self, name: str, file: Path) -> None:
         """Activate an .onnx_adapter (validated: model version, names, shapes, dtype); the caller holds the lock
-        or is __init__. Loaded adapters are kept for the session's life: RunOptions of in-flight runs use them."""
+        or is __init__."""
         read_factors(file, self._sites, model_version=self.entry["model_version"], dtype=self.bank_dtype)
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()
         options.add_active_adapter(adapter)
-        self._files[f"{name}@{file}"] = adapter
         run_options = dict(self._snapshot.run_options)
-        run_options[name] = options
+        run_options[name] = (options, adapter)
         self._snapshot = replace(self._snapshot, run_options=run_options)
 
     # ---- banks ---------------------------------------------------------------------------------

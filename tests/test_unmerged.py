@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import importlib.util
 import json
 import random
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -415,6 +417,13 @@ def test_add_remove_replace_while_serving(mlp, strategy, tmp_path):
             rows = ["tenant", "extra", None, "support"]
             assert check_answer(mlp, session.run({"x": mlp.inputs[1]}, adapter_ids=rows)[0], 1, rows) <= 1e-5
         assert session._session is ort_session  # never rebuilt
+        assert list(session._tmp.iterdir()) == []  # added adapters leave no files behind
+        if strategy == "ort-adapters":  # a replaced adapter is freed once no run holds it
+            gone = weakref.ref(session._snapshot.run_options["tenant"][1])
+            session.add_adapter("tenant", mlp.peft_dir / "style", replace_existing=True)
+            expect(session, mlp, "tenant", as_="style")
+            gc.collect()
+            assert gone() is None
 
 
 # ------------------------------------------------------------------------------------ validation errors
