@@ -8,10 +8,11 @@
 # 2. runs the self-test (CUDA kernel vs a CPU double reference, incl. -1 rows, 3-D blocks, broadcast, odd ranks and
 #    widths, > 1000 blocks, rank 0; times B = 32 / B = 1 at d = 1024, r = 16, K = 8 with CUDA events), and again
 #    under compute-sanitizer memcheck when that tool is there;
-# 3. with onnxruntime-gpu (CUDAExecutionProvider available): runs 4 x (Gemm + LoraDelta + Add) on the CUDA EP with
-#    CPU fallback disabled (so LoraDelta must run on the GPU), numerics vs a float64 per-row torch/numpy reference
-#    (2-D / 3-D x, mixed ids with -1, one id broadcast, batch 1), IOBinding with x/y on the GPU and ids in host
-#    memory, the out-of-range error, and the latency of base vs base + LoraDelta through IOBinding.
+# 3. with onnxruntime-gpu (CUDAExecutionProvider available): runs 4 x (Gemm -> LoraDelta(x, A, B, ids, base)), the
+#    fused form the custom-op export writes, with float32 and float16 banks, on the CUDA EP with CPU fallback
+#    disabled (so LoraDelta must run on the GPU), numerics vs a float64 per-row torch/numpy reference (2-D / 3-D x,
+#    mixed ids with -1, one id broadcast, batch 1), IOBinding with x/y on the GPU and ids in host memory, the
+#    out-of-range error, and the latency of base vs base + LoraDelta through IOBinding.
 #
 # Needs: nvcc (same CUDA major as onnxruntime-gpu's, see the warning printed), g++, the ONNX Runtime headers —
 # ORT_INCLUDE_DIR, or build/ort-headers from a machine that ran runtime/csrc/fetch_headers.sh (carry the folder
@@ -96,8 +97,13 @@ A = [(rng.standard_normal((K, D, R)) / D**0.5).astype(np.float32) for _ in range
 B = [(rng.standard_normal((K, R, D)) * 0.5 / R**0.5).astype(np.float32) for _ in range(LAYERS)]
 
 
-def build(with_delta: bool, rank3: bool) -> bytes:
+def build(with_delta: bool, rank3: bool, half: bool = False) -> bytes:
+    """4 x (Gemm -> LoraDelta(h, A, B, ids, base)) with the shapes the exporter records (ORT then runs the op in
+    place on the Gemm's output); with_delta=False: the base model. half: float16 banks."""
     init, nodes, h = [], [], "x"
+    bank_type, bank_np = (TensorProto.FLOAT16, np.float16) if half else (TensorProto.FLOAT, np.float32)
+    xshape = ["batch", "seq", D] if rank3 else ["batch", D]
+    shapes = []
     for i in range(LAYERS):
         init.append(helper.make_tensor(f"b{i}", TensorProto.FLOAT, BIAS[i].shape, BIAS[i].tobytes(), raw=True))
         if rank3:
@@ -109,23 +115,26 @@ def build(with_delta: bool, rank3: bool) -> bytes:
             nodes.append(helper.make_node("Gemm", [h, f"W{i}", f"b{i}"], [f"base{i}"], transB=1))
             init.append(helper.make_tensor(f"W{i}", TensorProto.FLOAT, W[i].shape, W[i].tobytes(), raw=True))
         if with_delta:
-            init += [helper.make_tensor(f"A{i}", TensorProto.FLOAT, A[i].shape, A[i].tobytes(), raw=True),
-                     helper.make_tensor(f"B{i}", TensorProto.FLOAT, B[i].shape, B[i].tobytes(), raw=True)]
-            nodes += [helper.make_node("LoraDelta", [h, f"A{i}", f"B{i}", "ids"], [f"d{i}"], domain="rewrite"),
-                      helper.make_node("Add", [f"base{i}", f"d{i}"], [f"h{i}"])]
+            a, b = A[i].astype(bank_np), B[i].astype(bank_np)
+            init += [helper.make_tensor(f"A{i}", bank_type, a.shape, a.tobytes(), raw=True),
+                     helper.make_tensor(f"B{i}", bank_type, b.shape, b.tobytes(), raw=True)]
+            nodes.append(helper.make_node("LoraDelta", [h, f"A{i}", f"B{i}", "ids", f"base{i}"], [f"h{i}"],
+                                          domain="rewrite"))
+            shapes += [helper.make_tensor_value_info(n, TensorProto.FLOAT, xshape) for n in (f"base{i}", f"h{i}")]
         else:
             nodes.append(helper.make_node("Identity", [f"base{i}"], [f"h{i}"]))
         h = f"h{i}"
     nodes.append(helper.make_node("Identity", [h], ["y"]))
-    xshape = ["batch", "seq", D] if rank3 else ["batch", D]
     g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape),
                                        helper.make_tensor_value_info("ids", TensorProto.INT64, ["blocks"])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init, value_info=shapes)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("rewrite", 1)]).SerializeToString()
 
 
-def reference(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """float64, per row: h <- h W^T + b + h A[k] B[k] (no delta where k < 0); torch when available."""
+def reference(x: np.ndarray, ids: np.ndarray, half: bool = False) -> np.ndarray:
+    """float64, per row: h <- h W^T + b + h A[k] B[k] (no delta where k < 0; A, B rounded to half for float16
+    banks); torch when available."""
+    bank_np = np.float16 if half else np.float32
     shape = x.shape
     h = x.reshape(-1, D).astype(np.float64)
     per = h.shape[0] // ids.size
@@ -138,7 +147,7 @@ def reference(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         for n in range(h.shape[0]):
             k = ids[n // per]
             if k >= 0:
-                out[n] += h[n] @ A[i][k].astype(np.float64) @ B[i][k].astype(np.float64)
+                out[n] += h[n] @ A[i][k].astype(bank_np).astype(np.float64) @ B[i][k].astype(bank_np).astype(np.float64)
         h = out
     return h.reshape(shape)
 
@@ -153,22 +162,24 @@ def session(model: bytes) -> ort.InferenceSession:
 
 
 failures = 0
-s2, s3 = session(build(True, False)), session(build(True, True))
+s2, s3, s2h = session(build(True, False)), session(build(True, True)), session(build(True, False, half=True))
 cases = [
-    ("2-D batch 32, per-row ids with -1", s2, (32, D), np.array([i % 8 if i % 5 else -1 for i in range(32)])),
-    ("2-D batch 32, one id broadcast", s2, (32, D), np.array([5])),
-    ("2-D batch 1", s2, (1, D), np.array([3])),
-    ("3-D 4 x 16, ids per sequence", s3, (4, 16, D), np.array([0, -1, 7, 2])),
+    ("2-D batch 32, per-row ids with -1", s2, (32, D), np.array([i % 8 if i % 5 else -1 for i in range(32)]), False),
+    ("2-D batch 32, one id broadcast", s2, (32, D), np.array([5]), False),
+    ("2-D batch 1", s2, (1, D), np.array([3]), False),
+    ("3-D 4 x 16, ids per sequence", s3, (4, 16, D), np.array([0, -1, 7, 2]), False),
+    ("float16 banks, 2-D batch 32, ids with -1", s2h, (32, D), np.array([i % 8 if i % 5 else -1 for i in range(32)]),
+     True),
 ]
-for name, s, shape, ids in cases:
+for name, s, shape, ids, half in cases:
     x = rng.standard_normal(shape).astype(np.float32)
     ids = ids.astype(np.int64)
     y = s.run(None, {"x": x, "ids": ids})[0]
-    ref = reference(x, ids)
+    ref = reference(x, ids, half)
     err = float(np.abs(y - ref).max())
     ok = err <= 1e-3 * (1 + float(np.abs(ref).max()))
     failures += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {name:38s} max|err| {err:.2e} (max|ref| {np.abs(ref).max():.2f})")
+    print(f"{'ok  ' if ok else 'FAIL'} {name:42s} max|err| {err:.2e} (max|ref| {np.abs(ref).max():.2f})")
 
 # IOBinding: x and y on the GPU, ids in host memory (the op declares ids a CPU input: no copy, no sync)
 x = rng.standard_normal((32, D)).astype(np.float32)
@@ -183,7 +194,7 @@ y = io.copy_outputs_to_cpu()[0]
 err = float(np.abs(y - reference(x, ids)).max())
 ok = err <= 1e-3 * (1 + float(np.abs(y).max()))
 failures += not ok
-print(f"{'ok  ' if ok else 'FAIL'} {'IOBinding, x/y on GPU, ids on host':38s} max|err| {err:.2e}")
+print(f"{'ok  ' if ok else 'FAIL'} {'IOBinding, x/y on GPU, ids on host':42s} max|err| {err:.2e}")
 
 try:
     s2.run(None, {"x": x, "ids": np.array([0, 8], np.int64)})
@@ -192,7 +203,7 @@ try:
 except Exception as e:  # noqa: BLE001
     ok = "adapter index out of range" in str(e)
     failures += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {'out-of-range id -> error':38s} {str(e).splitlines()[-1][-80:]}")
+    print(f"{'ok  ' if ok else 'FAIL'} {'out-of-range id -> error':42s} {str(e).splitlines()[-1][-80:]}")
 
 # latency through IOBinding (device-resident x/y; ids on host), median of 300 runs after 30 warm-ups
 base = session(build(False, False))
@@ -203,6 +214,7 @@ for batch in (32, 1):
     res = {}
     for name, s, ids in (("base (Gemm)", base, np.zeros(batch, np.int64)),
                          ("Gemm + LoraDelta, mixed ids", s2, (np.arange(batch) % K).astype(np.int64)),
+                         ("Gemm + LoraDelta f16, mixed ids", s2h, (np.arange(batch) % K).astype(np.int64)),
                          ("Gemm + LoraDelta, all -1", s2, np.full(batch, -1, np.int64))):
         io = s.io_binding()
         io.bind_ortvalue_input("x", xb)
@@ -219,7 +231,7 @@ for batch in (32, 1):
         res[name] = float(np.median(ts)) * 1e6
     b0 = res["base (Gemm)"]
     for name, us in res.items():
-        print(f"  batch {batch:3d}  {name:30s} {us:8.1f} us  {us / b0:5.2f}x base")
+        print(f"  batch {batch:3d}  {name:32s} {us:8.1f} us  {us / b0:5.2f}x base")
 print("\nALL OK" if failures == 0 else f"\n{failures} FAILURE(S)")
 sys.exit(1 if failures else 0)
 PY
