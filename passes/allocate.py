@@ -9,7 +9,8 @@
                                  # or { fraction = 0.5, metric = "params", rank = 8 }: a share of the cost of
                                  #    uniform rank `rank` (default: each adapter's current rank)
     min_rank = 0                 # 0 lets a site lose its branch
-    max_rank = 16                # default: each adapter's current rank (capped at min(fan_in, d_out))
+    max_rank = 16                # default: each adapter's current rank (capped at min(fan_in, d_out));
+                                 # adalora: r0 (it only prunes), increlora: no cap but the budget
     max_rank_pattern = { "*.mlp.*" = 32 }   # per-site bounds: exact > glob/regex > class > the global value
     ranks = [0, 1, 2, 4, 8, 16]  # optional: allowed ranks (serving engines bucket ranks)
     batches = 8                  # calibration batches from [data] (activation, fisher)
@@ -35,11 +36,12 @@ Rules:
 5. The report (`report` stem, in the output directory): <stem>.json, <stem>.md, <stem>.png
    (rewrite.report). `report = ""` writes none.
 6. Running the pass again with the same options leaves the graph alone (modified=False).
+7. scorer = "adalora" | "increlora" trains while allocating, with the same budget, bounds and report:
+   passes/training_allocation.py (shared with the `train` pass) has its rules; `steps`, `settings`,
+   `adalora = {...}` and `increlora = {...}` go with these scorers only.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Any, Literal
 
@@ -50,59 +52,21 @@ from rewrite.allocators import TRAINING_SCORERS
 from rewrite.costmodel import CostModel, LatencyTable, site_shape
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at, drop_adapter, unwire
-from rewrite.pass_infra import GraphPass, PassOptions, PassResult
+from rewrite.pass_infra import GraphPass, PassResult
+from rewrite.passes.rank_options import ABSOLUTE, BudgetOptions
+from rewrite.passes.training_allocation import TrainingAllocatorOptions, allocate_while_training, options_key
 from rewrite.report import new_report, site_layer, write_report
 from rewrite.scorers import ScoreContext, Target, get_scorer
 from rewrite.sites import check_mapping, check_selector_syntax, resolve, select
 from rewrite.solver import BudgetError, Item, solve
 from rewrite.state import state_of
 
-_ABSOLUTE = {"params": "params", "flops": "flops", "bytes": "bytes", "latency_ms": "latency"}
 MARK = "_rewrite_allocation"
 
 
-class BudgetOptions(PassOptions):
-    params: float | None = Field(default=None, ge=0)
-    flops: float | None = Field(default=None, ge=0)
-    bytes: float | None = Field(default=None, ge=0)
-    latency_ms: float | None = Field(default=None, ge=0)
-    fraction: float | None = Field(default=None, gt=0)
-    metric: Literal["params", "flops", "bytes", "latency"] | None = None
-    rank: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _one(self) -> "BudgetOptions":
-        given = [k for k in (*_ABSOLUTE, "fraction") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("budget needs exactly one of params, flops, bytes, latency_ms (absolute) or fraction "
-                             f"(of a uniform-rank baseline); got {given or 'none'}")
-        if given[0] != "fraction" and (self.metric is not None or self.rank is not None):
-            raise ValueError("budget: 'metric' and 'rank' go with 'fraction' only")
-        return self
-
-    @property
-    def metric_name(self) -> str:
-        for key, metric in _ABSOLUTE.items():
-            if getattr(self, key) is not None:
-                return metric
-        return self.metric or "params"
-
-    def text(self) -> str:
-        parts = [f"{k} = {getattr(self, k):g}" if isinstance(getattr(self, k), float) else f"{k} = {getattr(self, k)!r}"
-                 for k in ("params", "flops", "bytes", "latency_ms", "fraction", "metric", "rank")
-                 if getattr(self, k) is not None]
-        return "{ " + ", ".join(parts) + " }"
-
-
-class AllocateOptions(PassOptions):
-    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+class AllocateOptions(TrainingAllocatorOptions):
     scorer: Literal["spectrum", "activation", "fisher", "adalora", "increlora"] = "spectrum"
-    budget: BudgetOptions | None = None
     targets: list[str] | None = None
-    min_rank: int = Field(default=0, ge=0)
-    max_rank: int | None = Field(default=None, ge=1)
-    min_rank_pattern: dict[str, int] = {}
-    max_rank_pattern: dict[str, int] = {}
     ranks: list[int] | None = Field(default=None, min_length=1)
     batches: int = Field(default=8, ge=1)
     normalize: Literal["site", "none"] | None = None
@@ -112,27 +76,12 @@ class AllocateOptions(PassOptions):
     tokens: int = Field(default=128, ge=1)
     latency_cache: str | None = None
     latency_threads: int = Field(default=1, ge=1)
-    report: str = "allocation"
-    plot: bool = True
-    # training-time scorers (rewrite.allocators): steps (default [data] steps) and their settings
-    steps: int | None = Field(default=None, ge=1)
-    settings: dict[str, Any] = {}
-    adalora: dict[str, Any] = {}
-    increlora: dict[str, Any] = {}
+    settings: dict[str, Any] = {}  # training scorers: settings for either allocator (rewrite.allocators)
 
     @field_validator("targets")
     @classmethod
     def _selectors(cls, targets: list[str] | None) -> list[str] | None:
         return None if targets is None else [check_selector_syntax(t) for t in targets]
-
-    @field_validator("min_rank_pattern", "max_rank_pattern")
-    @classmethod
-    def _pattern_keys(cls, mapping: dict[str, int]) -> dict[str, int]:
-        for key, value in mapping.items():
-            check_selector_syntax(key)
-            if value < 0:
-                raise ValueError(f"{key!r}: ranks must be >= 0, got {value}")
-        return mapping
 
     @field_validator("ranks")
     @classmethod
@@ -142,9 +91,7 @@ class AllocateOptions(PassOptions):
         return None if ranks is None else sorted(set(ranks))
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AllocateOptions":
-        if self.max_rank is not None and self.min_rank > self.max_rank:
-            raise ValueError(f"min_rank = {self.min_rank} is above max_rank = {self.max_rank}")
+    def _scorer_keys(self) -> "AllocateOptions":
         if self.budget is None and self.scorer not in TRAINING_SCORERS:
             raise ValueError(f"scorer = {self.scorer!r} needs a budget (budget = {{ params = N }}, flops, bytes, "
                              "latency_ms, or { fraction = f })")
@@ -155,12 +102,6 @@ class AllocateOptions(PassOptions):
         if self.probe_steps and self.scorer != "fisher":
             raise ValueError(f"probe_steps goes with scorer = 'fisher' (got scorer = {self.scorer!r})")
         return self
-
-
-def _digest(options: AllocateOptions, data) -> str:
-    text = json.dumps([options.model_dump(mode="json"), data.model_dump(mode="json") if data else None],
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _shape(gm: fx.GraphModule, sites: list):
@@ -185,7 +126,7 @@ class AllocatePass(GraphPass):
         for site in table.values():
             by_owner.setdefault(site.owner, []).append(site)
         if o.scorer in TRAINING_SCORERS:
-            return self._train(gm, by_owner)
+            return allocate_while_training(gm, self.context, o, scorer=o.scorer, mark=MARK)
         owners = [owner for owner in by_owner if o.adapter in adapters_at(gm, owner)]
         if o.targets is not None:
             chosen = dict.fromkeys(s.owner for s in select(table, o.targets, self.context.at("targets")))
@@ -199,7 +140,7 @@ class AllocatePass(GraphPass):
                             "allocate")
         check_mapping(table, o.min_rank_pattern, f"{self.context.at('min_rank_pattern')} min_rank_pattern")
         check_mapping(table, o.max_rank_pattern, f"{self.context.at('max_rank_pattern')} max_rank_pattern")
-        key = _digest(o, self.context.data)
+        key = options_key(o, self.context.data)
         modules = {owner: adapters_at(gm, owner)[o.adapter] for owner in owners}
         if all(getattr(m, MARK, None) == key for m in modules.values()):
             return PassResult(gm, False, {"adapter": o.adapter, "sites": len(owners), "note": "already allocated"})
@@ -250,75 +191,6 @@ class AllocatePass(GraphPass):
             "spent": solution.cost, "sites": len(owners), "resized": resized, "dropped": len(dropped),
             "params_before": params_before, "params_after": params_after, "solver": solution.method,
             "exact": solution.exact, "report": files})
-
-    def _train(self, gm, by_owner) -> PassResult:
-        """adalora / increlora: train the adapter with the allocator on [data]; it resizes at the end.
-
-        The allocator owns the site choice (its `targets` may add the adapter where it is missing) and the
-        budget in ranks (rewrite.allocators.budget_in_ranks); this pass reports what it did."""
-        from rewrite.allocators import run_training_allocator
-
-        o = self.options
-        key = _digest(o, self.context.data)
-        modules = {w: adapters_at(gm, w)[o.adapter] for w in by_owner if o.adapter in adapters_at(gm, w)}
-        if modules and o.targets is None and all(getattr(m, MARK, None) == key for m in modules.values()):
-            return PassResult(gm, False, {"adapter": o.adapter, "sites": len(modules), "note": "already allocated"})
-        before = {owner: m.rank for owner, m in modules.items()}
-        params_before = sum(p.numel() for m in modules.values() for p in m.parameters())
-        ranks, history = run_training_allocator(gm, o, self.context.data, self.context)
-        after = {w: adapters_at(gm, w).get(o.adapter) for w in by_owner}
-        owners = [w for w in by_owner if w in before or w in ranks or after[w] is not None]
-        for module in after.values():
-            if module is not None:
-                setattr(module, MARK, key)
-        params_after = sum(p.numel() for m in after.values() if m is not None for p in m.parameters())
-        shapes = {w: _shape(gm, by_owner[w]) for w in owners}
-        model = CostModel("params", tokens=o.tokens)
-        budget = None
-        if o.budget is not None and o.budget.metric_name == "params":
-            budget = o.budget.params if o.budget.params is not None else o.budget.fraction * sum(
-                model.cost(shapes[w], min(o.budget.rank or before.get(w, 0), shapes[w].max_rank)) for w in owners)
-        summary = dict(getattr(history, "summary", {}) or {})
-        scores = summary.get("final_scores") or summary.get("scores") or {}
-        sites = []
-        for owner in owners:
-            r = int(ranks.get(owner, 0))
-            layer, name = site_layer(owner)
-            cost = model.cost(shapes[owner], r)
-            score = scores.get(owner) if isinstance(scores, dict) else None
-            sites.append(dict(site=owner, layer=layer, module=name, op=shapes[owner].op, d_in=shapes[owner].fan_in,
-                              d_out=shapes[owner].d_out, rank=r, rank_before=before.get(owner, 0), min_rank=None,
-                              max_rank=None, **model.breakdown(shapes[owner], r), cost=cost,
-                              share=cost / budget if budget else None,
-                              value=score if isinstance(score, (int, float)) else None, value_max=None,
-                              captured=None))
-        spent = sum(s["cost"] for s in sites)
-        scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
-        report = new_report(
-            adapter=o.adapter,
-            scorer=dict(name=o.scorer, unit="training-time importance",
-                        settings={**(summary.get("settings") or {}), **scalars}),
-            budget=dict(metric="params", unit=model.unit, value=budget, spent=spent, minimum=0,
-                        request=o.budget.text() if o.budget is not None else "(from the allocator settings)"),
-            solver=dict(method=f"{o.scorer} (during training)", exact=False, value=None, upper_bound=None, gap=None,
-                        shadow_price=None, notes=[], nonconcave_sites=[]),
-            sites=sites,
-            totals=dict(sites=len(sites), kept=sum(1 for s in sites if s["rank"] > 0),
-                        dropped=[s["site"] for s in sites if s["rank"] == 0], params=spent,
-                        flops=sum(s["flops"] for s in sites), bytes=sum(s["bytes"] for s in sites),
-                        params_before=params_before),
-            sensitivity={},
-            options=o.model_dump(mode="json"),
-            history=list(history),
-        )
-        files = []
-        if o.report:
-            files = [p.name for p in write_report(report, self.context.output_path("."), o.report, plot=o.plot)]
-        return PassResult(gm, True, {
-            "adapter": o.adapter, "scorer": o.scorer, "metric": "params", "budget": budget, "spent": spent,
-            "sites": len(owners), "resized": sum(1 for w in owners if 0 < ranks.get(w, 0) != before.get(w, 0)),
-            "dropped": sum(1 for w in owners if ranks.get(w, 0) == 0), "params_before": params_before,
-            "params_after": params_after, "solver": o.scorer, "exact": False, "report": files})
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -380,7 +252,7 @@ class AllocatePass(GraphPass):
 
     def _budget_value(self, model: CostModel, targets, modules) -> float:
         b = self.options.budget
-        for key in _ABSOLUTE:
+        for key in ABSOLUTE:
             if getattr(b, key) is not None:
                 return float(getattr(b, key))
         baseline = sum(model.cost(t.shape, min(b.rank or modules[t.owner].rank, t.shape.max_rank)) for t in targets)

@@ -23,6 +23,7 @@ from factories import DeepMLP
 from rewrite.adapters.lora import LoRA
 from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
 from rewrite.allocators.adalora import AdaLoRA
+from rewrite.allocators.bounds import keep_within
 from rewrite.capture import capture
 from rewrite.graph_edit import adapters_at
 from rewrite.inputs import ExampleInputs
@@ -287,3 +288,92 @@ def test_targets_select_exactly_the_sites_to_convert_or_create():
     assert kinds == {"layers.0": "LoRA", "layers.1": "SvdLoRA", "layers.2": "LoRA", "layers.3": "SvdLoRA"}
     assert sum(n.op == "call_module" and n.target == "adapters.layers.3.default" for n in gm.graph.nodes) == 1
     assert gm(x=x).shape == (4, 64)
+
+
+# ------------------------------------------------------------------------------------- per-site bounds
+
+
+def test_masking_within_bounds_on_a_hand_checked_table():
+    """Budget 4 over 9 triplets. Without bounds (PEFT's rule): tau = the 5th smallest = 0.3, keep > 0.3.
+    With A <= 1, C >= 2: C keeps its best two (0.6, 0.05), A's 0.5 and 0.1 are beyond its max, and the
+    free triplets {A .9, B .8, .3, .2, C .04} compete for the 2 places left: tau = 0.3 again."""
+    scores = {"A": torch.tensor([0.9, 0.1, 0.5]), "B": torch.tensor([0.2, 0.8, 0.3]),
+              "C": torch.tensor([0.05, 0.04, 0.6])}
+    free, tau = keep_within(scores, 4, {o: (0, 3) for o in scores})
+    assert tau == pytest.approx(0.3)
+    assert {o: m.tolist() for o, m in free.items()} == {"A": [True, False, True], "B": [False, True, False],
+                                                       "C": [False, False, True]}
+    bounded, tau = keep_within(scores, 4, {"A": (0, 1), "B": (0, 3), "C": (2, 3)})
+    assert tau == pytest.approx(0.3)
+    assert {o: m.tolist() for o, m in bounded.items()} == {"A": [True, False, False], "B": [False, True, False],
+                                                          "C": [True, False, True]}
+    # a budget the free triplets cannot fill: every free one is kept, the caps still hold
+    everything, tau = keep_within(scores, 9, {"A": (0, 1), "B": (0, 3), "C": (2, 3)})
+    assert tau is None and [int(m.sum()) for m in everything.values()] == [1, 3, 3]
+
+
+def _peft_mask(scores: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
+    """PEFT's RankAllocator.mask_to_budget, restated: kthvalue over all scores, keep S > tau."""
+    total = sum(s.numel() for s in scores.values())
+    tau = torch.kthvalue(torch.cat([s.view(-1) for s in scores.values()]), k=total - budget)[0].item()
+    return {o: ~(s <= tau) for o, s in scores.items()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bounded_mask_is_the_best_feasible_set_by_brute_force(seed):
+    """Oracle: over every subset of 9 triplets, the feasible one (lo <= kept_k <= hi, |kept| = budget) with
+    the largest total score. Without bounds the mask is PEFT's, ties included (scores on a coarse grid)."""
+    import itertools
+
+    g = torch.Generator().manual_seed(seed)
+    scores = {o: torch.rand(3, generator=g) for o in "ABC"}
+    bounds = {o: (int(lo), int(lo + torch.randint(0, 4 - lo, (1,), generator=g)))
+              for o, lo in zip("ABC", torch.randint(0, 3, (3,), generator=g))}
+    floor, ceiling = sum(lo for lo, _ in bounds.values()), sum(hi for _, hi in bounds.values())
+    budget = int(torch.randint(floor, ceiling + 1, (1,), generator=g))
+    got, _ = keep_within(scores, budget, bounds)
+    flat = [(o, i) for o in "ABC" for i in range(3)]
+    best, best_value = None, -1.0
+    for chosen in itertools.combinations(flat, budget):
+        counts = {o: sum(1 for c, _ in chosen if c == o) for o in "ABC"}
+        if all(bounds[o][0] <= counts[o] <= bounds[o][1] for o in "ABC"):
+            value = sum(float(scores[o][i]) for o, i in chosen)
+            if value > best_value:
+                best, best_value = set(chosen), value
+    assert {(o, i) for o in "ABC" for i in range(3) if got[o][i]} == best
+
+    grid = {o: torch.randint(0, 4, (3,), generator=g).float() / 4 for o in "ABC"}  # ties
+    for b in range(1, 9):
+        peft = _peft_mask(grid, b)
+        ours, _ = keep_within(grid, b, {o: (0, 3) for o in "ABC"})
+        assert all(torch.equal(ours[o], peft[o]) for o in "ABC")
+
+
+def test_training_with_bounds_keeps_every_mask_within_them():
+    """AdaLoRA trained with min / max ranks: every mask of the run and the final ranks stay within the
+    bounds; max above r0 is capped at r0; a site with max 0 ends without a branch."""
+    _, gm, _ = build_pair()
+    alloc = AdaLoRA(gm, total_steps=40, init_rank=6, target_rank=3, tinit=4, tfinal=8, delta_t=3,
+                    min_rank={"layers.0": 5}, max_rank={"layers.1": 1, "layers.2": 0, "layers.3": 10})
+    alloc.install()
+    assert alloc.bounds == {"layers.0": (5, 6), "layers.1": (0, 1), "layers.2": (0, 0), "layers.3": (0, 6)}
+    opt = torch.optim.AdamW(alloc.parameters(), lr=2e-2)
+    for step, batch in enumerate(batches(40), start=1):
+        (F.mse_loss(gm(x=batch["x"]), batch["labels"]) + alloc.regularizer()).backward()
+        opt.step()
+        alloc.update(step)
+        opt.zero_grad()
+    history = alloc.history["ranks"]
+    assert alloc.history["masked_at"]
+    for owner, (lo, hi) in alloc.bounds.items():
+        first = alloc.history["masked_at"][0]
+        masked = [r for r, step in zip(history[owner], alloc.history["step"]) if step >= first]
+        assert all(lo <= r <= hi for r in masked), (owner, masked)
+    ranks = alloc.finalize()
+    assert ranks["layers.0"] >= 5 and ranks["layers.1"] <= 1 and ranks["layers.2"] == 0
+    assert sum(ranks.values()) == 12
+    assert "default" not in adapters_at(gm, "layers.2")
+    with pytest.raises(ValueError, match="min rank 7 is above its max rank 6"):
+        AdaLoRA(build_pair()[1], total_steps=40, init_rank=6, target_rank=3, min_rank=7).install()
+    with pytest.raises(ValueError, match="min ranks add up to 20"):
+        AdaLoRA(build_pair()[1], total_steps=40, init_rank=6, target_rank=3, min_rank=5).install()

@@ -339,6 +339,34 @@ def test_training_scorer_runs_through_the_pass_with_a_history(setup, tmp_path):
     assert again.modified is False
 
 
+def test_training_scorers_honour_the_bounds_through_the_pass(setup, tmp_path):
+    """min_rank / max_rank and their patterns reach AdaLoRA and IncreLoRA (resolved per site with the usual
+    precedence); a pattern that matches no site is an error; bounds that cannot fit the budget are a
+    SpecError naming the pass location."""
+    data = setup.data.model_copy(update={"path": str(setup.root / "teacher.safetensors")})
+    gm = setup.fresh(rank=6)
+    bounds = dict(max_rank=10, max_rank_pattern={"head": 2, "blocks.1.*": 0}, min_rank_pattern={"blocks.0.up": 5})
+    result = run(gm, "allocate", tmp_path, data=data, scorer="adalora", budget={"fraction": 0.5}, steps=20,
+                 adalora={"tinit": 4, "tfinal": 6, "deltaT": 4}, report="", **bounds)
+    ranks = ranks_of(gm)
+    assert ranks["head"] <= 2 and ranks["blocks.1.up"] == ranks["blocks.1.down"] == 0 and ranks["blocks.0.up"] >= 5
+    assert all(r <= 6 for r in ranks.values()) and sum(ranks.values()) == 21 == result.stats["ranks"]
+    assert result.stats["dropped"] == 2 and "blocks.1.up" not in gm.code
+    gm = setup.fresh(rank=6)
+    run(gm, "allocate", tmp_path, data=data, scorer="increlora", budget={"fraction": 0.5}, steps=30, report="",
+        increlora={"interval": 2, "warmup": 1, "top_h": 7}, max_rank=3, max_rank_pattern={"head": 1},
+        min_rank_pattern={"blocks.2.*": 2})
+    ranks = ranks_of(gm)
+    assert ranks["head"] == 1 and all(1 <= r <= 3 for r in ranks.values()), ranks
+    assert ranks["blocks.2.up"] >= 2 and ranks["blocks.2.down"] >= 2
+    with pytest.raises(SpecError, match=r"min_rank_pattern: selector 'blocks.9.up' matches no site"):
+        run(setup.fresh(rank=6), "allocate", tmp_path, data=data, scorer="adalora", budget={"fraction": 0.5},
+            steps=20, min_rank_pattern={"blocks.9.up": 5})
+    with pytest.raises(SpecError, match=r"spec.toml:9: adalora: .*min ranks add up to 35 triplets, above the target"):
+        run(setup.fresh(rank=6), "allocate", tmp_path, data=data, scorer="adalora", budget={"fraction": 0.5},
+            steps=20, min_rank=5)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

@@ -215,3 +215,35 @@ def test_blockwise_orthogonality_has_no_cross_rank_term():
     m.add_block(1)
     terms = [torch.norm(q @ q.T - torch.eye(1)) for q in m.Q] + [torch.norm(p.T @ p - torch.eye(1)) for p in m.P]
     torch.testing.assert_close(orthogonality([m], blockwise=True), sum(terms) / 4)
+
+
+def test_growth_skips_sites_at_their_max_rank_on_a_hand_computed_case():
+    """The published case above with bounds: B may not grow (max 1), C stops at 2, D starts at its min 2.
+    The EMA scores are the same as above (they do not depend on the ranks); only the picks change:
+    step 2: k = min(h = 2, R_T - R_t = 8 - 5) = 2 among the sites that can grow {A: 1, C: .75, D: .1875}
+    (B, the best, is skipped) -> A and C; step 4: k = min(2, 8 - 7) = 1 among {A: .125, D: .046875}
+    (C is at its max) -> A."""
+    gm = captured()
+    alloc = allocator(gm, min_rank={D: 2}, max_rank={B: 1, C: 2})
+    assert {o: m.rank for o, m in alloc.modules.items()} == {A: 1, B: 1, C: 1, D: 2}
+    assert alloc.total_rank == 5 and alloc.target_total == 8
+    assert alloc.update(1, scores={A: 4.0, B: 0.0, C: 2.0, D: 1.0}) == []
+    assert alloc.update(2, scores={A: 0.0, B: 8.0, C: 2.0, D: 1.0}) == [A, C]
+    assert alloc.scores() == {A: 1.0, B: 8.0, C: 0.75, D: 0.1875}
+    assert alloc.update(3, scores={A: 0.0, B: 0.0, C: 4.0, D: 0.0}) == []
+    assert alloc.update(4, scores={A: 0.0, B: 0.0, C: 4.0, D: 0.0}) == [A]
+    assert {o: m.rank for o, m in alloc.modules.items()} == {A: 3, B: 1, C: 2, D: 2}
+    assert alloc.done and alloc.finalize() == {A: 3, B: 1, C: 2, D: 2}
+
+
+def test_growth_stops_when_every_site_is_at_its_max_and_max_zero_drops_the_site():
+    gm = captured()
+    x = torch.randn(4, 64)
+    alloc = allocator(gm, max_rank={A: 0, B: 1, C: 1, D: 1})
+    assert sorted(alloc.modules) == [B, C, D] and "default" not in adapters_at(gm, A)
+    assert gm(x=x).shape == (4, 64)  # A's branch is gone from the graph
+    assert alloc.update(2, scores={B: 1.0, C: 2.0, D: 3.0}) == []
+    assert alloc.done and alloc.total_rank == 3  # below R_T = 2 x 3 sites: nothing may grow
+    assert alloc.finalize() == {A: 0, B: 1, C: 1, D: 1}
+    with pytest.raises(ValueError, match="min rank 3 is above its max rank 2"):
+        allocator(captured(), min_rank=3, max_rank=2)

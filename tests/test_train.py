@@ -280,7 +280,7 @@ def test_train_pass_with_an_allocator_writes_the_report(base, data_file, tmp_pat
                             'adalora = { tinit = 2, tfinal = 6, deltaT = 2 }\n', steps=24)
     gm, history = _run(spec, base, tmp_path)
     stats = history[1].stats
-    assert stats["allocator"] == "adalora" and stats["ranks"] == 6 and stats["params"] == 6 * 128
+    assert stats["scorer"] == "adalora" and stats["ranks"] == 6 and stats["params_after"] == 6 * 128
     assert sorted(stats["report"]) == ["allocation.json", "allocation.md", "allocation.png",
                                        "allocation_history.png"]
     report = json.loads((tmp_path / "allocation.json").read_text())

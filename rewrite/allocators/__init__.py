@@ -54,11 +54,16 @@ def _lookup(source: Any, key: str) -> Any:
     return getattr(source, key, None)
 
 
+_PLAIN = ("target_rank", "targets")  # settings a pass may also give as its own keys
+
+
 def settings_from(options: Any, scorer: str) -> dict[str, Any]:
-    """Allocator settings from the allocate pass options: a `[pass] adalora = {...}` / `increlora = {...}`
-    sub-table first, then a generic `settings = {...}` table, then plain keys of the pass."""
+    """Allocator settings from the pass options: a `[pass] adalora = {...}` / `increlora = {...}` sub-table
+    first, then a generic `settings = {...}` table, then the pass's own `target_rank` / `targets` keys
+    (only those: a pass's `warmup` is its learning-rate warm-up, not IncreLoRA's)."""
     names = _ADALORA if scorer == "adalora" else _INCRELORA
-    sources = [_lookup(options, scorer), _lookup(options, "settings"), options]
+    plain = {name: _lookup(options, name) for name in _PLAIN}
+    sources = [_lookup(options, scorer), _lookup(options, "settings"), plain]
     out: dict[str, Any] = {}
     for name in names:
         for source in sources:
@@ -67,6 +72,24 @@ def settings_from(options: Any, scorer: str) -> dict[str, Any]:
                 out[name] = value
                 break
     return out
+
+
+def site_bounds(gm: fx.GraphModule, options: Any, where: str = "<allocate>") -> dict[str, Any]:
+    """`min_rank` / `max_rank` of the pass options, with their `*_pattern` forms resolved per site owner
+    (exact > glob/regex > class > the global value, as everywhere): {"min_rank": {owner: lo},
+    "max_rank": {owner: hi or None}}, or {} when the options give no bound."""
+    from rewrite.sites import resolve
+
+    low, high = _lookup(options, "min_rank") or 0, _lookup(options, "max_rank")
+    low_pattern = _lookup(options, "min_rank_pattern") or {}
+    high_pattern = _lookup(options, "max_rank_pattern") or {}
+    if not low and high is None and not low_pattern and not high_pattern:
+        return {}
+    sites: dict[str, Any] = {}
+    for site in state_of(gm).sites.values():
+        sites.setdefault(site.owner, site)
+    return {"min_rank": {o: resolve(s, low, low_pattern, where) for o, s in sites.items()},
+            "max_rank": {o: resolve(s, high, high_pattern, where) for o, s in sites.items()}}
 
 
 def _data_source(gm: fx.GraphModule, data: Any, context: Any, scorer: str, where: str):
@@ -161,27 +184,37 @@ def history_records(history: dict[str, Any], losses: list[float] | None = None,
 
 def make_allocator(gm: fx.GraphModule, scorer: str, settings: dict[str, Any], *, adapter: str, total_steps: int,
                    weight_decay: float = 0.0, where: str = "<allocate>"):
-    settings = dict(settings)
-    if scorer == "adalora":
-        return AdaLoRA(gm, adapter, total_steps=total_steps, where=where, **settings)
-    if scorer == "increlora":
-        return IncreLoRA(gm, adapter, total_steps=total_steps, weight_decay=weight_decay, where=where, **settings)
-    raise SpecError(f"{where}: unknown training scorer {scorer!r} (expected one of {TRAINING_SCORERS})")
+    """The allocator, installed (SVD-form adapters in place); settings it rejects are a SpecError."""
+    if scorer not in TRAINING_SCORERS:
+        raise SpecError(f"{where}: unknown training scorer {scorer!r} (expected one of {TRAINING_SCORERS})")
+    try:
+        if scorer == "adalora":
+            allocator = AdaLoRA(gm, adapter, total_steps=total_steps, where=where, **settings)
+        else:
+            allocator = IncreLoRA(gm, adapter, total_steps=total_steps, weight_decay=weight_decay, where=where,
+                                  **settings)
+        allocator.install()
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"{where}: {scorer}: {err}") from None
+    return allocator
 
 
 def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None, context: Any = None, *,
-                           train_options: dict[str, Any] | None = None) -> tuple[dict[str, int], "TrainingHistory"]:
+                           scorer: str | None = None, train_options: dict[str, Any] | None = None
+                           ) -> tuple[dict[str, int], "TrainingHistory"]:
     """Train `options.adapter` with the allocator `options.scorer` on `data`; resize; return (ranks, history).
 
     `data`: a `rewrite.spec.DataOptions` ([data]), a `rewrite.data.DataSource`, or None (then
     `context.data`). Settings come from `settings_from(options, scorer)`; without a target_rank /
     target_budget there, `options.budget` ({params} or {fraction, rank}) becomes a total rank through
-    `budget_in_ranks`. `options.steps` overrides [data] steps. The returned history is a `TrainingHistory`:
+    `budget_in_ranks`. `options.steps` overrides [data] steps; `options.min_rank` / `max_rank` (and their
+    `*_pattern` forms) bound every site's rank (`site_bounds`); `scorer` overrides `options.scorer`.
+    The returned history is a `TrainingHistory`:
     per-step records for `rewrite.report.render_history`, with `.summary` for the report's scorer section.
     `train_options` go to `rewrite.train.train` (lr, warmup, weight_decay, grad_clip, seed, extra_params)."""
     from rewrite.train import train
 
-    scorer = _lookup(options, "scorer") or "adalora"
+    scorer = scorer or _lookup(options, "scorer") or "adalora"
     where = context.where if context is not None and hasattr(context, "where") else "<allocate>"
     if scorer not in TRAINING_SCORERS:
         raise SpecError(f"{where}: scorer {scorer!r} is not a training scorer ({', '.join(TRAINING_SCORERS)})")
@@ -198,6 +231,7 @@ def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None, c
         settings["target_budget"] = budget_in_ranks(gm, budget, adapter, where)
     if scorer == "adalora":
         settings.setdefault("init_rank", None)  # default: the inserted adapter's rank is r0
+    settings.update(site_bounds(gm, options, where))
     allocator = make_allocator(gm, scorer, settings, adapter=adapter, total_steps=steps,
                                weight_decay=float(getattr(data_options, "weight_decay", 0.0) or 0.0), where=where)
     result = train(gm, source, steps=steps, callbacks=[allocator], **(train_options or {}))
@@ -220,10 +254,12 @@ def _modules(gm: fx.GraphModule, adapter: str) -> list:
 
 def training_report(gm: fx.GraphModule, ranks: dict[str, int], history: "TrainingHistory", *, adapter: str,
                     scorer: str, budget_request: str = "", rank_before: dict[str, int] | None = None,
+                    params_before: int | None = None, options: dict[str, Any] | None = None,
                     tokens: int = 128) -> dict[str, Any]:
     """A `rewrite.report` allocation report for a training-time allocator: per-site rank / params / FLOPs,
-    the final triplet (AdaLoRA) or module (IncreLoRA) score, the share of the budget, and the per-step
-    history (budget and ranks over training) that `render_history` draws."""
+    the final triplet (AdaLoRA) or module (IncreLoRA) score, the share of the budget, the rank bounds, and
+    the per-step history (budget and ranks over training) that `render_history` draws. The budget in
+    parameters is the allocator's budget in ranks times the mean parameters per rank."""
     from rewrite.costmodel import CostModel, site_shape
     from rewrite.report import new_report, site_layer
 
@@ -239,6 +275,8 @@ def training_report(gm: fx.GraphModule, ranks: dict[str, int], history: "Trainin
     shapes = {o: site_shape(by_owner[o][0], calls=len(by_owner[o])) for o in ranks}
     per_rank = {o: model.cost(shapes[o], 1) for o in ranks}
     budget_params = (budget_ranks * sum(per_rank.values()) / len(per_rank)) if budget_ranks and per_rank else None
+    settings = {k: v for k, v in summary.get("settings", {}).items() if v is not None}
+    low, high = settings.get("min_rank") or 0, settings.get("max_rank")
     for owner, rank in ranks.items():
         shape = shapes[owner]
         breakdown = model.breakdown(shape, rank)
@@ -248,11 +286,12 @@ def training_report(gm: fx.GraphModule, ranks: dict[str, int], history: "Trainin
         score = scores.get(owner)
         value = (sum(sorted(score, reverse=True)[:rank]) if isinstance(score, list) else score)
         sites.append(dict(site=owner, layer=layer, module=module, op=shape.op, d_in=shape.fan_in, d_out=shape.d_out,
-                          rank=rank, rank_before=(rank_before or {}).get(owner), **breakdown, cost=cost,
+                          rank=rank, rank_before=(rank_before or {}).get(owner),
+                          min_rank=low.get(owner) if isinstance(low, dict) else low,
+                          max_rank=high.get(owner) if isinstance(high, dict) else high, **breakdown, cost=cost,
                           share=cost / budget_params if budget_params else None, value=value, value_max=None,
                           captured=None))
     kept = [s for s in sites if s["rank"] > 0]
-    settings = {k: v for k, v in summary.get("settings", {}).items() if v is not None}
     unit = "triplet score (EMA sensitivity x uncertainty)" if scorer == "adalora" else \
         "module score (EMA of |dW . dL/dW| / sqrt(numel))"
     report = new_report(
@@ -262,15 +301,17 @@ def training_report(gm: fx.GraphModule, ranks: dict[str, int], history: "Trainin
         sites=sites,
         totals=dict(sites=len(sites), kept=len(kept), dropped=[s["site"] for s in sites if s["rank"] == 0],
                     params=sum(s["params"] for s in sites), flops=sum(s["flops"] for s in sites),
-                    bytes=sum(s["bytes"] for s in sites), params_before=None),
+                    bytes=sum(s["bytes"] for s in sites), params_before=params_before),
         training=dict(steps=summary.get("steps"), seconds=summary.get("seconds"),
                       loss_first=history[0].get("loss") if len(history) else None,
                       loss_final=history[-1].get("loss") if len(history) else None,
                       events=summary.get("growth") or summary.get("masked_at")),
     )
     report["history"] = list(history)
+    if options is not None:
+        report["options"] = options
     return report
 
 
 __all__ = ["AdaLoRA", "IncreLoRA", "TRAINING_SCORERS", "TrainingHistory", "budget_in_ranks", "history_records",
-           "make_allocator", "run_training_allocator", "settings_from", "training_report"]
+           "make_allocator", "run_training_allocator", "settings_from", "site_bounds", "training_report"]

@@ -16,7 +16,10 @@ Budget in triplets, b0 = sum_k r0_k, bT = target_rank * N (or `target_budget`):
     t > T - t_final             the final pattern is re-applied every step (soft-pruned triplets stay 0)
 
 Masking: tau = kthvalue(all S, b0 - b(t)) over every matrix at once; lam_{k,i} <- 0 where S_{k,i} <= tau
-(ties can prune more). P and Q are not zeroed; a masked triplet still gets gradients and can come back
+(ties can prune more). With per-site bounds lo_k <= r_k <= hi_k (`min_rank` / `max_rank`, hi_k also capped
+by r0_k) a site always keeps its lo_k best triplets, never more than hi_k, and the rest compete for the
+places left (rewrite.allocators.bounds.keep_within; without bounds this is exactly the rule above; a
+budget above sum_k hi_k is then not spent). P and Q are not zeroed; a masked triplet still gets gradients and can come back
 until the final phase. The orthogonality regulariser gamma * mean(||P^T P - I||_F, ||Q Q^T - I||_F) is
 `regularizer()`. This is PEFT 0.21's `RankAllocator` / `AdaLoraModel.update_and_allocate` step for step
 (tests/test_adalora.py checks it against PEFT itself); one deliberate difference: where PEFT's
@@ -35,7 +38,8 @@ import torch
 import torch.fx as fx
 
 from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
-from rewrite.allocators.common import finalize_svd, install_svd, svd_modules
+from rewrite.allocators.bounds import Bound, clip_keep, keep_within, resolve_bounds
+from rewrite.allocators.common import finalize_svd, install_svd
 from rewrite.train import TrainCallback, TrainContext
 
 FACTORS = ("Q", "E", "P")
@@ -47,7 +51,8 @@ class AdaLoRA(TrainCallback):
     def __init__(self, gm: fx.GraphModule, adapter: str = "default", *, total_steps: int, target_rank: int = 8,
                  init_rank: int | None = 12, target_budget: int | None = None, tinit: int = 0, tfinal: int = 0,
                  delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
-                 alpha: float | None = None, targets: Iterable[str] | None = None, where: str = "<adalora>"):
+                 alpha: float | None = None, targets: Iterable[str] | None = None, min_rank: Bound = 0,
+                 max_rank: Bound = None, where: str = "<adalora>"):
         if not (0 < beta1 < 1 and 0 < beta2 < 1):
             raise ValueError(f"{where}: beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
         if total_steps < 1 or tinit >= total_steps - tfinal:
@@ -60,6 +65,7 @@ class AdaLoRA(TrainCallback):
         self.target_budget, self.tinit, self.tfinal, self.delta_t = target_budget, int(tinit), int(tfinal), int(delta_t)
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
         self.alpha, self.targets = alpha, list(targets) if targets else None
+        self.min_rank, self.max_rank = min_rank, max_rank
         self.modules: dict[str, SvdLoRA] = {}
         self.reset_ipt()
         self.rank_pattern: dict[str, torch.Tensor] | None = None
@@ -92,6 +98,12 @@ class AdaLoRA(TrainCallback):
         if not 0 <= self.target_bgt <= self.init_bgt:
             raise ValueError(f"{self.where}: target budget {self.target_bgt} triplets is outside [0, "
                              f"{self.init_bgt}] (the {len(self.modules)} sites start with {self.init_bgt})")
+        r0 = {o: m.rank for o, m in self.modules.items()}
+        self.bounds = resolve_bounds(r0, self.min_rank, self.max_rank, cap=r0, where=self.where)
+        floor = sum(lo for lo, _ in self.bounds.values())
+        if floor > self.target_bgt:
+            raise ValueError(f"{self.where}: the min ranks add up to {floor} triplets, above the target budget of "
+                             f"{self.target_bgt}")
         for owner in self.modules:
             self.history["ranks"].setdefault(owner, [])
 
@@ -186,18 +198,10 @@ class AdaLoRA(TrainCallback):
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict[str, torch.Tensor]:
-        """Zero lam of every triplet scoring <= the (b0 - budget)-th smallest score; returns the kept masks."""
-        scores = self.triplet_scores()
-        k = self.init_bgt - budget
-        if k <= 0:
-            pattern = {o: torch.ones(s.numel(), dtype=torch.bool) for o, s in scores.items()}
-        else:
-            threshold = torch.kthvalue(torch.cat([s.view(-1) for s in scores.values()]), k=k)[0].item()
-            pattern = {o: ~(s <= threshold).view(-1) for o, s in scores.items()}
-        for owner, keep in pattern.items():
-            e = self._factor(self.modules[owner], "E")
-            e.masked_fill_(~keep.view(-1, 1).to(e.device), 0.0)
-        self.last_threshold = None if k <= 0 else threshold
+        """Zero lam of every triplet scoring <= the (b0 - budget)-th smallest score (within the per-site
+        bounds: `keep_within`); returns the kept masks."""
+        pattern, _ = keep_within(self.triplet_scores(), budget, self.bounds)
+        self.mask_using_rank_pattern(pattern)
         return pattern
 
     @torch.no_grad()
@@ -253,8 +257,9 @@ class AdaLoRA(TrainCallback):
     def final_pattern(self) -> dict[str, torch.Tensor]:
         if self.final_reached and self.rank_pattern is not None:
             return self.rank_pattern
-        if self._avg is None:  # never scored: keep what the last mask kept (or everything)
-            return self.rank_pattern or {o: torch.ones(m.rank, dtype=torch.bool) for o, m in self.modules.items()}
+        if self._avg is None:  # never scored: keep what the last mask kept (or everything), within the bounds
+            pattern = self.rank_pattern or {o: torch.ones(m.rank, dtype=torch.bool) for o, m in self.modules.items()}
+            return clip_keep(pattern, self.bounds)
         return self.mask_to_budget(self.target_bgt)
 
     def finalize(self, *, to_lora: bool = True) -> dict[str, int]:
@@ -276,7 +281,8 @@ class AdaLoRA(TrainCallback):
     def settings(self) -> dict[str, Any]:
         return dict(init_rank=self.init_rank, target_rank=self.target_rank, target_budget=self.target_bgt,
                     total_steps=self.total_steps, tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t,
-                    beta1=self.beta1, beta2=self.beta2, orth_reg_weight=self.orth_reg_weight)
+                    beta1=self.beta1, beta2=self.beta2, orth_reg_weight=self.orth_reg_weight,
+                    min_rank=self.min_rank, max_rank=self.max_rank)
 
 
 __all__ = ["AdaLoRA"]

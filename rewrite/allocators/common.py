@@ -20,14 +20,26 @@ from rewrite.graph_edit import adapters_at, drop_adapter, register_adapter, unwi
 from rewrite.state import state_of
 
 
-def _owners(gm: fx.GraphModule) -> list[str]:
+def owners_of(gm: fx.GraphModule) -> list[str]:
+    """Every site owner (weight-carrying module) of the captured graph, in site-table order."""
     return list(dict.fromkeys(site.owner for site in state_of(gm).sites.values()))
+
+
+def drop_sites(gm: fx.GraphModule, adapter: str, owners: Iterable[str]) -> None:
+    """Remove `adapter`'s branch at `owners`: its call and join nodes and its module (rank 0)."""
+    owners = list(owners)
+    for owner in owners:
+        unwire(gm, adapter, owner)
+        drop_adapter(gm, owner, adapter)
+    if owners:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def svd_modules(gm: fx.GraphModule, adapter: str) -> dict[str, SvdLoRA]:
     """site owner -> SvdLoRA module of `adapter`, in site-table order."""
     out = {}
-    for owner in _owners(gm):
+    for owner in owners_of(gm):
         module = adapters_at(gm, owner).get(adapter)
         if isinstance(module, SvdLoRA):
             out[owner] = module
@@ -52,7 +64,7 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
         for site in select(table, list(targets), where, ops=ADAPTABLE_OPS):
             wanted_new.setdefault(site.owner, []).append(site)
     out: dict[str, SvdLoRA] = {}
-    for owner in _owners(gm):
+    for owner in owners_of(gm):
         current = adapters_at(gm, owner).get(adapter)
         if isinstance(current, SvdLoRA):
             out[owner] = current
@@ -124,16 +136,12 @@ def finalize_svd(gm: fx.GraphModule, adapter: str, keep: Mapping[str, torch.Tens
     `keep[owner]`: bool mask over the module's ranks (None: keep all counted ranks, reserves dropped).
     With `to_lora` (default) each site ends as a plain LoRA of its final rank; rank 0 sites are removed."""
     ranks: dict[str, int] = {}
-    removed = False
     for owner, module in svd_modules(gm, adapter).items():
         mask = keep.get(owner)
         index = module._keep_index(mask)
         rank = int(index.numel())
         ranks[owner] = rank
         if rank == 0:
-            unwire(gm, adapter, owner)
-            drop_adapter(gm, owner, adapter)
-            removed = True
             continue
         if to_lora:
             holder = gm.get_submodule(f"adapters.{owner}")
@@ -142,9 +150,7 @@ def finalize_svd(gm: fx.GraphModule, adapter: str, keep: Mapping[str, torch.Tens
             setattr(holder, adapter, lora)
         else:
             module.resize(index)
-    if removed:
-        gm.graph.lint()
-        gm.recompile()
+    drop_sites(gm, adapter, [owner for owner, rank in ranks.items() if rank == 0])
     return ranks
 
 

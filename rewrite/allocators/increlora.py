@@ -18,6 +18,11 @@ a new parameter group that gets its own linear warm-up and decay over the remain
 stops and unused reserves are disabled (lam = 0); `finalize()` drops them and leaves a plain LoRA of rank
 ranknum_k at each site (same delta). The orthogonality term is the official one: per parameter block.
 
+Per-site bounds lo_k <= r_k <= hi_k (`min_rank` / `max_rank`, rewrite.allocators.bounds): a site starts
+at clamp(init_rank, lo_k, hi_k) (hi_k = 0: its branch is removed before training); a site whose rank + a
+would pass hi_k is not a candidate, so the k picks go to the best sites that can still grow; when no
+site can grow, growth stops there (R_T is then not reached).
+
 Deliberate difference: the official stops only at R_t == R_T exactly (ties can overshoot and then the
 reserves are never disabled); here R_t >= R_T stops and disables them.
 """
@@ -31,7 +36,8 @@ import torch
 import torch.fx as fx
 
 from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
-from rewrite.allocators.common import finalize_svd, install_svd
+from rewrite.allocators.bounds import Bound, resolve_bounds
+from rewrite.allocators.common import drop_sites, finalize_svd, install_svd, owners_of
 from rewrite.train import TrainCallback, TrainContext
 
 RESERVE_LAM = 1e-5
@@ -45,7 +51,8 @@ class IncreLoRA(TrainCallback):
                  init_rank: int = 1, target_budget: int | None = None, warmup: int = 0, interval: int = 10,
                  top_h: int = 2, rank_step: int | None = None, advance_learning: bool = True,
                  beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.1, weight_decay: float = 0.0,
-                 alpha: float | None = None, targets: Iterable[str] | None = None, where: str = "<increlora>"):
+                 alpha: float | None = None, targets: Iterable[str] | None = None, min_rank: Bound = 0,
+                 max_rank: Bound = None, where: str = "<increlora>"):
         if not (0 < beta1 < 1 and 0 < beta2 < 1):
             raise ValueError(f"{where}: beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
         if interval < 1 or top_h < 1 or init_rank < 1:
@@ -58,7 +65,9 @@ class IncreLoRA(TrainCallback):
         self.advance_learning, self.weight_decay = advance_learning, weight_decay
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
         self.alpha, self.targets = alpha, list(targets) if targets else None
+        self.min_rank, self.max_rank = min_rank, max_rank
         self.modules: dict[str, SvdLoRA] = {}
+        self.closed: list[str] = []            # sites with max rank 0: branch removed at install
         self.ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
@@ -71,9 +80,16 @@ class IncreLoRA(TrainCallback):
     def install(self) -> dict[str, SvdLoRA]:
         """SVD-form adapters of rank `init_rank` at every site, each with its first reserve (idempotent)."""
         if not self.modules:
-            modules = install_svd(self.gm, self.adapter, rank=self.init_rank, alpha=self.alpha,
-                                  targets=self.targets, where=self.where)
-            self.attach(modules)
+            owners = owners_of(self.gm)
+            bounds = resolve_bounds(dict.fromkeys(owners, self.init_rank), self.min_rank, self.max_rank,
+                                    where=self.where)
+            start = {o: max(lo, self.init_rank if hi is None else min(self.init_rank, hi))
+                     for o, (lo, hi) in bounds.items()}
+            modules = install_svd(self.gm, self.adapter, rank={o: max(r, 1) for o, r in start.items()},
+                                  alpha=self.alpha, targets=self.targets, where=self.where)
+            self.closed = [o for o in modules if start[o] == 0]
+            drop_sites(self.gm, self.adapter, self.closed)
+            self.attach({o: m for o, m in modules.items() if o not in self.closed})
         return self.modules
 
     prepare = install
@@ -81,6 +97,13 @@ class IncreLoRA(TrainCallback):
     def attach(self, modules: dict[str, SvdLoRA]) -> None:
         """Use existing SVD-form modules (each gets its first reserve block here)."""
         self.modules = dict(modules)
+        self.bounds = resolve_bounds({o: m.rank for o, m in self.modules.items()}, self.min_rank, self.max_rank,
+                                     where=self.where)
+        for owner, module in self.modules.items():
+            lo, hi = self.bounds[owner]
+            if module.rank < lo or (hi is not None and module.rank > hi):
+                raise ValueError(f"{self.where}: site {owner} starts at rank {module.rank}, outside its bounds "
+                                 f"[{lo}, {hi}]")
         for module in self.modules.values():
             module.ranknum = float(module.rank)
             if module.reserve == 0:
@@ -92,7 +115,7 @@ class IncreLoRA(TrainCallback):
                              else self.target_rank * len(self.modules))
         if self.target_total < self.total_rank:
             raise ValueError(f"{self.where}: target budget {self.target_total} ranks is below the starting "
-                             f"{self.total_rank} ({len(self.modules)} sites x init_rank {self.init_rank})")
+                             f"{self.total_rank} ({len(self.modules)} sites at init_rank {self.init_rank} or their min rank)")
         if self.total_rank >= self.target_total:
             self._stop()
 
@@ -147,17 +170,25 @@ class IncreLoRA(TrainCallback):
         return {o: float(self.exp_avg_ipt.get(o, 0.0) * self.exp_avg_unc.get(o, 0.0)) for o in self.modules}
 
     # --- growth --------------------------------------------------------------------------------------------
+    def can_grow(self, owner: str) -> bool:
+        hi = self.bounds[owner][1]
+        return hi is None or self.modules[owner].rank + self.rank_step <= hi
+
     @torch.no_grad()
     def grow(self, optimizer: torch.optim.Optimizer | None = None, step: int | None = None) -> list[str]:
-        """Add `rank_step` ranks to every site whose score is >= the k-th largest, k = min(h, R_T - R_t)."""
+        """Add `rank_step` ranks to every site that may still grow (rank + a <= its max rank) and scores
+        >= the k-th largest score among those, k = min(h, R_T - R_t, number of such sites)."""
         scores = self.scores()
-        k = min(self.top_h, self.target_total - self.total_rank)
+        open_sites = [o for o in self.modules if self.can_grow(o)]
+        k = min(self.top_h, self.target_total - self.total_rank, len(open_sites))
         if k <= 0:
+            if not open_sites:  # every site is at its max rank: nothing left to grow
+                self._stop()
             return []
-        threshold = torch.topk(torch.tensor(list(scores.values())), k)[0][-1].item()
+        threshold = torch.topk(torch.tensor([scores[o] for o in open_sites]), k)[0][-1].item()
         selected, new_params = [], []
         for owner, module in self.modules.items():
-            if scores[owner] >= threshold:
+            if owner in open_sites and scores[owner] >= threshold:
                 selected.append(owner)
                 a = self.rank_step
                 module.ranknum += a
@@ -226,7 +257,8 @@ class IncreLoRA(TrainCallback):
             self._stop()
         keep = {o: torch.arange(m.rank) for o, m in self.modules.items()}
         self.history["scores"] = self.scores()
-        self.final_ranks = finalize_svd(self.gm, self.adapter, keep, to_lora=to_lora)
+        self.final_ranks = {**dict.fromkeys(self.closed, 0),
+                            **finalize_svd(self.gm, self.adapter, keep, to_lora=to_lora)}
         self.history["final_ranks"] = dict(self.final_ranks)
         self.history["target_budget"] = self.target_total
         self.finalized = True
@@ -239,7 +271,8 @@ class IncreLoRA(TrainCallback):
         return dict(init_rank=self.init_rank, target_rank=self.target_rank, target_budget=self.target_total,
                     total_steps=self.total_steps, warmup=self.warmup, interval=self.interval, top_h=self.top_h,
                     rank_step=self.rank_step, advance_learning=self.advance_learning, beta1=self.beta1,
-                    beta2=self.beta2, orth_reg_weight=self.orth_reg_weight)
+                    beta2=self.beta2, orth_reg_weight=self.orth_reg_weight, min_rank=self.min_rank,
+                    max_rank=self.max_rank)
 
 
 __all__ = ["IncreLoRA"]
