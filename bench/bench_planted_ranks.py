@@ -67,6 +67,7 @@ from rewrite.inputs import example_inputs  # noqa: E402
 from rewrite.load import LoadedModel  # noqa: E402
 from rewrite.pass_infra import PassContext  # noqa: E402
 from rewrite.passes import REGISTRY  # noqa: E402
+from rewrite.planted import plant  # noqa: E402
 from rewrite.report import spearman  # noqa: E402
 from rewrite.spec import CaptureOptions, DataOptions, InputSpec  # noqa: E402
 from rewrite.state import state_of  # noqa: E402
@@ -90,21 +91,6 @@ class ResMLP(nn.Module):
         return self.head(x)
 
 
-def plant(model: nn.Module, plan: dict[str, int], seed: int, scale: float) -> nn.Module:
-    """W_k += scale * ||W_k||_2 * Q1 Q2^T (orthonormal Q1, Q2 of rank r_k): every planted component is the same
-    fraction of its layer's spectral norm."""
-    teacher = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, r in plan.items():
-            if r:
-                layer = teacher.get_submodule(name)
-                q1, _ = torch.linalg.qr(torch.randn(layer.out_features, r, generator=generator))
-                q2, _ = torch.linalg.qr(torch.randn(layer.in_features, r, generator=generator))
-                layer.weight += scale * torch.linalg.matrix_norm(layer.weight, ord=2) * q1 @ q2.T
-    return teacher
-
-
 def shuffled(ranks: list[int], seed: int) -> list[int]:
     order = torch.randperm(len(ranks), generator=torch.Generator().manual_seed(seed)).tolist()
     return [ranks[i] for i in order]
@@ -121,7 +107,7 @@ def mlp_case(seed: int, root: Path):
     generator = torch.Generator().manual_seed(100 + seed)
     x = torch.randn(2048, 32, generator=generator)
     with torch.no_grad():
-        y = plant(model, plan, seed, SCALE)(x)
+        y = plant(model, plan, seed=seed, scale=SCALE, relative=True)(x)
     save_file({"x": x, "labels": y}, root / "data.safetensors")
     data = DataOptions(path="data.safetensors", loss="mse", batch_size=128, lr=LR or 1e-2)
     return gm, plan, data
@@ -145,7 +131,7 @@ def llama_case(seed: int, root: Path):
     generator = torch.Generator().manual_seed(100 + seed)
     ids = torch.randint(0, model.config.vocab_size, (512, 16), generator=generator)
     mask = torch.ones_like(ids)
-    teacher = plant(model, plan, seed, SCALE)
+    teacher = plant(model, plan, seed=seed, scale=SCALE, relative=True)
     with torch.no_grad():
         logits = torch.cat([teacher(input_ids=ids[i:i + 64], attention_mask=mask[i:i + 64]).logits
                             for i in range(0, len(ids), 64)])

@@ -29,6 +29,7 @@ from rewrite.inputs import example_inputs
 from rewrite.load import LoadedModel
 from rewrite.pass_infra import PassContext
 from rewrite.passes import REGISTRY
+from rewrite.planted import plant
 from rewrite.report import load_report, rank_grid, site_layer, spearman
 from rewrite.spec import CaptureOptions, DataOptions, InputSpec
 from rewrite.state import state_of
@@ -52,20 +53,6 @@ class ResMLP(nn.Module):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def plant(model: nn.Module, plan: dict[str, int], seed: int = 1, scale: float = 0.5) -> nn.Module:
-    """A teacher: W_k + scale * Q1 Q2^T with orthonormal Q1 [d_out, r_k], Q2 [d_in, r_k] (every component 0.5)."""
-    teacher = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, r in plan.items():
-            if r:
-                layer = teacher.get_submodule(name)
-                q1, _ = torch.linalg.qr(torch.randn(layer.out_features, r, generator=generator))
-                q2, _ = torch.linalg.qr(torch.randn(layer.in_features, r, generator=generator))
-                layer.weight += scale * q1 @ q2.T
-    return teacher
 
 
 class Setup:
@@ -306,6 +293,21 @@ def test_fisher_gradient_spectrum_equals_autograd(setup):
     sigma = torch.linalg.svdvals(torch.stack(grads).mean(0))
     assert curve[-1] == pytest.approx(float((sigma ** 2).sum()), rel=1e-5)
     assert curve[1] == pytest.approx(float(sigma[0] ** 2), rel=1e-5)
+
+
+def test_planted_teacher_has_exactly_the_planted_spectrum(setup):
+    """Oracle: the singular values of W_teacher - W are r_k copies of the gain (scale, or scale ||W||_2)."""
+    teacher = plant(setup.model, PLAN, scale=0.5)
+    relative = plant(setup.model, PLAN, scale=0.5, relative=True)
+    for name, r in PLAN.items():
+        base = setup.model.get_submodule(name).weight.detach()
+        for model, gain in ((teacher, 0.5), (relative, 0.5 * float(torch.linalg.matrix_norm(base, ord=2)))):
+            sigma = torch.linalg.svdvals(model.get_submodule(name).weight - base)
+            torch.testing.assert_close(sigma[:r], torch.full((r,), gain), rtol=1e-4, atol=1e-5)
+            assert float(sigma[r:].abs().sum()) < 1e-4 * gain * len(sigma)
+    assert torch.equal(plant(setup.model, PLAN)(setup.x[:4]), teacher(setup.x[:4]))  # seeded: same teacher
+    with pytest.raises(TypeError, match="blocks.0 is a ModuleDict"):
+        plant(setup.model, {"blocks.0": 1})
 
 
 def test_planted_ranks_are_found(setup):
