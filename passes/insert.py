@@ -1,6 +1,8 @@
 """insert: add a named adapter to every selected site.
 
-For LoRA:  y = base(x) + s * B(A(dropout(x))),  s = alpha / r  (rsLoRA: alpha / sqrt(r)).
+    kind = "lora"       y = base(x) + s * B(A(dropout(x))),         s = alpha / r  (rsLoRA: alpha / sqrt(r))
+    kind = "svd_lora"   y = base(x) + c * P (lam (.) (Q dropout(x))),  c = alpha / (r + 1e-5)
+                        (AdaLoRA's SVD form, rewrite/adapters/svd_lora.py: lam = 0, P, Q ~ N(0, 0.02^2))
 
 Rules:
 1. `targets` select sites (glob, `re:`, `class:`, exact or dotted-suffix name); each must match a site.
@@ -9,6 +11,8 @@ Rules:
 3. One adapter module per weight owner: every call of that module gets a branch from the same adapter.
 4. A site that already has an adapter of this name is left alone (a second run reports modified=False).
 5. New parameters take the base weight's dtype and device (meta stays meta: no memory is allocated).
+6. `svd_lora` goes on linear, Conv1D and conv2d sites (not embeddings), with init = "zeros" (its one init)
+   and without rslora; anything else is an error naming the site or the key.
 With an identity init (`zeros`, `gaussian`) the outputs are unchanged, which `--verify` checks.
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rewrite.adapters import KINDS
 from rewrite.errors import SpecError
@@ -27,11 +31,12 @@ from rewrite.sites import Site, check_mapping, check_selector_syntax, resolve, s
 from rewrite.state import state_of
 
 ADAPTABLE_OPS = ("linear", "conv1d", "conv2d", "embedding")
+SVD_OPS = ("linear", "conv1d", "conv2d")
 
 
 class InsertOptions(PassOptions):
     adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    kind: Literal["lora"] = "lora"
+    kind: Literal["lora", "svd_lora"] = "lora"
     targets: list[str] = Field(min_length=1)
     rank: int = Field(default=8, ge=1)
     alpha: float = 8.0
@@ -53,6 +58,13 @@ class InsertOptions(PassOptions):
         for key in mapping:
             check_selector_syntax(key)
         return mapping
+
+    @model_validator(mode="after")
+    def _svd_form(self) -> "InsertOptions":
+        if self.kind == "svd_lora" and (self.rslora or self.init != "zeros"):
+            raise ValueError("kind = \"svd_lora\" scales by alpha / r and starts from PEFT's AdaLoRA init (lam = 0): "
+                             "rslora and init = \"gaussian\" do not apply to it")
+        return self
 
 
 def conv_settings(gm: fx.GraphModule, site: Site, where: str) -> dict | None:
@@ -89,6 +101,11 @@ class InsertPass(GraphPass):
         for key, value in o.rank_pattern.items():
             if value < 1:
                 raise SpecError(f"{where}: rank_pattern[{key!r}] = {value}; ranks must be >= 1")
+        if o.kind == "svd_lora":
+            embeddings = [s.name for s in sites if s.op not in SVD_OPS]
+            if embeddings:
+                raise SpecError(f"{self.context.at('targets')}: kind = \"svd_lora\" adapts linear, Conv1D and conv2d "
+                                f"sites; {embeddings[:3]} are embeddings (use kind = \"lora\" there)")
         torch.manual_seed(o.seed)
         added_params, added_sites, created = 0, 0, set()
         for site in sites:

@@ -88,6 +88,9 @@ class LoadPass(GraphPass):
         for owner, entry in entries.items():
             site = owners[owner][0]
             existing = adapters_at(gm, owner).get(name)
+            if existing is not None and existing.kind != "lora":
+                raise AdapterFileError(f"{where}: adapter {name!r} at {owner} is {existing.kind!r}; load writes LoRA "
+                                       "weights: load under another adapter name")
             module = existing or make_adapter(gm, site, "lora", entry["rank"], entry["alpha"],
                                               rslora=entry["rslora"], dropout=0.0, init="zeros", where=where)
             self._check_shapes(path, owner, module, entry)

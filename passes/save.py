@@ -6,6 +6,9 @@ PEFT (`format = "peft"`): `adapter_config.json` + `adapter_model.safetensors` th
 `r` / `lora_alpha` are the most common values, per-module differences go to `rank_pattern` /
 `alpha_pattern` keyed by the full module path. GPT-2 Conv1D sites set `fan_in_fan_out`.
 Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site metadata.
+SVD-form adapters (`svd_lora`, and AdaLoRA / IncreLoRA before they finish) are written as the plain LoRA
+with the same delta: rank = their triplets, A = (diag(lam) Q)^T, B = P^T c / s (SvdLoRA.to_lora), so
+both formats load back (and into PEFT) as LoRA with identical outputs.
 The graph is not modified. Paths are relative to the output directory; writing is atomic.
 """
 from __future__ import annotations
@@ -54,6 +57,10 @@ def _peft_config(modules: dict) -> dict:
     }
 
 
+def _as_lora(module):
+    return module.to_lora() if module.kind == "svd_lora" else module
+
+
 class SavePass(GraphPass):
     name = "save"
     Options = SaveOptions
@@ -61,7 +68,7 @@ class SavePass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, name = state_of(gm), self.options.adapter
         owners = dict.fromkeys(s.owner for s in state.sites.values())
-        modules = {o: adapters_at(gm, o)[name] for o in owners if name in adapters_at(gm, o)}
+        modules = {o: _as_lora(adapters_at(gm, o)[name]) for o in owners if name in adapters_at(gm, o)}
         if not modules:
             raise SpecError(f"{self.context.where}: adapter {name!r} is attached to no site (save it before merge)")
         target = self.context.output_path(self.options.path)

@@ -20,8 +20,12 @@ ranknum_old / ranknum_new). Init (PEFT's): lam = 0, P, Q ~ N(0, 0.02^2): the bra
 
 Merge: linear W += c P diag(lam) Q; Conv1D Wc += (c P diag(lam) Q)^T; conv2d W += (c P diag(lam) Q).view(W).
 `to_lora(keep)` turns the kept triplets into a plain `LoRA` of exactly that rank with the same delta
-(A = (diag(lam) Q)^T, B = P^T * c / s_lora, alpha unchanged) -- what training allocators leave in the graph.
+(A = (diag(lam) Q)^T, B = P^T * c / s_lora, alpha unchanged) -- what training allocators leave in the graph,
+and what the `save` pass writes. `lora_A` / `lora_B` (read-only) are the same factors in LoRA's layout with
+`scaling` = c: delta(x) = c * x A B, which the unmerged-export lowering reads.
 Embedding sites are not supported (PEFT's AdaLoRA does not support them either).
+
+`insert` with `kind = "svd_lora"` puts this module in from a spec (PEFT's AdaLoRA init, identity at start).
 """
 from __future__ import annotations
 
@@ -111,6 +115,22 @@ class SvdLoRA(nn.Module):
     def product(self) -> torch.Tensor:
         """c P diag(lam) Q as a [d_out, q_width] matrix (differentiable)."""
         return self.p() @ (self.q() * self.e()) * self.alpha / (self.ranknum + 1e-5)
+
+    # --- the LoRA view: delta(x) = scaling * x A B (every slot, as the forward) ------------------------------
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """(diag(lam) Q)^T [q_width, slots] (conv2d: diag(lam) Q as [slots, c_in, kh, kw]), computed."""
+        a = self.q() * self.e()
+        if self.op == "conv2d":
+            kh, kw = self.conv["kernel_size"]
+            return a.view(-1, self.d_in, kh, kw)
+        return a.T
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """P^T [slots, d_out] (conv2d: P as [d_out, slots, 1, 1]), computed."""
+        p = self.p()
+        return p.view(self.d_out, -1, 1, 1) if self.op == "conv2d" else p.T
 
     # --- forward / merge -----------------------------------------------------------------------------------
     def _accumulate_product_grad(self, grad: torch.Tensor) -> None:

@@ -119,9 +119,12 @@ def _rank_costs(gm: fx.GraphModule, adapter: str) -> dict[str, tuple[int, int]]:
     for site in state_of(gm).sites.values():
         module = adapters_at(gm, site.owner).get(adapter)
         if site.owner not in out and module is not None:
-            width = module.q_width if hasattr(module, "q_width") else site.d_in
-            if site.op == "conv2d" and hasattr(module, "lora_A"):
+            if hasattr(module, "q_width"):
+                width = module.q_width
+            elif site.op == "conv2d":
                 width = module.lora_A[0].numel()
+            else:
+                width = site.d_in
             out[site.owner] = (width + site.d_out, int(module.rank))
     return out
 
