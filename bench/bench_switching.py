@@ -245,7 +245,7 @@ def main() -> None:
                "*.attention.output.dense"]
     console.print(run_workload("all-MiniLM-L6-v2 (real weights)", loaded, inputs, targets,
                                ["query", "key", "value", "attention.output.dense"], names[:4], 8, args.threads,
-                               args.rounds, 10, custom))
+                               args.rounds, 4, custom))
 
 
 if __name__ == "__main__":
