@@ -353,7 +353,9 @@ def test_training_scorers_honour_the_bounds_through_the_pass(setup, tmp_path):
     ranks = ranks_of(gm)
     assert ranks["head"] <= 2 and ranks["blocks.1.up"] == ranks["blocks.1.down"] == 0 and ranks["blocks.0.up"] >= 5
     assert all(r <= 6 for r in ranks.values()) and sum(ranks.values()) == 21 == result.stats["ranks"]
-    assert result.stats["dropped"] == 2 and "blocks.1.up" not in gm.code
+    calls = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert result.stats["dropped"] == 2 and not {"adapters.blocks.1.up.default", "adapters.blocks.1.down.default"} & calls
+    assert "adapters.head.default" in calls
     gm = setup.fresh(rank=6)
     run(gm, "allocate", tmp_path, data=data, scorer="increlora", budget={"fraction": 0.5}, steps=30, report="",
         increlora={"interval": 2, "warmup": 1, "top_h": 7}, max_rank=3, max_rank_pattern={"head": 1},
@@ -364,6 +366,8 @@ def test_training_scorers_honour_the_bounds_through_the_pass(setup, tmp_path):
     with pytest.raises(SpecError, match=r"min_rank_pattern: selector 'blocks.9.up' matches no site"):
         run(setup.fresh(rank=6), "allocate", tmp_path, data=data, scorer="adalora", budget={"fraction": 0.5},
             steps=20, min_rank_pattern={"blocks.9.up": 5})
+    with pytest.raises(SpecError, match=r"spec.toml:9 \(scorer\): scorer = 'adalora' trains the adapters and needs"):
+        run(setup.fresh(rank=6), "allocate", tmp_path, scorer="adalora", budget={"fraction": 0.5})
     with pytest.raises(SpecError, match=r"spec.toml:9: adalora: .*min ranks add up to 35 triplets, above the target"):
         run(setup.fresh(rank=6), "allocate", tmp_path, data=data, scorer="adalora", budget={"fraction": 0.5},
             steps=20, min_rank=5)

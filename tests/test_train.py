@@ -277,7 +277,8 @@ def test_train_pass_from_a_spec_and_idempotence(base, data_file, tmp_path):
 
 def test_train_pass_with_an_allocator_writes_the_report(base, data_file, tmp_path):
     spec = _spec(data_file, '[[pass]]\nname = "train"\nallocator = "adalora"\nbudget = { params = 768 }\n'
-                            'adalora = { tinit = 2, tfinal = 6, deltaT = 2 }\n', steps=24)
+                            'adalora = { tinit = 2, tfinal = 6, deltaT = 2 }\n'
+                            'min_rank_pattern = { "layers.3" = 3 }\nmax_rank_pattern = { "layers.0" = 0 }\n', steps=24)
     gm, history = _run(spec, base, tmp_path)
     stats = history[1].stats
     assert stats["scorer"] == "adalora" and stats["ranks"] == 6 and stats["params_after"] == 6 * 128
@@ -286,6 +287,9 @@ def test_train_pass_with_an_allocator_writes_the_report(base, data_file, tmp_pat
     report = json.loads((tmp_path / "allocation.json").read_text())
     assert report["scorer"]["name"] == "adalora" and len(report["history"]) == 24
     assert sum(s["rank"] for s in report["sites"]) == 6 and report["budget"]["ranks"] == 6
+    bounds = {s["site"]: (s["rank"], s["min_rank"], s["max_rank"]) for s in report["sites"]}
+    assert bounds["layers.3"] == (3, 3, None) and bounds["layers.0"] == (0, 0, 0)  # kept at min; dropped
+    assert "adapters.layers.0.default" not in {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     assert report["history"][0]["budget"] == 12 and report["history"][-1]["budget"] == 6
     assert "Training history: 24 records" in (tmp_path / "allocation.md").read_text()
 
@@ -306,6 +310,8 @@ def test_train_pass_errors(base, data_file, tmp_path):
         _run(_spec(data_file, '[[pass]]\nname = "train"\nadapters = ["nope"]\n'), base, tmp_path)
     with pytest.raises(SpecError, match="go with allocator"):
         _spec(data_file, '[[pass]]\nname = "train"\nbudget = { params = 10 }\n')
+    with pytest.raises(SpecError, match="min_rank, max_rank .and their patterns., adalora and increlora go with"):
+        _spec(data_file, '[[pass]]\nname = "train"\nmax_rank_pattern = { "layers.0" = 2 }\n')
     with pytest.raises(SpecError, match="no parameter named"):
         _run(_spec(data_file, '[[pass]]\nname = "train"\nextra_params = ["head.weight"]\n'), base, tmp_path)
 
