@@ -143,12 +143,12 @@ class LoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op == "embedding":
-            return F.embedding(x, self.lora_A) @ self.lora_B * self.scaling
+            return (F.embedding(x, self.lora_A) * self.scaling) @ self.lora_B
         if self.op == "conv2d":
             hidden = F.conv2d(self.dropout(x), self.lora_A, None, self.conv["stride"], self.conv["padding"],
                               self.conv["dilation"])
-            return F.conv2d(hidden, self.lora_B) * self.scaling
-        return self.dropout(x) @ self.lora_A @ self.lora_B * self.scaling
+            return F.conv2d(hidden * self.scaling, self.lora_B)
+        return (self.dropout(x) @ self.lora_A * self.scaling) @ self.lora_B  # s on the [N, r] hidden, not [N, d_out]
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
