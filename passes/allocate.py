@@ -53,7 +53,7 @@ from rewrite.costmodel import CostModel, LatencyTable, site_shape
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at, drop_adapter, unwire
 from rewrite.pass_infra import GraphPass, PassResult
-from rewrite.passes.rank_options import ABSOLUTE, BudgetOptions
+from rewrite.passes.rank_options import ABSOLUTE
 from rewrite.passes.training_allocation import TrainingAllocatorOptions, allocate_while_training, options_key
 from rewrite.report import new_report, site_layer, write_report
 from rewrite.scorers import ScoreContext, Target, get_scorer
@@ -296,4 +296,4 @@ class AllocatePass(GraphPass):
         )
 
 
-__all__ = ["AllocateOptions", "AllocatePass", "BudgetOptions"]
+__all__ = ["AllocateOptions", "AllocatePass"]

@@ -19,7 +19,8 @@ Masking: tau = kthvalue(all S, b0 - b(t)) over every matrix at once; lam_{k,i} <
 (ties can prune more). With per-site bounds lo_k <= r_k <= hi_k (`min_rank` / `max_rank`, hi_k also capped
 by r0_k) a site always keeps its lo_k best triplets, never more than hi_k, and the rest compete for the
 places left (rewrite.allocators.bounds.keep_within; without bounds this is exactly the rule above; a
-budget above sum_k hi_k is then not spent). P and Q are not zeroed; a masked triplet still gets gradients and can come back
+budget above sum_k hi_k is then not spent).
+P and Q are not zeroed; a masked triplet still gets gradients and can come back
 until the final phase. The orthogonality regulariser gamma * mean(||P^T P - I||_F, ||Q Q^T - I||_F) is
 `regularizer()`. This is PEFT 0.21's `RankAllocator` / `AdaLoraModel.update_and_allocate` step for step
 (tests/test_adalora.py checks it against PEFT itself); one deliberate difference: where PEFT's

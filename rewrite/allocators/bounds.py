@@ -82,7 +82,8 @@ def keep_within(scores: Mapping[str, torch.Tensor], budget: int,
     return pattern, threshold
 
 
-def clip_keep(pattern: Mapping[str, torch.Tensor], bounds: Mapping[str, tuple[int, int | None]]) -> dict[str, torch.Tensor]:
+def clip_keep(pattern: Mapping[str, torch.Tensor],
+              bounds: Mapping[str, tuple[int, int | None]]) -> dict[str, torch.Tensor]:
     """A mask made without scores, brought within the bounds by index order: the first hi kept triplets
     stay; below lo, the first masked ones come back."""
     out = {}

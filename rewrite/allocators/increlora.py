@@ -115,7 +115,8 @@ class IncreLoRA(TrainCallback):
                              else self.target_rank * len(self.modules))
         if self.target_total < self.total_rank:
             raise ValueError(f"{self.where}: target budget {self.target_total} ranks is below the starting "
-                             f"{self.total_rank} ({len(self.modules)} sites at init_rank {self.init_rank} or their min rank)")
+                             f"{self.total_rank} ({len(self.modules)} sites at init_rank {self.init_rank} or their "
+                             "min rank)")
         if self.total_rank >= self.target_total:
             self._stop()
 
