@@ -4,9 +4,10 @@
 //   y[n, :] = base[n, :]                                      when k < 0 (no adapter)
 //
 // x is [N, d_in] row-major (leading dims flattened), A_bank [K, d_in, r], B_bank [K, r, d_out] (matmul layout, the
-// LoRA scale folded into B, smaller ranks zero-padded to r; float32, or both float16 to halve the bytes streamed), idx [nb] int64 with N % nb == 0. The base GEMM is not
-// computed here: it stays ORT's own Gemm/MatMul and its output is the optional input `base` (absent: base = 0, the
-// delta alone). ORT may hand the op base's buffer as y (in place); otherwise the op copies base into y first.
+// LoRA scale folded into B, smaller ranks zero-padded to r; float32, or both float16 to halve the bytes streamed),
+// idx [nb] int64 with N % nb == 0. The base GEMM is not computed here: it stays ORT's own Gemm/MatMul and its
+// output is the optional input `base` (absent: base = 0, the delta alone). ORT may hand the op base's buffer as y
+// (in place); otherwise the op copies base into y first.
 #pragma once
 
 #include <cstddef>

@@ -157,7 +157,7 @@ void lora_delta_cpu(const Problem& p, const Executor& ex) {
     return total;
   };
   int64_t mt = 32;
-  while (mt > 4 && count_items(mt) < 2 * threads) mt /= 2;
+  while (threads > 1 && mt > 4 && count_items(mt) < 2 * threads) mt /= 2;  // (1 thread: no split, no re-reads)
   const int64_t n_row_items = count_items(mt);
   int64_t col_split = 1;
   if (n_row_items < threads) {

@@ -113,8 +113,8 @@ static bool run_case(const Case& c, Mode mode, bool half, std::mt19937& rng, boo
   }
   const bool ok = worst <= 1e-4 * (1.0 + ref_max);
   std::printf("%s %-28s %-14s %s N=%lld d_in=%lld r=%lld d_out=%lld K=%lld B=%lld  max|err| %.3g (max|ref| %.3g)",
-              ok ? "ok  " : "FAIL", c.name, mode_name(mode), half ? "f16" : "f32", (long long)c.n, (long long)c.din, (long long)c.r, (long long)c.dout,
-              (long long)c.k, (long long)nb, worst, ref_max);
+              ok ? "ok  " : "FAIL", c.name, mode_name(mode), half ? "f16" : "f32", (long long)c.n, (long long)c.din,
+              (long long)c.r, (long long)c.dout, (long long)c.k, (long long)nb, worst, ref_max);
   if (time_it && ok) {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
