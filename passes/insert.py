@@ -68,14 +68,28 @@ class InsertOptions(PassOptions):
 
 
 def conv_settings(gm: fx.GraphModule, site: Site, where: str) -> dict | None:
+    """The base conv's kernel size, stride, padding and dilation: from the nn.Conv2d (fx capture) or from the
+    aten.conv2d call's arguments (torch.export keeps plain Modules without conv attributes)."""
     if site.op != "conv2d":
         return None
-    module = gm.get_submodule(site.owner)
-    if module.groups != 1:
-        raise SpecError(f"{where}: site {site.name} is a grouped conv (groups={module.groups}); LoRA on grouped "
+    node = next(n for n in gm.graph.nodes if n.name == site.node)
+    if node.op == "call_module":
+        module = gm.get_submodule(site.owner)
+        kernel, stride, padding, dilation, groups = (module.kernel_size, module.stride, module.padding,
+                                                     module.dilation, module.groups)
+    else:  # aten.conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+        args = [*node.args, *(None, None, None, 1, 0, 1, 1)[len(node.args):]]
+        stride, padding, dilation, groups = (node.kwargs.get(k, args[i]) for i, k in
+                                             enumerate(("stride", "padding", "dilation", "groups"), start=3))
+        kernel = gm.get_parameter(site.weight).shape[2:]
+    if groups != 1:
+        raise SpecError(f"{where}: site {site.name} is a grouped conv (groups={groups}); LoRA on grouped "
                         "convs cannot be merged exactly and is not supported")
-    return dict(kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-                dilation=module.dilation)
+    return dict(kernel_size=tuple(kernel), stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation))
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
 def make_adapter(gm: fx.GraphModule, site: Site, kind: str, rank: int, alpha: float, *, rslora: bool,

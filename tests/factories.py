@@ -4,10 +4,10 @@ from torch import nn
 
 
 class TinyCNN(nn.Module):
-    def __init__(self):
+    def __init__(self, **conv):
         super().__init__()
         self.embed = nn.Embedding(32, 8)
-        self.conv = nn.Conv2d(3, 8, kernel_size=3, padding=1)
+        self.conv = nn.Conv2d(3, 8, **(conv or dict(kernel_size=3, padding=1)))
         self.head = nn.Linear(8, 4)
 
     def forward(self, x, ids):
@@ -23,6 +23,12 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     torch.manual_seed(0)
     return TinyCNN()
+
+
+def strided_cnn() -> nn.Module:
+    """TinyCNN whose conv has a non-square kernel, stride, padding and dilation (settings the LoRA branch copies)."""
+    torch.manual_seed(0)
+    return TinyCNN(kernel_size=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1))
 
 
 def not_a_module():

@@ -90,6 +90,45 @@ def test_fx_frontend_inserts_and_merges_conv_and_embedding_exactly():
     assert not any(n.op == "call_module" and str(n.target).startswith("adapters") for n in gm.graph.nodes)
 
 
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_conv_lora_copies_the_base_conv_settings(frontend):
+    """LoRA on a strided, dilated, padded conv: the same output from either front-end, equal to a hand-written
+    forward base(x) + s * conv(conv(x, A, stride, padding, dilation), B) (torch.export keeps no conv attributes on
+    its modules: the settings come from the aten.conv2d call)."""
+    spec = _spec(f"""
+        [capture]
+        frontend = "{frontend}"
+        [[capture.inputs]]
+        name = "x"
+        shape = [2, 3, 9, 7]
+        [[capture.inputs]]
+        name = "ids"
+        shape = [2, 5]
+        dtype = "int64"
+        high = 32
+        [[pass]]
+        name = "insert"
+        targets = ["conv"]
+        rank = 2
+    """)
+    gm, loaded, _ = load_and_capture("factories:strided_cnn", spec)
+    from rewrite.passes import InsertPass
+
+    InsertPass(spec.passes[0].options)(gm)
+    lora = gm.adapters.conv.default
+    with torch.no_grad():
+        lora.lora_A.normal_()
+        lora.lora_B.normal_()
+        inputs = state_of(gm).inputs.kwargs
+        conv = loaded.module.conv
+        settings = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        hidden = torch.nn.functional.conv2d(inputs["x"], lora.lora_A, None, **settings)
+        feature = conv(inputs["x"]) + lora.scaling * torch.nn.functional.conv2d(hidden, lora.lora_B)
+        head = loaded.module.head
+        expected = head(feature.mean(dim=(2, 3)) + loaded.module.embed(inputs["ids"]).mean(dim=1))
+        torch.testing.assert_close(flat_outputs(gm(**inputs))[0], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_pt2_archive_is_loaded_without_code_and_captured(tmp_path):
     model = build("llama")
     ids = torch.randint(0, 128, (2, 8))
