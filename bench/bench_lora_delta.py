@@ -14,7 +14,8 @@ per-row adapter ids. Variants (all exported with torch.onnx.export(dynamo=True),
 
 ids: "mixed" = row i uses adapter i % 8 (all 8 adapters in a batch of 32), "same" = every row adapter 3,
 "none" = every row -1 (custom ops only). Timing: per-call wall time of `InferenceSession.run` from Python; blocks of
-`--block` consecutive calls per variant, variants interleaved over `--rounds` rounds, median of all calls. The
+`--block` consecutive calls per variant, variants interleaved over `--rounds` rounds (a new random order each
+round), median of all calls. The
 table prints the wall-time median, its ratio to base of the same batch/threads and its interquartile range, and
 the paired ratio: the median over rounds of (this variant's block median / base's block median in the same round),
 which cancels the slow drifts of a shared machine; for 1-thread sessions (which ORT runs in the calling thread)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("delta+Add", "mixed"), ("delta+Add", "same"), ("delta+Add", "none")]
     results = []
     rng = np.random.default_rng(1)
+    shuffle = random.Random(0).shuffle
     for threads in args.threads:
         sessions = {name: session(p, threads, name in custom) for name, p in paths.items()}
         for batch in args.batches:
@@ -203,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants:  # warm-up
                 for _ in range(5):
                     sessions[v[0]].run(None, feeds[v])
+            order = list(variants)
             for _ in range(args.rounds):
-                for v in variants:
+                shuffle(order)  # a new order each round: no variant always follows the same neighbour
+                for v in order:
                     s, f = sessions[v[0]], feeds[v]
                     block = []
                     for _ in range(args.block):
