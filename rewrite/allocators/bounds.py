@@ -57,29 +57,29 @@ def resolve_bounds(start: Mapping[str, int], min_rank: Bound = 0, max_rank: Boun
 @torch.no_grad()
 def keep_within(scores: Mapping[str, torch.Tensor], budget: int,
                 bounds: Mapping[str, tuple[int, int | None]]) -> tuple[dict[str, torch.Tensor], float | None]:
-    """AdaLoRA's mask under per-site bounds (rules 1-3 above): (owner -> bool keep mask [r], tau or None)."""
-    forced, free, beyond = {}, {}, {}
-    for owner, s in scores.items():
-        s = s.reshape(-1)
-        lo, hi = bounds.get(owner, (0, None))
-        hi = s.numel() if hi is None else min(hi, s.numel())
-        order = torch.sort(s, descending=True, stable=True).indices
-        forced[owner], free[owner], beyond[owner] = order[:lo], order[lo:hi], order[hi:]
-    places = budget - sum(int(i.numel()) for i in forced.values())
-    n_free = sum(int(i.numel()) for i in free.values())
+    """AdaLoRA's mask under per-site bounds (rules 1-3 above): (owner -> bool keep mask [r], tau or None).
+    One pass over all triplets at once (it runs every deltaT training steps)."""
+    owners = list(scores)
+    flat = torch.cat([scores[o].reshape(-1) for o in owners])
+    sizes = [scores[o].numel() for o in owners]
+    site = torch.repeat_interleave(torch.arange(len(owners)), torch.tensor(sizes))
+    lo = torch.tensor([bounds.get(o, (0, None))[0] for o in owners])
+    caps = [bounds.get(o, (0, None))[1] for o in owners]
+    hi = torch.tensor([n if cap is None else min(cap, n) for cap, n in zip(caps, sizes)])
+    # position of each triplet in its site's descending order (equal scores: lower index first): two stable sorts
+    by_score = torch.sort(flat, descending=True, stable=True).indices
+    order = by_score[torch.sort(site[by_score], stable=True).indices]
+    starts = torch.cumsum(torch.tensor([0, *sizes[:-1]]), 0)
+    position = torch.empty_like(site)
+    position[order] = torch.arange(flat.numel()) - starts[site[order]]
+    forced = position < lo[site]
+    free = ~forced & (position < hi[site])
+    places = budget - int(forced.sum())
+    n_free = int(free.sum())
     k = min(n_free - places, n_free)
-    threshold = None
-    if k > 0:
-        pool = torch.cat([scores[o].reshape(-1)[i] for o, i in free.items()])
-        threshold = torch.kthvalue(pool, k=k)[0].item()
-    pattern = {}
-    for owner, s in scores.items():
-        s = s.reshape(-1)
-        keep = torch.zeros(s.numel(), dtype=torch.bool)
-        keep[forced[owner]] = True
-        keep[free[owner]] = True if threshold is None else ~(s[free[owner]] <= threshold)
-        pattern[owner] = keep
-    return pattern, threshold
+    threshold = torch.kthvalue(flat[free], k=k)[0].item() if k > 0 else None
+    keep = forced | (free if threshold is None else free & (flat > threshold))
+    return dict(zip(owners, keep.split(sizes))), threshold
 
 
 def clip_keep(pattern: Mapping[str, torch.Tensor],
