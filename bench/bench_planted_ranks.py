@@ -79,7 +79,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -90,7 +89,7 @@ from rewrite.inputs import example_inputs  # noqa: E402
 from rewrite.load import LoadedModel  # noqa: E402
 from rewrite.pass_infra import PassContext  # noqa: E402
 from rewrite.passes import REGISTRY  # noqa: E402
-from rewrite.planted import plant  # noqa: E402
+from rewrite.planted import ResMLP, plant  # noqa: E402
 from rewrite.report import spearman  # noqa: E402
 from rewrite.spec import CaptureOptions, DataOptions, InputSpec  # noqa: E402
 from rewrite.state import state_of  # noqa: E402
@@ -101,19 +100,6 @@ INIT_STD = 0.1
 SCALE = 0.5  # planted singular values, as a fraction of the layer's ||W||_2
 
 
-class ResMLP(nn.Module):
-    def __init__(self, width: int = 32, depth: int = 4):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(up=nn.Linear(width, 2 * width), down=nn.Linear(2 * width, width)))
-                                    for _ in range(depth))
-        self.head = nn.Linear(width, width)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block["down"](torch.relu(block["up"](x)))
-        return self.head(x)
-
-
 def shuffled(ranks: list[int], seed: int) -> list[int]:
     order = torch.randperm(len(ranks), generator=torch.Generator().manual_seed(seed)).tolist()
     return [ranks[i] for i in order]
@@ -121,7 +107,7 @@ def shuffled(ranks: list[int], seed: int) -> list[int]:
 
 def mlp_case(seed: int, root: Path):
     torch.manual_seed(seed)
-    model = ResMLP().eval()
+    model = ResMLP(width=32, depth=4).eval()
     options = CaptureOptions(frontend="fx", inputs=[InputSpec(name="x", shape=[4, 32], dims=["batch", ""])])
     gm, _ = capture(LoadedModel(model, None, "factory", "resmlp"), example_inputs(model, None, options, "<bench>"),
                     frontend="fx")

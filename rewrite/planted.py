@@ -1,5 +1,7 @@
 """Planted-rank teachers: a model plus known low-rank updates, to check where an allocator puts ranks.
 
+    ResMLP      x <- x + down(relu(up(x))) per block, then a head: 2 * depth + 1 Linear sites to plant into
+
     W_k <- W_k + g_k U_k V_k^T     U_k [d_out, r_k], V_k [d_in, r_k] orthonormal (QR of Gaussian matrices)
     g_k = scale                    (relative = False)
     g_k = scale * ||W_k||_2        (relative = True: every update the same fraction of its layer's norm)
@@ -16,6 +18,19 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+
+class ResMLP(nn.Module):
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(up=nn.Linear(width, 2 * width), down=nn.Linear(2 * width, width)))
+                                    for _ in range(depth))
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block["down"](torch.relu(block["up"](x)))
+        return self.head(x)
 
 
 def plant(model: nn.Module, plan: Mapping[str, int], *, seed: int = 1, scale: float = 0.5,
@@ -38,4 +53,4 @@ def plant(model: nn.Module, plan: Mapping[str, int], *, seed: int = 1, scale: fl
     return teacher
 
 
-__all__ = ["plant"]
+__all__ = ["ResMLP", "plant"]

@@ -29,7 +29,7 @@ from rewrite.inputs import example_inputs
 from rewrite.load import LoadedModel
 from rewrite.pass_infra import PassContext
 from rewrite.passes import REGISTRY
-from rewrite.planted import plant
+from rewrite.planted import ResMLP, plant
 from rewrite.report import load_report, rank_grid, site_layer, spearman
 from rewrite.spec import CaptureOptions, DataOptions, InputSpec
 from rewrite.state import state_of
@@ -39,26 +39,13 @@ PLAN = {"blocks.0.up": 0, "blocks.0.down": 6, "blocks.1.up": 1, "blocks.1.down":
         "blocks.2.down": 2, "head": 12}
 
 
-class ResMLP(nn.Module):
-    def __init__(self, width: int = WIDTH, depth: int = 3):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(up=nn.Linear(width, 2 * width), down=nn.Linear(2 * width, width)))
-                                    for _ in range(depth))
-        self.head = nn.Linear(width, width)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block["down"](torch.relu(block["up"](x)))
-        return self.head(x)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Setup:
     def __init__(self, root: Path):
         torch.manual_seed(0)
-        self.model = ResMLP().eval()
+        self.model = ResMLP(width=WIDTH, depth=3).eval()
         options = CaptureOptions(frontend="fx", inputs=[InputSpec(name="x", shape=[4, WIDTH], dims=["batch", ""])])
         self.inputs = example_inputs(self.model, None, options, "<test>")
         self.gm, _ = capture(LoadedModel(self.model, None, "factory", "resmlp"), self.inputs, frontend="fx")
