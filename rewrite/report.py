@@ -285,6 +285,10 @@ def render_heatmap(report: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_title(f"rank per site ({scorer}, {budget.get('metric', '')} budget {_num(budget.get('value'))})",
                  fontsize=9)
     fig.colorbar(image, ax=ax, label="rank")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,12 +329,7 @@ def render_history(history: list[dict[str, Any]], path: str | Path) -> Path | No
         bottom.set_xlabel("step")
         bottom.set_title("rank per site", fontsize=9)
         fig.colorbar(image, ax=bottom, label="rank")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def rerender(json_path: str | Path, out_dir: str | Path | None = None, *, plot: bool = True) -> list[Path]:
