@@ -108,7 +108,7 @@ def _shape(gm: fx.GraphModule, sites: list):
     site = sites[0]
     kernel = (1, 1)
     if site.op == "conv2d":
-        kernel = tuple(gm.get_submodule(site.owner).kernel_size)
+        kernel = tuple(gm.get_parameter(site.weight).shape[2:])  # (torch.export modules carry no conv attributes)
     return site_shape(site, calls=len(sites), kernel=kernel)
 
 

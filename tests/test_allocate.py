@@ -185,6 +185,36 @@ def test_spectrum_allocation_resizes_drops_and_matches_the_oracle(setup):
     torch.testing.assert_close(merged(x=setup.x[:8]), gm(x=setup.x[:8]), atol=1e-5, rtol=1e-5)
 
 
+def test_conv_site_under_torch_export_is_priced_by_its_kernel(tmp_path):
+    """A conv2d site captured by torch.export (modules without conv attributes): the cost model prices the LoRA
+    branch as A [r, c_in, kh, kw] + B [c_out, r] parameters, checked by hand, and the resized branch runs."""
+    from rewrite.pipeline import load_and_capture
+    from rewrite.spec import parse_spec
+
+    spec = parse_spec("""version = 1
+[[capture.inputs]]
+name = "x"
+shape = [2, 3, 9, 7]
+[[capture.inputs]]
+name = "ids"
+shape = [2, 5]
+dtype = "int64"
+high = 32
+""")
+    gm, _, _ = load_and_capture("factories:strided_cnn", spec)
+    run(gm, "insert", tmp_path, targets=["conv", "head"], rank=4)
+    with torch.no_grad():
+        for owner in ("conv", "head"):
+            adapters_at(gm, owner)["default"].lora_B.normal_()
+    result = run(gm, "allocate", tmp_path, scorer="spectrum", budget={"params": 200}, report="")
+    ranks = ranks_of(gm, names=["conv", "head"])
+    per_rank = {"conv": 3 * 3 * 2 + 8, "head": 8 + 4}  # c_in kh kw + c_out; d_in + d_out
+    assert result.stats["params_after"] == sum(r * per_rank[o] for o, r in ranks.items()) <= 200
+    assert ranks["conv"] > 0
+    with torch.no_grad():
+        gm(**state_of(gm).inputs.kwargs)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_resized_adapters_round_trip_through_peft_files(setup, tmp_path, rslora):
     """s is kept by rescaling alpha; a PEFT directory written after allocate (per-site alpha_pattern) loads
