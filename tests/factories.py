@@ -15,6 +15,12 @@ class TinyCNN(nn.Module):
         return self.head(feature + self.embed(ids).mean(dim=1))
 
 
+def cnn_inputs_toml(height: int, width: int) -> str:
+    """The `[[capture.inputs]]` of TinyCNN (an image x and token ids), as spec text."""
+    return (f'[[capture.inputs]]\nname = "x"\nshape = [2, 3, {height}, {width}]\n'
+            '[[capture.inputs]]\nname = "ids"\nshape = [2, 5]\ndtype = "int64"\nhigh = 32\n')
+
+
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))

@@ -252,13 +252,19 @@ def test_schedule_validation_and_budget_bounds():
         bad.attach(AdaLoRA(gm, total_steps=10).install())
 
 
-def test_install_carries_an_existing_delta_over():
-    """A LoRA that already has a delta (loaded or trained) keeps its function when it becomes SVD-form."""
+def captured_mlp() -> tuple:
+    """(fx capture of a seeded DeepMLP, its example input x [4, 64])."""
     torch.manual_seed(0)
     base = DeepMLP().eval()
     x = torch.randn(4, 64)
     gm, _ = capture(LoadedModel(base, None, "factory", "mlp", None), ExampleInputs({"x": x}, {"x": [None, None]}),
                     frontend="fx")
+    return gm, x
+
+
+def test_install_carries_an_existing_delta_over():
+    """A LoRA that already has a delta (loaded or trained) keeps its function when it becomes SVD-form."""
+    gm, x = captured_mlp()
     insert = REGISTRY["insert"]
     insert(insert.Options(targets=["layers.*"], rank=2, alpha=4.0))(gm)
     with torch.no_grad():
@@ -274,11 +280,7 @@ def test_install_carries_an_existing_delta_over():
 
 
 def test_targets_select_exactly_the_sites_to_convert_or_create():
-    torch.manual_seed(0)
-    base = DeepMLP().eval()
-    x = torch.randn(4, 64)
-    gm, _ = capture(LoadedModel(base, None, "factory", "mlp", None), ExampleInputs({"x": x}, {"x": [None, None]}),
-                    frontend="fx")
+    gm, x = captured_mlp()
     insert = REGISTRY["insert"]
     insert(insert.Options(targets=["layers.0", "layers.1", "layers.2"], rank=2))(gm)
     allocator = AdaLoRA(gm, total_steps=10, init_rank=3, target_rank=2, targets=["layers.1", "layers.3"])

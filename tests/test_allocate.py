@@ -191,16 +191,9 @@ def test_conv_site_under_torch_export_is_priced_by_its_kernel(tmp_path):
     from rewrite.pipeline import load_and_capture
     from rewrite.spec import parse_spec
 
-    spec = parse_spec("""version = 1
-[[capture.inputs]]
-name = "x"
-shape = [2, 3, 9, 7]
-[[capture.inputs]]
-name = "ids"
-shape = [2, 5]
-dtype = "int64"
-high = 32
-""")
+    from factories import cnn_inputs_toml
+
+    spec = parse_spec("version = 1\n" + cnn_inputs_toml(9, 7))
     gm, _, _ = load_and_capture("factories:strided_cnn", spec)
     run(gm, "insert", tmp_path, targets=["conv", "head"], rank=4)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from rewrite.pipeline import apply, load_and_capture
 from rewrite.spec import parse_spec
 from rewrite.state import state_of
 
+from factories import cnn_inputs_toml
 from models import build
 
 MLP_INPUTS = """
@@ -44,22 +45,8 @@ def test_factory_model_both_frontends_find_the_same_sites(frontend):
 
 
 def test_fx_frontend_inserts_and_merges_conv_and_embedding_exactly():
-    spec = _spec("""
-        [capture]
-        frontend = "fx"
-        [[capture.inputs]]
-        name = "x"
-        shape = [2, 3, 8, 8]
-        [[capture.inputs]]
-        name = "ids"
-        shape = [2, 5]
-        dtype = "int64"
-        high = 32
-        [[pass]]
-        name = "insert"
-        targets = ["conv", "embed", "head"]
-        rank = 2
-    """)
+    spec = _spec('[capture]\nfrontend = "fx"\n' + cnn_inputs_toml(8, 8)
+                 + '[[pass]]\nname = "insert"\ntargets = ["conv", "embed", "head"]\nrank = 2\n')
     gm, _, _ = load_and_capture("factories:cnn", spec)
     assert {s.op for s in _sites(gm).values()} == {"conv2d", "embedding", "linear"}
     from rewrite.passes import InsertPass, MergePass
@@ -95,22 +82,8 @@ def test_conv_lora_copies_the_base_conv_settings(frontend):
     """LoRA on a strided, dilated, padded conv: the same output from either front-end, equal to a hand-written
     forward base(x) + s * conv(conv(x, A, stride, padding, dilation), B) (torch.export keeps no conv attributes on
     its modules: the settings come from the aten.conv2d call)."""
-    spec = _spec(f"""
-        [capture]
-        frontend = "{frontend}"
-        [[capture.inputs]]
-        name = "x"
-        shape = [2, 3, 9, 7]
-        [[capture.inputs]]
-        name = "ids"
-        shape = [2, 5]
-        dtype = "int64"
-        high = 32
-        [[pass]]
-        name = "insert"
-        targets = ["conv"]
-        rank = 2
-    """)
+    spec = _spec(f'[capture]\nfrontend = "{frontend}"\n' + cnn_inputs_toml(9, 7)
+                 + '[[pass]]\nname = "insert"\ntargets = ["conv"]\nrank = 2\n')
     gm, loaded, _ = load_and_capture("factories:strided_cnn", spec)
     from rewrite.passes import InsertPass
 
