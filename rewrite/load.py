@@ -1,7 +1,7 @@
 """Turn the MODEL argument into a PyTorch module (or an already-exported program).
 
     HF directory   config.json + *.safetensors, loaded offline with transformers     safe (no code runs)
-    .pt2           a torch.export archive                                            safe
+    .pt2           a torch.export archive                                            safe (pt2_archive guards)
     pkg.mod:fn     a Python factory returning an nn.Module                           runs your code, by design
     .pt / .pth     a pickled nn.Module                                               runs code: needs trust
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from rewrite.errors import ModelLoadError
 from rewrite.factory import import_callable
+from rewrite.pt2_archive import load_archive
 
 
 @dataclass
@@ -138,11 +139,7 @@ def load_model(source: str, *, trust_pickle: bool = False, hf_class: str | None 
     if path.suffix == ".pt2":
         if not path.is_file():
             raise ModelLoadError(f"{path}: file not found")
-        try:
-            program = torch.export.load(path)
-        except Exception as err:  # noqa: BLE001 - a corrupt archive is bad input
-            raise ModelLoadError(f"{path}: not a torch.export archive: {err}") from None
-        return LoadedModel(None, program, "pt2", str(path))
+        return LoadedModel(None, load_archive(path, trust=trust_pickle), "pt2", str(path))
     if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
         if not path.is_file():
             raise ModelLoadError(f"{path}: file not found")
