@@ -92,7 +92,7 @@ def _pickled_constant(name, data, marker):
 
 def _opaque_constant(name, data, marker):
     if name.endswith("model_constants_config.json"):
-        return _config_entry(data, "shift", path_name=f"{OPAQUE_OBJ_FILENAME_PREFIX}0")
+        return _config_entry(data, "shift", path_name=f"{OPAQUE_OBJ_FILENAME_PREFIX}0", use_pickle=True)
     return data
 
 
