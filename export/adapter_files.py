@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rewrite.errors import AdapterFileError
+from rewrite.finite import check_tensors, nonfinite_key
 
 FORMAT, VERSION = "rewrite-adapter", 1
 
@@ -51,6 +52,10 @@ def read_adapter_file(path: Path) -> AdapterFile:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise AdapterFileError(f"{path}: adapter format {meta.get('format')!r} v{meta.get('version')!r}, "
                                f"expected {FORMAT!r} v{VERSION}")
+    key = nonfinite_key(meta["sites"], "sites")
+    if key is not None:
+        raise AdapterFileError(f"{path}: metadata '{key}' is NaN or Infinity; ranks and alphas must be finite")
+    check_tensors(flat, str(path), AdapterFileError)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         owner, _, name = key.rpartition(".")

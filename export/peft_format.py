@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rewrite.errors import AdapterFileError
+from rewrite.finite import check_tensors, nonfinite_key
 
 PREFIX = "base_model.model."
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
@@ -69,6 +70,33 @@ def _split_key(key: str, where: Path) -> tuple[str, str]:
                            f"{', '.join(SUFFIXES)})")
 
 
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_config(config: dict[str, Any], config_file: Path) -> None:
+    """The numbers that size and scale the adapter: ranks whole numbers >= 1, alphas numbers, nothing NaN / Inf
+    anywhere (Python's json reads `NaN`, `Infinity` and `1e999`)."""
+    key = nonfinite_key(config)
+    if key is not None:
+        raise AdapterFileError(f"{config_file}: '{key}' is NaN or Infinity; adapter settings must be finite numbers")
+    for key, valid, expected in (("r", _is_rank, "a whole number >= 1"), ("lora_alpha", _is_number, "a number")):
+        if key in config and not valid(config[key]):
+            raise AdapterFileError(f"{config_file}: '{key}' is {config[key]!r}; expected {expected}")
+    for key, valid, expected in (("rank_pattern", _is_rank, "a whole number >= 1"),
+                                 ("alpha_pattern", _is_number, "a number")):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterFileError(f"{config_file}: '{key}' is {patterns!r}; expected an object of module -> value")
+        for module, value in patterns.items():
+            if not valid(value):
+                raise AdapterFileError(f"{config_file}: '{key}[{module!r}]' is {value!r}; expected {expected}")
+
+
 def read_peft_dir(path: Path) -> PeftAdapter:
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file():
@@ -77,6 +105,8 @@ def read_peft_dir(path: Path) -> PeftAdapter:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{config_file}: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise AdapterFileError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
@@ -87,6 +117,7 @@ def read_peft_dir(path: Path) -> PeftAdapter:
     if config.get("bias", "none") != "none":
         raise AdapterFileError(f"{config_file}: bias = {config['bias']!r}; only bias = \"none\" adapters can be "
                                "loaded (trained base biases are not adapter tensors)")
+    _check_config(config, config_file)
     if not weights_file.is_file():
         extra = " (adapter_model.bin is a pickle and is never loaded)" if (path / "adapter_model.bin").exists() else ""
         raise AdapterFileError(f"{path}: no adapter_model.safetensors{extra}")
@@ -94,6 +125,7 @@ def read_peft_dir(path: Path) -> PeftAdapter:
         tensors = load_file(weights_file)
     except Exception as err:  # noqa: BLE001 - a corrupt file is bad input
         raise AdapterFileError(f"{weights_file}: not a readable safetensors file: {err}") from None
+    check_tensors(tensors, str(weights_file), AdapterFileError)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():

@@ -3,7 +3,8 @@
 `[data] path` names a file of tensors keyed by the model's input names plus `labels`, all with the
 same first dimension (examples): `.safetensors`, `.npz` (numpy, no pickles) or `.pt`
 (`torch.load(weights_only=True)`: tensors only, never code). `[data] factory = "pkg.mod:fn"` names a
-function returning an iterable of such dicts (called once per pass over the data).
+function returning an iterable of such dicts (called once per pass over the data). NaN / Inf values are refused,
+naming the tensor: a file's once when it is read, a factory's batch by batch as they are produced.
 
 Losses (`[data] loss`), on the model output selected by `[data] output` (a name such as "logits", or
 the index among the flattened outputs):
@@ -25,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from rewrite.errors import SpecError
 from rewrite.factory import import_callable
+from rewrite.finite import check_tensors
 from rewrite.spec import DataOptions
 
 Batch = dict[str, torch.Tensor]
@@ -55,6 +57,7 @@ def _read_file(path: Path) -> Batch:
     sizes = {k: v.shape[0] if v.dim() else None for k, v in tensors.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
         raise SpecError(f"[data] path: {path}: every tensor needs the same number of examples (dim 0); got {sizes}")
+    check_tensors(tensors, f"[data] path: {path}", SpecError)
     return tensors
 
 
@@ -102,10 +105,11 @@ class DataSource:
         produced = 0
         while limit is None or produced < limit:
             empty = True
-            for batch in self._factory():
+            for index, batch in enumerate(self._factory()):
                 empty = False
                 if produced == 0:
                     self._check_names(set(batch), f"[data] factory {self.options.factory}")
+                check_tensors(batch, f"[data] factory {self.options.factory}: batch {index}", SpecError)
                 yield batch
                 produced += 1
                 if limit is not None and produced >= limit:

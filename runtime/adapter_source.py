@@ -3,7 +3,7 @@
 Sources: a PEFT directory, our `.safetensors` adapter file, an `.onnx_adapter` file, or a dict
 {site: (A [d_in, r], B [r, d_out])}. The result has the scale folded into B (B' = s B), which is
 what the exported model consumes. Validation against the model's sites (names, d_in, d_out, rank
-limits, dtype) happens here, before anything reaches ONNX Runtime, which would silently accept
+limits, dtype, finite values) happens here, before anything reaches ONNX Runtime, which would silently accept
 overlapping names.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rewrite.errors import AdapterFileError, nearest
+from rewrite.finite import check_tensors
 
 
 def _scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -130,3 +131,4 @@ def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str
         if limit is not None and a.shape[1] > limit:
             raise AdapterFileError(f"{where}: site {site!r}: rank {a.shape[1]} exceeds the bank's rank {limit} "
                                    "for this site (export with a larger rank or use ort-adapters)")
+        check_tensors({info["A"]: a, info["B"]: b}, f"{where}: site {site!r}", AdapterFileError)
