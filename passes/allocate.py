@@ -189,7 +189,8 @@ class AllocatePass(GraphPass):
                               params_before)
         files = []
         if o.report:
-            files = [p.name for p in write_report(report, self.context.output_path("."), o.report, plot=o.plot)]
+            stem = self.context.output_path(o.report, "report")
+            files = [p.name for p in write_report(report, stem.parent, stem.name, plot=o.plot)]
         modified = bool(dropped) or resized > 0
         return PassResult(gm, modified, {
             "adapter": o.adapter, "scorer": o.scorer, "metric": model.metric, "budget": budget,

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from rewrite.adapters import KINDS
 from rewrite.errors import SpecError
 from rewrite.graph_edit import has_adapter, register_adapter, wire
+from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
 from rewrite.sites import Site, check_mapping, check_selector_syntax, resolve, select
 from rewrite.state import state_of
@@ -35,7 +36,7 @@ SVD_OPS = ("linear", "conv1d", "conv2d")
 
 
 class InsertOptions(PassOptions):
-    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     kind: Literal["lora", "svd_lora"] = "lora"
     targets: list[str] = Field(min_length=1)
     rank: int = Field(default=8, ge=1)

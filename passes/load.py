@@ -24,6 +24,7 @@ from rewrite.errors import AdapterFileError, nearest
 from rewrite.export.adapter_files import read_adapter_file
 from rewrite.export.peft_format import read_peft_dir
 from rewrite.graph_edit import adapters_at, register_adapter, wire
+from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
 from rewrite.passes.insert import make_adapter
 from rewrite.sites import Site, SiteTable
@@ -32,7 +33,7 @@ from rewrite.state import state_of
 
 class LoadOptions(PassOptions):
     path: str
-    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     format: Literal["auto", "peft", "rewrite"] = "auto"
 
 

@@ -9,7 +9,9 @@ Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site
 SVD-form adapters (`svd_lora`, and AdaLoRA / IncreLoRA before they finish) are written as the plain LoRA
 with the same delta: rank = their triplets, A = (diag(lam) Q)^T, B = P^T c / s (SvdLoRA.to_lora), so
 both formats load back (and into PEFT) as LoRA with identical outputs.
-The graph is not modified. Paths are relative to the output directory; writing is atomic.
+The graph is not modified. `path` is relative to the output directory and must stay inside it, where an existing
+entry of that name is replaced; writing is atomic. `allow_outside = true` also accepts an absolute path, which
+must not exist yet: nothing outside the output directory is ever replaced or deleted.
 """
 from __future__ import annotations
 
@@ -27,14 +29,16 @@ from rewrite.errors import SpecError
 from rewrite.export.adapter_files import write_adapter_file
 from rewrite.export.peft_format import PREFIX, write_peft_dir
 from rewrite.graph_edit import adapters_at
+from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
 from rewrite.state import state_of
 
 
 class SaveOptions(PassOptions):
     path: str
-    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     format: Literal["peft", "rewrite"] = "peft"
+    allow_outside: bool = False
 
 
 def _peft_config(modules: dict) -> dict:
@@ -61,6 +65,15 @@ def _as_lora(module):
     return module.to_lora() if module.kind == "svd_lora" else module
 
 
+def _move(produced: Path, target: Path, *, replace: bool) -> None:
+    """Move the finished adapter to `target`, first removing what is there only when `replace` (inside OUT)."""
+    if replace and target.is_dir():
+        shutil.rmtree(target)
+    elif replace and target.exists():
+        target.unlink()
+    os.rename(produced, target)
+
+
 class SavePass(GraphPass):
     name = "save"
     Options = SaveOptions
@@ -71,7 +84,7 @@ class SavePass(GraphPass):
         modules = {o: _as_lora(adapters_at(gm, o)[name]) for o in owners if name in adapters_at(gm, o)}
         if not modules:
             raise SpecError(f"{self.context.where}: adapter {name!r} is attached to no site (save it before merge)")
-        target = self.context.output_path(self.options.path)
+        target = self._target()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
@@ -86,10 +99,12 @@ class SavePass(GraphPass):
                 produced = tmp / "adapter.safetensors"
                 write_adapter_file(produced, name, "lora", sites,
                                    {o: {"lora_A": m.lora_A, "lora_B": m.lora_B} for o, m in modules.items()})
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(produced, target)
+            _move(produced, self._target(), replace=not Path(self.options.path).is_absolute())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return PassResult(gm, False, {"adapter": name, "modules": len(modules), "path": self.options.path,
                                       "format": self.options.format})
+
+    def _target(self) -> Path:
+        """The checked target; called again right before the move, which may come long after the first check."""
+        return self.context.output_path(self.options.path, "path", outside=self.options.allow_outside)

@@ -32,6 +32,7 @@ from rewrite.passes.rank_options import BudgetOptions, RankBoundsOptions
 from rewrite.allocators import run_training_allocator, training_report
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at
+from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import PassContext, PassResult
 from rewrite.report import write_report
 from rewrite.sites import check_mapping
@@ -40,7 +41,7 @@ from rewrite.state import state_of
 
 class TrainingAllocatorOptions(RankBoundsOptions):
     """The options a pass with a training-time allocator has (besides its own)."""
-    adapter: str = Field(default="default", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     budget: BudgetOptions | None = None
     steps: int | None = Field(default=None, ge=1)
     adalora: dict[str, Any] = {}
@@ -88,7 +89,8 @@ def allocate_while_training(gm: fx.GraphModule, context: PassContext, options: T
                              tokens=getattr(options, "tokens", 128))
     files = []
     if options.report:
-        files = [p.name for p in write_report(report, context.output_path("."), options.report, plot=options.plot)]
+        stem = context.output_path(options.report, "report")
+        files = [p.name for p in write_report(report, stem.parent, stem.name, plot=options.plot)]
     losses = [h["loss"] for h in history]
     tail = losses[-max(1, len(losses) // 10):]
     return PassResult(gm, True, {

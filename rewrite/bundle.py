@@ -12,9 +12,8 @@ import re
 from pathlib import Path
 
 from rewrite.errors import SpecError
+from rewrite.names import check_adapter_name
 from rewrite.spec import SPEC_VERSION, Spec, parse_spec
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def parse_adapter_arg(text: str) -> tuple[str, Path]:
@@ -24,9 +23,7 @@ def parse_adapter_arg(text: str) -> tuple[str, Path]:
         path, name = text, re.sub(r"\W", "_", Path(text).name.rstrip("/")) or "adapter"
         if name[0].isdigit():
             name = f"a_{name}"
-    if not _NAME.match(name):
-        raise SpecError(f"--adapter {text!r}: adapter names are identifiers (letters, digits, _), got {name!r}")
-    return name, Path(path).resolve()
+    return check_adapter_name(name, f"--adapter {text!r}", SpecError), Path(path).resolve()
 
 
 def bundle_spec(adapters: list[str], *, switching: str, capacity: int | None, check: bool,

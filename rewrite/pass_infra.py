@@ -11,6 +11,7 @@ init, merge) the outputs on the example inputs are compared with those from befo
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -20,15 +21,27 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from rewrite.capture import max_abs_diff
-from rewrite.errors import PassError, RewriteError, VerifyError
+from rewrite.errors import PassError, RewriteError, SpecError, VerifyError
+from rewrite.finite import nonfinite_key
 from rewrite.state import PassRecord, state_of
 
 
 class PassOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of every pass's options: unknown keys and NaN / Inf numbers (TOML has `nan`, `inf`) are refused."""
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _finite_in_tables(cls, value: Any) -> Any:
+        """Free-form tables (`settings`, `adalora`, ...) reach code that takes any number: refuse NaN / Inf in
+        them too (`allow_inf_nan` covers only what is typed float, before this runs)."""
+        key = nonfinite_key(value)
+        if key is not None:
+            raise ValueError(f"{key or 'the value'} is NaN or Infinity; numbers must be finite")
+        return value
 
 
 @dataclass
@@ -54,11 +67,32 @@ class PassContext:
         p = Path(path)
         return p if p.is_absolute() else self.spec_dir / p
 
-    def output_path(self, path: str) -> Path:
+    def output_path(self, path: str, key: str, *, outside: bool = False) -> Path:
+        """Where the spec key `key` = `path` is written: every path the passes write passes through here.
+
+        A relative path must resolve (following the symlinks that already exist) strictly inside the output
+        directory; the resolved path is returned. An absolute path is accepted only with `outside` (an explicit
+        spec option) and only while nothing exists there: outside the output directory nothing is ever replaced.
+        Anything else is a SpecError naming the key.
+        """
         p = Path(path)
         if p.is_absolute():
+            if not outside:
+                raise SpecError(f"{self.at(key)}: {key} = {path!r} is an absolute path; paths are relative to the "
+                                "output directory (only an explicit option such as save's allow_outside = true "
+                                "writes elsewhere)")
+            if os.path.lexists(p):
+                raise SpecError(f"{self.at(key)}: {key} = {path!r} already exists; a path outside the output "
+                                "directory is never replaced")
             return p
-        return (self.output_dir or Path(".")) / p
+        root = (self.output_dir or Path(".")).resolve()
+        target = (root / p).resolve()
+        if target == root:
+            raise SpecError(f"{self.at(key)}: {key} = {path!r} names the output directory itself; name a file "
+                            "or folder inside it")
+        if not target.is_relative_to(root):
+            raise SpecError(f"{self.at(key)}: {key} = {path!r} leaves the output directory")
+        return target
 
 
 class GraphPass:

@@ -19,7 +19,7 @@ from typing import Any
 import torch.fx as fx
 
 from rewrite.capture import CaptureReport, capture
-from rewrite.errors import SpecError
+from rewrite.errors import RewriteError, SpecError
 from rewrite.export.manifest import build_manifest
 from rewrite.export.check_unmerged import check_unmerged
 from rewrite.export.onnx_merged import check_onnx, export_merged
@@ -86,14 +86,25 @@ def schedule(spec: Spec, context: PassContext) -> list[ScheduledPass]:
     return out
 
 
+def _check_out_dir(out_dir: Path, shown: str) -> None:
+    """OUT must be a directory or not exist yet, below directories only (checked before any work is done)."""
+    blocker = next((p for p in (out_dir, *out_dir.parents) if os.path.lexists(p) and not p.is_dir()), None)
+    if blocker is not None:
+        raise RewriteError(f"output directory {shown!r}: {blocker} exists and is not a directory")
+
+
 def _publish(tmp: Path, out_dir: Path) -> list[str]:
+    """Move every top-level entry of `tmp` to the entry of the same name directly in `out_dir`, replacing it.
+    Only those names are touched; a symlink there is replaced as a link, its target is never followed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(os.listdir(tmp))
     for name in names:
-        target = out_dir / name
+        produced, target = tmp / name, out_dir / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        os.replace(tmp / name, target)
+        elif produced.is_dir() and os.path.lexists(target):
+            target.unlink()  # a directory cannot be renamed over a file or a link
+        os.replace(produced, target)
     return names
 
 
@@ -101,6 +112,7 @@ def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check:
           trust_pickle: bool = False, on_stage: Step | None = None) -> Summary:
     stage = on_stage or (lambda *_: None)
     shown, out_dir = str(out_dir), Path(out_dir).absolute()
+    _check_out_dir(out_dir, shown)
     scratch = next(p for p in out_dir.parents if p.is_dir())  # same filesystem; creates no folder yet
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=scratch))
     try:

@@ -20,6 +20,7 @@ with at least `step`, `budget` (the rank / parameter budget at that step) and `r
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -289,11 +290,12 @@ def render_heatmap(report: dict[str, Any], path: str | Path) -> Path | None:
 
 
 def _save(plt, fig, path: str | Path) -> Path:
+    """Write the figure as PNG atomically: a symlink at `path` is replaced, never written through."""
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path, png = Path(path), io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    _atomic_write(path, png.getvalue())
     return path
 
 

@@ -29,7 +29,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # TOML has nan / inf literals
 
 
 class ModelOptions(Strict):
@@ -80,6 +80,15 @@ class ExportOptions(Strict):
     tolerance: float | None = Field(default=None, gt=0)
     external_data: Literal["auto", "always", "never"] = "auto"
     filename: str = "model.onnx"
+
+    @field_validator("filename")
+    @classmethod
+    def _plain_file_name(cls, name: str) -> str:
+        """The export lands directly in the output directory, so its name can never be a path."""
+        if not re.fullmatch(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]*\.onnx", name):
+            raise ValueError("must be a plain file name ending in .onnx (no folders, no '..', not starting with "
+                             "'.'); it is written into the output directory")
+        return name
 
     @model_validator(mode="after")
     def _half_banks_need_the_custom_op(self) -> "ExportOptions":

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from rewrite.errors import AdapterFileError, RewriteError
+from rewrite.names import check_adapter_name
 from rewrite.runtime.adapter_source import read_factors
 
 
@@ -156,7 +157,9 @@ class AdapterSession:
 
     # ---- adapter management --------------------------------------------------------------------
     def add_adapter(self, name: str, source: Any, *, replace_existing: bool = False) -> None:
-        """Add (or with replace_existing, replace) an adapter from a PEFT dir, our file, .onnx_adapter or dict."""
+        """Add (or with replace_existing, replace) an adapter from a PEFT dir, our file, .onnx_adapter or dict.
+        `name` is an identifier (rewrite.names): it also names a file in the session's temporary directory."""
+        check_adapter_name(name, "add_adapter")
         factors = read_factors(source, self._sites, model_version=self.entry["model_version"], dtype=self.bank_dtype)
         with self._lock:
             if name in self.adapters and not replace_existing:
