@@ -69,7 +69,7 @@ from rewrite.inputs import ExampleInputs  # noqa: E402
 from rewrite.load import LoadedModel  # noqa: E402
 from rewrite.pass_infra import PassContext  # noqa: E402
 from rewrite.passes import REGISTRY  # noqa: E402
-from rewrite.spec import DataOptions  # noqa: E402
+from rewrite.options import DataOptions  # noqa: E402
 from rewrite.state import state_of  # noqa: E402
 from rewrite.train import GroupLinearSchedule, seed_everything, train  # noqa: E402
 

@@ -40,6 +40,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from rewrite.export import lora_delta_op
 from rewrite.runtime import ops
 
 D, R, K, LAYERS = 1024, 16, 8, 4
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_delta_"))
     t0 = time.perf_counter()
-    table = ops.onnx_translation_table()
+    table = lora_delta_op.onnx_translation_table()
     paths = {
         "base": export(Base(), tmp / "base.onnx", None),
         "one-hot": export(OneHot(), tmp / "onehot.onnx", None),

@@ -53,7 +53,7 @@ def worker(name: str, layers: int) -> dict:
         from rewrite.load import LoadedModel
         from rewrite.pass_infra import PassManager, ScheduledPass
         from rewrite.passes import REGISTRY
-        from rewrite.spec import CaptureOptions
+        from rewrite.options import CaptureOptions
     t1, c1 = time.perf_counter(), time.process_time()
     out["import"], out["cpu_import"] = t1 - t0, c1 - c0
     out["rss_after_import_gib"] = _rss_gib()

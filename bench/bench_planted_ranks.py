@@ -91,7 +91,7 @@ from rewrite.pass_infra import PassContext  # noqa: E402
 from rewrite.passes import REGISTRY  # noqa: E402
 from rewrite.planted import ResMLP, plant  # noqa: E402
 from rewrite.report import spearman  # noqa: E402
-from rewrite.spec import CaptureOptions, DataOptions, InputSpec  # noqa: E402
+from rewrite.options import CaptureOptions, DataOptions, InputSpec  # noqa: E402
 from rewrite.state import state_of  # noqa: E402
 
 

@@ -33,15 +33,17 @@ from rich.table import Table
 from torch import nn
 
 from rewrite.capture import capture
-from rewrite.export.check_unmerged import only_adapter
+from rewrite.export.manifest import build_manifest
 from rewrite.export.onnx_merged import export_merged
 from rewrite.export.onnx_unmerged import export_unmerged
-from rewrite.graph_edit import adapters_at
+from rewrite.formats.manifest import MANIFEST, write_manifest
+from rewrite.formats.peft_dir import tensor_key
+from rewrite.graph_edit import adapters_at, only_adapter
 from rewrite.inputs import ExampleInputs, example_inputs
 from rewrite.load import LoadedModel, load_model
 from rewrite.passes import InsertPass, MergePass
+from rewrite.options import CaptureOptions, ExportOptions
 from rewrite.runtime.session import AdapterSession
-from rewrite.spec import CaptureOptions, ExportOptions
 from rewrite.state import state_of
 
 STRATEGIES = ["ort-adapters", "bank", "custom-op"]
@@ -119,8 +121,7 @@ def _peft_model(base: nn.Module, gm, names: list[str], targets: list[str], rank:
         for owner in owners:
             module = adapters_at(gm, owner).get(name)
             if module is not None:
-                state[f"base_model.model.{owner}.lora_A.weight"] = module.lora_A.detach().T
-                state[f"base_model.model.{owner}.lora_B.weight"] = module.lora_B.detach().T
+                state.update({tensor_key(owner, key): t for key, t in module.peft_state().items()})
         set_peft_model_state_dict(peft, state, adapter_name=name)
     return peft.eval()
 
@@ -152,7 +153,7 @@ def run_workload(title: str, loaded: LoadedModel, inputs: ExampleInputs, targets
         out.mkdir()
         entry = export_unmerged(gm, out, "model.onnx", strategy=strategy, adapters=None, capacity=None,
                                 opset=None, external_data="auto", bank_dtype=bank_dtype)
-        (out / "manifest.json").write_text(__import__("json").dumps({"exports": [entry]}))
+        write_manifest(out / MANIFEST, build_manifest(gm, source=title, exports=[entry]))
         session = AdapterSession(out, intra_op_threads=threads)
         sessions[label] = session
         if strategy == "ort-adapters":
@@ -193,7 +194,7 @@ def switching_cost(names: list[str], threads: int, calls: int = 4000) -> Table:
     out = Path(tempfile.mkdtemp())
     entry = export_unmerged(gm, out, "model.onnx", strategy="ort-adapters", adapters=None, capacity=None,
                             opset=None, external_data="auto")
-    (out / "manifest.json").write_text(__import__("json").dumps({"exports": [entry]}))
+    write_manifest(out / MANIFEST, build_manifest(gm, source="four_linear_64", exports=[entry]))
     feeds = {"input": inputs.kwargs["input"].numpy()}
     same, switched = [], []
     with AdapterSession(out, intra_op_threads=threads) as session:

@@ -6,13 +6,13 @@ Usage: python examples/make_models.py OUT_DIR
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_file
+
+from rewrite.formats.peft_dir import LINEAR_KEYS, PeftConfig, write_peft_dir
 
 
 def build_model(out: Path) -> transformers.LlamaForCausalLM:
@@ -28,17 +28,15 @@ def build_model(out: Path) -> transformers.LlamaForCausalLM:
 def build_adapter(model: torch.nn.Module, out: Path, rank: int = 8, alpha: float = 16.0) -> None:
     generator = torch.Generator().manual_seed(1)
     targets = ("q_proj", "v_proj")
-    tensors = {}
+    modules = {}
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in targets:
-            key = f"base_model.model.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.05
-            tensors[f"{key}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.05
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
-              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "task_type": "CAUSAL_LM"}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+            a = torch.randn(rank, module.in_features, generator=generator) * 0.05
+            b = torch.randn(module.out_features, rank, generator=generator) * 0.05
+            modules[name] = dict(zip(LINEAR_KEYS, (a.numpy(), b.numpy())))
+    config = PeftConfig(peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        bias="none", use_rslora=False, task_type="CAUSAL_LM")
+    write_peft_dir(out, config, modules)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@
 Fields: format/version, rewrite / torch / transformers / onnx versions, source model and spec digest,
 the capture front-end, every site (name, op, shape), every adapter (site, kind, rank, alpha, scaling,
 merged or live), the pass history with stats, and the exported files with their check result.
+The typed definition, shared with the runtime, is `rewrite.formats.manifest`; this builds one from a graph.
 """
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any
 
 import torch.fx as fx
 
 import rewrite
+from rewrite.formats.manifest import (ExportEntry, HistoryEntry, InputInfo, LiveAdapter, Manifest, MergedAdapter,
+                                      SiteInfo, Source)
 from rewrite.graph_edit import adapters_at
 from rewrite.state import state_of
 
@@ -23,28 +25,26 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def build_manifest(gm: fx.GraphModule, *, source: str, exports: list[dict[str, Any]]) -> dict[str, Any]:
+def build_manifest(gm: fx.GraphModule, *, source: str, exports: list[ExportEntry]) -> Manifest:
     state = state_of(gm)
-    adapters = []
+    adapters: list[LiveAdapter | MergedAdapter] = []
     for owner in dict.fromkeys(s.owner for s in state.sites.values()):
         for name, module in adapters_at(gm, owner).items():
-            adapters.append(dict(site=owner, adapter=name, kind=module.kind, op=module.op, rank=module.rank,
-                                 alpha=module.alpha, rslora=module.rslora, scaling=module.scaling, state="live"))
+            adapters.append(LiveAdapter(site=owner, adapter=name, kind=module.kind, op=module.op, rank=module.rank,
+                                        alpha=module.alpha, rslora=module.rslora, scaling=module.scaling))
     for owner, names in state.merged.items():
-        adapters += [dict(site=owner, adapter=name, state="merged") for name in names]
-    return {
-        "format": "rewrite-manifest", "version": 1,
-        "versions": {"rewrite": rewrite.__version__, "torch": _version("torch"),
-                     "transformers": _version("transformers"), "onnx": _version("onnx"),
-                     "onnxruntime": _version("onnxruntime")},
-        "source": {"model": source, "spec_sha256": state.spec_digest, "frontend": state.frontend,
-                   "device": state.device},
-        "inputs": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                          "dims": state.inputs.dims[name]} for name, t in state.inputs.kwargs.items()},
-        "sites": [dict(name=s.name, op=s.op, module_class=s.module_class, weight=s.weight, d_in=s.d_in,
-                       d_out=s.d_out) for s in state.sites.values()],
-        "adapters": adapters,
-        "history": [dict(name=r.name, modified=r.modified, seconds=round(r.seconds, 4), stats=r.stats)
-                    for r in state.history],
-        "exports": exports,
-    }
+        adapters += [MergedAdapter(site=owner, adapter=name) for name in names]
+    return Manifest(
+        versions={"rewrite": rewrite.__version__, "torch": _version("torch"),
+                  "transformers": _version("transformers"), "onnx": _version("onnx"),
+                  "onnxruntime": _version("onnxruntime")},
+        source=Source(model=source, spec_sha256=state.spec_digest, frontend=state.frontend, device=state.device),
+        inputs={name: InputInfo(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."),
+                                dims=state.inputs.dims[name]) for name, t in state.inputs.kwargs.items()},
+        sites=[SiteInfo(name=s.name, op=s.op, module_class=s.module_class, weight=s.weight, d_in=s.d_in,
+                        d_out=s.d_out) for s in state.sites.values()],
+        adapters=adapters,
+        history=[HistoryEntry(name=r.name, modified=r.modified, seconds=round(r.seconds, 4), stats=r.stats)
+                 for r in state.history],
+        exports=exports,
+    )

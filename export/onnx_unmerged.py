@@ -29,7 +29,10 @@ import torch.fx as fx
 from rewrite.capture import dynamic_shapes
 from rewrite.errors import RewriteError
 from rewrite.export.lowering import Lowered, lower
+from rewrite.formats.manifest import ExportedAdapter, SwitchableSite, UnmergedExport
+from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.state import state_of
+from rewrite.tensors import to_numpy
 
 IDS_INPUT = "adapter_ids"
 
@@ -50,12 +53,8 @@ def _export(lowered: Lowered, gm: fx.GraphModule, config: Any, opset: int | None
     state = state_of(gm)
     inputs = state.inputs
     shapes = dynamic_shapes(inputs, config)
-    table = None
-    if lowered.strategy == "custom-op":
-        from rewrite.runtime.ops import onnx_translation_table
-
-        table = onnx_translation_table()
-    common = dict(dynamo=True, verbose=False, opset_version=opset, custom_translation_table=table)
+    common = dict(dynamo=True, verbose=False, opset_version=opset,
+                  custom_translation_table=lowered.lowering.translation_table())
     if not lowered.routed:
         return torch.onnx.export(lowered.module, (), kwargs=inputs.kwargs, dynamic_shapes=shapes, **common)
     names = list(inputs.kwargs)
@@ -108,25 +107,19 @@ def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
     for index, site in enumerate(lowered.sites):
         for key, name in site.tensors.items():
             init = initializers[name]
-            shape: list[Any] = list(init.dims)
-            if lowered.strategy == "ort-adapters":
-                axis = 1 if key == "A" else 0
-                shape[axis] = f"rank_{index}"
-                empty = list(init.dims)
-                empty[axis] = 0
-                np_type = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-                init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(empty, np_type), name))
+            shape = lowered.lowering.adapter_input(init, key, index)
             model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, shape))
-    # ort-adapters changed rank dims: drop the exporter's shapes. Routed strategies keep them: ONNX shape inference
-    # has no rule for LoraDelta, and ONNX Runtime runs the op in place only when it sees its output shape.
-    if lowered.strategy == "ort-adapters":
+    # Changed input dims make the exporter's shapes stale. Otherwise they stay: ONNX shape inference has no rule
+    # for LoraDelta, and ONNX Runtime runs the op in place only when it sees its output shape.
+    if not lowered.lowering.keeps_shapes:
         del model.graph.value_info[:]
 
 
 def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strategy: str,
                     adapters: list[str] | None, capacity: int | None, opset: int | None,
-                    external_data: str, config: Any = None, bank_dtype: str = "float32") -> dict[str, Any]:
-    """Write the switchable model (and, for ort-adapters, one .onnx_adapter per adapter) into out_dir."""
+                    external_data: str, config: Any = None, bank_dtype: str = "float32") -> UnmergedExport:
+    """Write the switchable model (and, for ort-adapters, one .onnx_adapter per adapter) into out_dir; returns
+    its manifest entry."""
     if state_of(gm).device == "meta":
         raise RewriteError("cannot export ONNX from a meta-device capture (it has no weights)")
     lowered = lower(gm, strategy, adapters, capacity, bank_dtype)
@@ -153,37 +146,22 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strateg
     big = model.ByteSize() > 2 * 1024**3 - 1 if external_data == "auto" else external_data == "always"
     onnx.save_model(model, str(path), save_as_external_data=big, location=f"{filename}.data" if big else None)
     version = model_signature(lowered)
-    entry: dict[str, Any] = dict(
-        file=filename, mode="unmerged", switching=strategy, model_version=version, nodes=len(model.graph.node),
+    if lowered.routed:
+        adapters = {name: ExportedAdapter(slot=i) for i, name in enumerate(lowered.adapters)}
+    else:
+        adapters = {name: ExportedAdapter(file=f"adapters/{name}.onnx_adapter") for name in lowered.adapters}
+        (out_dir / "adapters").mkdir(exist_ok=True)
+        for name, info in adapters.items():
+            tensors = {s.tensors[k]: to_numpy(s.per_adapter[name][k]) for s in lowered.sites
+                       if name in s.per_adapter for k in ("A", "B")}
+            write_onnx_adapter(out_dir / info.file, tensors, version)
+    return UnmergedExport(
+        file=filename, switching=strategy, model_version=version, nodes=len(model.graph.node),
         op_types=sorted({n.op_type for n in model.graph.node}), external_data=big,
         capacity=capacity or len(lowered.adapters) if lowered.routed else None,
         bank_dtype=bank_dtype if lowered.routed else None,
         ids_input=IDS_INPUT if lowered.routed else None,
-        sites=[dict(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, **s.tensors)
+        sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, **s.tensors)
                for s in lowered.sites],
-        adapters={name: dict(slot=i if lowered.routed else None) for i, name in enumerate(lowered.adapters)},
+        adapters=adapters,
     )
-    if strategy == "ort-adapters":
-        (out_dir / "adapters").mkdir(exist_ok=True)
-        for name in lowered.adapters:
-            tensors = {s.tensors[k]: s.per_adapter[name][k] for s in lowered.sites if name in s.per_adapter
-                       for k in ("A", "B")}
-            relative = f"adapters/{name}.onnx_adapter"
-            write_onnx_adapter(out_dir / relative, tensors, version)
-            entry["adapters"][name]["file"] = relative
-    return entry
-
-
-def write_onnx_adapter(path: Path, tensors: dict[str, Any], model_version: int) -> None:
-    """An ONNX Runtime adapter file; `tensors` maps model input names to torch tensors or numpy arrays."""
-    import onnxruntime as ort
-
-    # OrtValue.ortvalue_from_numpy does not copy: keep the arrays alive until export_adapter returns.
-    arrays = {name: np.ascontiguousarray(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
-              for name, t in tensors.items()}
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(model_version)
-    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()})
-    fmt.export_adapter(str(path))
-    del arrays

@@ -23,15 +23,14 @@ import torch
 import torch.fx as fx
 from pydantic import Field, field_validator, model_validator
 
-from rewrite.adapters import KINDS
+from rewrite.adapters.for_site import ADAPTABLE_OPS, adapter_for_site
 from rewrite.errors import SpecError
 from rewrite.graph_edit import has_adapter, register_adapter, wire
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
-from rewrite.sites import Site, check_mapping, check_selector_syntax, resolve, select
+from rewrite.sites import check_mapping, check_selector_syntax, resolve, select
 from rewrite.state import state_of
 
-ADAPTABLE_OPS = ("linear", "conv1d", "conv2d", "embedding")
 SVD_OPS = ("linear", "conv1d", "conv2d")
 
 
@@ -68,38 +67,6 @@ class InsertOptions(PassOptions):
         return self
 
 
-def conv_settings(gm: fx.GraphModule, site: Site, where: str) -> dict | None:
-    """The base conv's kernel size, stride, padding and dilation: from the nn.Conv2d (fx capture) or from the
-    aten.conv2d call's arguments (torch.export keeps plain Modules without conv attributes)."""
-    if site.op != "conv2d":
-        return None
-    node = next(n for n in gm.graph.nodes if n.name == site.node)
-    if node.op == "call_module":
-        module = gm.get_submodule(site.owner)
-        kernel, stride, padding, dilation, groups = (module.kernel_size, module.stride, module.padding,
-                                                     module.dilation, module.groups)
-    else:  # aten.conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
-        args = [*node.args, *(None, None, None, 1, 0, 1, 1)[len(node.args):]]
-        stride, padding, dilation, groups = (node.kwargs.get(k, args[i]) for i, k in
-                                             enumerate(("stride", "padding", "dilation", "groups"), start=3))
-        kernel = gm.get_parameter(site.weight).shape[2:]
-    if groups != 1:
-        raise SpecError(f"{where}: site {site.name} is a grouped conv (groups={groups}); LoRA on grouped "
-                        "convs cannot be merged exactly and is not supported")
-    return dict(kernel_size=tuple(kernel), stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation))
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-
-
-def make_adapter(gm: fx.GraphModule, site: Site, kind: str, rank: int, alpha: float, *, rslora: bool,
-                 dropout: float, init: str, where: str):
-    weight = gm.get_parameter(site.weight)
-    return KINDS[kind](site.op, site.d_in, site.d_out, rank, alpha, rslora=rslora, dropout=dropout, init=init,
-                       conv=conv_settings(gm, site, where), dtype=weight.dtype, device=weight.device)
-
-
 class InsertPass(GraphPass):
     name = "insert"
     Options = InsertOptions
@@ -129,7 +96,7 @@ class InsertPass(GraphPass):
             if site.owner not in created:
                 rank = resolve(site, o.rank, o.rank_pattern, where)
                 alpha = resolve(site, o.alpha, o.alpha_pattern, where)
-                module = make_adapter(gm, site, o.kind, rank, alpha, rslora=o.rslora, dropout=o.dropout,
+                module = adapter_for_site(gm, site, o.kind, rank, alpha, rslora=o.rslora, dropout=o.dropout,
                                       init=o.init, where=where)
                 register_adapter(gm, site.owner, o.adapter, module)
                 added_params += sum(p.numel() for p in module.parameters())

@@ -16,25 +16,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.fx as fx
 from pydantic import Field
 
+from rewrite.adapters.for_site import adapter_for_site
 from rewrite.errors import AdapterFileError, nearest
-from rewrite.export.adapter_files import read_adapter_file
-from rewrite.export.peft_format import read_peft_dir
+from rewrite.formats.adapter_file import read_adapter_file
+from rewrite.formats.peft_dir import read_peft_dir
 from rewrite.graph_edit import adapters_at, register_adapter, wire
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
-from rewrite.passes.insert import make_adapter
 from rewrite.sites import Site, SiteTable
 from rewrite.state import state_of
+from rewrite.tensors import from_numpy
 
 
 class LoadOptions(PassOptions):
     path: str
     adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     format: Literal["auto", "peft", "rewrite"] = "auto"
+
+
+def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {key: from_numpy(array) for key, array in arrays.items()}
 
 
 def _owners(table: SiteTable) -> dict[str, list[Site]]:
@@ -61,17 +67,17 @@ class LoadPass(GraphPass):
     @staticmethod
     def _peft_entries(path: Path) -> dict[str, dict]:
         adapter = read_peft_dir(path)
-        entries = {module: dict(peft=tensors, rank=adapter.rank_of(module), alpha=adapter.alpha_of(module),
-                                rslora=adapter.rslora) for module, tensors in adapter.modules.items()}
-        for module, tensor in adapter.base_weights.items():
-            entries.setdefault(module, {})["base_copy"] = tensor
+        entries = {module: dict(peft=_torch(arrays), rank=adapter.rank_of(module), alpha=adapter.alpha_of(module),
+                                rslora=adapter.rslora) for module, arrays in adapter.modules.items()}
+        for module, array in adapter.base_weights.items():
+            entries.setdefault(module, {})["base_copy"] = from_numpy(array)
         return entries
 
     @staticmethod
     def _rewrite_entries(path: Path) -> dict[str, dict]:
         adapter = read_adapter_file(path)
-        return {owner: dict(ours=adapter.tensors[owner], rank=int(info["rank"]), alpha=float(info["alpha"]),
-                            rslora=bool(info["rslora"])) for owner, info in adapter.sites.items()}
+        return {owner: dict(ours=_torch(adapter.tensors[owner]), rank=info.rank, alpha=float(info.alpha),
+                            rslora=info.rslora) for owner, info in adapter.sites.items()}
 
     def _apply(self, gm: fx.GraphModule, path: Path, entries: dict[str, dict]) -> PassResult:
         table, name, where = state_of(gm).sites, self.options.adapter, self.context.where
@@ -92,7 +98,7 @@ class LoadPass(GraphPass):
             if existing is not None and existing.kind != "lora":
                 raise AdapterFileError(f"{where}: adapter {name!r} at {owner} is {existing.kind!r}; load writes LoRA "
                                        "weights: load under another adapter name")
-            module = existing or make_adapter(gm, site, "lora", entry["rank"], entry["alpha"],
+            module = existing or adapter_for_site(gm, site, "lora", entry["rank"], entry["alpha"],
                                               rslora=entry["rslora"], dropout=0.0, init="zeros", where=where)
             self._check_shapes(path, owner, module, entry)
             plan.append((owner, module, existing is None, entry))

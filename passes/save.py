@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -26,12 +25,13 @@ import torch.fx as fx
 from pydantic import Field
 
 from rewrite.errors import SpecError
-from rewrite.export.adapter_files import write_adapter_file
-from rewrite.export.peft_format import PREFIX, write_peft_dir
+from rewrite.formats.adapter_file import SiteInfo, write_adapter_file
+from rewrite.formats.peft_dir import LoraSettings, PeftConfig, lora_config, write_peft_dir
 from rewrite.graph_edit import adapters_at
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
 from rewrite.state import state_of
+from rewrite.tensors import to_numpy
 
 
 class SaveOptions(PassOptions):
@@ -41,24 +41,9 @@ class SaveOptions(PassOptions):
     allow_outside: bool = False
 
 
-def _peft_config(modules: dict) -> dict:
-    ranks = Counter(m.rank for m in modules.values())
-    alphas = Counter(m.alpha for m in modules.values())
-    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    rslora = {m.rslora for m in modules.values()}
-    if len(rslora) > 1:
-        raise SpecError("adapter mixes rsLoRA and plain scaling across sites; PEFT cannot express that")
-    dropout = {getattr(m.dropout, "p", 0.0) for m in modules.values()}
-    return {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": r, "lora_alpha": alpha, "use_rslora": rslora.pop(), "lora_dropout": max(dropout),
-        "target_modules": sorted(modules), "bias": "none", "init_lora_weights": True,
-        "fan_in_fan_out": any(m.op == "conv1d" for m in modules.values()),
-        "rank_pattern": {o: m.rank for o, m in modules.items() if m.rank != r},
-        "alpha_pattern": {o: m.alpha for o, m in modules.items() if m.alpha != alpha},
-        "modules_to_save": None, "use_dora": False,
-        "revision": None,  # no keys of our own: PEFT warns "upgrade PEFT" about any key it does not know
-    }
+def _peft_config(modules: dict) -> PeftConfig:
+    return lora_config({o: LoraSettings(m.op, m.rank, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0))
+                        for o, m in modules.items()})
 
 
 def _as_lora(module):
@@ -89,16 +74,17 @@ class SavePass(GraphPass):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             if self.options.format == "peft":
-                tensors = {f"{PREFIX}{owner}.{key}": t for owner, m in modules.items()
-                           for key, t in m.peft_state().items()}
+                tensors = {owner: {key: to_numpy(t) for key, t in m.peft_state().items()}
+                           for owner, m in modules.items()}
                 write_peft_dir(tmp, _peft_config(modules), tensors)
                 produced = tmp
             else:
-                sites = {o: dict(op=m.op, rank=m.rank, alpha=m.alpha, rslora=m.rslora, d_in=m.d_in, d_out=m.d_out)
+                sites = {o: SiteInfo(op=m.op, rank=m.rank, alpha=m.alpha, rslora=m.rslora, d_in=m.d_in, d_out=m.d_out)
                          for o, m in modules.items()}
                 produced = tmp / "adapter.safetensors"
                 write_adapter_file(produced, name, "lora", sites,
-                                   {o: {"lora_A": m.lora_A, "lora_B": m.lora_B} for o, m in modules.items()})
+                                   {o: {"lora_A": to_numpy(m.lora_A), "lora_B": to_numpy(m.lora_B)}
+                                    for o, m in modules.items()})
             _move(produced, self._target(), replace=not Path(self.options.path).is_absolute())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

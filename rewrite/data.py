@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from rewrite.errors import SpecError
 from rewrite.factory import import_callable
 from rewrite.finite import check_tensors
-from rewrite.spec import DataOptions
+from rewrite.options import DataOptions
 
 Batch = dict[str, torch.Tensor]
 

@@ -39,6 +39,14 @@ class VerifyError(RewriteError):
     """A pass that promises equivalence changed the outputs on the example inputs."""
 
 
+class DeploymentError(RewriteError):
+    """A deployment directory is broken: manifest.json, or a model or adapter file it names."""
+
+
+class RuntimeUseError(RewriteError):
+    """A serving call that cannot be answered as asked (unknown adapter, empty slot, ids that do not fit)."""
+
+
 def nearest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates closest to `word`, best first (for 'did you mean' hints)."""
     pool = list(dict.fromkeys(candidates))

@@ -10,9 +10,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from rewrite.errors import RewriteError
+
+# ml_dtypes' floats (bfloat16 from a BF16 safetensors file) are not np.inexact: without this set they would pass
+# unchecked.
+_ML_FLOATS = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
 
 
 def nonfinite_count(array: Any) -> int:
@@ -22,7 +27,7 @@ def nonfinite_count(array: Any) -> int:
             return 0
         return int(array.numel() - array.isfinite().sum().item())
     array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.inexact):
+    if not (np.issubdtype(array.dtype, np.inexact) or array.dtype in _ML_FLOATS):
         return 0
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 

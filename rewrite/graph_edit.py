@@ -1,4 +1,5 @@
-"""Graph edits shared by the passes: attach an adapter call to a site, detach it again.
+"""Graph edits shared by the passes: attach an adapter call to a site, detach it, keep only one adapter, read a
+base conv's settings.
 
 A site with adapters a1, a2 looks like
 
@@ -15,12 +16,15 @@ carry the site's `nn_module_stack`, an `AdapterTag` in `meta["rewrite"]` and a J
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 from torch import nn
 
+from rewrite.errors import SpecError
 from rewrite.sites import Site
-from rewrite.state import AdapterTag, adapter_path
+from rewrite.state import AdapterTag, adapter_path, state_of
 
 aten = torch.ops.aten
 
@@ -108,3 +112,41 @@ def drop_adapter(gm: fx.GraphModule, owner: str, adapter: str) -> nn.Module:
     module = getattr(holder, adapter)
     delattr(holder, adapter)
     return module
+
+
+def conv_settings(gm: fx.GraphModule, site: Site, where: str) -> dict | None:
+    """The base conv's kernel size, stride, padding and dilation: from the nn.Conv2d (fx capture) or from the
+    aten.conv2d call's arguments (torch.export keeps plain Modules without conv attributes)."""
+    if site.op != "conv2d":
+        return None
+    node = next(n for n in gm.graph.nodes if n.name == site.node)
+    if node.op == "call_module":
+        module = gm.get_submodule(site.owner)
+        kernel, stride, padding, dilation, groups = (module.kernel_size, module.stride, module.padding,
+                                                     module.dilation, module.groups)
+    else:  # aten.conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+        args = [*node.args, *(None, None, None, 1, 0, 1, 1)[len(node.args):]]
+        stride, padding, dilation, groups = (node.kwargs.get(k, args[i]) for i, k in
+                                             enumerate(("stride", "padding", "dilation", "groups"), start=3))
+        kernel = gm.get_parameter(site.weight).shape[2:]
+    if groups != 1:
+        raise SpecError(f"{where}: site {site.name} is a grouped conv (groups={groups}); LoRA on grouped "
+                        "convs cannot be merged exactly and is not supported")
+    return dict(kernel_size=tuple(kernel), stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation))
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def only_adapter(gm: fx.GraphModule, keep: str | None) -> fx.GraphModule:
+    """A copy of `gm` where only adapter `keep` (or none) is attached."""
+    gm = copy.deepcopy(gm)
+    for owner in dict.fromkeys(s.owner for s in state_of(gm).sites.values()):
+        for name in list(adapters_at(gm, owner)):
+            if name != keep:
+                unwire(gm, name, owner)
+                drop_adapter(gm, owner, name)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rewrite.errors import SpecError
-from rewrite.spec import CaptureOptions, InputSpec
+from rewrite.options import CaptureOptions, InputSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}

@@ -58,7 +58,7 @@ class PassContext:
     output_dir: Path | None = None
     where: str = "<spec>"
     locate: Callable[[str], str] | None = None  # key -> "spec.toml:LINE" of that key in this pass
-    data: Any = None  # rewrite.spec.DataOptions from [data], for data-driven passes
+    data: Any = None  # rewrite.options.DataOptions from [data], for data-driven passes
 
     def at(self, key: str) -> str:
         return self.locate(key) if self.locate else self.where

@@ -6,7 +6,6 @@ when the whole run succeeded, so a failure leaves no partial output. The input m
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,11 +18,12 @@ from typing import Any
 import torch.fx as fx
 
 from rewrite.capture import CaptureReport, capture
+from rewrite.check import check_merged, check_unmerged
 from rewrite.errors import RewriteError, SpecError
 from rewrite.export.manifest import build_manifest
-from rewrite.export.check_unmerged import check_unmerged
-from rewrite.export.onnx_merged import check_onnx, export_merged
+from rewrite.export.onnx_merged import export_merged
 from rewrite.export.onnx_unmerged import export_unmerged
+from rewrite.formats.manifest import MANIFEST, ExportEntry, write_manifest
 from rewrite.inputs import ExampleInputs, example_inputs
 from rewrite.load import LoadedModel, load_model
 from rewrite.pass_infra import PassContext, PassManager, PassResult, ScheduledPass
@@ -143,17 +143,16 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
 
     context = PassContext(spec_dir=spec.base_dir, output_dir=tmp)
     gm = PassManager(schedule(spec, context), verify=verify, on_step=on_pass).run(gm)
-    exports: list[dict[str, Any]] = []
+    exports: list[ExportEntry] = []
     if spec.export.format == "onnx":
         exports.append(_export(gm, spec, tmp, loaded, check, on_stage, on_pass, summary, context))
-    summary.exports = exports
-    manifest = build_manifest(gm, source=model, exports=exports)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    summary.exports = [entry.model_dump(mode="json") for entry in exports]
+    write_manifest(tmp / MANIFEST, build_manifest(gm, source=model, exports=exports))
     return summary
 
 
 def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, on_stage, on_pass,
-            summary: Summary, context: PassContext) -> dict[str, Any]:
+            summary: Summary, context: PassContext) -> ExportEntry:
     options = spec.export
     start = time.perf_counter()
     if options.mode == "unmerged":
@@ -162,22 +161,21 @@ def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, 
                                 external_data=options.external_data, config=loaded.config)
     else:
         gm = _fold_remaining(gm, context, on_pass)
-        exported = export_merged(gm, tmp / options.filename, options, loaded.config)
-        entry = dict(file=options.filename, mode="merged", nodes=exported.nodes, op_types=exported.op_types,
-                     external_data=exported.external_data)
-    on_stage("export", time.perf_counter() - start, {"nodes": entry["nodes"]})
+        entry = export_merged(gm, tmp / options.filename, options, loaded.config)
+    on_stage("export", time.perf_counter() - start, {"nodes": entry.nodes})
     if options.check if check is None else check:
         start = time.perf_counter()
         if options.mode == "unmerged":
-            (tmp / "manifest.json").write_text(json.dumps({"exports": [entry]}))
-            diff = check_unmerged(gm, tmp, list(entry["adapters"]))
+            write_manifest(tmp / MANIFEST, build_manifest(gm, source=summary.model, exports=[entry]))
+            diff = check_unmerged(gm, tmp, list(entry.adapters))
         else:
-            diff = check_onnx(gm, tmp / options.filename)
+            diff = check_merged(gm, tmp / options.filename)
         on_stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
-        entry["check_max_abs_diff"] = summary.check_max_abs_diff = diff
+        summary.check_max_abs_diff = diff
         if not diff <= options.check_tolerance:
             raise SpecError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "
                             f"(> [export] tolerance = {options.check_tolerance:g})")
+        entry.check_max_abs_diff = diff
     return entry
 
 

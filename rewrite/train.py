@@ -63,7 +63,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch import nn
 
 from rewrite.errors import SpecError

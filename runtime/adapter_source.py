@@ -8,7 +8,6 @@ overlapping names.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,9 @@ import numpy as np
 
 from rewrite.errors import AdapterFileError, nearest
 from rewrite.finite import check_tensors
-
-
-def _scale(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / (math.sqrt(rank) if rslora else rank)
+from rewrite.formats.adapter_file import read_adapter_file
+from rewrite.formats.onnx_adapter import read_onnx_adapter
+from rewrite.formats.peft_dir import LINEAR_KEYS, lora_scale, read_peft_dir
 
 
 def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version: int | None = None,
@@ -52,48 +50,31 @@ def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version
 
 
 def _from_peft(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from rewrite.export.peft_format import read_peft_dir
-
     adapter = read_peft_dir(path)
+    key_a, key_b = LINEAR_KEYS
     out = {}
     for module, tensors in adapter.modules.items():
-        if "lora_A.weight" not in tensors or tensors["lora_A.weight"].dim() != 2:
+        if key_a not in tensors or tensors[key_a].ndim != 2:
             raise AdapterFileError(f"{path}: module {module!r}: only Linear / Conv1D LoRA can be switched at run time")
-        a = tensors["lora_A.weight"].float().T.numpy()
-        rank = a.shape[1]
-        b = tensors["lora_B.weight"].float().T.numpy() * _scale(adapter.alpha_of(module), rank, adapter.rslora)
+        a = tensors[key_a].astype(np.float32).T
+        b = tensors[key_b].astype(np.float32).T * adapter.scale_of(module)
         out[module] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
     return out
 
 
 def _from_rewrite_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from rewrite.export.adapter_files import read_adapter_file
-
     adapter = read_adapter_file(path)
     out = {}
     for owner, info in adapter.sites.items():
-        scale = _scale(float(info["alpha"]), int(info["rank"]), bool(info["rslora"]))
+        scale = lora_scale(float(info.alpha), info.rank, info.rslora)
         parts = adapter.tensors[owner]
-        out[owner] = (parts["lora_A"].float().numpy(), parts["lora_B"].float().numpy() * scale)
+        out[owner] = (parts["lora_A"].astype(np.float32), parts["lora_B"].astype(np.float32) * scale)
     return out
-
-
-def _read_onnx_adapter(path: Path) -> tuple[int, dict[str, np.ndarray]]:
-    """(model version, {name: array}); the arrays are copies: `OrtValue.numpy()` views memory owned by the
-    AdapterFormat object, which is freed (and reused: garbage weights) once that object is collected."""
-    import onnxruntime as ort
-
-    try:
-        fmt = ort.AdapterFormat.read_adapter(str(path))
-    except Exception as err:  # noqa: BLE001 - a corrupt file is bad input
-        raise AdapterFileError(f"{path}: not a readable .onnx_adapter file: {err}") from None
-    params = {name: np.array(value.numpy(), copy=True) for name, value in fmt.get_parameters().items()}
-    return fmt.get_model_version(), params
 
 
 def _from_onnx_adapter(path: Path, sites: dict[str, dict[str, Any]],
                        model_version: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    version, params = _read_onnx_adapter(path)
+    version, params = read_onnx_adapter(path)
     if model_version is not None and version != model_version:
         raise AdapterFileError(f"{path}: adapter was written for another model (model_version {version}, this "
                                f"model's is {model_version}: tensor names or shapes differ)")

@@ -12,13 +12,17 @@ Switching strategies (see export/onnx_unmerged.py):
                 overridable model input: the session feeds its own copy, the ONNX session is never rebuilt.
 Thread safety: adapter tables are immutable snapshots swapped under a lock; `run` reads one snapshot
 and ONNX Runtime's `run` is itself thread-safe, so requests never see a half-added adapter.
+Trust: the deployment directory is validated on open (`rewrite.formats.manifest`, the files it names, the model's
+adapter inputs against the manifest's sizes: `DeploymentError`); a call that cannot be answered as asked is a
+`RuntimeUseError`, never a silent answer from the base model. The temporary directory (added ort-adapters files)
+goes with `close()`, `with`, garbage collection or interpreter exit.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +32,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rewrite.errors import AdapterFileError, RewriteError
+from rewrite.errors import AdapterFileError, DeploymentError, RuntimeUseError
+from rewrite.formats.manifest import MANIFEST, read_manifest
+from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.names import check_adapter_name
 from rewrite.runtime.adapter_source import read_factors
 
@@ -46,18 +52,16 @@ class AdapterSession:
                  intra_op_threads: int | None = None):
         path = Path(path)
         directory = path if path.is_dir() else path.parent
-        manifest_file = directory / "manifest.json"
-        if not manifest_file.is_file():
-            raise RewriteError(f"{directory}: no manifest.json (was this written by `rewrite apply`?)")
-        manifest = json.loads(manifest_file.read_text())
-        entry = next((e for e in manifest.get("exports", []) if e.get("mode") == "unmerged"), None)
-        if entry is None:
-            raise RewriteError(f"{manifest_file}: no unmerged export; set [export] mode = \"unmerged\"")
-        self.directory, self.entry, self.switching = directory, entry, entry["switching"]
-        self.bank_dtype = entry.get("bank_dtype") or "float32"
-        self.model_path = directory / entry["file"]
-        self._sites = {s["site"]: dict(s, rank_limit=s["rank"] if self.switching != "ort-adapters" else None)
-                       for s in entry["sites"]}
+        manifest = read_manifest(directory)
+        found = next(((i, e) for i, e in enumerate(manifest.exports) if e.mode == "unmerged"), None)
+        if found is None:
+            raise DeploymentError(f"{directory / MANIFEST}: no unmerged export; set [export] mode = \"unmerged\"")
+        index, entry = found
+        self.directory, self.entry, self.switching = directory, entry, entry.switching
+        self._field = f"{directory / MANIFEST}: 'exports[{index}]"  # + ".key': ..." names a field in errors
+        self.bank_dtype = entry.bank_dtype or "float32"
+        self.model_path = self._named_file(entry.file, ".file")
+        self._sites = {s.site: dict(s.model_dump(), rank_limit=s.rank if entry.routed else None) for s in entry.sites}
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if intra_op_threads:
@@ -66,17 +70,62 @@ class AdapterSession:
             from rewrite.runtime.ops import library_path
 
             options.register_custom_ops_library(str(library_path()))
-        self._session = ort.InferenceSession(str(self.model_path), options,
-                                             providers=list(providers or ["CPUExecutionProvider"]))
+        try:
+            self._session = ort.InferenceSession(str(self.model_path), options,
+                                                 providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types; a broken file is bad input
+            raise DeploymentError(f"{self.model_path}: ONNX Runtime cannot load this model: "
+                                  f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+                                  ) from None
+        self._check_model_inputs()
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="rewrite-adapters-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
         self._snapshot = _Snapshot()
         if self.switching == "ort-adapters":
-            for name, info in entry["adapters"].items():
-                self._add_file(name, directory / info["file"])
+            for name, info in entry.adapters.items():
+                self._add_file(name, self._named_file(info.file, f".adapters.{name}.file"))
         else:
-            self._snapshot = _Snapshot(slots={n: i["slot"] for n, i in entry["adapters"].items()},
+            self._snapshot = _Snapshot(slots={n: i.slot for n, i in entry.adapters.items()},
                                        bank=self._initial_banks())
+
+    def _named_file(self, name: str, key: str) -> Path:
+        """A file the manifest names (a relative path inside the directory: the manifest's schema checks that)."""
+        file = self.directory / name
+        if not file.is_file():
+            raise DeploymentError(f"{self._field}{key}': {file} does not exist")
+        return file
+
+    def _expected_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """{A / B input name: its shape} as the manifest describes the model (None: a rank dim of any size)."""
+        capacity, out = self.entry.capacity, {}
+        for s in self.entry.sites:
+            if self.switching == "ort-adapters":
+                out[s.A], out[s.B] = (s.d_in, None), (None, s.d_out)
+            elif self.switching == "bank":
+                out[s.A], out[s.B] = (s.d_in, capacity * s.rank), (capacity * s.rank, s.d_out)
+            else:
+                out[s.A], out[s.B] = (capacity, s.d_in, s.rank), (capacity, s.rank, s.d_out)
+        return out
+
+    def _check_model_inputs(self) -> None:
+        """The adapter inputs the manifest names exist in the model, with the sizes it gives for them."""
+        # inputs with a default (the banks, ort-adapters' empty A / B) are "overridable initializers" to ONNX Runtime
+        args = [*self._session.get_inputs(), *self._session.get_overridable_initializers()]
+        inputs = {i.name: i.shape for i in args}
+        where = {name: f".sites[{i}].{key}" for i, s in enumerate(self.entry.sites)
+                 for key, name in (("A", s.A), ("B", s.B))}
+        for name, shape in self._expected_shapes().items():
+            if name not in inputs:
+                raise DeploymentError(f"{self._field}{where[name]}': {name!r} is not an input of {self.model_path}")
+            got = [d if isinstance(d, int) else None for d in inputs[name]]
+            if len(got) != len(shape) or any(e is not None and g != e for g, e in zip(got, shape)):
+                raise DeploymentError(f"{self._field}{where[name].rpartition('.')[0]}': input {name!r} of "
+                                      f"{self.model_path} has shape {inputs[name]}, the manifest's sizes give "
+                                      f"{['rank' if e is None else e for e in shape]}")
+        if self.entry.routed and self.entry.ids_input not in inputs:
+            raise DeploymentError(f"{self._field}.ids_input': {self.entry.ids_input!r} is not an input of "
+                                  f"{self.model_path}")
 
     @property
     def adapters(self) -> list[str]:
@@ -93,7 +142,7 @@ class AdapterSession:
             output_names: list[str] | None = None) -> list[np.ndarray]:
         snap = self._snapshot
         if adapter is not None and adapter_ids is not None:
-            raise RewriteError("give `adapter` (one for the batch) or `adapter_ids` (one per row), not both")
+            raise RuntimeUseError("give `adapter` (one for the batch) or `adapter_ids` (one per row), not both")
         if self.switching == "ort-adapters":
             if adapter_ids is not None:
                 adapter = self._one_adapter(adapter_ids, self._batch(feeds))
@@ -103,32 +152,35 @@ class AdapterSession:
             # the adapter is removed or replaced meanwhile; once no run holds them they are freed.
             active = snap.run_options.get(adapter)
             if active is None:
-                raise RewriteError(f"unknown adapter {adapter!r}; loaded: {sorted(snap.run_options)}")
+                raise _unknown(adapter, snap.run_options)
             return self._session.run(output_names, feeds, active[0])
         all_feeds = dict(feeds)
-        all_feeds[self.entry["ids_input"]] = self._ids(snap, self._batch(feeds), adapter, adapter_ids)
+        all_feeds[self.entry.ids_input] = self._ids(snap, self._batch(feeds), adapter, adapter_ids)
         if snap.bank_dirty:
             all_feeds.update(snap.bank)
         return self._session.run(output_names, all_feeds)
 
     @staticmethod
     def _batch(feeds: dict[str, np.ndarray]) -> int:
-        return next(iter(feeds.values())).shape[0]
+        shape = np.shape(next(iter(feeds.values()))) if feeds else ()
+        if not shape:
+            raise RuntimeUseError("feeds: give the model's inputs as arrays with a batch dimension")
+        return shape[0]
 
     @staticmethod
     def _check_length(adapter_ids, batch: int) -> None:
         count = len(adapter_ids) if np.ndim(adapter_ids) == 1 else -1
         if count != batch:
             shape = f"{count} entries" if count >= 0 else f"shape {np.shape(adapter_ids)}"
-            raise RewriteError(f"adapter_ids has {shape} for a batch of {batch} (one id per row)")
+            raise RuntimeUseError(f"adapter_ids has {shape} for a batch of {batch} (one id per row)")
 
     def _one_adapter(self, adapter_ids, batch: int) -> str | None:
         """ort-adapters: per-row ids are accepted only when every row names the same adapter."""
         self._check_length(adapter_ids, batch)
         names = set(adapter_ids.tolist() if isinstance(adapter_ids, np.ndarray) else adapter_ids)
         if len(names) > 1:
-            raise RewriteError("this model switches one adapter per run (ort-adapters); export with "
-                               "switching = \"bank\" or \"custom-op\" for a different adapter per row")
+            raise RuntimeUseError("this model switches one adapter per run (ort-adapters); export with "
+                                  "switching = \"bank\" or \"custom-op\" for a different adapter per row")
         return names.pop() if names else None
 
     def _ids(self, snap: _Snapshot, batch: int, adapter: str | None, adapter_ids) -> np.ndarray:
@@ -139,38 +191,49 @@ class AdapterSession:
         if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "iu":
             ids = adapter_ids.astype(np.int64)
         else:
-            ids = np.array([-1 if a is None else a if isinstance(a, (int, np.integer)) else self._slot(snap, a)
-                            for a in adapter_ids], dtype=np.int64)
-        capacity = self.entry["capacity"]
+            ids = np.array([self._row_id(snap, a) for a in adapter_ids], dtype=np.int64)
+        # a slot outside the bank or without an adapter would silently answer with the base model
+        capacity = self.entry.capacity
         bad = ids[(ids < -1) | (ids >= capacity)]
-        if bad.size:  # the one-hot bank would silently answer with the base model, LoraDelta would fail
-            raise RewriteError(f"adapter_ids: slot {int(bad[0])} is neither -1 (base) nor a bank slot "
-                               f"0..{capacity - 1}")
+        if bad.size:
+            raise RuntimeUseError(f"adapter_ids: slot {int(bad[0])} is neither -1 (base) nor a bank slot "
+                                  f"0..{capacity - 1}")
+        empty = sorted(set(ids[ids >= 0].tolist()) - set(snap.slots.values()))
+        if empty:
+            loaded = ", ".join(f"{n}={s}" for n, s in sorted(snap.slots.items(), key=lambda item: item[1]))
+            raise RuntimeUseError(f"adapter_ids: slot {empty[0]} holds no adapter (empty or removed); loaded: "
+                                  f"{loaded or 'none'}; -1 is the base model")
         return ids
+
+    def _row_id(self, snap: _Snapshot, adapter: Any) -> int:
+        if adapter is None:
+            return -1
+        if isinstance(adapter, (int, np.integer)) and not isinstance(adapter, (bool, np.bool_)):
+            return int(adapter)
+        if isinstance(adapter, str):
+            return self._slot(snap, adapter)
+        raise RuntimeUseError(f"adapter_ids: {adapter!r} is neither an adapter name, a slot number nor None (base)")
 
     @staticmethod
     def _slot(snap: _Snapshot, name: str) -> int:
-        try:
-            return snap.slots[name]
-        except KeyError:
-            raise RewriteError(f"unknown adapter {name!r}; loaded: {sorted(snap.slots)}") from None
+        if name not in snap.slots:
+            raise _unknown(name, snap.slots)
+        return snap.slots[name]
 
     # ---- adapter management --------------------------------------------------------------------
     def add_adapter(self, name: str, source: Any, *, replace_existing: bool = False) -> None:
         """Add (or with replace_existing, replace) an adapter from a PEFT dir, our file, .onnx_adapter or dict.
         `name` is an identifier (rewrite.names): it also names a file in the session's temporary directory."""
         check_adapter_name(name, "add_adapter")
-        factors = read_factors(source, self._sites, model_version=self.entry["model_version"], dtype=self.bank_dtype)
+        factors = read_factors(source, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype)
         with self._lock:
             if name in self.adapters and not replace_existing:
                 raise AdapterFileError(f"adapter {name!r} is already loaded (remove it first or pass "
                                        "replace_existing=True)")
             if self.switching == "ort-adapters":
-                from rewrite.export.onnx_unmerged import write_onnx_adapter
-
                 file = self._tmp / f"{name}.onnx_adapter"
                 tensors = {self._sites[s][k]: t for s, (a, b) in factors.items() for k, t in (("A", a), ("B", b))}
-                write_onnx_adapter(file, tensors, self.entry["model_version"])
+                write_onnx_adapter(file, tensors, self.entry.model_version)
                 try:
                     self._add_file(name, file)
                 finally:
@@ -182,7 +245,7 @@ class AdapterSession:
         with self._lock:
             snap = self._snapshot
             if name not in self.adapters:
-                raise RewriteError(f"unknown adapter {name!r}; loaded: {self.adapters}")
+                raise _unknown(name, self.adapters)
             if self.switching == "ort-adapters":
                 options = dict(snap.run_options)
                 del options[name]
@@ -195,7 +258,7 @@ class AdapterSession:
     def _add_file(self, name: str, file: Path) -> None:
         """Activate an .onnx_adapter (validated: model version, names, shapes, dtype); the caller holds the lock
         or is __init__."""
-        read_factors(file, self._sites, model_version=self.entry["model_version"], dtype=self.bank_dtype)
+        read_factors(file, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype)
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()
@@ -207,18 +270,23 @@ class AdapterSession:
     # ---- banks ---------------------------------------------------------------------------------
     def _initial_banks(self) -> dict[str, np.ndarray]:
         model = onnx.load(str(self.model_path))
-        names = {info[k] for info in self._sites.values() for k in ("A", "B")}
-        return {init.name: onnx.numpy_helper.to_array(init).copy() for init in model.graph.initializer
-                if init.name in names}
+        names = {name for s in self.entry.sites for name in (s.A, s.B)}
+        banks = {init.name: onnx.numpy_helper.to_array(init).copy() for init in model.graph.initializer
+                 if init.name in names}
+        missing = sorted(names - set(banks))
+        if missing:
+            raise DeploymentError(f"{self.model_path}: bank input {missing[0]!r} has no initializer (the exported "
+                                  "adapters); the model does not fit its manifest")
+        return banks
 
     def _add_to_bank(self, name: str, factors) -> None:
         snap = self._snapshot
         slots = dict(snap.slots)
         old = slots.pop(name, None)
         used = set(slots.values())
-        free = old if old is not None else next((s for s in range(self.entry["capacity"]) if s not in used), None)
+        free = old if old is not None else next((s for s in range(self.entry.capacity) if s not in used), None)
         if free is None:
-            raise AdapterFileError(f"the bank is full ({self.entry['capacity']} slots); remove an adapter or "
+            raise AdapterFileError(f"the bank is full ({self.entry.capacity} slots); remove an adapter or "
                                    "export with a larger [export] capacity")
         bank = self._write_slot(snap.bank, free, factors)
         slots[name] = free
@@ -227,27 +295,35 @@ class AdapterSession:
     def _write_slot(self, bank: dict[str, np.ndarray], slot: int, factors) -> dict[str, np.ndarray]:
         """A new bank dict with `slot` set to `factors` (zero-padded to the site rank) or cleared."""
         out = dict(bank)
-        for site, info in self._sites.items():
-            rank = info["rank"]
-            a_pad = np.zeros((info["d_in"], rank), np.float32)
-            b_pad = np.zeros((rank, info["d_out"]), np.float32)
-            if factors and site in factors:
-                a, b = factors[site]
+        for info in self.entry.sites:
+            rank = info.rank
+            a_pad = np.zeros((info.d_in, rank), np.float32)
+            b_pad = np.zeros((rank, info.d_out), np.float32)
+            if factors and info.site in factors:
+                a, b = factors[info.site]
                 a_pad[:, : a.shape[1]], b_pad[: b.shape[0]] = a, b
-            a_bank, b_bank = bank[info["A"]].copy(), bank[info["B"]].copy()
+            a_bank, b_bank = bank[info.A].copy(), bank[info.B].copy()
             if self.switching == "custom-op":
                 a_bank[slot], b_bank[slot] = a_pad, b_pad
             else:
                 a_bank[:, slot * rank:(slot + 1) * rank] = a_pad
                 b_bank[slot * rank:(slot + 1) * rank] = b_pad
-            out[info["A"]], out[info["B"]] = a_bank, b_bank
+            out[info.A], out[info.B] = a_bank, b_bank
         return out
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        """Remove the session's temporary directory (also done when the session is collected or at exit)."""
+        self._cleanup()
 
     def __enter__(self) -> "AdapterSession":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _unknown(name: object, loaded) -> RuntimeUseError:
+    if name == "":
+        return RuntimeUseError(f"the adapter name is empty: give a loaded adapter's name (loaded: {sorted(loaded)}) "
+                               "or None for the base model")
+    return RuntimeUseError(f"unknown adapter {name!r}; loaded: {sorted(loaded)}")

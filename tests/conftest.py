@@ -42,3 +42,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+DEPLOYMENT_SPEC = """version = 1
+[[capture.inputs]]
+name = "x"
+shape = [4, 3, 64]
+dims = ["batch", "seq", ""]
+[[pass]]
+name = "insert"
+adapter = "a"
+targets = ["layers.*"]
+rank = 2
+init = "gaussian"
+[[pass]]
+name = "insert"
+adapter = "b"
+targets = ["layers.0", "layers.2"]
+rank = 4
+init = "gaussian"
+[export]
+mode = "unmerged"
+switching = "{switching}"
+"""
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory):
+    """deployment(switching) -> the output directory of `rewrite apply --check` on factories:mlp4 with two adapters,
+    exported unmerged (built once per session; copy it before changing it)."""
+    from rewrite.cli import main
+
+    made = {}
+
+    def make(switching: str) -> Path:
+        if switching not in made:
+            work = tmp_path_factory.mktemp(f"deployment_{switching}")
+            spec = work / "spec.toml"
+            spec.write_text(DEPLOYMENT_SPEC.format(switching=switching)
+                            + ("capacity = 4\n" if switching != "ort-adapters" else ""))
+            assert main(["apply", str(spec), "factories:mlp4", "-o", str(work / "out"), "--check", "-q"]) == 0
+            made[switching] = work / "out"
+        return made[switching]
+
+    return make

@@ -10,7 +10,7 @@ import torch
 from rewrite.capture import capture, flat_outputs
 from rewrite.errors import RewriteError
 from rewrite.inputs import example_inputs
-from rewrite.load import LoadedModel, load_model
+from rewrite.load import LoadedModel
 from rewrite.pipeline import apply, load_and_capture
 from rewrite.spec import parse_spec
 from rewrite.state import state_of

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from rewrite.errors import RewriteError
+from rewrite.export import lora_delta_op
 from rewrite.runtime import ops
 
 D_IN, D_OUT = 24, 40
@@ -94,7 +95,7 @@ class TwoSites(nn.Module):
 def export_two_sites(x, idx, dyn):
     model = TwoSites().eval()
     prog = torch.onnx.export(
-        model, (x, idx), dynamo=True, dynamic_shapes=dyn, custom_translation_table=ops.onnx_translation_table(),
+        model, (x, idx), dynamo=True, dynamic_shapes=dyn, custom_translation_table=lora_delta_op.onnx_translation_table(),
         verbose=False,
     )
     return model, prog.model_proto

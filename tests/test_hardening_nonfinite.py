@@ -22,13 +22,14 @@ from safetensors.torch import save_file
 from rewrite.cli import main
 from rewrite.data import DataSource
 from rewrite.errors import AdapterFileError, SpecError
-from rewrite.export.adapter_files import read_adapter_file, write_adapter_file
-from rewrite.export.onnx_unmerged import write_onnx_adapter
-from rewrite.export.peft_format import read_peft_dir
 from rewrite.finite import nonfinite_count, nonfinite_key
+from rewrite.formats.adapter_file import read_adapter_file
+from rewrite.formats.onnx_adapter import write_onnx_adapter
+from rewrite.formats.peft_dir import read_peft_dir
 from rewrite.passes import REGISTRY
 from rewrite.runtime.session import AdapterSession
-from rewrite.spec import DataOptions, parse_spec
+from rewrite.options import DataOptions
+from rewrite.spec import parse_spec
 
 MLP_INPUTS = '[[capture.inputs]]\nname = "x"\nshape = [4, 64]\n'
 NAN_B = "base_model.model.layers.1.lora_B.weight"
@@ -208,8 +209,11 @@ SITE_INFO = {"op": "linear", "rank": 2, "alpha": 4.0, "rslora": False, "d_in": 6
 
 
 def our_file(path: Path, *, info: dict | None = None, fill: float = 0.5) -> Path:
-    tensors = {"layers.0": {"lora_A": torch.full((64, 2), 0.5), "lora_B": torch.full((2, 64), fill)}}
-    write_adapter_file(path, "ours", "lora", {"layers.0": info or SITE_INFO}, tensors)
+    """Our adapter file for layers.0, written by hand (our writer refuses a non-finite alpha)."""
+    meta = {"format": "rewrite-adapter", "version": 1, "adapter": "ours", "kind": "lora",
+            "sites": {"layers.0": info or SITE_INFO}}
+    tensors = {"layers.0.lora_A": torch.full((64, 2), 0.5), "layers.0.lora_B": torch.full((2, 64), fill)}
+    save_file(tensors, path, metadata={"rewrite": json.dumps(meta)})
     return path
 
 
@@ -225,7 +229,7 @@ def test_our_adapter_file_with_nan_alpha(tmp_path):
     with pytest.raises(AdapterFileError) as err:
         read_adapter_file(path)
     assert str(err.value).startswith(f"{path}: metadata 'sites['layers.0']['alpha']' is NaN or Infinity")
-    assert read_adapter_file(our_file(tmp_path / "good.safetensors")).sites["layers.0"]["alpha"] == 4.0
+    assert read_adapter_file(our_file(tmp_path / "good.safetensors")).sites["layers.0"].alpha == 4.0
 
 
 # ---------------------------------------------------------------------------------------------- calibration data
@@ -305,7 +309,7 @@ def factors(bad: float | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]
 
 
 def site_input(session: AdapterSession, site: str, part: str) -> str:
-    return next(s[part] for s in session.entry["sites"] if s["site"] == site)
+    return next(getattr(s, part) for s in session.entry.sites if s.site == site)
 
 
 def test_add_adapter_dict_with_nan(session):
@@ -320,7 +324,7 @@ def test_add_adapter_onnx_adapter_with_inf(session, tmp_path):
     a, b = factors(math.inf)["layers.0"]
     names = site_input(session, "layers.0", "A"), site_input(session, "layers.0", "B")
     path = tmp_path / "bad.onnx_adapter"
-    write_onnx_adapter(path, dict(zip(names, (a, b))), session.entry["model_version"])
+    write_onnx_adapter(path, dict(zip(names, (a, b))), session.entry.model_version)
     with pytest.raises(AdapterFileError) as err:
         session.add_adapter("bad", path)
     assert str(err.value).startswith(f"{path}: site 'layers.0': tensor '{names[1]}' has 2 NaN/Inf values")

@@ -113,7 +113,7 @@ def violations(package_dirs: dict[str, Path], layers=LAYERS, root: Path = ROOT) 
                 bad = theirs is not None and order.index(theirs) > order.index(mine)
             if bad:
                 problems.append(f"{where}:{line}: {module} ({mine}) imports {target} ({theirs}), which is above it")
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 def test_every_import_points_down():

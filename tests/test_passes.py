@@ -35,7 +35,8 @@ from rewrite.pass_infra import GraphPass, PassContext, PassManager, PassOptions,
 from rewrite.passes import REGISTRY
 from rewrite.pipeline import schedule
 from rewrite.sites import resolve, select
-from rewrite.spec import CaptureOptions, parse_spec
+from rewrite.options import CaptureOptions
+from rewrite.spec import parse_spec
 from rewrite.state import AdapterTag, state_of
 
 aten = torch.ops.aten

@@ -200,10 +200,12 @@ def test_save_writes_the_same_delta_as_plain_lora_for_peft_and_for_us(base, tmp_
 def test_merged_and_unmerged_onnx_match_the_graph(base, tmp_path):
     import onnxruntime as ort
 
-    from rewrite.export.check_unmerged import check_unmerged
+    from rewrite.check import check_unmerged
     from rewrite.export.onnx_merged import export_merged
+    from rewrite.export.manifest import build_manifest
     from rewrite.export.onnx_unmerged import export_unmerged
-    from rewrite.spec import ExportOptions
+    from rewrite.formats.manifest import MANIFEST, write_manifest
+    from rewrite.options import ExportOptions
 
     model, captured, kwargs, sites = base
     gm = inserted(base)
@@ -217,8 +219,8 @@ def test_merged_and_unmerged_onnx_match_the_graph(base, tmp_path):
     linear = inserted(base, sites=["fc", "proj"])
     entry = export_unmerged(linear, out, "model.onnx", strategy="bank", adapters=None, capacity=None, opset=None,
                             external_data="never")
-    assert [(s["site"], s["rank"]) for s in entry["sites"]] == [("fc", RANK), ("proj", RANK)]
-    (out / "manifest.json").write_text(json.dumps({"exports": [entry]}))
+    assert [(s.site, s.rank) for s in entry.sites] == [("fc", RANK), ("proj", RANK)]
+    write_manifest(out / MANIFEST, build_manifest(linear, source="test", exports=[entry]))
     assert check_unmerged(linear, out, ["default"]) <= 1e-5
     merged = copy.deepcopy(gm)
     run(merged, "merge")

@@ -25,7 +25,7 @@ from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
 from rewrite.pass_infra import PassContext
 from rewrite.passes import REGISTRY
-from rewrite.spec import DataOptions
+from rewrite.options import DataOptions
 from rewrite.train import TrainCallback, evaluate, train
 
 

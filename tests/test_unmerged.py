@@ -44,7 +44,7 @@ from rewrite import pipeline
 from rewrite.capture import flat_outputs
 from rewrite.cli import main
 from rewrite.errors import AdapterFileError, RewriteError
-from rewrite.export.onnx_unmerged import write_onnx_adapter
+from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.pipeline import apply, load_and_capture
 from rewrite.runtime.session import AdapterSession
 from rewrite.spec import parse_spec
@@ -291,7 +291,7 @@ def test_mlp_switching_per_run(mlp, strategy):
 
 def test_mlp_rows_mix_adapters(mlp, row_strategy):
     with AdapterSession(mlp.export(row_strategy)) as session:
-        slots = {n: a["slot"] for n, a in session.entry["adapters"].items()}
+        slots = {n: a.slot for n, a in session.entry.adapters.items()}
         worst = 0.0
         for rows in (["support", None, "style", "support"], [None, None, None, None], ["style"] * 4,
                      [None, "style", "support", None]):
@@ -358,9 +358,9 @@ def onnx_adapter_for(session: AdapterSession, factors, path: Path, version: int 
     """An .onnx_adapter with this model's input names (A/B of each site) and model version."""
     tensors = {}
     for site, (a, b) in factors.items():
-        info = next(s for s in session.entry["sites"] if s["site"] == site)
-        tensors[info["A"]], tensors[info["B"]] = a.astype(dtype), b.astype(dtype)
-    write_onnx_adapter(path, tensors, session.entry["model_version"] if version is None else version)
+        info = next(s for s in session.entry.sites if s.site == site)
+        tensors[info.A], tensors[info.B] = a.astype(dtype), b.astype(dtype)
+    write_onnx_adapter(path, tensors, session.entry.model_version if version is None else version)
     return path
 
 
@@ -488,19 +488,19 @@ def test_bank_full(mlp, row_strategy):
 
 def test_onnx_adapter_of_another_model(session, mlp, tmp_path):
     path = onnx_adapter_for(session, mlp.float32_factors("tenant"), tmp_path / "other.onnx_adapter",
-                            version=session.entry["model_version"] + 1)
+                            version=session.entry.model_version + 1)
     with pytest.raises(AdapterFileError, match="another model"):
         session.add_adapter("other", path)
     # names of another model's inputs
     tensors = {"lora.decoder.q.A": np.zeros((64, 2), np.float32), "lora.decoder.q.B": np.zeros((2, 64), np.float32)}
-    write_onnx_adapter(tmp_path / "names.onnx_adapter", tensors, session.entry["model_version"])
+    write_onnx_adapter(tmp_path / "names.onnx_adapter", tensors, session.entry.model_version)
     with pytest.raises(AdapterFileError, match=r"tensor 'lora\.decoder\.q\.A' is not an adapter input of this model"):
         session.add_adapter("other", tmp_path / "names.onnx_adapter")
     # half a pair: B of layers.0 without its A
     a, b = mlp.float32_factors("tenant")["layers.0"]
-    info = session.entry["sites"][0]
-    write_onnx_adapter(tmp_path / "half.onnx_adapter", {info["B"]: b}, session.entry["model_version"])
-    with pytest.raises(AdapterFileError, match=rf"has {info['B']} but not its pair {info['A']}"):
+    info = session.entry.sites[0]
+    write_onnx_adapter(tmp_path / "half.onnx_adapter", {info.B: b}, session.entry.model_version)
+    with pytest.raises(AdapterFileError, match=rf"has {info.B} but not its pair {info.A}"):
         session.add_adapter("other", tmp_path / "half.onnx_adapter")
     (tmp_path / "bad.onnx_adapter").write_bytes(b"garbage, not an adapter")
     with pytest.raises(AdapterFileError, match="not a readable .onnx_adapter file"):
@@ -771,4 +771,4 @@ def test_fresh_identity_adapters_keep_their_names(tmp_path, switching):
     assert summary.check_max_abs_diff <= 1e-6
     with AdapterSession(tmp_path / "out") as session:
         assert session.adapters == ["a", "b"]
-        assert len(session.entry["sites"]) == 4
+        assert len(session.entry.sites) == 4

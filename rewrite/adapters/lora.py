@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewrite.formats.peft_dir import LINEAR_KEYS, alpha_for_scale, lora_keys, lora_scale
+
 IDENTITY_INITS = ("zeros", "gaussian")
 
 
@@ -60,7 +62,7 @@ class LoRA(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -132,7 +134,7 @@ class LoRA(nn.Module):
             self.lora_A = nn.Parameter(torch.empty(self.lora_A.shape[0], rank, **factory))
             self.lora_B = nn.Parameter(torch.empty(rank, self.lora_B.shape[1], **factory))
         self.rank = rank
-        self.alpha = scale * (math.sqrt(rank) if self.rslora else rank)
+        self.alpha = alpha_for_scale(scale, rank, self.rslora)
         if not self.lora_A.is_meta:
             self.reset_parameters(self.init)  # zero-delta everywhere, then the kept components go back in
             new_a, new_b = self._factors()
@@ -179,23 +181,15 @@ class LoRA(nn.Module):
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's key suffixes (without the adapter name)."""
-        if self.op == "embedding":
-            return {"lora_embedding_A": self.lora_A.detach().T.contiguous(),
-                    "lora_embedding_B": self.lora_B.detach().T.contiguous()}
-        if self.op == "conv2d":
-            return {"lora_A.weight": self.lora_A.detach().clone(), "lora_B.weight": self.lora_B.detach().clone()}
-        return {"lora_A.weight": self.lora_A.detach().T.contiguous(),
-                "lora_B.weight": self.lora_B.detach().T.contiguous()}
+        return {key: t.detach().clone(memory_format=torch.contiguous_format) for key, t in self._peft_view().items()}
 
     def peft_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self._peft_view().items()}
 
     def _peft_view(self) -> dict[str, torch.Tensor]:
         if self.op == "conv2d":
-            return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-        key_a, key_b = (("lora_embedding_A", "lora_embedding_B") if self.op == "embedding"
-                        else ("lora_A.weight", "lora_B.weight"))
-        return {key_a: self.lora_A.T, key_b: self.lora_B.T}
+            return dict(zip(LINEAR_KEYS, (self.lora_A, self.lora_B)))
+        return dict(zip(lora_keys(self.op), (self.lora_A.T, self.lora_B.T)))
 
     @torch.no_grad()
     def load_peft_state(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -94,7 +94,7 @@ def site_bounds(gm: fx.GraphModule, options: Any, where: str = "<allocate>") -> 
 
 def _data_source(gm: fx.GraphModule, data: Any, context: Any, scorer: str, where: str):
     from rewrite.data import DataSource
-    from rewrite.spec import DataOptions
+    from rewrite.options import DataOptions
 
     if data is None:
         data = getattr(context, "data", None)
@@ -207,7 +207,7 @@ def run_training_allocator(gm: fx.GraphModule, options: Any, data: Any = None, c
                            ) -> tuple[dict[str, int], "TrainingHistory"]:
     """Train `options.adapter` with the allocator `options.scorer` on `data`; resize; return (ranks, history).
 
-    `data`: a `rewrite.spec.DataOptions` ([data]), a `rewrite.data.DataSource`, or None (then
+    `data`: a `rewrite.options.DataOptions` ([data]), a `rewrite.data.DataSource`, or None (then
     `context.data`). Settings come from `settings_from(options, scorer)`; without a target_rank /
     target_budget there, `options.budget` ({params} or {fraction, rank}) becomes a total rank through
     `budget_in_ranks`. `options.steps` overrides [data] steps; `options.min_rank` / `max_rank` (and their

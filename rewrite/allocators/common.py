@@ -54,7 +54,8 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
 
     `rank`: starting rank (int or per-owner mapping; default: the existing LoRA's rank). `alpha`: default
     the existing adapter's alpha (8.0 for new sites). Existing SvdLoRA modules are left as they are."""
-    from rewrite.passes.insert import ADAPTABLE_OPS, conv_settings
+    from rewrite.adapters.for_site import ADAPTABLE_OPS
+    from rewrite.graph_edit import conv_settings
     from rewrite.sites import select
 
     state = state_of(gm)

@@ -1,0 +1,17 @@
+"""A new adapter module for a site: its kind built at the site's shapes, dtype, device and conv settings."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from rewrite.adapters import KINDS
+from rewrite.graph_edit import conv_settings
+from rewrite.sites import Site
+
+ADAPTABLE_OPS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+def adapter_for_site(gm: fx.GraphModule, site: Site, kind: str, rank: int, alpha: float, *, rslora: bool,
+                 dropout: float, init: str, where: str):
+    weight = gm.get_parameter(site.weight)
+    return KINDS[kind](site.op, site.d_in, site.d_out, rank, alpha, rslora=rslora, dropout=dropout, init=init,
+                       conv=conv_settings(gm, site, where), dtype=weight.dtype, device=weight.device)

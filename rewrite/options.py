@@ -1,0 +1,117 @@
+"""The typed sections of a spec: what each table of `spec.toml` may hold, validated strictly.
+
+    [model]    ModelOptions     how MODEL is loaded (trust_pickle, HF class)
+    [capture]  CaptureOptions   front-end, device, dynamic dims, example inputs (InputSpec)
+    [data]     DataOptions      calibration / training data (a tensor file or a batch factory)
+    [export]   ExportOptions    what is written (merged / unmerged ONNX, switching, check)
+
+Unknown keys and NaN / Inf numbers are refused. The layers below the spec parser (capture, data, export)
+take these objects whole; `rewrite.spec` parses the file into them and names TOML locations in errors.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # TOML has nan / inf literals
+
+
+class ModelOptions(Strict):
+    trust_pickle: bool = False
+    hf_class: str | None = Field(default=None, description="transformers class for an HF directory")
+
+
+class InputSpec(Strict):
+    name: str
+    shape: list[int]
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+    low: float = 0.0
+    high: float = 1.0
+    dims: list[str] | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int]) -> list[int]:
+        if any(s < 1 for s in shape):
+            raise ValueError("every size must be >= 1")
+        return shape
+
+
+class CaptureOptions(Strict):
+    frontend: Literal["export", "fx"] = "export"
+    device: Literal["cpu", "meta"] = "cpu"
+    dynamic: bool | None = None  # default: dynamic batch/seq on cpu, static on meta (no ONNX from meta)
+
+    @property
+    def dynamic_axes(self) -> bool:
+        return self.dynamic if self.dynamic is not None else self.device != "meta"
+    use_cache: bool = False
+    attn_implementation: Literal["eager", "sdpa", "keep"] = "eager"
+    batch: int = Field(default=2, ge=2)
+    seq: int = Field(default=16, ge=2)
+    inputs: list[InputSpec] = []
+
+
+class ExportOptions(Strict):
+    format: Literal["onnx", "none"] = "onnx"
+    mode: Literal["merged", "unmerged"] = "merged"
+    switching: Literal["ort-adapters", "bank", "custom-op"] = "ort-adapters"
+    adapters: list[str] | None = None
+    capacity: int | None = Field(default=None, ge=1)
+    bank_dtype: Literal["float32", "float16"] = "float32"
+    opset: int | None = Field(default=None, ge=17)
+    check: bool = False
+    tolerance: float | None = Field(default=None, gt=0)
+    external_data: Literal["auto", "always", "never"] = "auto"
+    filename: str = "model.onnx"
+
+    @field_validator("filename")
+    @classmethod
+    def _plain_file_name(cls, name: str) -> str:
+        """The export lands directly in the output directory, so its name can never be a path."""
+        if not re.fullmatch(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]*\.onnx", name):
+            raise ValueError("must be a plain file name ending in .onnx (no folders, no '..', not starting with "
+                             "'.'); it is written into the output directory")
+        return name
+
+    @model_validator(mode="after")
+    def _half_banks_need_the_custom_op(self) -> "ExportOptions":
+        if self.bank_dtype == "float16" and (self.mode, self.switching) != ("unmerged", "custom-op"):
+            raise ValueError("bank_dtype = \"float16\" needs mode = \"unmerged\" and switching = \"custom-op\" "
+                             f"(got mode = \"{self.mode}\", switching = \"{self.switching}\")")
+        return self
+
+    @property
+    def check_tolerance(self) -> float:
+        """The max abs difference `check` allows: `tolerance`, else 1e-4 (2e-3 for float16 banks, whose adapters
+        are rounded to half precision)."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return 2e-3 if self.bank_dtype == "float16" else 1e-4
+
+
+class DataOptions(Strict):
+    """Calibration / training data: a file of named tensors (model inputs + `labels`) or a batch factory."""
+    path: str | None = None
+    factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    batch_size: int = Field(default=8, ge=1)
+    loss: Literal["cross_entropy", "mse", "causal_lm", "model"] = "cross_entropy"
+    output: str | int = 0
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataOptions":
+        if (self.path is None) == (self.factory is None):
+            raise ValueError("[data] needs exactly one of 'path' (a tensor file) or 'factory' (package.module:function)")
+        return self
