@@ -151,8 +151,7 @@ def run_workload(title: str, loaded: LoadedModel, inputs: ExampleInputs, targets
         label = strategy if bank_dtype == "float32" else f"{strategy} f16"
         out = tmp / label.replace(" ", "-")
         out.mkdir()
-        entry = export_unmerged(gm, out, "model.onnx", strategy=strategy, adapters=None, capacity=None,
-                                opset=None, external_data="auto", bank_dtype=bank_dtype)
+        entry = export_unmerged(gm, out, ExportOptions(mode="unmerged", switching=strategy, bank_dtype=bank_dtype))
         write_manifest(out / MANIFEST, build_manifest(gm, source=title, exports=[entry]))
         session = AdapterSession(out, intra_op_threads=threads)
         sessions[label] = session
@@ -192,8 +191,7 @@ def switching_cost(names: list[str], threads: int, calls: int = 4000) -> Table:
     inputs = ExampleInputs({"input": torch.randn(32, 64)}, {"input": ["batch", None]})
     gm = _adapted(loaded, inputs, ["0", "1", "2", "3"], names, 16)
     out = Path(tempfile.mkdtemp())
-    entry = export_unmerged(gm, out, "model.onnx", strategy="ort-adapters", adapters=None, capacity=None,
-                            opset=None, external_data="auto")
+    entry = export_unmerged(gm, out, ExportOptions(mode="unmerged", switching="ort-adapters"))
     write_manifest(out / MANIFEST, build_manifest(gm, source="four_linear_64", exports=[entry]))
     feeds = {"input": inputs.kwargs["input"].numpy()}
     same, switched = [], []

@@ -23,6 +23,7 @@ from rewrite.errors import RewriteError
 from rewrite.export.lowerings import LOWERINGS
 from rewrite.export.lowerings.base import ROUTER, Lowering
 from rewrite.graph_edit import adapters_at, drop_adapter, site_input, unwire
+from rewrite.options import ExportOptions
 from rewrite.sites import Site
 from rewrite.state import state_of
 
@@ -85,10 +86,10 @@ def _pad(t: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
-          capacity: int | None = None, bank_dtype: str = "float32") -> Lowered:
-    """A copy of `gm` with each adapted site's branches replaced by one switchable module."""
-    lowering = LOWERINGS[strategy]
+def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
+    """A copy of `gm` with each adapted site's branches replaced by one module of the lowering
+    `options.switching`, holding `options.adapters` (default: every live adapter) in `options.capacity` slots."""
+    lowering, adapters, bank_dtype = LOWERINGS[options.switching], options.adapters, options.bank_dtype
     gm = copy.deepcopy(gm)
     state = state_of(gm)
     owners = list(dict.fromkeys(s.owner for s in state.sites.values()))
@@ -101,7 +102,7 @@ def lower(gm: fx.GraphModule, strategy: str, adapters: list[str] | None = None,
         names = list(adapters)
     if not names:
         raise RewriteError("unmerged export needs at least one live adapter (insert or load one; do not merge it)")
-    slots = capacity or len(names)
+    slots = options.capacity or len(names)
     if slots < len(names):
         raise RewriteError(f"[export] capacity = {slots} is smaller than the {len(names)} adapters exported")
     lowered_sites = []

@@ -31,6 +31,7 @@ from rewrite.errors import RewriteError
 from rewrite.export.lowering import Lowered, lower
 from rewrite.formats.manifest import ExportedAdapter, SwitchableSite, UnmergedExport
 from rewrite.formats.onnx_adapter import write_onnx_adapter
+from rewrite.options import ExportOptions
 from rewrite.state import state_of
 from rewrite.tensors import to_numpy
 
@@ -115,20 +116,18 @@ def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
         del model.graph.value_info[:]
 
 
-def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strategy: str,
-                    adapters: list[str] | None, capacity: int | None, opset: int | None,
-                    external_data: str, config: Any = None, bank_dtype: str = "float32") -> UnmergedExport:
-    """Write the switchable model (and, for ort-adapters, one .onnx_adapter per adapter) into out_dir; returns
-    its manifest entry."""
+def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, config: Any = None) -> UnmergedExport:
+    """Write the switchable model `options.filename` (and, for ort-adapters, one .onnx_adapter per adapter) into
+    out_dir; returns its manifest entry."""
     if state_of(gm).device == "meta":
         raise RewriteError("cannot export ONNX from a meta-device capture (it has no weights)")
-    lowered = lower(gm, strategy, adapters, capacity, bank_dtype)
+    lowered = lower(gm, options)
     real = _distinct_placeholders(lowered)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = _export(lowered, gm, config, opset)
+            program = _export(lowered, gm, config, options.opset)
         except RewriteError:
             raise
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
@@ -142,8 +141,8 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strateg
     _make_inputs(model, lowered)
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
-    path = out_dir / filename
-    big = model.ByteSize() > 2 * 1024**3 - 1 if external_data == "auto" else external_data == "always"
+    filename, path = options.filename, out_dir / options.filename
+    big = model.ByteSize() > 2 * 1024**3 - 1 if options.external_data == "auto" else options.external_data == "always"
     onnx.save_model(model, str(path), save_as_external_data=big, location=f"{filename}.data" if big else None)
     version = model_signature(lowered)
     if lowered.routed:
@@ -156,10 +155,10 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, filename: str, *, strateg
                        if name in s.per_adapter for k in ("A", "B")}
             write_onnx_adapter(out_dir / info.file, tensors, version)
     return UnmergedExport(
-        file=filename, switching=strategy, model_version=version, nodes=len(model.graph.node),
+        file=filename, switching=options.switching, model_version=version, nodes=len(model.graph.node),
         op_types=sorted({n.op_type for n in model.graph.node}), external_data=big,
-        capacity=capacity or len(lowered.adapters) if lowered.routed else None,
-        bank_dtype=bank_dtype if lowered.routed else None,
+        capacity=options.capacity or len(lowered.adapters) if lowered.routed else None,
+        bank_dtype=options.bank_dtype if lowered.routed else None,
         ids_input=IDS_INPUT if lowered.routed else None,
         sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, **s.tensors)
                for s in lowered.sites],

@@ -156,9 +156,7 @@ def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, 
     options = spec.export
     start = time.perf_counter()
     if options.mode == "unmerged":
-        entry = export_unmerged(gm, tmp, options.filename, strategy=options.switching, adapters=options.adapters,
-                                capacity=options.capacity, bank_dtype=options.bank_dtype, opset=options.opset,
-                                external_data=options.external_data, config=loaded.config)
+        entry = export_unmerged(gm, tmp, options, loaded.config)
     else:
         gm = _fold_remaining(gm, context, on_pass)
         entry = export_merged(gm, tmp / options.filename, options, loaded.config)

@@ -31,7 +31,7 @@ from rewrite.pass_infra import PassContext
 from rewrite.passes import REGISTRY
 from rewrite.planted import ResMLP, plant
 from rewrite.report import load_report, rank_grid, site_layer, spearman
-from rewrite.options import CaptureOptions, DataOptions, InputSpec
+from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec
 from rewrite.state import state_of
 
 WIDTH = 16
@@ -552,8 +552,8 @@ def test_dropped_sites_vanish_from_the_unmerged_export(setup, tmp_path):
     ranks = ranks_of(gm)
     assert ranks["blocks.0.up"] == ranks["blocks.0.down"] == 0 and len(set(ranks.values())) > 2
     randomize(gm)  # distinct B values (identical all-zero initializers would be merged by the exporter)
-    entry = export_unmerged(gm, tmp_path, "model.onnx", strategy="ort-adapters", adapters=None, capacity=None,
-                            opset=None, external_data="never")
+    entry = export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="ort-adapters",
+                                                        external_data="never"))
     assert {s.site: s.rank for s in entry.sites} == {n: r for n, r in ranks.items() if r}
     model = onnx.load(str(tmp_path / "model.onnx"))
     names = {i.name for i in model.graph.input}

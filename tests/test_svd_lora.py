@@ -214,11 +214,9 @@ def test_merged_and_unmerged_onnx_match_the_graph(base, tmp_path):
     out.mkdir()
     if "conv" in sites:
         with pytest.raises(RewriteError, match="conv2d sites must be merged"):  # as for LoRA
-            export_unmerged(gm, out, "model.onnx", strategy="bank", adapters=None, capacity=None, opset=None,
-                            external_data="never")
+            export_unmerged(gm, out, ExportOptions(mode="unmerged", switching="bank", external_data="never"))
     linear = inserted(base, sites=["fc", "proj"])
-    entry = export_unmerged(linear, out, "model.onnx", strategy="bank", adapters=None, capacity=None, opset=None,
-                            external_data="never")
+    entry = export_unmerged(linear, out, ExportOptions(mode="unmerged", switching="bank", external_data="never"))
     assert [(s.site, s.rank) for s in entry.sites] == [("fc", RANK), ("proj", RANK)]
     write_manifest(out / MANIFEST, build_manifest(linear, source="test", exports=[entry]))
     assert check_unmerged(linear, out, ["default"]) <= 1e-5
