@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from rewrite.formats.peft_dir import LINEAR_KEYS, PeftConfig, write_peft_dir
+from rewrite.formats.peft_dir import LINEAR_KEYS, write_peft_dir
 
 
 def build_model(out: Path) -> transformers.LlamaForCausalLM:
@@ -34,8 +34,8 @@ def build_adapter(model: torch.nn.Module, out: Path, rank: int = 8, alpha: float
             a = torch.randn(rank, module.in_features, generator=generator) * 0.05
             b = torch.randn(module.out_features, rank, generator=generator) * 0.05
             modules[name] = dict(zip(LINEAR_KEYS, (a.numpy(), b.numpy())))
-    config = PeftConfig(peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
-                        bias="none", use_rslora=False, task_type="CAUSAL_LM")
+    config = dict(peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                  bias="none", use_rslora=False, task_type="CAUSAL_LM")
     write_peft_dir(out, config, modules)
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from rewrite.errors import RewriteError
+from rewrite.adapters.base import AdapterKind, NotSupported
+from rewrite.errors import ExportError
 from rewrite.export.lowerings import LOWERINGS
 from rewrite.export.lowerings.base import ROUTER, Lowering
 from rewrite.graph_edit import adapters_at, drop_adapter, site_input, unwire
@@ -69,12 +70,12 @@ class Lowered:
         return self.lowering.routed
 
 
-def _factors(module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [d_in, r], B [r, d_out]) with the scale folded into B; linear-layout sites only."""
-    if module.op not in ("linear", "conv1d"):
-        raise RewriteError(f"unmerged export supports LoRA on linear and Conv1D sites; {module.op} sites must be "
-                           "merged")
-    return module.lora_A.detach().clone(), (module.lora_B.detach() * module.scaling).clone()
+def _factors(module: AdapterKind, owner: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [d_in, r], B [r, d_out]) with the scale folded into B, as the kind gives them."""
+    try:
+        return module.factors()
+    except NotSupported as err:
+        raise ExportError(f"{owner}: {err}") from None
 
 
 def _pad(t: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
@@ -98,13 +99,13 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     if adapters is not None:
         missing = [n for n in adapters if n not in names]
         if missing:
-            raise RewriteError(f"[export] adapters {missing} are not attached (attached: {names or 'none'})")
+            raise ExportError(f"[export] adapters {missing} are not attached (attached: {names or 'none'})")
         names = list(adapters)
     if not names:
-        raise RewriteError("unmerged export needs at least one live adapter (insert or load one; do not merge it)")
+        raise ExportError("unmerged export needs at least one live adapter (insert or load one; do not merge it)")
     slots = options.capacity or len(names)
     if slots < len(names):
-        raise RewriteError(f"[export] capacity = {slots} is smaller than the {len(names)} adapters exported")
+        raise ExportError(f"[export] capacity = {slots} is smaller than the {len(names)} adapters exported")
     lowered_sites = []
     for owner, modules in live.items():
         chosen = {n: m for n, m in modules.items() if n in names}
@@ -114,7 +115,7 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
         if not chosen:
             continue
         sites = [s for s in state.sites.values() if s.owner == owner]
-        factors = {n: _factors(m) for n, m in chosen.items()}
+        factors = {n: _factors(m, owner) for n, m in chosen.items()}
         rank = max(a.shape[1] for a, _ in factors.values())
         padded = {n: {"A": _pad(a, rank, 1), "B": _pad(b, rank, 0)} for n, (a, b) in factors.items()}
         module = lowering.module(padded, names, slots, sites[0], BANK_DTYPES[bank_dtype])

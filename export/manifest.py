@@ -30,8 +30,7 @@ def build_manifest(gm: fx.GraphModule, *, source: str, exports: list[ExportEntry
     adapters: list[LiveAdapter | MergedAdapter] = []
     for owner in dict.fromkeys(s.owner for s in state.sites.values()):
         for name, module in adapters_at(gm, owner).items():
-            adapters.append(LiveAdapter(site=owner, adapter=name, kind=module.kind, op=module.op, rank=module.rank,
-                                        alpha=module.alpha, rslora=module.rslora, scaling=module.scaling))
+            adapters.append(LiveAdapter(site=owner, adapter=name, kind=module.kind, **module.manifest_entry()))
     for owner, names in state.merged.items():
         adapters += [MergedAdapter(site=owner, adapter=name) for name in names]
     return Manifest(

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.capture import dynamic_shapes
-from rewrite.errors import RewriteError
+from rewrite.errors import ExportError, describe, innermost
 from rewrite.formats.manifest import MergedExport
 from rewrite.options import ExportOptions
 from rewrite.state import state_of
@@ -32,8 +32,8 @@ def export_merged(gm: fx.GraphModule, path: Path, options: ExportOptions, config
     """Write the merged model to `path`; returns its manifest entry."""
     state = state_of(gm)
     if state.device == "meta":
-        raise RewriteError("cannot export ONNX from a meta-device capture (it has no weights); "
-                           "set [export] format = \"none\" or capture on cpu")
+        raise ExportError("cannot export ONNX from a meta-device capture (it has no weights); "
+                          "set [export] format = \"none\" or capture on cpu")
     external = options.external_data == "always" or (options.external_data == "auto"
                                                       and _param_bytes(gm) > TWO_GB)
     inputs = state.inputs
@@ -44,9 +44,9 @@ def export_merged(gm: fx.GraphModule, path: Path, options: ExportOptions, config
             program = torch.onnx.export(gm, (), kwargs=inputs.kwargs, dynamo=True, verbose=False,
                                         dynamic_shapes=dynamic_shapes(inputs, config),
                                         opset_version=options.opset)
+            program.save(str(path), external_data=external)
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
-            raise RewriteError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-    program.save(str(path), external_data=external)
+            raise ExportError(f"ONNX export failed: {describe(innermost(err))}") from None
     model = onnx.load(str(path), load_external_data=False)
     return MergedExport(file=path.name, nodes=len(model.graph.node),
                         op_types=sorted({n.op_type for n in model.graph.node}), external_data=external)

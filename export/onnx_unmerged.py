@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.capture import dynamic_shapes
-from rewrite.errors import RewriteError
+from rewrite.errors import ExportError, RewriteError, describe, innermost
 from rewrite.export.lowering import Lowered, lower
 from rewrite.formats.manifest import ExportedAdapter, SwitchableSite, UnmergedExport
 from rewrite.formats.onnx_adapter import write_onnx_adapter
@@ -103,8 +103,8 @@ def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
     wanted = [(site, key, name) for i, site in enumerate(lowered.sites) for key, name in site.tensors.items()]
     missing = [name for _, _, name in wanted if name not in initializers]
     if missing:
-        raise RewriteError(f"ONNX export lost adapter tensor names {missing[:4]} (found initializers like "
-                           f"{sorted(initializers)[:4]}); cannot make them switchable")
+        raise ExportError(f"ONNX export lost adapter tensor names {missing[:4]} (found initializers like "
+                          f"{sorted(initializers)[:4]}); cannot make them switchable")
     for index, site in enumerate(lowered.sites):
         for key, name in site.tensors.items():
             init = initializers[name]
@@ -120,7 +120,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
     """Write the switchable model `options.filename` (and, for ort-adapters, one .onnx_adapter per adapter) into
     out_dir; returns its manifest entry."""
     if state_of(gm).device == "meta":
-        raise RewriteError("cannot export ONNX from a meta-device capture (it has no weights)")
+        raise ExportError("cannot export ONNX from a meta-device capture (it has no weights)")
     lowered = lower(gm, options)
     real = _distinct_placeholders(lowered)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -131,7 +131,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         except RewriteError:
             raise
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
-            raise RewriteError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+            raise ExportError(f"ONNX export failed: {describe(innermost(err))}") from None
     model = program.model_proto
     if lowered.routed:
         _drop_root_prefix(model)

@@ -11,41 +11,48 @@ Rules:
 3. One adapter module per weight owner: every call of that module gets a branch from the same adapter.
 4. A site that already has an adapter of this name is left alone (a second run reports modified=False).
 5. New parameters take the base weight's dtype and device (meta stays meta: no memory is allocated).
-6. `svd_lora` goes on linear, Conv1D and conv2d sites (not embeddings), with init = "zeros" (its one init)
-   and without rslora; anything else is an error naming the site or the key.
-With an identity init (`zeros`, `gaussian`) the outputs are unchanged, which `--verify` checks.
+6. The kind decides (rewrite/adapters/base.py): the site ops it adapts (`svd_lora`: linear, Conv1D, conv2d), the
+   inits it accepts, and the settings it reads; a site or key it cannot take is an error naming it.
+7. A rank above min(fan_in, d_out) of a site is an error (a delta of that layer never has a higher rank: the
+   extra rank is parameters that express nothing); a rank that gives the adapter more parameters than the layer
+   (a full-rank update) is a warning naming the sites. `allow_large_rank = true` accepts both, as PEFT does.
+8. An adapter name belongs to the entry that made it: a second `insert` of that name with other options that
+   selects sites already holding it (or a `load` of other weights) is an error naming both spec locations; entries
+   on disjoint sites build one adapter together; the same entry run again is a no-op (rule 4).
+Every kind's inits start as the identity, so the outputs are unchanged, which `--verify` checks.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 import torch.fx as fx
 from pydantic import Field, field_validator, model_validator
 
+from rewrite.adapters import KINDS
+from rewrite.adapters.base import SETTINGS
 from rewrite.adapters.for_site import ADAPTABLE_OPS, adapter_for_site
 from rewrite.errors import SpecError
-from rewrite.graph_edit import has_adapter, register_adapter, wire
+from rewrite.graph_edit import adapters_at, has_adapter, register_adapter, wire
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
-from rewrite.sites import check_mapping, check_selector_syntax, resolve, select
-from rewrite.state import state_of
-
-SVD_OPS = ("linear", "conv1d", "conv2d")
-
+from rewrite.sites import Site, check_mapping, check_selector_syntax, resolve, select
+from rewrite.state import AdapterOrigin, state_of
 
 class InsertOptions(PassOptions):
     adapter: str = Field(default="default", pattern=ADAPTER_NAME)
-    kind: Literal["lora", "svd_lora"] = "lora"
+    kind: Literal[tuple(KINDS)] = "lora"  # type: ignore[valid-type]
     targets: list[str] = Field(min_length=1)
     rank: int = Field(default=8, ge=1)
     alpha: float = 8.0
     rslora: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    init: Literal["zeros", "gaussian"] = "zeros"
+    init: str | None = None  # default: the kind's first init
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     seed: int = 0
+    allow_large_rank: bool = False  # rule 7
 
     @field_validator("targets")
     @classmethod
@@ -60,10 +67,16 @@ class InsertOptions(PassOptions):
         return mapping
 
     @model_validator(mode="after")
-    def _svd_form(self) -> "InsertOptions":
-        if self.kind == "svd_lora" and (self.rslora or self.init != "zeros"):
-            raise ValueError("kind = \"svd_lora\" scales by alpha / r and starts from PEFT's AdaLoRA init (lam = 0): "
-                             "rslora and init = \"gaussian\" do not apply to it")
+    def _fits_the_kind(self) -> "InsertOptions":
+        kind = KINDS[self.kind]
+        if self.init is not None and self.init not in kind.inits:
+            raise ValueError(f"init = {self.init!r}: kind = \"{self.kind}\" starts from {', '.join(kind.inits)}")
+        used = {*kind.settings, *(f"{k}_pattern" for k in ("rank", "alpha") if k in kind.settings)}
+        unused = sorted(k for k in self.model_fields_set & {*SETTINGS, "rank_pattern", "alpha_pattern"}
+                        if k not in used and getattr(self, k) != type(self).model_fields[k].default)
+        if unused:
+            raise ValueError(f"kind = \"{self.kind}\" does not read {', '.join(unused)} (it reads "
+                             f"{', '.join(kind.settings) or 'none of rank, alpha, rslora, dropout, init'})")
         return self
 
 
@@ -72,7 +85,49 @@ class InsertPass(GraphPass):
     Options = InsertOptions
 
     def preserves_outputs(self) -> bool:
-        return self.options.init in ("zeros", "gaussian")
+        return True  # every kind's inits start as the identity (AdapterKind contract)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        """Rule 8: refuse to reach sites where another entry made this adapter name with other options (they would
+        be skipped silently); entries on disjoint sites build one adapter together (PEFT's IA3 mixes input- and
+        output-scaled modules in one adapter). The first entry is recorded as the maker."""
+        name = self.options.adapter
+        origin = AdapterOrigin(self.name, self.options.model_dump_json(), self.context.where)
+        first = state_of(gm).origins.get(name, origin)
+        if first != origin and self._reaches_existing(gm):
+            raise SpecError(f"{self.context.where}: adapter {name!r} was already made by the {first.pass_name} at "
+                            f"{first.where} ({first.differences(origin)}) on sites this entry selects; one adapter "
+                            "has one set of settings per site: give this one another name")
+        result = super().__call__(gm)
+        state_of(gm).origins.setdefault(name, origin)
+        return result
+
+    def _reaches_existing(self, gm: fx.GraphModule) -> bool:
+        sites = select(state_of(gm).sites, self.options.targets, self.context.at("targets"), ops=ADAPTABLE_OPS)
+        return any(has_adapter(gm, s.owner, self.options.adapter) for s in sites)
+
+    def _check_ranks(self, gm: fx.GraphModule, sites: list[Site]) -> None:
+        """Rule 7, before anything is created."""
+        o = self.options
+        if o.allow_large_rank or "rank" not in KINDS[o.kind].settings:
+            return
+        large = []
+        for site in {s.owner: s for s in sites}.values():  # one adapter per owner, whatever its calls
+            rank = resolve(site, o.rank, o.rank_pattern, self.context.where)
+            fan_in = gm.get_parameter(site.weight).numel() // site.d_out  # conv2d: in_channels * kh * kw
+            limit = min(fan_in, site.d_out)
+            if rank > limit:
+                key = "rank" if rank == o.rank else "rank_pattern"
+                raise SpecError(f"{self.context.at(key)}: rank {rank} at {site.name} is above {limit}, the highest "
+                                f"rank a delta of this {fan_in} x {site.d_out} layer can have: the extra rank adds "
+                                f"parameters that express nothing. Lower it (rank_pattern = {{ \"{site.owner}\" = "
+                                f"{limit} }}) or set allow_large_rank = true to keep it as PEFT would")
+            if rank * (fan_in + site.d_out) > fan_in * site.d_out:
+                large.append(f"{site.name} (rank {rank}, {fan_in} x {site.d_out})")
+        if large:
+            warnings.warn(f"{self.context.where}: insert {o.adapter!r}: the adapter has more parameters than the layer "
+                          f"it adapts at {', '.join(large[:4])}{' ...' if len(large) > 4 else ''}; set "
+                          "allow_large_rank = true if you mean a full-rank update", stacklevel=2)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         o, where = self.options, self.context.where
@@ -83,11 +138,13 @@ class InsertPass(GraphPass):
         for key, value in o.rank_pattern.items():
             if value < 1:
                 raise SpecError(f"{where}: rank_pattern[{key!r}] = {value}; ranks must be >= 1")
-        if o.kind == "svd_lora":
-            embeddings = [s.name for s in sites if s.op not in SVD_OPS]
-            if embeddings:
-                raise SpecError(f"{self.context.at('targets')}: kind = \"svd_lora\" adapts linear, Conv1D and conv2d "
-                                f"sites; {embeddings[:3]} are embeddings (use kind = \"lora\" there)")
+        kind = KINDS[o.kind]
+        misfits = [s.name for s in sites if s.op not in kind.ops]
+        if misfits:
+            ops = {s.op for s in sites if s.op not in kind.ops}
+            raise SpecError(f"{self.context.at('targets')}: kind = \"{o.kind}\" adapts {', '.join(kind.ops)} sites; "
+                            f"{misfits[:3]} are {', '.join(sorted(ops))} (use kind = \"lora\" there)")
+        self._check_ranks(gm, sites)
         torch.manual_seed(o.seed)
         added_params, added_sites, created = 0, 0, set()
         for site in sites:
@@ -97,11 +154,11 @@ class InsertPass(GraphPass):
                 rank = resolve(site, o.rank, o.rank_pattern, where)
                 alpha = resolve(site, o.alpha, o.alpha_pattern, where)
                 module = adapter_for_site(gm, site, o.kind, rank, alpha, rslora=o.rslora, dropout=o.dropout,
-                                      init=o.init, where=where)
+                                          init=o.init or kind.inits[0], where=where)
                 register_adapter(gm, site.owner, o.adapter, module)
                 added_params += sum(p.numel() for p in module.parameters())
                 created.add(site.owner)
-            wire(gm, table.node_of(gm, site.name), site, o.adapter, o.kind)
+            wire(gm, table.node_of(gm, site.name), site, o.adapter, adapters_at(gm, site.owner)[o.adapter])
             added_sites += 1
         return PassResult(gm, added_sites > 0, {"sites": added_sites, "adapters": len(created),
                                                 "params_added": added_params, "adapter": o.adapter})

@@ -10,9 +10,16 @@ Rules:
 5. A full copy of a base weight saved beside the adapter (PEFT's `<path>.base_layer.weight`, written for
    targeted embeddings) must equal the model's weight; it is then ignored (a different one is an error:
    the base weight is never replaced).
+6. A PEFT directory must hold tensors for every site of this model that its `target_modules` selects (PEFT creates
+   and saves a layer on each): a selected site without them means an adapter of another model or a lost tensor.
+7. An adapter name belongs to the entry that made it. Loading into an adapter that an `insert` made sets its weights
+   only when the file covers exactly its sites with the same rank and scale; one that another `load` made (another
+   file) is refused; both name the two spec locations. The same entry run again is a no-op (rule 4).
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -22,14 +29,15 @@ import torch.fx as fx
 from pydantic import Field
 
 from rewrite.adapters.for_site import adapter_for_site
+from rewrite.adapters.lora import LoRA
 from rewrite.errors import AdapterFileError, nearest
 from rewrite.formats.adapter_file import read_adapter_file
-from rewrite.formats.peft_dir import read_peft_dir
+from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, lora_scale, read_peft_dir
 from rewrite.graph_edit import adapters_at, register_adapter, wire
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
 from rewrite.sites import Site, SiteTable
-from rewrite.state import state_of
+from rewrite.state import AdapterOrigin, state_of
 from rewrite.tensors import from_numpy
 
 
@@ -50,9 +58,55 @@ def _owners(table: SiteTable) -> dict[str, list[Site]]:
     return owners
 
 
+def _check_targets(adapter: PeftAdapter, table: SiteTable) -> None:
+    """Rule 6."""
+    owners = dict.fromkeys(s.owner for s in table.values() if s.op in LoRA.ops)
+    missing = [o for o in owners if o not in adapter.modules and adapter.targets(o)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise AdapterFileError(f"{adapter.path / CONFIG}: 'target_modules' = {adapter.config.target_modules!r} selects "
+                               f"{missing[0]!r}{more} of this model, but {WEIGHTS} has no tensors for it (PEFT would "
+                               "have created and saved them): the adapter was made for another model, or its weights "
+                               "file is incomplete")
+
+
 class LoadPass(GraphPass):
     name = "load"
     Options = LoadOptions
+
+    def _origin(self) -> AdapterOrigin:
+        options = {**self.options.model_dump(), "path": str(self.context.input_path(self.options.path).resolve())}
+        return AdapterOrigin(self.name, json.dumps(options, sort_keys=True), self.context.where)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        """Rule 7: after a successful load this entry made the adapter."""
+        result = super().__call__(gm)
+        state_of(gm).origins[self.options.adapter] = self._origin()
+        return result
+
+    def _check_maker(self, gm: fx.GraphModule, entries: dict[str, dict]) -> None:
+        """Rule 7, before anything changes."""
+        name, origin = self.options.adapter, self._origin()
+        first = state_of(gm).origins.get(name, origin)
+        if first == origin:
+            return
+        made = {o: adapters_at(gm, o)[name] for o in _owners(state_of(gm).sites) if name in adapters_at(gm, o)}
+        files = {o for o, e in entries.items() if "peft" in e or "ours" in e}
+        problem = None
+        if first.pass_name != "insert":
+            problem = f"it holds the weights of another file ({first.differences(origin)})"
+        elif files != made.keys():
+            odd = sorted(files ^ made.keys())
+            problem = f"the file covers {len(files)} sites, the adapter {len(made)}; they differ at {odd[:3]}"
+        else:
+            scales = {o: (m.scaling, lora_scale(e["alpha"], e["rank"], e["rslora"])) for o, e in entries.items()
+                      if (m := made[o]).kind == "lora" and m.rank == e["rank"]}  # other ranks: _check_shapes
+            odd = [f"{o} (scale {a:g} there, {b:g} in the file)" for o, (a, b) in scales.items()
+                   if not math.isclose(a, b, rel_tol=1e-6)]
+            problem = f"the file sets other scales: {', '.join(odd[:3])}" if odd else None
+        if problem:
+            raise AdapterFileError(f"{self.context.where}: adapter {name!r} was made by the {first.pass_name} at "
+                                   f"{first.where}, and {problem}; load it under another adapter name")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         path = self.context.input_path(self.options.path)
@@ -61,12 +115,14 @@ class LoadPass(GraphPass):
         fmt = self.options.format
         if fmt == "auto":
             fmt = "peft" if path.is_dir() else "rewrite"
-        entries = self._peft_entries(path) if fmt == "peft" else self._rewrite_entries(path)
+        entries = self._peft_entries(path, state_of(gm).sites) if fmt == "peft" else self._rewrite_entries(path)
+        self._check_maker(gm, entries)
         return self._apply(gm, path, entries)
 
     @staticmethod
-    def _peft_entries(path: Path) -> dict[str, dict]:
+    def _peft_entries(path: Path, table: SiteTable) -> dict[str, dict]:
         adapter = read_peft_dir(path)
+        _check_targets(adapter, table)
         entries = {module: dict(peft=_torch(arrays), rank=adapter.rank_of(module), alpha=adapter.alpha_of(module),
                                 rslora=adapter.rslora) for module, arrays in adapter.modules.items()}
         for module, array in adapter.base_weights.items():
@@ -116,7 +172,7 @@ class LoadPass(GraphPass):
             if is_new:
                 register_adapter(gm, owner, name, module)
                 for site in owners[owner]:
-                    wire(gm, table.node_of(gm, site.name), site, name, module.kind)
+                    wire(gm, table.node_of(gm, site.name), site, name, module)
                 changed += 1
             elif scale_before != module.scaling or any(
                     not torch.equal(b, p) for b, p in zip(before, module.parameters())):

@@ -1,13 +1,15 @@
 """merge: fold adapters into the base weights, leaving a plain graph with zero overhead.
 
-For LoRA on a site with weight W:   W <- W + s (A B)^T   (Conv1D: Wc <- Wc + s A B), in place with one
-fused `addmm_` per site, no materialised delta. The adapter's call and add nodes are removed.
+Each kind folds itself into the site's weight (and bias) in place (`AdapterKind.merge_into`); for LoRA on a
+site with weight W:   W <- W + s (A B)^T   (Conv1D: Wc <- Wc + s A B), with one fused `addmm_` per site, no
+materialised delta. The adapter's call and join nodes are removed.
 
 Rules:
 1. `adapters` names the adapters to fold (default: all attached); a name attached nowhere is an error.
 2. Several calls of one module share its weight: the weight is updated once, every branch is removed.
 3. A weight shared by two different modules (tied embeddings) is refused: merging would change both.
-4. `keep_original = true` keeps a copy of W and the adapter modules so `unmerge` restores W exactly.
+4. `keep_original = true` keeps a copy of W (and b) and the adapter modules so `unmerge` restores them exactly.
+6. A kind that cannot be folded exactly (`mergeable = False`) is an error naming the site.
 5. Nothing to fold -> modified=False (a second run is a no-op).
 """
 from __future__ import annotations
@@ -56,11 +58,17 @@ class MergePass(GraphPass):
                 raise SpecError(f"{where}: cannot merge into {owner}: its weight {site.weight} is shared with "
                                 f"{sorted(weight_owners[site.weight] - {owner})} (tied weights)")
             weight = gm.get_parameter(site.weight)
+            bias = gm.get_parameter(site.bias) if site.bias else None
+            unmergeable = [n for n in names if not modules[n].mergeable]
+            if unmergeable:
+                raise SpecError(f"{where}: {owner}: {modules[unmergeable[0]].kind} adapter {unmergeable[0]!r} cannot "
+                                "be folded into the weights exactly; export it unmerged")
             if self.options.keep_original and owner not in state.originals:
-                state.originals[owner] = {"weight": weight.detach().clone(), "adapters": {}}
+                state.originals[owner] = {"weight": weight.detach().clone(), "adapters": {},
+                                          "bias": None if bias is None else bias.detach().clone()}
             for name in names:
                 module = modules[name]
-                module.merge_into(weight.data)
+                module.merge_into(weight.data, None if bias is None else bias.data)
                 unwire(gm, name, owner)
                 drop_adapter(gm, owner, name)
                 if self.options.keep_original:

@@ -1,14 +1,13 @@
 """save: write one adapter's weights out, as a PEFT directory or as our own adapter file.
 
 PEFT (`format = "peft"`): `adapter_config.json` + `adapter_model.safetensors` that
-`PeftModel.from_pretrained(base, dir)` loads with identical outputs. Keys are
-`base_model.model.<owner>.lora_A.weight` = A^T [r, d_in] and `...lora_B.weight` = B^T [d_out, r];
-`r` / `lora_alpha` are the most common values, per-module differences go to `rank_pattern` /
-`alpha_pattern` keyed by the full module path. GPT-2 Conv1D sites set `fan_in_fan_out`.
-Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site metadata.
-SVD-form adapters (`svd_lora`, and AdaLoRA / IncreLoRA before they finish) are written as the plain LoRA
-with the same delta: rank = their triplets, A = (diag(lam) Q)^T, B = P^T c / s (SvdLoRA.to_lora), so
-both formats load back (and into PEFT) as LoRA with identical outputs.
+`PeftModel.from_pretrained(base, dir)` loads with identical outputs; the adapter kind gives the config
+(`peft_config`) and its tensors under PEFT's key suffixes (`peft_state`), e.g. LoRA's
+`base_model.model.<owner>.lora_A.weight` = A^T [r, d_in] and `...lora_B.weight` = B^T [d_out, r].
+Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site metadata (`adapter_file_entry`).
+Each module is first turned into its saved form (`saved_form`): SVD-form adapters (`svd_lora`, and AdaLoRA /
+IncreLoRA before they finish) are written as the plain LoRA with the same delta, so both formats load back
+(and into PEFT) as LoRA with identical outputs.
 The graph is not modified. `path` is relative to the output directory and must stay inside it, where an existing
 entry of that name is replaced; writing is atomic. `allow_outside = true` also accepts an absolute path, which
 must not exist yet: nothing outside the output directory is ever replaced or deleted.
@@ -24,9 +23,10 @@ from typing import Literal
 import torch.fx as fx
 from pydantic import Field
 
-from rewrite.errors import SpecError
-from rewrite.formats.adapter_file import SiteInfo, write_adapter_file
-from rewrite.formats.peft_dir import LoraSettings, PeftConfig, lora_config, write_peft_dir
+from rewrite.adapters.base import NotSupported
+from rewrite.errors import AdapterFileError, SpecError
+from rewrite.formats.adapter_file import write_adapter_file
+from rewrite.formats.peft_dir import write_peft_dir
 from rewrite.graph_edit import adapters_at
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
@@ -39,15 +39,6 @@ class SaveOptions(PassOptions):
     adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     format: Literal["peft", "rewrite"] = "peft"
     allow_outside: bool = False
-
-
-def _peft_config(modules: dict) -> PeftConfig:
-    return lora_config({o: LoraSettings(m.op, m.rank, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0))
-                        for o, m in modules.items()})
-
-
-def _as_lora(module):
-    return module.to_lora() if module.kind == "svd_lora" else module
 
 
 def _move(produced: Path, target: Path, *, replace: bool) -> None:
@@ -66,30 +57,40 @@ class SavePass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, name = state_of(gm), self.options.adapter
         owners = dict.fromkeys(s.owner for s in state.sites.values())
-        modules = {o: _as_lora(adapters_at(gm, o)[name]) for o in owners if name in adapters_at(gm, o)}
+        modules = {o: adapters_at(gm, o)[name].saved_form() for o in owners if name in adapters_at(gm, o)}
         if not modules:
             raise SpecError(f"{self.context.where}: adapter {name!r} is attached to no site (save it before merge)")
         target = self._target()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            if self.options.format == "peft":
-                tensors = {owner: {key: to_numpy(t) for key, t in m.peft_state().items()}
-                           for owner, m in modules.items()}
-                write_peft_dir(tmp, _peft_config(modules), tensors)
-                produced = tmp
-            else:
-                sites = {o: SiteInfo(op=m.op, rank=m.rank, alpha=m.alpha, rslora=m.rslora, d_in=m.d_in, d_out=m.d_out)
-                         for o, m in modules.items()}
-                produced = tmp / "adapter.safetensors"
-                write_adapter_file(produced, name, "lora", sites,
-                                   {o: {"lora_A": to_numpy(m.lora_A), "lora_B": to_numpy(m.lora_B)}
-                                    for o, m in modules.items()})
+            produced = self._write(tmp, name, modules)
             _move(produced, self._target(), replace=not Path(self.options.path).is_absolute())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return PassResult(gm, False, {"adapter": name, "modules": len(modules), "path": self.options.path,
                                       "format": self.options.format})
+
+    def _write(self, tmp: Path, name: str, modules: dict) -> Path:
+        peft = self.options.format == "peft"
+        kinds = {m.peft_type if peft else m.kind for m in modules.values()}
+        if len(kinds) > 1:
+            raise AdapterFileError(f"{self.context.where}: adapter {name!r} mixes {sorted(map(str, kinds))}; one "
+                                   f"{'PEFT directory' if peft else 'adapter file'} holds one kind")
+        first = next(iter(modules.values()))
+        try:
+            if peft:
+                tensors = {owner: {key: to_numpy(t) for key, t in m.peft_state().items()}
+                           for owner, m in modules.items()}
+                write_peft_dir(tmp, type(first).peft_config(modules), tensors)
+                return tmp
+            entries = {owner: m.adapter_file_entry() for owner, m in modules.items()}
+            produced = tmp / "adapter.safetensors"
+            write_adapter_file(produced, name, first.kind, {o: info for o, (info, _) in entries.items()},
+                               {o: {k: to_numpy(t) for k, t in parts.items()} for o, (_, parts) in entries.items()})
+            return produced
+        except NotSupported as err:
+            raise AdapterFileError(f"{self.context.at('format')}: format = {self.options.format!r}: {err}") from None
 
     def _target(self) -> Path:
         """The checked target; called again right before the move, which may come long after the first check."""

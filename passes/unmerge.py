@@ -42,11 +42,13 @@ class UnmergePass(GraphPass):
             sites = [s for s in state.sites.values() if s.owner == owner]
             with torch.no_grad():
                 gm.get_parameter(sites[0].weight).data.copy_(kept["weight"])
+                if kept["bias"] is not None:
+                    gm.get_parameter(sites[0].bias).data.copy_(kept["bias"])
             for name in chosen:
                 module = kept["adapters"].pop(name)
                 register_adapter(gm, owner, name, module)
                 for site in sites:
-                    wire(gm, state.sites.node_of(gm, site.name), site, name, module.kind)
+                    wire(gm, state.sites.node_of(gm, site.name), site, name, module)
                 restored += 1
             del state.merged[owner], state.originals[owner]
         return PassResult(gm, restored > 0, {"unmerged": restored})

@@ -9,7 +9,11 @@ to ONNX fails in torch's decompositions on T5 ("Cannot view a tensor ... strides
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +69,19 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return max((float((x.float() - y.float()).abs().max()) for x, y in zip(fa, fb) if x.numel()), default=0.0)
 
 
+@contextlib.contextmanager
+def _stderr_shown_on_success() -> Iterator[None]:
+    """Hold what is printed to stderr; show it only if the block succeeds (a failing torch.export prints its partial
+    graph there, ahead of the one error line that says what failed)."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
+
+
 def _export(model: torch.nn.Module, inputs: ExampleInputs, config: Any) -> fx.GraphModule:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _stderr_shown_on_success():
             program = torch.export.export(model, (), kwargs=inputs.kwargs, strict=False,
                                           dynamic_shapes=dynamic_shapes(inputs, config))
     except Exception as err:  # noqa: BLE001 - every export failure is reported the same way

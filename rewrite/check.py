@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.capture import flat_outputs
-from rewrite.errors import RewriteError
+from rewrite.errors import ExportError
 from rewrite.graph_edit import only_adapter
 from rewrite.runtime.session import AdapterSession
 from rewrite.state import state_of
@@ -32,7 +32,7 @@ def check_merged(gm: fx.GraphModule, path: Path) -> float:
     with torch.no_grad():
         want = flat_outputs(gm(**inputs.kwargs))
     if len(got) != len(want):
-        raise RewriteError(f"--check: ONNX model has {len(got)} outputs, torch graph has {len(want)}")
+        raise ExportError(f"--check: ONNX model has {len(got)} outputs, torch graph has {len(want)}")
     return max(float(np.abs(g.astype(np.float64) - w.double().numpy()).max()) for g, w in zip(got, want))
 
 

@@ -7,10 +7,13 @@ Progress goes to stderr; `--json` prints a machine-readable result to stdout; `-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rewrite.errors import RewriteError, SpecError
+from rewrite.errors import RewriteError, SpecError, describe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,13 +73,16 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                            bank_dtype=args.bank_dtype)
         args.verify = False
     else:
+        args.doing = f"reading the spec {args.spec}"
         spec = load_spec(args.spec)
+    args.doing = f"loading {args.model}"
     start = time.perf_counter()
     status = console.status("loading model", spinner="dots") if not args.quiet else None
     if status:
         status.start()
 
     def on_stage(name: str, seconds: float, stats: dict[str, Any]) -> None:
+        args.doing = _doing_after(name, args)
         if status:
             console.log(f"[green]done[/] {name} ({seconds:.2f} s)")
             status.update(f"after {name}")
@@ -90,6 +96,16 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if not args.quiet and not args.json:
         _print_summary(console, summary, time.perf_counter() - start)
     return summary.as_json()
+
+
+def _doing_after(stage: str, args: argparse.Namespace) -> str:
+    """What `apply` / `bundle` does once `stage` finished, naming what it reads (for an internal error's line)."""
+    if stage == "load":
+        return f"capturing {args.model}"
+    if stage in ("export", "check"):
+        return f"checking and writing the export for {args.output}"
+    source = "the --adapter directories" if args.command == "bundle" else args.spec
+    return f"running the passes of {source} on {args.model} (after {stage})"
 
 
 def _print_summary(console: Console, summary, total: float) -> None:
@@ -121,7 +137,9 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rewrite.spec import default_spec, load_spec
     from rewrite.state import state_of
 
+    args.doing = f"reading the spec {args.spec or '(default)'}"
     spec = load_spec(args.spec) if args.spec else default_spec()
+    args.doing = f"loading and capturing {args.model}"
     gm, _, report = load_and_capture(args.model, spec, trust_pickle=args.trust_pickle)
     sites = state_of(gm).sites
     rows = [dict(name=s.name, op=s.op, module_class=s.module_class, d_in=s.d_in, d_out=s.d_out,
@@ -156,28 +174,58 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def _cmd_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rewrite.report import rerender
 
+    args.doing = f"reading {args.report_json}"
     written = rerender(args.report_json, args.output, plot=not args.no_plot)
     for path in written:
         console.print(f"wrote {path}", highlight=False, markup=False)
     return dict(report=args.report_json, files=[str(p) for p in written])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    console = Console(stderr=True, quiet=args.quiet)
+@contextlib.contextmanager
+def _library_output(quiet: bool) -> Iterator[None]:
+    """Library log records print their line but never a traceback (our error line says what failed); --quiet
+    silences library logging and warnings altogether (they are not errors)."""
+    factory, disabled = logging.getLogRecordFactory(), logging.root.manager.disable
+
+    def without_traceback(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.exc_info = record.exc_text = record.stack_info = None
+        return record
+
+    logging.setLogRecordFactory(without_traceback)
     try:
         with warnings.catch_warnings():
-            if args.quiet:  # library warnings are not errors: --quiet prints errors only
+            if quiet:
                 warnings.simplefilter("ignore")
+                logging.disable(logging.CRITICAL)
+            yield
+    finally:
+        logging.setLogRecordFactory(factory)
+        logging.disable(disabled)
+
+
+def _print_error(message: str) -> None:
+    # the message is plain text: `[model]` must not be read as markup, nor `pkg:X:` as an emoji code
+    Console(stderr=True, emoji=False).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True,
+                                            soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.doing = f"running rewrite {args.command}"
+    console = Console(stderr=True, quiet=args.quiet)
+    try:
+        with _library_output(args.quiet):
             commands = {"inspect": _cmd_inspect, "report": _cmd_report}
             result = commands.get(args.command, _cmd_apply)(args, console)
     except RewriteError as err:
-        # the message is plain text: `[model]` must not be read as markup, nor `pkg:X:` as an emoji code
-        Console(stderr=True, emoji=False).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
-                                                markup=True, soft_wrap=True)
+        _print_error(str(err) or type(err).__name__)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug still ends in one line that names what was being read
+        _print_error(f"internal error while {args.doing}: {describe(err)}")
+        return RewriteError.exit_code
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0

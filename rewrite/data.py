@@ -15,6 +15,7 @@ the index among the flattened outputs):
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from rewrite.errors import SpecError
-from rewrite.factory import import_callable
+from rewrite.errors import DataError, SpecError, describe, first_line
+from rewrite.factory import USER_FAILURES, call_factory, import_callable
 from rewrite.finite import check_tensors
 from rewrite.options import DataOptions
 
@@ -51,14 +52,40 @@ def _read_file(path: Path) -> Batch:
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - an unreadable data file is bad input
-        raise SpecError(f"[data] path: {path}: cannot read tensors: {str(err).splitlines()[0]}") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise SpecError(f"[data] path: {path}: expected a mapping of names to tensors")
+        raise DataError(f"[data] path: {path}: cannot read tensors: {first_line(err)}") from None
+    _check_batch(tensors, f"[data] path: {path}")
     sizes = {k: v.shape[0] if v.dim() else None for k, v in tensors.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise SpecError(f"[data] path: {path}: every tensor needs the same number of examples (dim 0); got {sizes}")
-    check_tensors(tensors, f"[data] path: {path}", SpecError)
+        raise DataError(f"[data] path: {path}: every tensor needs the same number of examples (dim 0); got {sizes}")
+    check_tensors(tensors, f"[data] path: {path}", DataError)
     return tensors
+
+
+def _check_batch(batch: Any, where: str) -> None:
+    """A batch (or a whole data file) is a dict of names to tensors."""
+    if not isinstance(batch, dict):
+        raise DataError(f"{where}: expected a mapping of names to tensors, got {type(batch).__name__}")
+    bad = next(((k, v) for k, v in batch.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise DataError(f"{where}: expected a mapping of names to tensors, got {bad[0]!r}: {type(bad[1]).__name__}")
+
+
+def _user_batches(factory: Callable[[], Any], where: str) -> Iterator[Any]:
+    """What the user's factory yields; calling it, or iterating what it returned, failing is a DataError."""
+    returned = call_factory(factory, DataError, where)
+    try:
+        iterator = iter(returned)
+    except TypeError:
+        raise DataError(f"{where}: the factory returned {type(returned).__name__}, expected an iterable of batches "
+                        "(dicts of tensors)") from None
+    for index in itertools.count():
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except USER_FAILURES as err:
+            raise DataError(f"{where}: batch {index}: the factory raised {describe(err)}") from None
+        yield batch
 
 
 class DataSource:
@@ -78,9 +105,9 @@ class DataSource:
     def _check_names(self, names: set[str], where: str) -> None:
         missing = [n for n in self.input_names if n not in names]
         if missing:
-            raise SpecError(f"{where}: missing model input(s) {missing} (has: {sorted(names)})")
+            raise DataError(f"{where}: missing model input(s) {missing} (has: {sorted(names)})")
         if self.options.loss != "causal_lm" and self.options.loss != "model" and "labels" not in names:
-            raise SpecError(f"{where}: no 'labels' tensor, which loss = {self.options.loss!r} needs")
+            raise DataError(f"{where}: no 'labels' tensor, which loss = {self.options.loss!r} needs")
 
     def batches(self, limit: int | None = None) -> Iterator[Batch]:
         """Batches in a seeded order, cycling through the data until `limit` batches (default: one epoch)."""
@@ -102,20 +129,21 @@ class DataSource:
                 return
 
     def _factory_batches(self, limit: int | None) -> Iterator[Batch]:
-        produced = 0
+        where, produced = f"[data] factory {self.options.factory}", 0
         while limit is None or produced < limit:
             empty = True
-            for index, batch in enumerate(self._factory()):
+            for index, batch in enumerate(_user_batches(self._factory, where)):
                 empty = False
+                _check_batch(batch, f"{where}: batch {index}")
                 if produced == 0:
-                    self._check_names(set(batch), f"[data] factory {self.options.factory}")
-                check_tensors(batch, f"[data] factory {self.options.factory}: batch {index}", SpecError)
+                    self._check_names(set(batch), where)
+                check_tensors(batch, f"{where}: batch {index}", DataError)
                 yield batch
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
             if empty:
-                raise SpecError(f"[data] factory {self.options.factory} yielded no batches")
+                raise DataError(f"{where} yielded no batches")
             if limit is None:
                 return
 
@@ -127,16 +155,16 @@ def select_output(outputs: Any, key: str | int) -> torch.Tensor:
     if isinstance(key, str):
         value = outputs.get(key) if hasattr(outputs, "get") else getattr(outputs, key, None)
         if value is None:
-            raise SpecError(f"[data] output = {key!r}: the model has no such output")
+            raise DataError(f"[data] output = {key!r}: the model has no such output")
         return value
     leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     if key >= len(leaves):
-        raise SpecError(f"[data] output = {key}: the model has only {len(leaves)} tensor outputs")
+        raise DataError(f"[data] output = {key}: the model has only {len(leaves)} tensor outputs")
     return leaves[key]
 
 
 def make_loss(options: DataOptions) -> Callable[[Any, Batch], torch.Tensor]:
-    """loss(outputs, batch) -> scalar; shape problems are reported as SpecError naming [data]."""
+    """loss(outputs, batch) -> scalar; shape problems are reported as DataError naming [data]."""
 
     def loss(outputs: Any, batch: Batch) -> torch.Tensor:
         if options.loss == "model":
@@ -151,7 +179,7 @@ def make_loss(options: DataOptions) -> Callable[[Any, Batch], torch.Tensor]:
                 return F.mse_loss(out.float(), labels.float().reshape(out.shape))
             return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1).long())
         except (RuntimeError, ValueError) as err:
-            raise SpecError(f"[data] loss = {options.loss!r}: labels of shape {tuple(batch['labels'].shape)} do "
-                            f"not fit the output of shape {tuple(out.shape)}: {str(err).splitlines()[0]}") from None
+            raise DataError(f"[data] loss = {options.loss!r}: labels of shape {tuple(batch['labels'].shape)} do "
+                            f"not fit the output of shape {tuple(out.shape)}: {first_line(err)}") from None
 
     return loss

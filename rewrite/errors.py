@@ -6,6 +6,7 @@ with code 2. The message names the file, the TOML key or line, what was expected
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -16,7 +17,7 @@ class RewriteError(Exception):
 
 
 class SpecError(RewriteError):
-    """The spec file is malformed or names something that does not exist."""
+    """The spec is at fault: a key, a selector, a pass option or an output path written in spec.toml."""
 
 
 class ModelLoadError(RewriteError):
@@ -39,12 +40,49 @@ class VerifyError(RewriteError):
     """A pass that promises equivalence changed the outputs on the example inputs."""
 
 
+class DataError(RewriteError):
+    """Calibration or training data is at fault: its tensors, batches or labels, or what the model makes of them
+    (an output it lacks, a shape that does not fit, a loss that diverges)."""
+
+
+class ExportError(RewriteError):
+    """The graph cannot be exported as asked, or the export disagrees with torch (`--check`)."""
+
+
+class OutputError(RewriteError):
+    """The output directory cannot take the result: not a directory, not writable, a mount point, or not a rewrite
+    output (never replaced)."""
+
+
 class DeploymentError(RewriteError):
     """A deployment directory is broken: manifest.json, or a model or adapter file it names."""
 
 
 class RuntimeUseError(RewriteError):
     """A serving call that cannot be answered as asked (unknown adapter, empty slot, ids that do not fit)."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an exception's message (terminal colours removed), or its type name when the
+    message is empty."""
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def describe(err: BaseException) -> str:
+    """`Type: first line` of an exception, or just `Type` when it has no message."""
+    line = first_line(err)
+    return type(err).__name__ if line == type(err).__name__ else f"{type(err).__name__}: {line}"
+
+
+def innermost(err: BaseException) -> BaseException:
+    """The exception at the end of the `raise ... from` chain (libraries wrap the one that says what failed)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def nearest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:

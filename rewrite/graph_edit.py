@@ -78,15 +78,31 @@ def register_adapter(gm: fx.GraphModule, owner: str, adapter: str, module: nn.Mo
     gm.add_submodule(adapter_path(owner, adapter), module.eval())
 
 
-def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, kind: str) -> None:
-    """Add `base_out + adapter(x)` after the site's current chain end and reroute its users."""
-    graph = gm.graph
+def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn.Module) -> None:
+    """Join `adapter` (registered at `adapters.<owner>.<adapter>`) to the base op as its kind says (`module.join`):
+
+        add     y' = y + adapter(x)     after the site's current chain end; its users are rerouted
+        output  y' = adapter(y)         likewise, the module itself is the join
+        input   y' = base(adapter(x))   the base op reads the adapted input (only the base op: siblings sharing x
+                                        keep theirs)
+    """
+    graph, path, kind = gm.graph, adapter_path(site.owner, adapter), module.kind
+    if module.join == "input":
+        x = site_input(base, site)
+        with graph.inserting_before(base):
+            scaled = graph.call_module(path, (x,))
+        _tag(scaled, base, AdapterTag(site.name, kind, adapter, "input"))
+        base.replace_input_with(x, scaled)
+        return
     end = _chain_end(base, site.name)
     users = [u for u in end.users]
     with graph.inserting_before(end.next):
-        delta = graph.call_module(adapter_path(site.owner, adapter), (site_input(base, site),))
-        join = graph.call_function(aten.add.Tensor, (end, delta))
-    _tag(delta, base, AdapterTag(site.name, kind, adapter, "delta"))
+        if module.join == "output":
+            join = graph.call_module(path, (end,))
+        else:
+            delta = graph.call_module(path, (site_input(base, site),))
+            _tag(delta, base, AdapterTag(site.name, kind, adapter, "delta"))
+            join = graph.call_function(aten.add.Tensor, (end, delta))
     _tag(join, base, AdapterTag(site.name, kind, adapter, "join"))
     for user in users:
         user.replace_input_with(end, join)
@@ -98,9 +114,12 @@ def unwire(gm: fx.GraphModule, adapter: str, owner: str) -> int:
     removed = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == target:
-            for join in list(node.users):
-                join.replace_all_uses_with(join.args[0])
-                gm.graph.erase_node(join)
+            if node.meta["rewrite"].role == "delta":
+                for join in list(node.users):
+                    join.replace_all_uses_with(join.args[0])
+                    gm.graph.erase_node(join)
+            else:  # the module is its own join (output) or rewrites the base op's input
+                node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             removed += 1
     return removed

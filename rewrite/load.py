@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from rewrite.errors import ModelLoadError
-from rewrite.factory import import_callable
+from rewrite.errors import ModelLoadError, did_you_mean, first_line
+from rewrite.factory import call_factory, import_callable
 from rewrite.pt2_archive import load_archive
 
 
@@ -35,17 +36,67 @@ class LoadedModel:
     config: Any = None
 
 
+def _model_class(transformers: Any, name: Any) -> Any:
+    """transformers' model class `name` (a PreTrainedModel or an Auto class), or None."""
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name[:1].isupper() else None
+    models = (transformers.PreTrainedModel, _BaseAutoModelClass)
+    return cls if isinstance(cls, type) and issubclass(cls, models) else None
+
+
+def _architectures(config: Any) -> list:
+    """config.json's `architectures` as a list (a single name is accepted as transformers does)."""
+    value = getattr(config, "architectures", None) or []
+    return [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _hf_class(config: Any, requested: str | None, where: str):
+    """The class to build: `[model] hf_class`, else every `config.architectures` entry must name a transformers
+    model class (another head is never substituted); AutoModel only when the config names no architecture."""
     import transformers
 
-    names = [requested] if requested else list(getattr(config, "architectures", None) or [])
+    names = [requested] if requested else _architectures(config)
     for name in names:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-        if requested:
-            raise ModelLoadError(f"{where}: transformers has no class {requested!r} ([model] hf_class)")
-    return transformers.AutoModel
+        if _model_class(transformers, name) is None:
+            known = [n for n in dir(transformers) if n.endswith("Model") or "For" in n]
+            source = "[model] hf_class" if requested else f"{where}/config.json 'architectures'"
+            raise ModelLoadError(f"{source}: transformers has no model class {name!r}.{did_you_mean(str(name), known)}"
+                                 + ("" if requested else " Set [model] hf_class to choose the class explicitly."))
+    return _model_class(transformers, names[0]) if names else transformers.AutoModel
+
+
+def _check_loading_info(path: Path, info: dict, own_class: bool) -> None:
+    """Refuse a checkpoint whose tensors do not fill the model: transformers would random-initialise every missing
+    or mis-shaped weight (tied weights are not reported missing). Tensors the model does not use are refused only
+    for the class the config names (`own_class`): a checkpoint with a head legitimately loads into another class
+    without one (`[model] hf_class`, or AutoModel for a config without architectures)."""
+    missing = sorted(info["missing_keys"])
+    mismatched = sorted(f"{key} (file {tuple(got)}, model {tuple(want)})" for key, got, want in info["mismatched_keys"])
+    unexpected = sorted(info["unexpected_keys"]) if own_class else []
+    problems = [f"{len(names)} {what}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                for what, names in (("model weights missing from the files", missing),
+                                    ("tensors of the wrong shape", mismatched),
+                                    ("tensors the model has no weight for", unexpected)) if names]
+    if problems:
+        raise ModelLoadError(f"{path}: the weight files do not fit the model class (transformers would initialise "
+                             f"the rest at random): {'; '.join(problems)}")
+
+
+def _from_pretrained(cls: Any, path: Path, config: Any) -> tuple[Any, dict]:
+    """(model, loading info) with every weight read as stored: a mis-shaped tensor is reported, not an exception.
+    transformers' own load report is silenced: `_check_loading_info` turns what it says into the error."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True,
+                                   ignore_mismatched_sizes=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ModelLoadError(f"{path}: transformers could not load this model: {first_line(err)}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 def _load_hf(path: Path, hf_class: str | None, device: str) -> LoadedModel:
@@ -61,23 +112,21 @@ def _load_hf(path: Path, hf_class: str | None, device: str) -> LoadedModel:
     cls = _hf_class(config, hf_class, str(path))
     if device == "meta":
         with torch.device("meta"):
-            model = (cls.from_config(config) if cls is transformers.AutoModel else cls(config))
+            model = cls(config) if issubclass(cls, transformers.PreTrainedModel) else cls.from_config(config)
     else:
         weights = list(path.glob("*.safetensors"))
         if not weights:
             raise ModelLoadError(f"{path}: no *.safetensors weights in this directory "
                                  "(only safetensors is loaded from HF directories; .bin pickles are refused)")
-        try:
-            model = cls.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"{path}: transformers could not load this model: {err}") from None
+        model, info = _from_pretrained(cls, path, config)
+        _check_loading_info(path, info, own_class=cls.__name__ in _architectures(config))
     return LoadedModel(model.eval(), None, "hf", str(path), config)
 
 
 def _load_factory(text: str, device: str) -> LoadedModel:
     factory = import_callable(text, ModelLoadError, text)
     with torch.device(device):
-        model = factory()
+        model = call_factory(factory, ModelLoadError, text)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{text}: the factory returned {type(model).__name__}, expected a torch.nn.Module")
     return LoadedModel(model.eval(), None, "factory", text, getattr(model, "config", None))
@@ -117,7 +166,7 @@ def _load_pickle(path: Path, trust: bool) -> LoadedModel:
         except Exception as load_err:  # noqa: BLE001 - any failure of a user pickle is bad input
             raise ModelLoadError(f"{path}: could not unpickle: {load_err}") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ModelLoadError(f"{path}: not a PyTorch file: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"{path}: not a PyTorch file: {first_line(err)}") from None
     if isinstance(obj, dict):
         raise ModelLoadError(f"{path}: holds a state_dict ({len(obj)} tensors), not a module; a state_dict "
                              "has no architecture. Use a factory (package.module:function) that builds the "

@@ -5,8 +5,9 @@
     [data]     DataOptions      calibration / training data (a tensor file or a batch factory)
     [export]   ExportOptions    what is written (merged / unmerged ONNX, switching, check)
 
-Unknown keys and NaN / Inf numbers are refused. The layers below the spec parser (capture, data, export)
-take these objects whole; `rewrite.spec` parses the file into them and names TOML locations in errors.
+Unknown keys and NaN / Inf numbers are refused, and nothing is coerced (strict: `batch = "2"`, `check = 1` and
+`tolerance = true` are errors; an integer is a valid float). The layers below the spec parser (capture, data,
+export) take these objects whole; `rewrite.spec` parses the file into them and names TOML locations in errors.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # TOML has nan / inf literals
+    # TOML has nan / inf literals
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelOptions(Strict):

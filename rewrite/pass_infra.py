@@ -24,14 +24,15 @@ import torch.fx as fx
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from rewrite.capture import max_abs_diff
-from rewrite.errors import PassError, RewriteError, SpecError, VerifyError
+from rewrite.errors import PassError, RewriteError, SpecError, VerifyError, describe
 from rewrite.finite import nonfinite_key
 from rewrite.state import PassRecord, state_of
 
 
 class PassOptions(BaseModel):
-    """Base of every pass's options: unknown keys and NaN / Inf numbers (TOML has `nan`, `inf`) are refused."""
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    """Base of every pass's options: unknown keys and NaN / Inf numbers (TOML has `nan`, `inf`) are refused, and
+    nothing is coerced (strict: `rank = "8"` or `alpha = true` is an error; an integer is a valid float)."""
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod
@@ -150,7 +151,7 @@ class PassManager:
                 raise type(err)(f"while running {scheduled.label}{self._after(done)}: {err}") from None
             except Exception as err:  # noqa: BLE001 - an internal failure still names the pass
                 raise PassError(f"while running {scheduled.label}{self._after(done)}: internal error "
-                                f"{type(err).__name__}: {err}") from err
+                                f"{describe(err)}") from err
             seconds = time.perf_counter() - start
             gm = result.graph_module
             if check:

@@ -1,14 +1,11 @@
 """`rewrite apply` as a plain function: load -> inputs -> capture -> passes -> export -> manifest.
 
-Everything is written into a temporary directory beside the output directory and moved into place only
-when the whole run succeeded, so a failure leaves no partial output. The input model is never modified
-(the pass manager works on a copy).
+Everything is written into a temporary directory beside the output directory, which replaces it as a whole
+only when the whole run succeeded (`rewrite.publish`), so a failure or a kill leaves no partial or mixed output.
+The input model is never modified (the pass manager works on a copy).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +16,7 @@ import torch.fx as fx
 
 from rewrite.capture import CaptureReport, capture
 from rewrite.check import check_merged, check_unmerged
-from rewrite.errors import RewriteError, SpecError
+from rewrite.errors import ExportError, SpecError
 from rewrite.export.manifest import build_manifest
 from rewrite.export.onnx_merged import export_merged
 from rewrite.export.onnx_unmerged import export_unmerged
@@ -28,6 +25,7 @@ from rewrite.inputs import ExampleInputs, example_inputs
 from rewrite.load import LoadedModel, load_model
 from rewrite.pass_infra import PassContext, PassManager, PassResult, ScheduledPass
 from rewrite.passes import REGISTRY
+from rewrite.publish import Staging
 from rewrite.spec import Spec
 
 Step = Callable[[str, float, dict[str, Any]], None]
@@ -86,42 +84,15 @@ def schedule(spec: Spec, context: PassContext) -> list[ScheduledPass]:
     return out
 
 
-def _check_out_dir(out_dir: Path, shown: str) -> None:
-    """OUT must be a directory or not exist yet, below directories only (checked before any work is done)."""
-    blocker = next((p for p in (out_dir, *out_dir.parents) if os.path.lexists(p) and not p.is_dir()), None)
-    if blocker is not None:
-        raise RewriteError(f"output directory {shown!r}: {blocker} exists and is not a directory")
-
-
-def _publish(tmp: Path, out_dir: Path) -> list[str]:
-    """Move every top-level entry of `tmp` to the entry of the same name directly in `out_dir`, replacing it.
-    Only those names are touched; a symlink there is replaced as a link, its target is never followed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = sorted(os.listdir(tmp))
-    for name in names:
-        produced, target = tmp / name, out_dir / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif produced.is_dir() and os.path.lexists(target):
-            target.unlink()  # a directory cannot be renamed over a file or a link
-        os.replace(produced, target)
-    return names
-
-
 def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check: bool | None = None,
           trust_pickle: bool = False, on_stage: Step | None = None) -> Summary:
+    """Run the spec on MODEL and publish the result as OUT, replacing a previous rewrite output as a whole."""
     stage = on_stage or (lambda *_: None)
-    shown, out_dir = str(out_dir), Path(out_dir).absolute()
-    _check_out_dir(out_dir, shown)
-    scratch = next(p for p in out_dir.parents if p.is_dir())  # same filesystem; creates no folder yet
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=scratch))
-    try:
-        summary = _apply_into(spec, model, tmp, verify, check, trust_pickle, stage)
-        summary.files = _publish(tmp, out_dir)
-        summary.output_dir = shown
-        return summary
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with Staging(Path(out_dir), str(out_dir)) as staging:
+        summary = _apply_into(spec, model, staging.tmp, verify, check, trust_pickle, stage)
+        summary.files = staging.publish()
+    summary.output_dir = str(out_dir)
+    return summary
 
 
 def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | None, trust_pickle: bool,
@@ -171,7 +142,7 @@ def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, 
         on_stage("check", time.perf_counter() - start, {"max_abs_diff": diff})
         summary.check_max_abs_diff = diff
         if not diff <= options.check_tolerance:
-            raise SpecError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "
+            raise ExportError(f"--check: ONNX Runtime differs from torch by {diff:.3g} "
                             f"(> [export] tolerance = {options.check_tolerance:g})")
         entry.check_max_abs_diff = diff
     return entry

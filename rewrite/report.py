@@ -339,6 +339,14 @@ def rerender(json_path: str | Path, out_dir: str | Path | None = None, *, plot: 
     json_path = Path(json_path)
     report = load_report(json_path)
     directory = Path(out_dir) if out_dir is not None else json_path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ReportError(f"output directory {directory} exists and is not a directory") from None
+    except OSError as err:
+        raise ReportError(f"output directory {directory}: cannot create it: {err.strerror or err}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ReportError(f"output directory {directory} is not writable")
     return render_all(report, directory, json_path.stem, plot=plot)
 
 

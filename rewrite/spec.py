@@ -136,9 +136,9 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
             raise SpecError(f"{where}: [[pass]] number {index + 1} has no 'name'. "
                             f"Registered passes: {', '.join(REGISTRY)}")
         pass_name = entry["name"]
-        if pass_name not in REGISTRY:
+        if not isinstance(pass_name, str) or pass_name not in REGISTRY:
             raise SpecError(f"{located.where(('pass', index, 'name'))}: unknown pass {pass_name!r}."
-                            f"{did_you_mean(pass_name, REGISTRY)} Registered passes: {', '.join(REGISTRY)}")
+                            f"{did_you_mean(str(pass_name), REGISTRY)} Registered passes: {', '.join(REGISTRY)}")
         options_type = REGISTRY[pass_name].Options
         options = {k: v for k, v in entry.items() if k != "name"}
         try:

@@ -1,12 +1,13 @@
 """What the rewriter knows about a graph, kept in `gm.meta["rewrite"]`.
 
-`RewriteState` holds the resolved site table, the adapters attached to each site, the history of passes
-and the spec digest. Per node, `node.meta["rewrite"]` is an `AdapterTag`; because node metadata does not
-survive a re-export, the same facts are recoverable from module paths (`adapters.<site>.<name>`) and are
-written to `manifest.json` at export.
+`RewriteState` holds the resolved site table, the adapters attached to each site, the spec entry that made each
+adapter, the history of passes and the spec digest. Per node, `node.meta["rewrite"]` is an `AdapterTag`; because
+node metadata does not survive a re-export, the same facts are recoverable from module paths
+(`adapters.<site>.<name>`) and are written to `manifest.json` at export.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,23 @@ class AdapterTag:
     kind: str
     adapter: str
     role: str  # "delta" (the adapter's call) or "join" (the add that joins it to the base op)
+
+
+@dataclass(frozen=True)
+class AdapterOrigin:
+    """The spec entry that made an adapter: a second `insert` or `load` of that name with other options is
+    refused, naming both entries; the same options again (a pass run twice, a repeated entry) are the same origin."""
+    pass_name: str
+    options: str  # the pass's options as JSON, input paths resolved
+    where: str = field(default="<spec>", compare=False)  # the entry's spec location, for messages
+
+    def differences(self, other: "AdapterOrigin") -> str:
+        """What `other` sets differently ("rank = 8 here, 4 there"), for the refusal message."""
+        if self.pass_name != other.pass_name:
+            return f"{other.pass_name} here, {self.pass_name} there"
+        mine, theirs = json.loads(self.options), json.loads(other.options)
+        keys = [k for k in {**mine, **theirs} if mine.get(k) != theirs.get(k)]
+        return "; ".join(f"{k} = {json.dumps(theirs.get(k))} here, {json.dumps(mine.get(k))} there" for k in keys)
 
 
 @dataclass
@@ -41,6 +59,7 @@ class RewriteState:
     history: list[PassRecord] = field(default_factory=list)
     merged: dict[str, list[str]] = field(default_factory=dict)  # site -> adapters folded into its weight
     originals: dict[str, Any] = field(default_factory=dict)     # site -> base weight kept for unmerge
+    origins: dict[str, AdapterOrigin] = field(default_factory=dict)  # adapter name -> the entry that made it
 
     def record(self, record: PassRecord) -> None:
         self.history.append(record)

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.errors import SpecError
+from rewrite.errors import DataError, SpecError
 
 Batch = dict[str, torch.Tensor]
 
@@ -193,7 +193,7 @@ def _batches(data: Any, steps: int) -> Iterator[Batch]:
             if produced >= steps:
                 return
         if empty:
-            raise SpecError("training data yielded no batches")
+            raise DataError("training data yielded no batches")
 
 
 def _inputs(data: Any, batch: Batch) -> Batch:
@@ -271,7 +271,7 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
             outputs = gm(**_inputs(data, batch))
             loss = loss_fn(outputs, batch)
             if not torch.isfinite(loss):
-                raise SpecError(f"training diverged at step {step}: loss is {loss.item()} (lower [data] lr)")
+                raise DataError(f"training diverged at step {step}: loss is {loss.item()} (lower [data] lr)")
             total = loss
             for cb in callbacks:
                 term = cb.regularizer(ctx) if hasattr(cb, "regularizer") else None

@@ -1,13 +1,14 @@
 """Read an adapter from any source into per-site factors for a switchable model.
 
 Sources: a PEFT directory, our `.safetensors` adapter file, an `.onnx_adapter` file, or a dict
-{site: (A [d_in, r], B [r, d_out])}. The result has the scale folded into B (B' = s B), which is
-what the exported model consumes. Validation against the model's sites (names, d_in, d_out, rank
-limits, dtype, finite values) happens here, before anything reaches ONNX Runtime, which would silently accept
-overlapping names.
+{site: (A [d_in, r], B [r, d_out])} of float arrays whose B is already scaled (integer, bool and object arrays are
+refused, not cast). The result has the scale folded into B (B' = s B), which is what the exported model consumes.
+Validation against the model's sites (names, d_in, d_out, rank limits, dtype, finite values) happens here, before
+anything reaches ONNX Runtime, which would silently accept overlapping names.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,11 @@ def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version
     element type the model's adapter inputs take, which an `.onnx_adapter` file must match.
     """
     if isinstance(source, dict):
-        factors = {k: (np.asarray(a, np.float32), np.asarray(b, np.float32)) for k, (a, b) in source.items()}
+        factors = _from_dict(source)
         where = "<adapter dict>"
+    elif not isinstance(source, (str, os.PathLike)):
+        raise AdapterFileError(f"adapter source {type(source).__name__}: expected a path (PEFT directory, "
+                               ".safetensors, .onnx_adapter) or a dict {site: (A, B)}")
     else:
         path = Path(source)
         where = str(path)
@@ -47,6 +51,34 @@ def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version
     _validate(factors, sites, where, np.dtype(dtype))
     return {site: (a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
             for site, (a, b) in factors.items()}
+
+
+def _from_dict(source: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{site: (A, B)} given in Python: pairs of float arrays (integers, bools and objects are refused, not cast)."""
+    out = {}
+    for site, pair in source.items():
+        if not isinstance(site, str):
+            raise AdapterFileError(f"<adapter dict>: key {site!r} is not a site name")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise AdapterFileError(f"<adapter dict>: site {site!r}: expected a pair (A [d_in, r], B [r, d_out]), "
+                                   f"got {type(pair).__name__}")
+        out[site] = (_float32(pair[0], f"site {site!r}: A"), _float32(pair[1], f"site {site!r}: B"))
+    return out
+
+
+def _float32(value: Any, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:  # ragged nested lists
+        raise AdapterFileError(f"<adapter dict>: {what} is not an array: {err}") from None
+    if array.dtype.kind != "f":
+        raise AdapterFileError(f"<adapter dict>: {what} has dtype {array.dtype}; adapter weights are floats")
+    with np.errstate(over="ignore"):
+        cast = array.astype(np.float32)
+    if np.isfinite(array).all() and not np.isfinite(cast).all():
+        raise AdapterFileError(f"<adapter dict>: {what} has values beyond float32's range (max abs "
+                               f"{float(np.abs(array).max()):.3g}); the model computes in float32")
+    return cast
 
 
 def _from_peft(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -105,9 +137,9 @@ def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str
         if a.dtype not in (np.float32, dtype) or b.dtype not in (np.float32, dtype):
             raise AdapterFileError(f"{where}: site {site!r}: dtypes {a.dtype}/{b.dtype}, the model takes {dtype}")
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != info["d_in"] or b.shape[1] != info["d_out"] \
-                or a.shape[1] != b.shape[0]:
+                or a.shape[1] != b.shape[0] or a.shape[1] == 0:
             raise AdapterFileError(f"{where}: site {site!r}: shapes A {a.shape}, B {b.shape} do not fit "
-                                   f"d_in={info['d_in']}, d_out={info['d_out']} (A [d_in, r], B [r, d_out])")
+                                   f"d_in={info['d_in']}, d_out={info['d_out']} (A [d_in, r], B [r, d_out], r >= 1)")
         limit = info.get("rank_limit")
         if limit is not None and a.shape[1] > limit:
             raise AdapterFileError(f"{where}: site {site!r}: rank {a.shape[1]} exceeds the bank's rank {limit} "

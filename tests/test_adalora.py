@@ -222,7 +222,7 @@ def test_resize_keeps_the_function_and_c_alpha_over_r0():
     assert lora.rank == 3 and lora.alpha == 8.0
     torch.testing.assert_close(lora(x), masked(x))
     torch.testing.assert_close(lora.delta_weight(), masked.delta_weight())
-    module.resize(keep)
+    module.resize(3, keep=keep)
     assert module.rank == 3 and module.ranknum == 6.0  # c = alpha / r0 is kept
     torch.testing.assert_close(module(x), masked(x))
     conv1d = SvdLoRA("conv1d", 16, 12, 4, 4.0)

@@ -23,7 +23,7 @@ from torch import nn
 from rewrite.adapters.lora import LoRA
 from rewrite.capture import capture
 from rewrite.cli import main
-from rewrite.errors import SpecError
+from rewrite.errors import DataError, SpecError
 from rewrite.graph_edit import adapters_at
 from rewrite.inputs import example_inputs
 from rewrite.load import LoadedModel
@@ -398,7 +398,7 @@ def test_bad_input_is_a_clear_error(setup):
     with pytest.raises(SpecError, match=r"\[data\] path: .*nowhere.safetensors does not exist"):
         run(gm, "allocate", setup.root, data=missing, scorer="activation", budget={"params": 100})
     bad = DataOptions(path="bad_labels.safetensors", loss="mse", batch_size=64)
-    with pytest.raises(SpecError, match=r"labels of shape \(64, 3\) do not fit the output of shape \(64, 16\)"):
+    with pytest.raises(DataError, match=r"labels of shape \(64, 3\) do not fit the output of shape \(64, 16\)"):
         run(gm, "allocate", setup.root, data=bad, scorer="fisher", budget={"params": 100})
     with pytest.raises(SpecError, match=r"no allowed rank in \[1, 4\]"):
         run(gm, "allocate", setup.root, scorer="spectrum", min_rank=1, ranks=[0, 8], budget={"params": 100})

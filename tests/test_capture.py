@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rewrite.capture import capture, flat_outputs
-from rewrite.errors import RewriteError
+from rewrite.errors import ExportError
 from rewrite.inputs import example_inputs
 from rewrite.load import LoadedModel
 from rewrite.pipeline import apply, load_and_capture
@@ -143,7 +143,7 @@ def test_meta_device_rewrites_without_weights_and_refuses_onnx(tmp_path):
 
     result = InsertPass(spec.passes[0].options)(gm)
     assert result.stats["sites"] == 14 and all(p.is_meta for p in gm.adapters.parameters())
-    with pytest.raises(RewriteError, match="meta-device"):
+    with pytest.raises(ExportError, match="meta-device"):
         apply(spec, str(model_dir), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     no_export = _spec(spec.text.replace("version = 1\n", "") + '\n[export]\nformat = "none"\n')

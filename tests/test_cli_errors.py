@@ -1,19 +1,24 @@
 """The CLI on bad input: one clear message, exit code 2, no traceback, nothing written.
 
-Each class of bad input (spec, MODEL path, pickles, PEFT directories) is run through `rewrite.cli.main`
-in-process (capsys), and twice through `python -m rewrite.cli` in a subprocess to prove the exit code, the
-absence of a traceback and a silent `--quiet`. Most cases use a tiny pickled `nn.Sequential` (q_proj, v_proj)
+Each class of bad input (spec, MODEL path and factories, pickles, PEFT directories, corrupt safetensors files,
+data factories, output directories) is run through `rewrite.cli.main` in-process (capsys), and through
+`python -m rewrite.cli` in a subprocess to prove the exit code, the absence of a traceback (library loggers
+included) and a silent `--quiet`. An unexpected exception (simulated) still ends in one line naming what was read. Most cases use a tiny pickled `nn.Sequential` (q_proj, v_proj)
 so a run costs milliseconds; the Hugging Face cases use the tiny llama from tests/models.py.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
 import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -200,15 +205,40 @@ FACTORY_CASES = {
     "not_callable": ("rw_test_factory:X", ["rw_test_factory:X: module 'rw_test_factory' has no callable 'X'"]),
     "missing_function": ("rw_test_factory:mkae", ["has no callable 'mkae'"]),
     "returns_non_module": ("rw_test_factory:number", ["the factory returned int, expected a torch.nn.Module"]),
+    "raises": ("rw_test_factory:boom", ["rw_test_factory:boom: the factory raised ValueError: no weights here"]),
+    "raises_without_message": ("rw_test_factory:silent", ["rw_test_factory:silent: the factory raised RuntimeError"]),
+    "needs_arguments": ("rw_test_factory:sized", ["a factory is called without arguments, but this one needs some",
+                                                  "'width'"]),
+    "calls_sys_exit": ("rw_test_factory:leave", ["the factory raised SystemExit: 0"]),
+    "module_fails_on_import": ("rw_test_broken:make", ["importing module 'rw_test_broken' failed: ZeroDivisionError"]),
 }
+FACTORY_MODULE = """X = 3
+
+def number():
+    return 5
+
+def boom():
+    raise ValueError("no weights here")
+
+def silent():
+    raise RuntimeError()
+
+def sized(width):
+    return width
+
+def leave():
+    raise SystemExit(0)
+"""
 
 
 @pytest.mark.parametrize("case", list(FACTORY_CASES))
 def test_model_factory_errors(case, tmp_path, capsys, ok_spec, monkeypatch):
-    (tmp_path / "rw_test_factory.py").write_text("X = 3\n\ndef number():\n    return 5\n")
+    (tmp_path / "rw_test_factory.py").write_text(FACTORY_MODULE)
+    (tmp_path / "rw_test_broken.py").write_text("RATIO = 1 / 0\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "rw_test_factory", raising=False)
+    monkeypatch.delitem(sys.modules, "rw_test_broken", raising=False)
     source, expected = FACTORY_CASES[case]
     out = tmp_path / "out"
     code, _, err = cli(capsys, "apply", ok_spec, source, "-o", out)
@@ -263,6 +293,16 @@ def test_corrupt_pickle(name, tmp_path, capsys, files, ok_spec):
     assert_nothing_written(out)
 
 
+def test_empty_pickle_file(tmp_path, capsys, ok_spec):
+    """An exception without a message on the way (torch's EOFError) still ends in one line naming the file."""
+    model = tmp_path / "empty.pt"
+    model.write_bytes(b"")
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "apply", ok_spec, model, "-o", out)
+    assert_error(code, err, "empty.pt")
+    assert_nothing_written(out)
+
+
 # ---------------------------------------------------------------------------------------------- PEFT dirs
 
 
@@ -284,7 +324,8 @@ def _peft_dir(root: Path, *, config: dict | None = None, tensors: dict | None = 
 PEFT_CASES = {
     "missing_adapter_config": (dict(config=False), ["not a PEFT adapter directory (no adapter_config.json)"]),
     "not_lora": (dict(config={"peft_type": "IA3"}), ["peft_type is 'IA3'; only LORA adapters can be loaded"]),
-    "key_matches_no_site": (dict(tensors={"base_model.model.q_prj.lora_A.weight": torch.randn(2, 8),
+    "key_matches_no_site": (dict(config={"target_modules": ["q_prj"]},
+                                 tensors={"base_model.model.q_prj.lora_A.weight": torch.randn(2, 8),
                                           "base_model.model.q_prj.lora_B.weight": torch.randn(8, 2)}),
                             ["1 adapter module(s) match no site of this model", "'q_prj'", "Nearest sites: q_proj"]),
     "shape_mismatch": (dict(tensors={"base_model.model.q_proj.lora_A.weight": torch.randn(2, 7),
@@ -383,3 +424,238 @@ def test_subprocess_quiet_success_is_silent(tmp_path, files, ok_spec):
     proc = _run(tmp_path, "apply", ok_spec, files / "net.pt", "-o", out, "--trust-pickle", "--quiet")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
     assert (out / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- corrupt safetensors
+
+
+TRAIN = '[[pass]]\nname = "insert"\ntargets = ["q_proj"]\nrank = 2\n[[pass]]\nname = "train"\n'
+
+
+def _with_header(header: dict | bytes, data: bytes = b"\0" * 64) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+GOOD_SAFETENSORS = safetensors.torch.save({"t": torch.ones(4, 4)})
+CORRUPT_SAFETENSORS = {
+    "empty": b"",
+    "garbage": b"garbage, not a safetensors file",
+    "header_longer_than_the_file": struct.pack("<Q", 2**62) + b"{}",
+    "header_not_json": _with_header(b"{not json"),
+    "header_not_an_object": _with_header(b"[1, 2]"),
+    "offsets_outside_the_data": _with_header({"t": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 6400]}}),
+    "unknown_dtype": _with_header({"t": {"dtype": "Q9", "shape": [4, 4], "data_offsets": [0, 64]}}),
+    "metadata_not_strings": _with_header({"__metadata__": {"r": 1},
+                                          "t": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}),
+    "truncated_data": GOOD_SAFETENSORS[:-10],
+}
+
+
+def _corrupt_input(tmp_path: Path, where: str, blob: bytes) -> tuple[Path, Path, str]:
+    """(spec, the corrupt file, the message's start) with `blob` as a PEFT dir's weights, our adapter file or the
+    [data] file."""
+    if where == "peft_dir":
+        adapter = _peft_dir(tmp_path / "lora")
+        (adapter / "adapter_model.safetensors").write_bytes(blob)
+        return _load_spec(tmp_path, adapter), adapter / "adapter_model.safetensors", "not a readable safetensors file"
+    file = tmp_path / "weights.safetensors"
+    file.write_bytes(blob)
+    if where == "adapter_file":
+        return _load_spec(tmp_path, file), file, "not a readable safetensors file"
+    spec = write_spec(tmp_path, HEAD + NET_INPUTS + f'[data]\npath = "{file.name}"\nloss = "mse"\nsteps = 1\n'
+                      + TRAIN)
+    return spec, file, "cannot read tensors"
+
+
+@pytest.mark.parametrize("where", ["peft_dir", "adapter_file", "data_file"])
+@pytest.mark.parametrize("case", list(CORRUPT_SAFETENSORS))
+def test_corrupt_safetensors_is_a_clear_error(case, where, tmp_path, capsys, files):
+    spec, file, expected = _corrupt_input(tmp_path, where, CORRUPT_SAFETENSORS[case])
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "apply", spec, files / "net.pt", "-o", out, "--trust-pickle")
+    assert_error(code, err, str(file), expected)
+    assert "internal error" not in err
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("case", ["garbage", "header_not_json", "truncated_data"])
+def test_corrupt_safetensors_in_a_model_directory(case, hf_dir, tmp_path, capsys, ok_spec):
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(hf_dir("llama") / "config.json", model / "config.json")
+    (model / "model.safetensors").write_bytes(CORRUPT_SAFETENSORS[case])
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "apply", ok_spec, model, "-o", out)
+    assert_error(code, err, str(model), "deserializing header")
+    assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------------------------------------- data factories
+
+DATA_MODULE = """import sys
+import torch
+
+def batch():
+    return {"input": torch.randn(2, 8), "labels": torch.randn(2, 4)}
+
+def raises():
+    raise KeyError()
+
+def sized(n):
+    return [batch()] * n
+
+def number():
+    return 7
+
+def lists():
+    yield [torch.randn(2, 8)]
+
+def nested_lists():
+    yield {"input": [[0.0] * 8] * 2, "labels": torch.randn(2, 4)}
+
+def breaks_midway():
+    yield batch()
+    raise OSError("the data share went away")
+
+def leaves():
+    sys.exit(3)
+"""
+DATA_FACTORY_CASES = {
+    "raises": ("the factory raised KeyError", []),
+    "sized": ("a factory is called without arguments, but this one needs some", ["'n'"]),
+    "number": ("the factory returned int, expected an iterable of batches", []),
+    "lists": ("batch 0: expected a mapping of names to tensors, got list", []),
+    "nested_lists": ("batch 0: expected a mapping of names to tensors, got 'input': list", []),
+    "breaks_midway": ("batch 1: the factory raised OSError: the data share went away", []),
+    "leaves": ("the factory raised SystemExit: 3", []),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_FACTORY_CASES))
+def test_data_factory_errors(case, tmp_path, capsys, files, monkeypatch):
+    (tmp_path / "rw_test_data.py").write_text(DATA_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "rw_test_data", raising=False)
+    spec = write_spec(tmp_path, HEAD + NET_INPUTS + f'[data]\nfactory = "rw_test_data:{case}"\nloss = "mse"\n'
+                      'steps = 3\n' + TRAIN)
+    expected, more = DATA_FACTORY_CASES[case]
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "apply", spec, files / "net.pt", "-o", out, "--trust-pickle")
+    assert_error(code, err, "while running pass[1] 'train'", f"[data] factory rw_test_data:{case}: {expected}",
+                 *more)
+    assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------------------------------------- output directories
+
+
+def test_unwritable_output_directory_is_refused_before_the_model_loads(tmp_path, capsys, ok_spec, monkeypatch):
+    """Simulated (root may write anywhere): the refusal comes first, so the missing model is never reported."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    code, _, err = cli(capsys, "apply", ok_spec, tmp_path / "no_model.pt", "-o", out)
+    assert_error(code, err, f"output directory '{out}' is not readable and writable")
+    assert "no_model" not in err
+
+
+def test_output_parent_without_room_is_refused_before_the_model_loads(tmp_path, capsys, ok_spec, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    out = tmp_path / "new" / "out"
+    code, _, err = cli(capsys, "apply", ok_spec, tmp_path / "no_model.pt", "-o", out)
+    assert_error(code, err, f"output directory '{out}': cannot write in {out.parent}: Permission denied")
+    assert "no_model" not in err
+    assert sorted(os.listdir(tmp_path)) == ["spec.toml"]  # the parent it made for OUT is gone again
+
+
+@pytest.mark.parametrize("target", ["a_file", "a_file/sub"])
+def test_report_into_a_file_is_refused(target, tmp_path, capsys):
+    report = tmp_path / "allocation.json"
+    report.write_text(json.dumps({"format": "rewrite-allocation", "version": 1, "sites": []}))
+    (tmp_path / "a_file").write_text("user data")
+    code, _, err = cli(capsys, "report", report, "-o", tmp_path / target, "--no-plot")
+    assert_error(code, err, f"output directory {tmp_path / target}")
+    assert (tmp_path / "a_file").read_text() == "user data"
+
+
+# ---------------------------------------------------------------------------------------------- the handler itself
+
+
+def test_an_error_without_a_message_still_prints_one_line(tmp_path, capsys, ok_spec, monkeypatch):
+    from rewrite import spec as spec_module
+    from rewrite.errors import SpecError
+
+    def fail(path):
+        raise SpecError("")
+
+    monkeypatch.setattr(spec_module, "load_spec", fail)
+    code, _, err = cli(capsys, "apply", ok_spec, "model.pt", "-o", tmp_path / "out")
+    assert_error(code, err, "SpecError")
+
+
+@pytest.mark.parametrize("target, activity", [("rewrite.spec.load_spec", "reading the spec {spec}"),
+                                              ("rewrite.pipeline.load_model", "loading {model}")])
+def test_an_unexpected_exception_is_one_line_naming_what_was_read(target, activity, tmp_path, capsys, ok_spec,
+                                                                 monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(target, crash)
+    model = tmp_path / "model.pt"
+    code, _, err = cli(capsys, "apply", ok_spec, model, "-o", tmp_path / "out")
+    assert_error(code, err, f"internal error while {activity.format(spec=ok_spec, model=model)}: RuntimeError")
+    assert_nothing_written(tmp_path / "out")
+
+
+LOGS_THEN_FAILS = """import logging
+
+def make():
+    for name in ("transformers", "torch.onnx", "onnxscript", "torch.export"):
+        try:
+            raise ValueError("inside " + name)
+        except ValueError:
+            logging.getLogger(name).exception("a library logs an error")
+    raise RuntimeError("the factory gives up")
+"""
+
+
+def test_library_loggers_print_no_traceback(tmp_path, ok_spec):
+    (tmp_path / "rw_test_logs.py").write_text(LOGS_THEN_FAILS)
+    proc = _run(tmp_path, "apply", ok_spec, "rw_test_logs:make", "-o", tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "inside" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == ("error: rw_test_logs:make: the factory raised RuntimeError: the factory "
+                                            "gives up")
+
+
+DATA_DEPENDENT = """import torch
+from torch import nn
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8)
+
+    def forward(self, input):
+        y = self.q_proj(input)
+        return y if y.sum() > 0 else -y
+
+def make():
+    return Branchy()
+"""
+
+
+def test_a_failed_capture_prints_only_the_error_line(tmp_path, ok_spec):
+    """torch.export prints the partial graph and logs a warning when it fails; with -q the one line is all."""
+    (tmp_path / "rw_test_branchy.py").write_text(DATA_DEPENDENT)
+    proc = _run(tmp_path, "apply", ok_spec, "rw_test_branchy:make", "-o", tmp_path / "out", "-q")
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: torch.export could not capture")
+    assert proc.stdout == ""

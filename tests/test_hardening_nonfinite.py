@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from rewrite.cli import main
 from rewrite.data import DataSource
-from rewrite.errors import AdapterFileError, SpecError
+from rewrite.errors import AdapterFileError, DataError, SpecError
 from rewrite.finite import nonfinite_count, nonfinite_key
 from rewrite.formats.adapter_file import read_adapter_file
 from rewrite.formats.onnx_adapter import write_onnx_adapter
@@ -96,7 +96,7 @@ SPEC_CASES = {
     "alpha_pattern_nan": (INSERT + 'alpha_pattern = { "layers.1" = nan }\n',
                           ["spec.toml:5", "'pass[0].alpha_pattern.layers.1'", "finite number"]),
     "rank_pattern_inf": (INSERT + 'rank_pattern = { "layers.1" = inf }\n',
-                         ["spec.toml:5", "'pass[0].rank_pattern.layers.1'", "finite number"]),
+                         ["spec.toml:5", "'pass[0].rank_pattern.layers.1'", "valid integer", "inf"]),
     "dropout_nan": (INSERT + "dropout = nan\n", ["spec.toml:5", "'pass[0].dropout'", "finite number"]),
     "data_lr_inf": ('version = 1\n[data]\npath = "d.npz"\nlr = inf\n', ["spec.toml:4", "'data.lr'", "finite number"]),
     "input_high_nan": ('version = 1\n[[capture.inputs]]\nname = "x"\nshape = [2]\nhigh = nan\n',
@@ -251,7 +251,7 @@ def test_data_file_with_nan(tmp_path, suffix):
         save_file(tensors, path)
     else:
         torch.save(tensors, path)
-    with pytest.raises(SpecError) as err:
+    with pytest.raises(DataError) as err:
         data_source(path)
     assert str(err.value).startswith(f"[data] path: {path}: tensor 'x' has 1 NaN/Inf value;")
 
@@ -270,7 +270,7 @@ def test_factory_batch_with_inf():
     source = DataSource(DataOptions(factory=factory), Path("."), ["x"])
     batches = source.batches()
     assert next(batches)["x"].shape == (4, 64)
-    with pytest.raises(SpecError, match=rf"^\[data\] factory {factory}: batch 1: tensor 'x' has 1 NaN/Inf value;"):
+    with pytest.raises(DataError, match=rf"^\[data\] factory {factory}: batch 1: tensor 'x' has 1 NaN/Inf value;"):
         next(batches)
 
 

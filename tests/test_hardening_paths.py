@@ -193,15 +193,26 @@ def test_output_directory_that_is_a_file_is_refused(box, capsys, out):
     box.assert_outside_untouched()
 
 
-def test_symlinks_in_the_output_directory_are_replaced_not_followed(box, capsys):
-    """OUT/manifest.json -> a user file and OUT/adapters -> a user folder: publishing replaces the links."""
-    box.out.mkdir()
-    (box.out / "manifest.json").symlink_to(box.victim_file)
+def test_symlinks_in_a_previous_output_are_removed_not_followed(box, capsys):
+    """A previous output holding links to user data (OUT/adapters -> a folder, OUT/notes -> a file) is replaced as
+    a whole: the links go, what they point to stays."""
+    assert apply(capsys, box, _save("x"))[0] == 0
     (box.out / "adapters").symlink_to(box.victim_dir, target_is_directory=True)
+    (box.out / "notes").symlink_to(box.victim_file)
     code, err = apply(capsys, box, _save("adapters/support"))
     assert code == 0, err
-    assert not (box.out / "manifest.json").is_symlink() and json.loads((box.out / "manifest.json").read_text())
     assert not (box.out / "adapters").is_symlink() and (box.out / "adapters" / "support").is_dir()
+    assert sorted(os.listdir(box.out)) == ["adapters", "manifest.json"]
+    box.assert_outside_untouched()
+
+
+def test_a_directory_rewrite_did_not_write_is_never_replaced(box, capsys):
+    """OUT/manifest.json -> a user file is not a manifest rewrite wrote: OUT is refused before any work."""
+    box.out.mkdir()
+    (box.out / "manifest.json").symlink_to(box.victim_file)
+    code, err = apply(capsys, box, _save("adapters/support"))
+    assert_refused(code, err, "exists, is not empty and holds no manifest.json written by rewrite")
+    assert os.listdir(box.out) == ["manifest.json"] and (box.out / "manifest.json").is_symlink()
     box.assert_outside_untouched()
 
 

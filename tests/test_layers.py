@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                   "rewrite.train", "rewrite.planted")),
     ("passes", ("rewrite.pass_infra", "rewrite.passes")),
     ("export", ("rewrite.export",)),
-    ("top", ("rewrite.spec", "rewrite.pipeline", "rewrite.check", "rewrite.bundle", "rewrite.cli")),
+    ("top", ("rewrite.spec", "rewrite.pipeline", "rewrite.publish", "rewrite.check", "rewrite.bundle", "rewrite.cli")),
 ]
 # The serving side: beside the stack, on these layers only.
 RUNTIME = ("rewrite.runtime", ("errors", "formats"))

@@ -385,7 +385,7 @@ def test_load_hand_written_peft_dir_matches_oracle(llama, tmp_path):
     peft_dir.mkdir()
     save_file(tensors, peft_dir / "adapter_model.safetensors")
     (peft_dir / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [Q0, V1],
          "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.1.self_attn.v_proj": 16}}))
 
     gm = llama.fresh()
@@ -503,7 +503,7 @@ def test_verify_catches_a_non_equivalent_change(llama):
 
 def test_verify_catches_a_wrong_merge(llama, monkeypatch):
     real = LoRA.merge_into
-    monkeypatch.setattr(LoRA, "merge_into", lambda self, w, sign=1.0: real(self, w, sign=2 * sign))
+    monkeypatch.setattr(LoRA, "merge_into", lambda self, w, b=None, sign=1.0: real(self, w, b, sign=2 * sign))
     passes = _scheduled(_pass("insert", targets=["q_proj"]), RandomizeB(), _pass("merge"))
     with pytest.raises(VerifyError, match=r"pass\[2\] 'merge' promises unchanged outputs"):
         PassManager(passes, verify=True).run(llama.gm)

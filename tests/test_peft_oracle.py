@@ -382,7 +382,8 @@ def test_load_refuses_adapter_of_another_model(case):
 
 def test_load_refuses_rank_mismatch(case):
     c = case("llama")
-    gm = c.run(c.spec('[[pass]]\nname = "insert"\ntargets = ["q_proj"]\nrank = 8\n'))
+    # the adapter's own sites, at another rank
+    gm = c.run(c.spec(f'[[pass]]\nname = "insert"\ntargets = {json.dumps(LLAMA_LIKE)}\nrank = 8\n'))
     with pytest.raises(AdapterFileError, match="do not fit this site"):
         c.run(c.load_spec(), gm=gm)
 

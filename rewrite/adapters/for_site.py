@@ -7,11 +7,13 @@ from rewrite.adapters import KINDS
 from rewrite.graph_edit import conv_settings
 from rewrite.sites import Site
 
-ADAPTABLE_OPS = ("linear", "conv1d", "conv2d", "embedding")
+ADAPTABLE_OPS = tuple(dict.fromkeys(op for kind in KINDS.values() for op in kind.ops))
 
 
 def adapter_for_site(gm: fx.GraphModule, site: Site, kind: str, rank: int, alpha: float, *, rslora: bool,
-                 dropout: float, init: str, where: str):
+                     dropout: float, init: str, where: str):
+    """Every kind is built as Kind(op, d_in, d_out, rank, alpha, *, rslora, dropout, init, conv, dtype, device) and
+    reads the settings it declares."""
     weight = gm.get_parameter(site.weight)
     return KINDS[kind](site.op, site.d_in, site.d_out, rank, alpha, rslora=rslora, dropout=dropout, init=init,
                        conv=conv_settings(gm, site, where), dtype=weight.dtype, device=weight.device)

@@ -32,13 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewrite.formats.peft_dir import LINEAR_KEYS, alpha_for_scale, lora_keys, lora_scale
+from rewrite.adapters.base import LowRank
+from rewrite.formats.adapter_file import SiteInfo
+from rewrite.formats.peft_dir import LINEAR_KEYS, LoraSettings, alpha_for_scale, lora_config, lora_keys, lora_scale
 
 IDENTITY_INITS = ("zeros", "gaussian")
 
 
-class LoRA(nn.Module):
+class LoRA(LowRank):
     kind = "lora"
+    ops = ("linear", "conv1d", "conv2d", "embedding")
+    inits = IDENTITY_INITS
+    peft_type = "LORA"
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
@@ -81,7 +86,7 @@ class LoRA(nn.Module):
         else:
             raise ValueError(f"unknown LoRA init {init!r} (expected one of {IDENTITY_INITS})")
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A, B as matrices [fan_in, r] and [r, d_out] (views) with delta = s * A_mat @ B_mat (matmul layout)."""
         if self.op == "conv2d":
             return self.lora_A.flatten(1).T, self.lora_B.flatten(1).T
@@ -120,7 +125,7 @@ class LoRA(nn.Module):
         if keep is None and rank == old:
             return
         scale = self.scaling
-        a_mat, b_mat = (t.detach() for t in self._factors())
+        a_mat, b_mat = (t.detach() for t in self._matrices())
         if keep is None and rank < old and not self.lora_A.is_meta and bool(a_mat.any()) and bool(b_mat.any()):
             a_mat, b_mat = _orthogonal_factors(a_mat, b_mat)  # min(r, fan_in, d_out) components, best first
             keep_idx = keep_idx[:a_mat.shape[1]]
@@ -137,7 +142,7 @@ class LoRA(nn.Module):
         self.alpha = alpha_for_scale(scale, rank, self.rslora)
         if not self.lora_A.is_meta:
             self.reset_parameters(self.init)  # zero-delta everywhere, then the kept components go back in
-            new_a, new_b = self._factors()
+            new_a, new_b = self._matrices()
             new_a[:, :len(keep_idx)] = kept_a.to(new_a.dtype)
             new_b[:len(keep_idx), :] = kept_b.to(new_b.dtype)
         self.lora_A.requires_grad_(grads[0])
@@ -163,7 +168,7 @@ class LoRA(nn.Module):
         return self.lora_A @ self.lora_B * self.scaling
 
     @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, sign: float = 1.0) -> None:
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None = None, sign: float = 1.0) -> None:
         """weight += sign * delta, in place, without materialising the delta where a fused GEMM can do it."""
         if weight.is_meta:  # nothing to compute; shapes agree by construction
             return
@@ -176,8 +181,18 @@ class LoRA(nn.Module):
         else:
             weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
 
-    def unmerge_from(self, weight: torch.Tensor) -> None:
-        self.merge_into(weight, sign=-1.0)
+    @classmethod
+    def peft_config(cls, modules) -> dict:
+        return lora_config({o: LoraSettings(m.op, m.rank, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0))
+                            for o, m in modules.items()})
+
+    def adapter_file_entry(self) -> tuple[SiteInfo, dict[str, torch.Tensor]]:
+        info = SiteInfo(op=self.op, rank=self.rank, alpha=self.alpha, rslora=self.rslora, d_in=self.d_in,
+                        d_out=self.d_out)
+        return info, {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+
+    def manifest_entry(self) -> dict:
+        return dict(op=self.op, rank=self.rank, alpha=self.alpha, rslora=self.rslora, scaling=self.scaling)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's key suffixes (without the adapter name)."""

@@ -33,14 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewrite.adapters.base import LowRank
 from rewrite.adapters.lora import LoRA
 
 SVD_INITS = ("zeros", "gaussian", "adalora")
 INIT_STD = 0.02
 
 
-class SvdLoRA(nn.Module):
+class SvdLoRA(LowRank):
     kind = "svd_lora"
+    ops = ("linear", "conv1d", "conv2d")
+    settings = ("rank", "alpha", "dropout", "init")
+    inits = ("zeros",)  # from a spec: PEFT's AdaLoRA init (lam = 0); the allocators use the others
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
@@ -166,11 +170,14 @@ class SvdLoRA(nn.Module):
         return mat
 
     @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, sign: float = 1.0) -> None:
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None = None, sign: float = 1.0) -> None:
         weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
 
-    def unmerge_from(self, weight: torch.Tensor) -> None:
-        self.merge_into(weight, sign=-1.0)
+    def saved_form(self) -> LoRA:
+        return self.to_lora()
+
+    def manifest_entry(self) -> dict:
+        return dict(op=self.op, rank=self.rank, alpha=self.alpha, rslora=False, scaling=self.scaling)
 
     # --- resizing ------------------------------------------------------------------------------------------
     def _keep_index(self, keep: torch.Tensor | list[bool] | None) -> torch.Tensor:
@@ -184,11 +191,14 @@ class SvdLoRA(nn.Module):
         return keep.long()
 
     @torch.no_grad()
-    def resize(self, keep: torch.Tensor | list[bool] | None = None, *, ranknum: float | None = None) -> None:
-        """Keep only the triplets `keep` (bool mask over ranks, or indices) as one block; reserves are dropped.
-
-        `ranknum` stays as it is unless given (AdaLoRA keeps c = alpha / r0 after pruning)."""
-        index = self._keep_index(keep)
+    def resize(self, rank: int, keep: torch.Tensor | list[bool] | None = None, *, ranknum: float | None = None) -> None:
+        """Keep `rank` triplets as one block: those of `keep` (bool mask over ranks, or indices, `rank` of them),
+        else the first `rank`; reserves are dropped. The SVD form only shrinks (new triplets come from
+        `add_block`). `ranknum` stays as it is unless given (AdaLoRA keeps c = alpha / r0 after pruning)."""
+        index = self._keep_index(keep) if keep is not None else torch.arange(min(rank, self.rank))
+        if index.numel() != rank:
+            raise ValueError(f"resize to rank {rank} with {index.numel()} triplets kept (this adapter holds "
+                             f"{self.rank})")
         if index.numel() == 0:
             raise ValueError("resize would leave rank 0; drop the adapter instead")
         q, e, p = self.q()[index].clone(), self.e()[index].clone(), self.p()[:, index].clone()

@@ -90,7 +90,7 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
         else:
             register_adapter(gm, owner, adapter, module)
             for s in wanted_new[owner]:
-                wire(gm, table.node_of(gm, s.name), s, adapter, module.kind)
+                wire(gm, table.node_of(gm, s.name), s, adapter, module)
         out[owner] = module
     if not out:
         raise SpecError(f"{where}: adapter {adapter!r} is attached to no site; insert it first (or give targets)")
@@ -150,7 +150,7 @@ def finalize_svd(gm: fx.GraphModule, adapter: str, keep: Mapping[str, torch.Tens
             lora.train(False)
             setattr(holder, adapter, lora)
         else:
-            module.resize(index)
+            module.resize(rank, keep=index)
     drop_sites(gm, adapter, [owner for owner, rank in ranks.items() if rank == 0])
     return ranks
 

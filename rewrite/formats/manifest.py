@@ -71,10 +71,10 @@ class LiveAdapter(_Strict):
     adapter: str
     kind: str
     op: str
-    rank: Count
-    alpha: float
-    rslora: bool
-    scaling: float
+    rank: Count | None = None  # low-rank kinds
+    alpha: float | None = None
+    rslora: bool | None = None
+    scaling: float | None = None
     state: Literal["live"] = "live"
 
 

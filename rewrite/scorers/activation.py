@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rewrite.errors import SpecError
+from rewrite.errors import DataError, RewriteError, SpecError, first_line
 from rewrite.scorers import Curves, ScoreContext, Scorer, Target, energy_curve, weight_matrix
 
 
@@ -140,25 +140,24 @@ def collect_statistics(ctx: ScoreContext, *, gradients: bool, output_metric: boo
         for name, flag in saved_flags.items():
             params[name].requires_grad_(flag)
     if seen == 0:
-        raise SpecError("[data] yielded no batches")
+        raise DataError("[data] yielded no batches")
     for owner, st in stats.items():
         st.batches = seen
         if st.second_moment is None:
-            raise SpecError(f"site {owner} was never reached by the calibration data")
+            raise DataError(f"site {owner} was never reached by the calibration data")
     return stats
 
 
 def _run(gm, inputs: dict[str, torch.Tensor]):
     try:
         return gm(**inputs)
-    except SpecError:
+    except RewriteError:
         raise
     except Exception as err:  # noqa: BLE001 - data that does not fit the captured graph is bad input
         shapes = {k: tuple(v.shape) for k, v in inputs.items()}
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise SpecError(f"the captured graph cannot run on a [data] batch with shapes {shapes}: {first} (a graph "
-                        "captured with static sizes needs batches of exactly those sizes: set [data] batch_size, or "
-                        "capture with dynamic dims)") from None
+        raise DataError(f"the captured graph cannot run on a [data] batch with shapes {shapes}: {first_line(err)} "
+                        "(a graph captured with static sizes needs batches of exactly those sizes: set [data] "
+                        "batch_size, or capture with dynamic dims)") from None
 
 
 def whiten(w: torch.Tensor, cov: torch.Tensor, *, inverse: bool = False, damping: float = 0.0) -> torch.Tensor:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.errors import SpecError
+from rewrite.errors import DataError
 from rewrite.scorers import Curves, ScoreContext, Scorer, Target, energy_curve
 from rewrite.scorers.activation import _run, collect_statistics, whiten as whiten_by
 
@@ -70,7 +70,7 @@ def probe_fit(ctx: ScoreContext, steps: int) -> dict[str, torch.Tensor]:
             with torch.enable_grad():
                 loss = ctx.loss(_run(ctx.gm, ctx.data.model_inputs(batch)), batch)
                 if not torch.isfinite(loss):
-                    raise SpecError(f"probe fit: the [data] loss is {float(loss)} at step {done}; lower [data] lr")
+                    raise DataError(f"probe fit: the [data] loss is {float(loss)} at step {done}; lower [data] lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             if options.grad_clip:

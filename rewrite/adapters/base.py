@@ -1,0 +1,110 @@
+"""`AdapterKind`: the one interface every adapter kind implements. Passes, export and the manifest ask the kind;
+none of them switch on kind names.
+
+What a kind declares (class attributes):
+
+    kind        its name in the spec (`insert kind = ...`), the graph tags and the manifest
+    ops         the site ops it can adapt ("linear", "conv1d", "conv2d", "embedding")
+    join        how its module joins the base op y = base(x):
+                  "add"    y' = y + m(x)          the module returns a delta (LoRA family, BitFit, parallel adapters)
+                  "output" y' = m(y)              the module rewrites the output ((IA)^3 on k / v, series adapters)
+                  "input"  y' = base(m(x))        the module rewrites the input ((IA)^3 on feed-forward layers)
+    settings    the insert keys it reads (rank, alpha, rslora, dropout, init); an insert that sets another key
+                for this kind is refused
+    inits       the `init` values it accepts, default first (each must start as the identity)
+    mergeable   whether `merge_into` folds it into the base weights exactly
+    low_rank    whether `factors()` gives (A [d_in, r], B [r, d_out]) with delta(x) = x A B: what the unmerged
+                lowerings (ort-adapters, bank, custom-op) switch per run or per batch row
+    peft_type   PEFT's name for it ("LORA", "IA3"), or None when PEFT has no such tuner; kinds sharing a
+                peft_type share `peft_config` and may be saved as one PEFT adapter
+
+What a kind instance provides: `forward`, `merge_into(weight, bias)` / `unmerge_from(weight, bias)` (in place,
+in the base op's own layout), `resize(rank, keep)` where a rank exists, `factors()` for low-rank kinds, its PEFT
+tensors (`peft_state`, `peft_shapes`, `load_peft_state`) and class-level `peft_config(modules)`, what `save`
+writes (`saved_form`, `adapter_file_entry`), and `manifest_entry()`. What a kind cannot do raises `NotSupported`
+with a message that says what it can. A new kind is one file under rewrite/adapters/, its test, and one line in `KINDS`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+SETTINGS = ("rank", "alpha", "rslora", "dropout", "init")
+
+
+class NotSupported(ValueError):
+    """The kind cannot do what was asked (merge, resize, lower, save as PEFT); the message says what can."""
+
+
+class AdapterKind(nn.Module):
+    kind: ClassVar[str]
+    ops: ClassVar[tuple[str, ...]]
+    join: ClassVar[str] = "add"  # "add" | "output" | "input"
+    settings: ClassVar[tuple[str, ...]] = SETTINGS
+    inits: ClassVar[tuple[str, ...]] = ("zeros",)
+    mergeable: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = False
+    peft_type: ClassVar[str | None] = None
+
+    op: str
+    d_in: int
+    d_out: int
+
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:
+        raise NotSupported(f"{self.kind} adapters cannot be folded into the weights exactly; export them unmerged")
+
+    def unmerge_from(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.merge_into(weight, bias, sign=-1.0)
+
+    def resize(self, rank: int, keep: Sequence[int] | torch.Tensor | None = None) -> None:
+        raise NotSupported(f"{self.kind} adapters have no rank to allocate")
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [d_in, r], B [r, d_out]) with the scale folded into B: delta(x) = x A B (linear-layout sites)."""
+        raise NotSupported(f"{self.kind} adapters are not low-rank; they cannot be switched in an unmerged export "
+                           "(merge them, or use a low-rank kind such as lora)")
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        raise NotSupported(f"{self.kind} adapters have no PEFT form")
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotSupported(f"{self.kind} adapters have no PEFT form")
+
+    def load_peft_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        raise NotSupported(f"{self.kind} adapters have no PEFT form")
+
+    @classmethod
+    def peft_config(cls, modules: Mapping[str, "AdapterKind"]) -> dict[str, Any]:
+        """PEFT's adapter_config.json for these modules (module path -> module) of one adapter."""
+        raise NotSupported(f"{cls.kind} adapters have no PEFT form")
+
+    def saved_form(self) -> "AdapterKind":
+        """The module `save` writes: itself, or an equivalent of another kind (SVD-form LoRA saves as LoRA)."""
+        return self
+
+    def adapter_file_entry(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """(site metadata, tensors) for our own adapter file (rewrite.formats.adapter_file)."""
+        raise NotSupported(f"our adapter file holds LoRA adapters; save {self.kind} as PEFT")
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What the manifest records of this adapter at its site besides site, name and kind (`LiveAdapter`)."""
+        return dict(op=self.op)
+
+
+class LowRank(AdapterKind):
+    """A kind with a LoRA view: `lora_A` [d_in, r], `lora_B` [r, d_out] and `scaling`, delta(x) = scaling x A B."""
+
+    low_rank = True
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+    @torch.no_grad()
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.op not in ("linear", "conv1d"):
+            raise NotSupported(f"unmerged export supports {self.kind} on linear and Conv1D sites; {self.op} sites "
+                               "must be merged")
+        return self.lora_A.detach().clone(), (self.lora_B.detach() * self.scaling).clone()
