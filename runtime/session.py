@@ -32,11 +32,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rewrite.errors import AdapterFileError, DeploymentError, RuntimeUseError
+from rewrite.errors import AdapterFileError, DeploymentError, RuntimeUseError, did_you_mean, first_line
 from rewrite.formats.manifest import MANIFEST, read_manifest
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.names import check_adapter_name
 from rewrite.runtime.adapter_source import read_factors
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,11 @@ class AdapterSession:
     def input_names(self) -> list[str]:
         return [i.name for i in self._session.get_inputs()]
 
+    @property
+    def _internal_inputs(self) -> set[str]:
+        """Inputs the session feeds itself: adapter_ids and the adapter tensors."""
+        return {self.entry.ids_input, *(n for s in self.entry.sites for n in (s.A, s.B))} - {None}
+
     # ---- serving -------------------------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray], *, adapter: str | None = None,
             adapter_ids: Sequence[str | int | None] | np.ndarray | None = None,
@@ -143,22 +151,49 @@ class AdapterSession:
         snap = self._snapshot
         if adapter is not None and adapter_ids is not None:
             raise RuntimeUseError("give `adapter` (one for the batch) or `adapter_ids` (one per row), not both")
+        self._check_feeds(feeds)
         if self.switching == "ort-adapters":
             if adapter_ids is not None:
                 adapter = self._one_adapter(adapter_ids, self._batch(feeds))
             if adapter is None:
-                return self._session.run(output_names, feeds)
+                return self._ort_run(output_names, feeds)
             # RunOptions points at its LoraAdapter without owning it: `active` keeps both alive for this run even if
             # the adapter is removed or replaced meanwhile; once no run holds them they are freed.
             active = snap.run_options.get(adapter)
             if active is None:
                 raise _unknown(adapter, snap.run_options)
-            return self._session.run(output_names, feeds, active[0])
+            return self._ort_run(output_names, feeds, active[0])
         all_feeds = dict(feeds)
         all_feeds[self.entry.ids_input] = self._ids(snap, self._batch(feeds), adapter, adapter_ids)
         if snap.bank_dirty:
             all_feeds.update(snap.bank)
-        return self._session.run(output_names, all_feeds)
+        return self._ort_run(output_names, all_feeds)
+
+    def _check_feeds(self, feeds) -> None:
+        """The model's own inputs, each once, as arrays of the element type and rank the model takes."""
+        if not isinstance(feeds, dict):
+            raise RuntimeUseError(f"feeds: expected a dict of input name -> array, got {type(feeds).__name__}")
+        own = {i.name: i for i in self._session.get_inputs() if i.name not in self._internal_inputs}
+        for name, value in feeds.items():
+            if name not in own:
+                raise RuntimeUseError(f"feeds: {name!r} is not an input of {self.model_path} (inputs: "
+                                      f"{', '.join(own)}){did_you_mean(str(name), own)}")
+            want, array = _ORT_TYPES.get(own[name].type), np.asarray(value)
+            if want is not None and array.dtype != want:
+                raise RuntimeUseError(f"feeds[{name!r}]: dtype {array.dtype}, the model takes {np.dtype(want)}")
+            if array.ndim != len(own[name].shape):
+                raise RuntimeUseError(f"feeds[{name!r}]: {array.ndim} dims {array.shape}, the model takes "
+                                      f"{len(own[name].shape)} {own[name].shape}")
+        missing = [name for name in own if name not in feeds]
+        if missing:
+            raise RuntimeUseError(f"feeds: give the model's inputs as arrays with a batch dimension (missing: "
+                                  f"{', '.join(missing)})")
+
+    def _ort_run(self, output_names, feeds, run_options=None) -> list[np.ndarray]:
+        try:
+            return self._session.run(output_names, feeds, run_options)
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types; a bad call is the caller's
+            raise RuntimeUseError(f"{self.model_path}: ONNX Runtime refused the call: {first_line(err)}") from None
 
     @staticmethod
     def _batch(feeds: dict[str, np.ndarray]) -> int:

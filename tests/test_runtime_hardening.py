@@ -88,6 +88,24 @@ def test_empty_feeds_are_refused(bank):
         bank.run({}, adapter="a")
 
 
+BAD_FEEDS = [
+    ({"xx": X}, r"feeds: 'xx' is not an input of .*model.onnx \(inputs: x\) Did you mean: 'x'"),
+    ({"x": X.astype(np.float64)}, r"feeds\['x'\]: dtype float64, the model takes float32"),
+    ({"x": X[None]}, r"feeds\['x'\]: 4 dims \(1, 4, 3, 64\), the model takes 3"),
+    ({"x": X[..., :63]}, r"model.onnx: ONNX Runtime refused the call: .*"),
+    ({"x": X, "adapter_ids": np.zeros(4, np.int64)}, "'adapter_ids' is not an input"),
+]
+
+
+@pytest.mark.parametrize("switching", ["bank", "ort-adapters"])
+@pytest.mark.parametrize("feeds, message", BAD_FEEDS, ids=[m[:24] for _, m in BAD_FEEDS])
+def test_bad_feeds_are_the_callers_error(deployment, switching, feeds, message):
+    with AdapterSession(deployment(switching)) as session:
+        with pytest.raises(RuntimeUseError, match=message):
+            session.run(feeds, adapter="a")
+        assert session.run({"x": X}, adapter="a")[0].shape[0] == X.shape[0]  # still serving
+
+
 def test_one_adapter_per_run_refuses_an_empty_name(deployment):
     with AdapterSession(deployment("ort-adapters")) as session:
         with pytest.raises(RuntimeUseError, match="the adapter name is empty"):
