@@ -52,7 +52,7 @@ from rewrite.allocators import TRAINING_SCORERS
 from rewrite.costmodel import CostModel, LatencyTable, site_shape
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at, drop_adapter, unwire
-from rewrite.pass_infra import GraphPass, PassResult
+from rewrite.pass_infra import GraphPass, PassResult, real_weights
 from rewrite.passes.rank_options import ABSOLUTE
 from rewrite.passes.training_allocation import TrainingAllocatorOptions, allocate_while_training, options_key
 from rewrite.report import new_report, site_layer, write_report
@@ -118,9 +118,7 @@ class AllocatePass(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         o, where = self.options, self.context.where
-        state = state_of(gm)
-        if state.device == "meta":
-            raise SpecError(f"{where}: allocate reads weights (and data): capture on a real device, not meta")
+        state = real_weights(gm, where, "allocate reads weights (and data)")
         table = state.sites
         by_owner: dict[str, list] = {}
         for site in table.values():

@@ -18,12 +18,11 @@ import torch.fx as fx
 
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at, drop_adapter, unwire
-from rewrite.pass_infra import GraphPass, PassOptions, PassResult
+from rewrite.pass_infra import AdapterChoice, GraphPass, PassResult
 from rewrite.state import state_of
 
 
-class MergeOptions(PassOptions):
-    adapters: list[str] | None = None
+class MergeOptions(AdapterChoice):
     keep_original: bool = False
 
 

@@ -42,9 +42,8 @@ from pydantic import Field, model_validator
 
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at
-from rewrite.pass_infra import GraphPass, PassResult
+from rewrite.pass_infra import GraphPass, PassResult, real_weights
 from rewrite.passes.training_allocation import TrainingAllocatorOptions, allocate_while_training, options_key
-from rewrite.state import state_of
 
 MARK = "_rewrite_trained"
 
@@ -80,9 +79,7 @@ class TrainPass(GraphPass):
         from rewrite.train import adapter_modules, train
 
         o, where = self.options, self.context.where
-        state = state_of(gm)
-        if state.device == "meta":
-            raise SpecError(f"{where}: train needs real weights: capture on cpu, not meta")
+        state = real_weights(gm, where, "train needs real weights")
         data = self.context.data
         if data is None:
             raise SpecError(f"{where}: pass 'train' needs training data: add a [data] table (path = a tensor file "

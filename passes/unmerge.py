@@ -10,17 +10,13 @@ import torch.fx as fx
 
 from rewrite.errors import SpecError
 from rewrite.graph_edit import register_adapter, wire
-from rewrite.pass_infra import GraphPass, PassOptions, PassResult
+from rewrite.pass_infra import AdapterChoice, GraphPass, PassResult
 from rewrite.state import state_of
-
-
-class UnmergeOptions(PassOptions):
-    adapters: list[str] | None = None
 
 
 class UnmergePass(GraphPass):
     name = "unmerge"
-    Options = UnmergeOptions
+    Options = AdapterChoice
 
     def preserves_outputs(self) -> bool:
         return True

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from rewrite.capture import max_abs_diff
 from rewrite.errors import PassError, RewriteError, SpecError, VerifyError, describe
 from rewrite.finite import nonfinite_key
-from rewrite.state import PassRecord, state_of
+from rewrite.state import PassRecord, RewriteState, state_of
 
 
 class PassOptions(BaseModel):
@@ -43,6 +43,11 @@ class PassOptions(BaseModel):
         if key is not None:
             raise ValueError(f"{key or 'the value'} is NaN or Infinity; numbers must be finite")
         return value
+
+
+class AdapterChoice(PassOptions):
+    """`adapters`: the adapters a pass acts on (default: every attached one)."""
+    adapters: list[str] | None = None
 
 
 @dataclass
@@ -94,6 +99,14 @@ class PassContext:
         if not target.is_relative_to(root):
             raise SpecError(f"{self.at(key)}: {key} = {path!r} leaves the output directory")
         return target
+
+
+def real_weights(gm: fx.GraphModule, where: str, needs: str) -> RewriteState:
+    """The graph's state, once it is known to hold real weights (not a meta-device capture)."""
+    state = state_of(gm)
+    if state.device == "meta":
+        raise SpecError(f"{where}: {needs}: capture on a real device, not meta")
+    return state
 
 
 class GraphPass:
