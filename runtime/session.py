@@ -19,6 +19,7 @@ goes with `close()`, `with`, garbage collection or interpreter exit.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import threading
@@ -139,10 +140,11 @@ class AdapterSession:
     def input_names(self) -> list[str]:
         return [i.name for i in self._session.get_inputs()]
 
-    @property
-    def _internal_inputs(self) -> set[str]:
-        """Inputs the session feeds itself: adapter_ids and the adapter tensors."""
-        return {self.entry.ids_input, *(n for s in self.entry.sites for n in (s.A, s.B))} - {None}
+    @functools.cached_property
+    def _own_inputs(self) -> dict[str, tuple[type | None, list]]:
+        """{input name: (numpy dtype, shape)} of the model's own inputs (not adapter_ids, not the adapter tensors)."""
+        internal = {self.entry.ids_input, *(n for s in self.entry.sites for n in (s.A, s.B))}
+        return {i.name: (_ORT_TYPES.get(i.type), i.shape) for i in self._session.get_inputs() if i.name not in internal}
 
     # ---- serving -------------------------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray], *, adapter: str | None = None,
@@ -173,17 +175,17 @@ class AdapterSession:
         """The model's own inputs, each once, as arrays of the element type and rank the model takes."""
         if not isinstance(feeds, dict):
             raise RuntimeUseError(f"feeds: expected a dict of input name -> array, got {type(feeds).__name__}")
-        own = {i.name: i for i in self._session.get_inputs() if i.name not in self._internal_inputs}
+        own = self._own_inputs
         for name, value in feeds.items():
             if name not in own:
                 raise RuntimeUseError(f"feeds: {name!r} is not an input of {self.model_path} (inputs: "
                                       f"{', '.join(own)}){did_you_mean(str(name), own)}")
-            want, array = _ORT_TYPES.get(own[name].type), np.asarray(value)
+            (want, shape), array = own[name], np.asarray(value)
             if want is not None and array.dtype != want:
                 raise RuntimeUseError(f"feeds[{name!r}]: dtype {array.dtype}, the model takes {np.dtype(want)}")
-            if array.ndim != len(own[name].shape):
+            if array.ndim != len(shape):
                 raise RuntimeUseError(f"feeds[{name!r}]: {array.ndim} dims {array.shape}, the model takes "
-                                      f"{len(own[name].shape)} {own[name].shape}")
+                                      f"{len(shape)} {shape}")
         missing = [name for name in own if name not in feeds]
         if missing:
             raise RuntimeUseError(f"feeds: give the model's inputs as arrays with a batch dimension (missing: "
