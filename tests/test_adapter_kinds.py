@@ -15,19 +15,15 @@ import copy
 
 import pytest
 import torch
-from models import build
 
 from rewrite.adapters import KINDS
 from rewrite.adapters.base import SETTINGS, NotSupported
 from rewrite.adapters.for_site import ADAPTABLE_OPS
-from rewrite.capture import capture
 from rewrite.graph_edit import adapters_at
-from rewrite.inputs import example_inputs
-from rewrite.load import LoadedModel
-from rewrite.options import CaptureOptions
-from rewrite.pass_infra import PassContext
-from rewrite.passes import REGISTRY
 from rewrite.state import state_of
+
+from helpers import capture_hf, logits
+from helpers import run_pass as run
 
 MODELS = {"linear": ("llama", ["q_proj", "v_proj", "down_proj"]), "conv1d": ("gpt2", ["c_attn", "c_proj"])}
 CASES = [(name, op) for name, kind in KINDS.items() for op in ("linear", "conv1d") if op in kind.ops]
@@ -37,22 +33,9 @@ CASES = [(name, op) for name, kind in KINDS.items() for op in ("linear", "conv1d
 def captured():
     out = {}
     for op, (name, _) in MODELS.items():
-        model = build(name)
-        inputs = example_inputs(model, model.config, CaptureOptions(), "<test>")
-        gm, _ = capture(LoadedModel(model, None, "hf", name, model.config), inputs)
-        with torch.no_grad():
-            out[op] = (gm, inputs.kwargs, model(**inputs.kwargs).logits)
+        model, gm, kwargs = capture_hf(name)
+        out[op] = (gm, kwargs, logits(model, kwargs))
     return out
-
-
-def run(gm, name: str, **options):
-    cls = REGISTRY[name]
-    return cls(cls.Options(**options), PassContext(where="spec.toml:3"))(gm)
-
-
-def logits(gm, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return gm(**inputs).logits
 
 
 def _perturb(gm, seed: int = 0) -> None:

@@ -9,6 +9,7 @@ low-rank deltas (where the ranks must go).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -27,12 +28,13 @@ from rewrite.errors import DataError, SpecError
 from rewrite.graph_edit import adapters_at
 from rewrite.inputs import example_inputs
 from rewrite.load import LoadedModel
-from rewrite.pass_infra import PassContext
+from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec
 from rewrite.passes import REGISTRY
 from rewrite.planted import ResMLP, plant
 from rewrite.report import load_report, rank_grid, site_layer, spearman
-from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec
 from rewrite.state import state_of
+
+from helpers import run_pass
 
 WIDTH = 16
 PLAN = {"blocks.0.up": 0, "blocks.0.down": 6, "blocks.1.up": 1, "blocks.1.down": 8, "blocks.2.up": 3,
@@ -70,11 +72,7 @@ def setup(tmp_path_factory) -> Setup:
     return Setup(tmp_path_factory.mktemp("allocate"))
 
 
-def run(gm, name: str, root: Path, *, data: DataOptions | None = None, **options):
-    cls = REGISTRY[name]
-    context = PassContext(spec_dir=root, output_dir=root, where="spec.toml:9", data=data,
-                          locate=lambda key: f"spec.toml:9 ({key})")
-    return cls(cls.Options(**options), context)(gm)
+run = functools.partial(run_pass, where="spec.toml:9", keys=True)
 
 
 def ranks_of(gm, names=PLAN, adapter: str = "default") -> dict[str, int]:

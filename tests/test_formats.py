@@ -8,6 +8,7 @@ AdapterFileError naming the file, through each format's reader and through the r
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import subprocess
 import sys
@@ -20,20 +21,27 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-import factories
 from rewrite.capture import capture
 from rewrite.errors import AdapterFileError
 from rewrite.formats.adapter_file import read_adapter_file, write_adapter_file
 from rewrite.formats.onnx_adapter import read_onnx_adapter, write_onnx_adapter
-from rewrite.formats.peft_dir import (LoraSettings, alpha_for_scale, lora_config, lora_scale, read_peft_dir,
-                                      tensor_key, write_peft_dir)
+from rewrite.formats.peft_dir import (
+    LoraSettings,
+    alpha_for_scale,
+    lora_config,
+    lora_scale,
+    read_peft_dir,
+    tensor_key,
+    write_peft_dir,
+)
 from rewrite.graph_edit import adapters_at
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
-from rewrite.pass_infra import PassContext
-from rewrite.passes import REGISTRY
 from rewrite.runtime.adapter_source import read_factors
 from rewrite.tensors import from_numpy
+
+import factories
+from helpers import run_pass
 
 peft = pytest.importorskip("peft")
 
@@ -42,11 +50,7 @@ TARGETS = ["layers.0", "layers.2"]
 SITE_INFO = {"op": "linear", "rank": 2, "alpha": 4.0, "rslora": False, "d_in": 64, "d_out": 64}
 
 
-def run(gm, name: str, root: Path, **options):
-    cls = REGISTRY[name]
-    context = PassContext(spec_dir=root, output_dir=root, where="spec.toml:4",
-                          locate=lambda key: f"spec.toml:4 ({key})")
-    return cls(cls.Options(**options), context)(gm)
+run = functools.partial(run_pass, where="spec.toml:4", keys=True)
 
 
 # ---------------------------------------------------------------------------------------------- bfloat16

@@ -10,32 +10,20 @@ import warnings
 
 import pytest
 import torch
-from models import build
 
-from rewrite.capture import capture
 from rewrite.errors import RewriteError
 from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.graph_edit import adapters_at
-from rewrite.inputs import example_inputs
-from rewrite.load import LoadedModel
-from rewrite.options import CaptureOptions, ExportOptions
-from rewrite.pass_infra import PassContext
+from rewrite.options import ExportOptions
 from rewrite.passes import REGISTRY
+
+from helpers import capture_hf, logits
+from helpers import run_pass as run
+from models import build
 
 peft = pytest.importorskip("peft")
 
 CASES = {"llama": (["k_proj", "v_proj"], ["down_proj"]), "gpt2": (["c_attn"], ["mlp.c_proj"])}
-
-
-def run(gm, name: str, directory=None, **options):
-    cls = REGISTRY[name]
-    return cls(cls.Options(**options), PassContext(spec_dir=directory or ".", output_dir=directory,
-                                                   where="spec.toml:3"))(gm)
-
-
-def logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def _peft_model(name: str, outputs: list[str], inputs: list[str]):
@@ -51,9 +39,7 @@ def _peft_model(name: str, outputs: list[str], inputs: list[str]):
 
 
 def _ours(name: str, outputs: list[str], inputs: list[str], theirs):
-    model = build(name)
-    example = example_inputs(model, model.config, CaptureOptions(), "<test>")
-    gm, _ = capture(LoadedModel(model, None, "hf", name, model.config), example)
+    _, gm, kwargs = capture_hf(name)
     run(gm, "insert", kind="ia3", targets=outputs, adapter="tuned")
     run(gm, "insert", kind="ia3_ff", targets=inputs, adapter="tuned")
     vectors = {n.removeprefix("base_model.model.").removesuffix(".ia3_l.default"): p
@@ -61,7 +47,7 @@ def _ours(name: str, outputs: list[str], inputs: list[str], theirs):
     with torch.no_grad():
         for owner, l in vectors.items():
             adapters_at(gm, owner)["tuned"].load_peft_state({"ia3_l": l})
-    return gm, example.kwargs, len(vectors)
+    return gm, kwargs, len(vectors)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -74,7 +60,7 @@ def test_forward_merge_and_save_equal_peft(name, tmp_path):
     assert sum(n.op == "call_module" and str(n.target).startswith("adapters.") for n in gm.graph.nodes) == sites
     torch.testing.assert_close(logits(gm, kwargs), expected, rtol=1e-5, atol=1e-5)
 
-    run(gm, "save", directory=tmp_path, path="ours", adapter="tuned")
+    run(gm, "save", root=tmp_path, path="ours", adapter="tuned")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = peft.PeftModel.from_pretrained(build(name), tmp_path / "ours").eval()

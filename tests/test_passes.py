@@ -17,27 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
-from models import build
 from rewrite.adapters.lora import LoRA
-from rewrite.capture import capture
 from rewrite.errors import PassError, SpecError, VerifyError
 from rewrite.graph_edit import adapters_at
-from rewrite.inputs import example_inputs
-from rewrite.load import LoadedModel
 from rewrite.pass_infra import GraphPass, PassContext, PassManager, PassOptions, PassResult, ScheduledPass
 from rewrite.passes import REGISTRY
 from rewrite.pipeline import schedule
 from rewrite.sites import resolve, select
-from rewrite.options import CaptureOptions
 from rewrite.spec import parse_spec
 from rewrite.state import AdapterTag, state_of
+
+from helpers import capture_hf, logits
+from helpers import run_pass as run
+from models import build
 
 aten = torch.ops.aten
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
@@ -57,11 +56,8 @@ class Captured:
 
 
 def _capture(name: str) -> Captured:
-    model = build(name)
-    inputs = example_inputs(model, model.config, CaptureOptions(), "<test>")
-    gm, report = capture(LoadedModel(model, None, "hf", name, model.config), inputs)
-    assert report.replay_max_abs_diff == 0.0
-    return Captured(model, gm, inputs.kwargs, logits(gm, inputs.kwargs))
+    model, gm, kwargs = capture_hf(name)
+    return Captured(model, gm, kwargs, logits(gm, kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +68,6 @@ def llama() -> Captured:
 @pytest.fixture(scope="module")
 def gpt2() -> Captured:
     return _capture("gpt2")
-
-
-def logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def run(gm: fx.GraphModule, name: str, *, where: str = "spec.toml:3", directory: Path = Path("."), **options):
-    """Run one registered pass directly (no manager): the pass contract itself."""
-    cls = REGISTRY[name]
-    return cls(cls.Options(**options), PassContext(spec_dir=directory, output_dir=directory, where=where))(gm)
 
 
 def kinds(gm: fx.GraphModule) -> dict[str, int]:
@@ -305,8 +290,8 @@ def test_each_pass_twice_second_run_is_a_no_op(llama, tmp_path):
     assert (second.modified, second.stats["sites"], gm.code, kinds(gm)) == (False, 0, code, counts)
 
     randomize_b(gm)
-    assert run(gm, "save", path="a.safetensors", format="rewrite", directory=tmp_path).modified is False
-    loaded = run(gm, "load", path="a.safetensors", directory=tmp_path)  # the same weights again
+    assert run(gm, "save", path="a.safetensors", format="rewrite", root=tmp_path).modified is False
+    loaded = run(gm, "load", path="a.safetensors", root=tmp_path)  # the same weights again
     assert (loaded.modified, loaded.stats["modules"], loaded.stats["changed"], gm.code) == (False, 4, 0, code)
 
     assert run(gm, "merge", keep_original=True).modified
@@ -355,13 +340,13 @@ def test_save_rewrite_then_load_into_fresh_capture(llama, tmp_path):
     run(gm, "insert", targets=["q_proj", "v_proj"], adapter="style", rank=4, alpha=8, rslora=True,
         rank_pattern={V1: 2})
     randomize_b(gm, "style")
-    saved = run(gm, "save", adapter="style", path="out/style.safetensors", format="rewrite", directory=tmp_path)
+    saved = run(gm, "save", adapter="style", path="out/style.safetensors", format="rewrite", root=tmp_path)
     assert saved.modified is False and saved.stats["modules"] == 4
     assert (tmp_path / "out" / "style.safetensors").is_file()
 
     fresh = llama.fresh()
     before = kinds(fresh)
-    result = run(fresh, "load", adapter="style", path="out/style.safetensors", directory=tmp_path)
+    result = run(fresh, "load", adapter="style", path="out/style.safetensors", root=tmp_path)
     assert result.modified and (result.stats["modules"], result.stats["changed"]) == (4, 4)
     assert kinds(fresh) == dict(nodes=before["nodes"] + 8, adapters=4, joins=4, adds=before["adds"] + 4)
     for owner in (Q0, V0, Q1, V1):
@@ -414,7 +399,7 @@ def test_peft_library_round_trip(llama, tmp_path):
     run(gm, "load", path=str(tmp_path / "theirs"))
     torch.testing.assert_close(logits(gm, llama.inputs), expected, **TOL)
 
-    run(gm, "save", path="ours", format="peft", directory=tmp_path)
+    run(gm, "save", path="ours", format="peft", root=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours").eval()

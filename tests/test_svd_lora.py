@@ -13,6 +13,7 @@ writes; ONNX Runtime runs both exports.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import numpy as np
@@ -30,8 +31,9 @@ from rewrite.errors import AdapterFileError, ExportError, SpecError
 from rewrite.graph_edit import adapters_at
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
-from rewrite.pass_infra import PassContext
 from rewrite.passes import REGISTRY
+
+from helpers import run_pass
 
 RANK, ALPHA = 3, 6.0
 CASES = {"fx": ("fx", ["conv", "fc", "proj"]), "export-conv1d": ("export", ["fc", "proj"])}
@@ -64,11 +66,7 @@ def base(request):
     return model, gm, kwargs, sites
 
 
-def run(gm, name: str, root=None, **options):
-    cls = REGISTRY[name]
-    context = PassContext(spec_dir=root or ".", output_dir=root, where="spec.toml:4",
-                          locate=lambda key: f"spec.toml:4 ({key})")
-    return cls(cls.Options(**options), context)(gm)
+run = functools.partial(run_pass, where="spec.toml:4", keys=True)
 
 
 def inserted(base, sites=None, seed: int = 2):
@@ -201,8 +199,8 @@ def test_merged_and_unmerged_onnx_match_the_graph(base, tmp_path):
     import onnxruntime as ort
 
     from rewrite.check import check_unmerged
-    from rewrite.export.onnx_merged import export_merged
     from rewrite.export.manifest import build_manifest
+    from rewrite.export.onnx_merged import export_merged
     from rewrite.export.onnx_unmerged import export_unmerged
     from rewrite.formats.manifest import MANIFEST, write_manifest
     from rewrite.options import ExportOptions
