@@ -140,11 +140,11 @@ class AllocatePass(GraphPass):
         check_mapping(table, o.max_rank_pattern, f"{self.context.at('max_rank_pattern')} max_rank_pattern")
         key = options_key(o, self.context.data)
         modules = {owner: adapters_at(gm, owner)[o.adapter] for owner in owners}
-        svd_form = [owner for owner, m in modules.items() if m.kind != "lora"]
-        if svd_form:
-            raise SpecError(f"{self.context.at('scorer')}: scorer = {o.scorer!r} resizes LoRA adapters; adapter "
-                            f"{o.adapter!r} is SVD-form (svd_lora) at {svd_form[:3]}: use scorer = \"adalora\" or "
-                            "\"increlora\", which allocate SVD-form adapters")
+        fixed = {owner: m.kind for owner, m in modules.items() if not m.resizable}
+        if fixed:
+            raise SpecError(f"{self.context.at('scorer')}: scorer = {o.scorer!r} resizes adapters freely; adapter "
+                            f"{o.adapter!r} is {sorted(set(fixed.values()))} at {list(fixed)[:3]}, which cannot be: "
+                            "SVD-form adapters (svd_lora) are allocated by scorer = \"adalora\" or \"increlora\"")
         if all(getattr(m, MARK, None) == key for m in modules.values()):
             return PassResult(gm, False, {"adapter": o.adapter, "sites": len(owners), "note": "already allocated"})
 

@@ -228,6 +228,7 @@ def test_merged_and_unmerged_onnx_match_the_graph(base, tmp_path):
 
 def test_allocate_refuses_svd_form_for_training_free_scorers(base):
     gm = inserted(base)
-    with pytest.raises(SpecError, match=r"scorer = 'spectrum' resizes LoRA adapters; adapter 'default' is SVD-form"):
+    with pytest.raises(SpecError, match=r"scorer = 'spectrum' resizes adapters freely; adapter 'default' is "
+                                        r"\['svd_lora'\]"):
         run(gm, "allocate", scorer="spectrum", targets=["fc", "proj"], budget={"params": 10}, report="")
     assert all(isinstance(adapters_at(gm, o)["default"], SvdLoRA) for o in base[3])

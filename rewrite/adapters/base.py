@@ -13,6 +13,8 @@ What a kind declares (class attributes):
                 for this kind is refused
     inits       the `init` values it accepts, default first (each must start as the identity)
     mergeable   whether `merge_into` folds it into the base weights exactly
+    resizable   whether `resize(rank, keep)` grows and shrinks it freely (what `allocate` needs; the SVD form only
+                shrinks, under its training allocators)
     low_rank    whether `factors()` gives (A [d_in, r], B [r, d_out]) with delta(x) = x A B: what the unmerged
                 lowerings (ort-adapters, bank, custom-op) switch per run or per batch row
     peft_type   PEFT's name for it ("LORA", "IA3"), or None when PEFT has no such tuner; kinds sharing a
@@ -46,6 +48,7 @@ class AdapterKind(nn.Module):
     settings: ClassVar[tuple[str, ...]] = SETTINGS
     inits: ClassVar[tuple[str, ...]] = ("zeros",)
     mergeable: ClassVar[bool] = True
+    resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
 

@@ -43,6 +43,7 @@ class LoRA(LowRank):
     kind = "lora"
     ops = ("linear", "conv1d", "conv2d", "embedding")
     inits = IDENTITY_INITS
+    resizable = True
     peft_type = "LORA"
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, rslora: bool = False,
