@@ -28,6 +28,7 @@ from rewrite.errors import AdapterFileError, SpecError
 from rewrite.formats.adapter_file import write_adapter_file
 from rewrite.formats.peft_dir import write_peft_dir
 from rewrite.graph_edit import adapters_at
+from rewrite.modes import as_created
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
 from rewrite.state import state_of
@@ -63,6 +64,7 @@ class SavePass(GraphPass):
         target = self._target()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        as_created(tmp)  # a PEFT directory is this folder itself
         try:
             produced = self._write(tmp, name, modules)
             _move(produced, self._target(), replace=not Path(self.options.path).is_absolute())

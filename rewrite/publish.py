@@ -32,6 +32,7 @@ from typing import Self
 
 from rewrite.errors import OutputError
 from rewrite.formats.manifest import FORMAT, MANIFEST
+from rewrite.modes import as_created
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
@@ -181,6 +182,7 @@ class Staging:
         try:
             with _locked(self.out.parent):
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+                as_created(self.tmp)  # it becomes OUT
                 self._lock = _try_lock(self.tmp)
                 recover(self.out)
         except OSError as err:

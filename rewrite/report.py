@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rewrite.errors import RewriteError
+from rewrite.modes import as_created
 
 FORMAT, VERSION = "rewrite-allocation", 1
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
@@ -86,6 +87,7 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data.encode() if isinstance(data, str) else data)
+    as_created(tmp)
     os.replace(tmp, path)
 
 

@@ -22,7 +22,7 @@ PACKAGE_DIRS = {"rewrite": ROOT / "rewrite", "rewrite.passes": ROOT / "passes", 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("rewrite.errors",)),
     ("formats", ("rewrite.formats", "rewrite.options", "rewrite.names", "rewrite.finite", "rewrite.toml_locate",
-                 "rewrite.factory")),
+                 "rewrite.factory", "rewrite.modes")),
     ("ir", ("rewrite.load", "rewrite.pt2_archive", "rewrite.capture", "rewrite.inputs", "rewrite.sites",
             "rewrite.graph_edit", "rewrite.state", "rewrite.data", "rewrite.tensors")),
     ("adapters", ("rewrite.adapters",)),

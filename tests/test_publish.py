@@ -303,6 +303,32 @@ def test_no_stale_file_of_an_earlier_run_survives(box):
     assert os.listdir(box / "out") == ["manifest.json"] and beside(box / "out") == []
 
 
+SAVE = '[[pass]]\nname = "save"\npath = "adapters/tuned"\n'
+
+
+@pytest.fixture
+def umask(request):
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], indirect=True)
+def test_everything_written_has_the_mode_the_umask_gives(box, umask):
+    """OUT, a saved PEFT directory and the reports are as readable as any file the user creates (tempfile's
+    0700 / 0600 would hide them from a server running as another user)."""
+    (box / "save.toml").write_text(f'version = 1\n{NET_INPUTS}{INSERT}{ALLOCATE}{SAVE}[export]\nformat = "none"\n')
+    assert apply(box, "save.toml") == 0
+    out = box / "out"
+    made = [out, *out.rglob("*")]
+    assert {p.relative_to(out).as_posix() for p in made if p.is_file()} >= {
+        "manifest.json", "allocation.json", "allocation.md", "adapters/tuned/adapter_config.json",
+        "adapters/tuned/adapter_model.safetensors"}
+    for path in made:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, (path, oct(path.stat().st_mode & 0o777))
+
+
 def test_cli_refuses_a_user_directory_before_loading_anything(box, capsys):
     (box / "out").mkdir()
     (box / "out" / "notes.txt").write_text("user data")

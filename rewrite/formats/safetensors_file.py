@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from rewrite.errors import AdapterFileError, RewriteError
 from rewrite.finite import check_tensors
+from rewrite.modes import as_created
 
 
 def read_safetensors(path: Path, error: type[RewriteError] = AdapterFileError
@@ -37,3 +38,4 @@ def read_safetensors(path: Path, error: type[RewriteError] = AdapterFileError
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` to `path` (callers that need atomicity give a temporary path and move it)."""
     save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, path, metadata=metadata)
+    as_created(path)  # safetensors writes 0600
