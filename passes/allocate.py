@@ -134,8 +134,10 @@ class AllocatePass(GraphPass):
                                 "(insert or load it first)")
             owners = [owner for owner in owners if owner in chosen]
         if not owners:
-            raise SpecError(f"{where}: adapter {o.adapter!r} is attached to no site; insert or load it before "
-                            "allocate")
+            attached = sorted({name for owner in by_owner for name in adapters_at(gm, owner)})
+            raise SpecError(f"{where}: adapter {o.adapter!r} is attached to no site (attached: "
+                            f"{', '.join(attached) or 'none'}); set adapter = one of them, or insert or load it "
+                            "before allocate")
         check_mapping(table, o.min_rank_pattern, f"{self.context.at('min_rank_pattern')} min_rank_pattern")
         check_mapping(table, o.max_rank_pattern, f"{self.context.at('max_rank_pattern')} max_rank_pattern")
         key = options_key(o, self.context.data)

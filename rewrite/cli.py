@@ -21,11 +21,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import rewrite
 from rewrite.errors import RewriteError, SpecError, describe
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewrite", description="A compiler for adapters.")
+    parser.add_argument("--version", action="version", version=f"rewrite {rewrite.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     apply = sub.add_parser("apply", help="load MODEL, run the spec's passes, export")
     apply.add_argument("spec", help="spec.toml")

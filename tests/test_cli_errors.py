@@ -659,3 +659,12 @@ def test_a_failed_capture_prints_only_the_error_line(tmp_path, ok_spec):
     assert proc.returncode == 2
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: torch.export could not capture")
     assert proc.stdout == ""
+
+
+def test_version_prints_the_package_version(capsys):
+    import rewrite
+    from rewrite.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"rewrite {rewrite.__version__}"
