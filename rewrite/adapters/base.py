@@ -47,7 +47,7 @@ class AdapterKind(nn.Module):
     join: ClassVar[str] = "add"  # "add" | "output" | "input"
     settings: ClassVar[tuple[str, ...]] = SETTINGS
     inits: ClassVar[tuple[str, ...]] = ("zeros",)
-    mergeable: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False  # a kind that implements merge_into exactly says so
     resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
@@ -101,6 +101,7 @@ class LowRank(AdapterKind):
     """A kind with a LoRA view: `lora_A` [d_in, r], `lora_B` [r, d_out] and `scaling`, delta(x) = scaling x A B."""
 
     low_rank = True
+    mergeable = True
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float

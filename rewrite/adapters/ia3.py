@@ -26,6 +26,7 @@ class IA3(AdapterKind):
     join = "output"
     settings = ("init",)
     inits = ("ones",)
+    mergeable = True
     peft_type = "IA3"
     scales_input: ClassVar[bool] = False
 
