@@ -32,7 +32,7 @@ def build_manifest(gm: fx.GraphModule, *, source: str, exports: list[ExportEntry
         for name, module in adapters_at(gm, owner).items():
             adapters.append(LiveAdapter(site=owner, adapter=name, kind=module.kind, **module.manifest_entry()))
     for owner, names in state.merged.items():
-        adapters += [MergedAdapter(site=owner, adapter=name) for name in names]
+        adapters += [MergedAdapter(site=owner, adapter=name, **info) for name, info in names.items()]
     return Manifest(
         versions={"rewrite": rewrite.__version__, "torch": _version("torch"),
                   "transformers": _version("transformers"), "onnx": _version("onnx"),

@@ -72,7 +72,7 @@ class MergePass(GraphPass):
                 drop_adapter(gm, owner, name)
                 if self.options.keep_original:
                     state.originals[owner]["adapters"][name] = module
-                state.merged.setdefault(owner, []).append(name)
+                state.merged.setdefault(owner, {})[name] = dict(kind=module.kind, **module.manifest_entry())
                 merged_params += sum(p.numel() for p in module.parameters())
                 merged_sites += 1
         return PassResult(gm, merged_sites > 0, {"merged": merged_sites, "adapter_params_folded": merged_params})

@@ -34,7 +34,7 @@ class UnmergePass(GraphPass):
                 raise SpecError(f"{where}: {owner} was merged without keep_original = true; it cannot be unmerged "
                                 "exactly")
             if set(chosen) != set(names):
-                raise SpecError(f"{where}: {owner} has {names} merged; unmerge them together (got {chosen})")
+                raise SpecError(f"{where}: {owner} has {list(names)} merged; unmerge them together (got {chosen})")
             sites = [s for s in state.sites.values() if s.owner == owner]
             with torch.no_grad():
                 gm.get_parameter(sites[0].weight).data.copy_(kept["weight"])

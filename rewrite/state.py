@@ -57,7 +57,7 @@ class RewriteState:
     device: str = "cpu"
     inputs: Any = None  # rewrite.inputs.ExampleInputs used for capture, --verify and --check
     history: list[PassRecord] = field(default_factory=list)
-    merged: dict[str, list[str]] = field(default_factory=dict)  # site -> adapters folded into its weight
+    merged: dict[str, dict[str, dict]] = field(default_factory=dict)  # site -> {adapter folded in: its description}
     originals: dict[str, Any] = field(default_factory=dict)     # site -> base weight kept for unmerge
     origins: dict[str, AdapterOrigin] = field(default_factory=dict)  # adapter name -> the entry that made it
 

@@ -47,6 +47,25 @@ def test_round_trip_of_a_real_export(deployment, tmp_path):
     assert again == both and [type(e) for e in again.exports] == [UnmergedExport, MergedExport]
 
 
+def test_merged_adapters_keep_what_they_were(tmp_path):
+    """A merged export still says which adapters went into which weights, with kind, rank and scale."""
+    from rewrite.pipeline import apply
+    from rewrite.spec import parse_spec
+
+    spec = parse_spec('version = 1\n[capture]\nfrontend = "fx"\n[[capture.inputs]]\nname = "input"\nshape = [2, 16]\n'
+                      '[[pass]]\nname = "insert"\ntargets = ["0", "2"]\nrank = 4\nalpha = 8\nrank_pattern = { "2" = 2 }\n'
+                      '[[pass]]\nname = "merge"\n[export]\nformat = "none"\n')
+    apply(spec, "factories:mlp", tmp_path / "out")
+    adapters = json.loads((tmp_path / "out" / MANIFEST).read_text())["adapters"]
+    assert adapters == [
+        dict(site="0", adapter="default", kind="lora", op="linear", rank=4, alpha=8.0, rslora=False, scaling=2.0,
+             state="merged"),
+        dict(site="2", adapter="default", kind="lora", op="linear", rank=2, alpha=8.0, rslora=False, scaling=4.0,
+             state="merged"),
+    ]
+    assert read_manifest(tmp_path / "out").adapters[0].rank == 4
+
+
 def test_bank_entry(deployment):
     (entry,) = read_manifest(deployment("bank")).exports
     assert (entry.switching, entry.capacity, entry.ids_input, entry.bank_dtype) == ("bank", 4, "adapter_ids", "float32")

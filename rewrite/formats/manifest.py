@@ -66,7 +66,8 @@ class SiteInfo(_Strict):
     d_out: Count
 
 
-class LiveAdapter(_Strict):
+class _Adapter(_Strict):
+    """An adapter at a site, as its kind describes itself (`AdapterKind.manifest_entry`)."""
     site: str
     adapter: str
     kind: str
@@ -75,12 +76,14 @@ class LiveAdapter(_Strict):
     alpha: float | None = None
     rslora: bool | None = None
     scaling: float | None = None
+
+
+class LiveAdapter(_Adapter):
     state: Literal["live"] = "live"
 
 
-class MergedAdapter(_Strict):
-    site: str
-    adapter: str
+class MergedAdapter(_Adapter):
+    """Folded into the site's weights: what it was when merged."""
     state: Literal["merged"] = "merged"
 
 
