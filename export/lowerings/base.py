@@ -39,7 +39,6 @@ class Lowering:
     name: ClassVar[str]
     routed: ClassVar[bool]
     fused: ClassVar[bool] = False
-    bank_dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     keeps_shapes: ClassVar[bool] = True  # keep the exporter's value_info (False when input dims were changed)
 
     def module(self, padded: dict[str, dict[str, torch.Tensor]], names: list[str], slots: int, site: Site,

@@ -28,7 +28,6 @@ class CustomOp(Lowering):
     name = "custom-op"
     routed = True
     fused = True
-    bank_dtypes = ("float32", "float16")
 
     def module(self, padded, names, slots, site, dtype) -> nn.Module:
         return CustomOpBank(*bank_tensors(padded, names, slots, site), dtype)
