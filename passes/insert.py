@@ -87,24 +87,18 @@ class InsertPass(GraphPass):
     def preserves_outputs(self) -> bool:
         return True  # every kind's inits start as the identity (AdapterKind contract)
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def _check_maker(self, gm: fx.GraphModule, sites: list[Site]) -> AdapterOrigin:
         """Rule 8: refuse to reach sites where another entry made this adapter name with other options (they would
         be skipped silently); entries on disjoint sites build one adapter together (PEFT's IA3 mixes input- and
-        output-scaled modules in one adapter). The first entry is recorded as the maker."""
+        output-scaled modules in one adapter). Returns this entry's origin, recorded once it has run."""
         name = self.options.adapter
         origin = AdapterOrigin(self.name, self.options.model_dump_json(), self.context.where)
         first = state_of(gm).origins.get(name, origin)
-        if first != origin and self._reaches_existing(gm):
+        if first != origin and any(has_adapter(gm, s.owner, name) for s in sites):
             raise SpecError(f"{self.context.where}: adapter {name!r} was already made by the {first.pass_name} at "
                             f"{first.where} ({first.differences(origin)}) on sites this entry selects; one adapter "
                             "has one set of settings per site: give this one another name")
-        result = super().__call__(gm)
-        state_of(gm).origins.setdefault(name, origin)
-        return result
-
-    def _reaches_existing(self, gm: fx.GraphModule) -> bool:
-        sites = select(state_of(gm).sites, self.options.targets, self.context.at("targets"), ops=ADAPTABLE_OPS)
-        return any(has_adapter(gm, s.owner, self.options.adapter) for s in sites)
+        return origin
 
     def _check_ranks(self, gm: fx.GraphModule, sites: list[Site]) -> None:
         """Rule 7, before anything is created."""
@@ -133,6 +127,7 @@ class InsertPass(GraphPass):
         o, where = self.options, self.context.where
         table = state_of(gm).sites
         sites = select(table, o.targets, self.context.at("targets"), ops=ADAPTABLE_OPS)
+        origin = self._check_maker(gm, sites)
         check_mapping(table, o.rank_pattern, f"{self.context.at('rank_pattern')} rank_pattern")
         check_mapping(table, o.alpha_pattern, f"{self.context.at('alpha_pattern')} alpha_pattern")
         for key, value in o.rank_pattern.items():
@@ -160,5 +155,6 @@ class InsertPass(GraphPass):
                 created.add(site.owner)
             wire(gm, table.node_of(gm, site.name), site, o.adapter, adapters_at(gm, site.owner)[o.adapter])
             added_sites += 1
+        state_of(gm).origins.setdefault(o.adapter, origin)
         return PassResult(gm, added_sites > 0, {"sites": added_sites, "adapters": len(created),
                                                 "params_added": added_params, "adapter": o.adapter})

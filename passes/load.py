@@ -78,18 +78,12 @@ class LoadPass(GraphPass):
         options = {**self.options.model_dump(), "path": str(self.context.input_path(self.options.path).resolve())}
         return AdapterOrigin(self.name, json.dumps(options, sort_keys=True), self.context.where)
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        """Rule 7: after a successful load this entry made the adapter."""
-        result = super().__call__(gm)
-        state_of(gm).origins[self.options.adapter] = self._origin()
-        return result
-
-    def _check_maker(self, gm: fx.GraphModule, entries: dict[str, dict]) -> None:
-        """Rule 7, before anything changes."""
+    def _check_maker(self, gm: fx.GraphModule, entries: dict[str, dict]) -> AdapterOrigin:
+        """Rule 7, before anything changes; returns this entry's origin, which makes the adapter once it has run."""
         name, origin = self.options.adapter, self._origin()
         first = state_of(gm).origins.get(name, origin)
         if first == origin:
-            return
+            return origin
         made = {o: adapters_at(gm, o)[name] for o in _owners(state_of(gm).sites) if name in adapters_at(gm, o)}
         files = {o for o, e in entries.items() if "peft" in e or "ours" in e}
         problem = None
@@ -107,6 +101,7 @@ class LoadPass(GraphPass):
         if problem:
             raise AdapterFileError(f"{self.context.where}: adapter {name!r} was made by the {first.pass_name} at "
                                    f"{first.where}, and {problem}; load it under another adapter name")
+        return origin
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         path = self.context.input_path(self.options.path)
@@ -116,8 +111,10 @@ class LoadPass(GraphPass):
         if fmt == "auto":
             fmt = "peft" if path.is_dir() else "rewrite"
         entries = self._peft_entries(path, state_of(gm).sites) if fmt == "peft" else self._rewrite_entries(path)
-        self._check_maker(gm, entries)
-        return self._apply(gm, path, entries)
+        origin = self._check_maker(gm, entries)
+        result = self._apply(gm, path, entries)
+        state_of(gm).origins[self.options.adapter] = origin
+        return result
 
     @staticmethod
     def _peft_entries(path: Path, table: SiteTable) -> dict[str, dict]:

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from rewrite.errors import CaptureError
+from rewrite.errors import CaptureError, first_line
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
 from rewrite.sites import find_sites
@@ -92,7 +92,7 @@ def _export(model: torch.nn.Module, inputs: ExampleInputs, config: Any) -> fx.Gr
         elif "dynamic" in text.lower() or "specializ" in text.lower() or "constraint" in text.lower():
             hint = " Hint: try [capture] dynamic = false, or fix the dims of [[capture.inputs]]."
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
-                           f"{text.strip().splitlines()[0] if text.strip() else type(err).__name__}.{hint}") from None
+                           f"{first_line(err)}.{hint}") from None
     return program.module()
 
 

@@ -65,10 +65,15 @@ class RuntimeUseError(RewriteError):
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def plain(text: str) -> str:
+    """`text` without terminal colour codes (torch colours some of its messages)."""
+    return _ANSI.sub("", text)
+
+
 def first_line(err: BaseException) -> str:
     """The first non-blank line of an exception's message (terminal colours removed), or its type name when the
     message is empty."""
-    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    lines = [line.strip() for line in plain(str(err)).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from rewrite.errors import ModelLoadError, did_you_mean, first_line
+from rewrite.errors import ModelLoadError, did_you_mean, first_line, plain
 from rewrite.factory import call_factory, import_callable
 from rewrite.pt2_archive import load_archive
 
@@ -132,9 +132,6 @@ def _load_factory(text: str, device: str) -> LoadedModel:
     return LoadedModel(model.eval(), None, "factory", text, getattr(model, "config", None))
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
 def _weights_only_reason(detail: str) -> str:
     """The useful line of torch's weights_only error ('Unsupported operand 103'), not its advice."""
     lines = [line.strip() for line in detail.splitlines() if line.strip()]
@@ -149,7 +146,7 @@ def _load_pickle(path: Path, trust: bool) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = _ANSI.sub("", str(err))
+        detail = plain(str(err))
         objects = re.search(r"Unsupported global: (GLOBAL \S+)", detail)
         if not trust and objects is None:
             raise ModelLoadError(f"{path}: not a readable PyTorch file (corrupt, or not written by torch.save): "

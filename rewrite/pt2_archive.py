@@ -27,7 +27,7 @@ import sympy
 import torch
 import torch.utils._sympy.functions as torch_sympy
 
-from rewrite.errors import ModelLoadError
+from rewrite.errors import ModelLoadError, first_line
 
 _TRUST_HINT = ("Only load it as it is if you made or trust the file: pass --trust-pickle (or set [model] "
                "trust_pickle = true in the spec).")
@@ -81,8 +81,7 @@ class _Guards:
             try:
                 return real(f, *args, **kwargs)
             except pickle.UnpicklingError as err:
-                reason = str(err).splitlines()[0] if str(err) else "unpickling refused"
-                self._refuse(f"a pickled object that is not plain tensors ({reason})")
+                self._refuse(f"a pickled object that is not plain tensors ({first_line(err)})")
         return weights_only_load
 
     def unpickler(self, name: str):
@@ -142,8 +141,7 @@ def load_archive(path: Path, *, trust: bool) -> torch.export.ExportedProgram:
             program = torch.export.load(path)
     except Exception as err:  # noqa: BLE001 - any failure to read a user's archive is bad input
         if not guards.refused:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(f"{path}: not a readable torch.export archive: {first}") from None
+            raise ModelLoadError(f"{path}: not a readable torch.export archive: {first_line(err)}") from None
     if guards.refused:
         raise ModelLoadError(f"{path}: this archive holds {guards.refused[0]}; loading it could run code from "
                              f"the file. {_TRUST_HINT}")

@@ -78,8 +78,7 @@ class AdapterSession:
             self._session = ort.InferenceSession(str(self.model_path), options,
                                                  providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types; a broken file is bad input
-            raise DeploymentError(f"{self.model_path}: ONNX Runtime cannot load this model: "
-                                  f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+            raise DeploymentError(f"{self.model_path}: ONNX Runtime cannot load this model: {first_line(err)}"
                                   ) from None
         self._check_model_inputs()
         self._lock = threading.Lock()
