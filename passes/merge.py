@@ -26,12 +26,16 @@ class MergeOptions(AdapterChoice):
     keep_original: bool = False
 
 
-class MergePass(GraphPass):
-    name = "merge"
-    Options = MergeOptions
+class FoldPass(GraphPass):
+    """merge and unmerge: they move adapters between their branches and the base weights, so the outputs stay."""
 
     def preserves_outputs(self) -> bool:
         return True
+
+
+class MergePass(FoldPass):
+    name = "merge"
+    Options = MergeOptions
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, where = state_of(gm), self.context.where
@@ -49,7 +53,7 @@ class MergePass(GraphPass):
             weight_owners.setdefault(site.weight, set()).add(site.owner)
         merged_sites, merged_params = 0, 0
         for owner, modules in attached.items():
-            names = [n for n in modules if wanted is None or n in wanted]
+            names = self.options.chosen(modules)
             if not names:
                 continue
             site = next(s for s in state.sites.values() if s.owner == owner)

@@ -10,23 +10,20 @@ import torch.fx as fx
 
 from rewrite.errors import SpecError
 from rewrite.graph_edit import register_adapter, wire
-from rewrite.pass_infra import AdapterChoice, GraphPass, PassResult
+from rewrite.pass_infra import AdapterChoice, PassResult
+from rewrite.passes.merge import FoldPass
 from rewrite.state import state_of
 
 
-class UnmergePass(GraphPass):
+class UnmergePass(FoldPass):
     name = "unmerge"
     Options = AdapterChoice
 
-    def preserves_outputs(self) -> bool:
-        return True
-
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, where = state_of(gm), self.context.where
-        wanted = self.options.adapters
         restored = 0
         for owner, names in list(state.merged.items()):
-            chosen = [n for n in names if wanted is None or n in wanted]
+            chosen = self.options.chosen(names)
             if not chosen:
                 continue
             kept = state.originals.get(owner)

@@ -14,7 +14,7 @@ import copy
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,6 +48,10 @@ class PassOptions(BaseModel):
 class AdapterChoice(PassOptions):
     """`adapters`: the adapters a pass acts on (default: every attached one)."""
     adapters: list[str] | None = None
+
+    def chosen(self, names: Iterable[str]) -> list[str]:
+        """The names in `names` the pass acts on: all of them, or those listed in `adapters`."""
+        return [n for n in names if self.adapters is None or n in self.adapters]
 
 
 @dataclass

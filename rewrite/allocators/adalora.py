@@ -38,15 +38,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
+from rewrite.adapters.svd_lora import SvdLoRA
 from rewrite.allocators.bounds import Bound, clip_keep, keep_within, resolve_bounds
-from rewrite.allocators.common import finalize_svd, install_svd
-from rewrite.train import TrainCallback, TrainContext
+from rewrite.allocators.common import SvdAllocator, finalize_svd, install_svd
+from rewrite.train import TrainContext
 
 FACTORS = ("Q", "E", "P")
 
 
-class AdaLoRA(TrainCallback):
+class AdaLoRA(SvdAllocator):
     scorer = "adalora"
 
     def __init__(self, gm: fx.GraphModule, adapter: str = "default", *, total_steps: int, target_rank: int = 8,
@@ -54,27 +54,20 @@ class AdaLoRA(TrainCallback):
                  delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
                  alpha: float | None = None, targets: Iterable[str] | None = None, min_rank: Bound = 0,
                  max_rank: Bound = None, where: str = "<adalora>"):
-        if not (0 < beta1 < 1 and 0 < beta2 < 1):
-            raise ValueError(f"{where}: beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+        super().__init__(gm, adapter, total_steps=total_steps, target_rank=target_rank, init_rank=init_rank,
+                         target_budget=target_budget, beta1=beta1, beta2=beta2, orth_reg_weight=orth_reg_weight,
+                         alpha=alpha, targets=targets, min_rank=min_rank, max_rank=max_rank, where=where)
         if total_steps < 1 or tinit >= total_steps - tfinal:
             raise ValueError(f"{where}: the schedule leaves no budgeting phase: need tinit ({tinit}) < total_steps "
                              f"({total_steps}) - tfinal ({tfinal})")
         if delta_t < 1 or orth_reg_weight < 0:
             raise ValueError(f"{where}: need delta_t >= 1 and orth_reg_weight >= 0")
-        self.gm, self.adapter, self.where = gm, adapter, where
-        self.total_steps, self.target_rank, self.init_rank = int(total_steps), int(target_rank), init_rank
-        self.target_budget, self.tinit, self.tfinal, self.delta_t = target_budget, int(tinit), int(tfinal), int(delta_t)
-        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
-        self.alpha, self.targets = alpha, list(targets) if targets else None
-        self.min_rank, self.max_rank = min_rank, max_rank
-        self.modules: dict[str, SvdLoRA] = {}
+        self.tinit, self.tfinal, self.delta_t = int(tinit), int(tfinal), int(delta_t)
         self.reset_ipt()
         self.rank_pattern: dict[str, torch.Tensor] | None = None
         self.final_scores: dict[str, torch.Tensor] | None = None
         self.final_reached = False
-        self.finalized = False
-        self.history: dict[str, Any] = {"scorer": self.scorer, "step": [], "budget": [], "ranks": {},
-                                        "masked_at": []}
+        self.history["masked_at"] = []
 
     # --- setup ---------------------------------------------------------------------------------------------
     def install(self) -> dict[str, SvdLoRA]:
@@ -84,8 +77,6 @@ class AdaLoRA(TrainCallback):
                                        targets=self.targets, where=self.where)
             self._set_budget()
         return self.modules
-
-    prepare = install
 
     def attach(self, modules: dict[str, SvdLoRA]) -> None:
         """Use SVD-form modules that already exist (e.g. a model built by hand) instead of `install`."""
@@ -107,9 +98,6 @@ class AdaLoRA(TrainCallback):
                              f"{self.target_bgt}")
         for owner in self.modules:
             self.history["ranks"].setdefault(owner, [])
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.install().values() for p in m.parameters() if p.requires_grad]
 
     # --- the schedule --------------------------------------------------------------------------------------
     def budget_schedule(self, step: int) -> tuple[int, bool]:
@@ -249,11 +237,6 @@ class AdaLoRA(TrainCallback):
     def on_step(self, ctx: TrainContext) -> None:
         self.update(ctx.step)
 
-    def regularizer(self, ctx: TrainContext | None = None) -> torch.Tensor | None:
-        if self.orth_reg_weight == 0:
-            return None
-        return self.orth_reg_weight * orthogonality(self.install().values())
-
     # --- the end -------------------------------------------------------------------------------------------
     def final_pattern(self) -> dict[str, torch.Tensor]:
         if self.final_reached and self.rank_pattern is not None:
@@ -263,27 +246,19 @@ class AdaLoRA(TrainCallback):
             return clip_keep(pattern, self.bounds)
         return self.mask_to_budget(self.target_bgt)
 
-    def finalize(self, *, to_lora: bool = True) -> dict[str, int]:
-        """Physically resize every site to its kept triplets (plain LoRA by default); returns final ranks."""
-        if self.finalized:
-            return dict(self.final_ranks)
+    def _resize(self, to_lora: bool) -> dict[str, int]:
+        """Each site keeps its unmasked triplets (`final_pattern`); records the final triplet scores."""
         pattern = self.final_pattern()
         scores = self.final_scores if self.final_scores is not None else self.triplet_scores()
         self.history["scores"] = {o: s.tolist() for o, s in scores.items()}
-        self.final_ranks = finalize_svd(self.gm, self.adapter, pattern, to_lora=to_lora)
-        self.history["final_ranks"] = dict(self.final_ranks)
-        self.history["init_budget"], self.history["target_budget"] = self.init_bgt, self.target_bgt
-        self.finalized = True
-        return dict(self.final_ranks)
+        return finalize_svd(self.gm, self.adapter, pattern, to_lora=to_lora)
 
-    def on_train_end(self, ctx: TrainContext) -> None:
-        self.finalize()
+    def budgets(self) -> dict[str, int]:
+        """b0 and bT, in triplets."""
+        return {"init_budget": self.init_bgt, "target_budget": self.target_bgt}
 
-    def settings(self) -> dict[str, Any]:
-        return dict(init_rank=self.init_rank, target_rank=self.target_rank, target_budget=self.target_bgt,
-                    total_steps=self.total_steps, tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t,
-                    beta1=self.beta1, beta2=self.beta2, orth_reg_weight=self.orth_reg_weight,
-                    min_rank=self.min_rank, max_rank=self.max_rank)
+    def schedule_settings(self) -> dict[str, Any]:
+        return dict(tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t)
 
 
 __all__ = ["AdaLoRA"]

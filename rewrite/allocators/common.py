@@ -5,19 +5,24 @@ site, alpha and dropout; the graph keeps calling `adapters.<site>.<name>`, so no
 already has a delta, loaded or trained, is carried over through its SVD); sites selected
 by `targets` that have no such adapter yet get one wired in. `finalize_svd` physically resizes: each site
 keeps exactly its chosen triplets as a plain `LoRA` of that rank (same delta), and a site left with no
-triplet loses its branch: its call and join nodes are removed from the graph.
+triplet loses its branch: its call and join nodes are removed from the graph. `SvdAllocator` is their
+common base: the settings both take, the trained parameters, the regulariser, and the end of training
+(`finalize` once, `settings`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from rewrite.adapters.svd_lora import SvdLoRA
+from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
+from rewrite.allocators.bounds import Bound
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at, drop_adapter, register_adapter, unwire, wire
 from rewrite.state import state_of
+from rewrite.train import TrainCallback, TrainContext
 
 
 def owners_of(gm: fx.GraphModule) -> list[str]:
@@ -158,3 +163,59 @@ def finalize_svd(gm: fx.GraphModule, adapter: str, keep: Mapping[str, torch.Tens
 def ema(previous: torch.Tensor | float, value: torch.Tensor | float, beta: float):
     """beta * previous + (1 - beta) * value (the exact expression PEFT and the official code use)."""
     return beta * previous + (1 - beta) * value
+
+
+class SvdAllocator(TrainCallback):
+    """Base of the training-time allocators (AdaLoRA, IncreLoRA). A subclass provides `install()` (SVD-form
+    modules in place, idempotent), `_resize(to_lora)` (the final ranks, sites resized), `budgets()` (its
+    budgets in ranks, "target_budget" among them) and `schedule_settings()` (its own settings)."""
+    scorer = ""
+    blockwise = False  # orthogonality per parameter block (IncreLoRA) instead of per module
+
+    def __init__(self, gm: fx.GraphModule, adapter: str, *, total_steps: int, target_rank: int,
+                 init_rank: int | None, target_budget: int | None, beta1: float, beta2: float,
+                 orth_reg_weight: float, alpha: float | None, targets: Iterable[str] | None, min_rank: Bound,
+                 max_rank: Bound, where: str):
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"{where}: beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+        self.gm, self.adapter, self.where = gm, adapter, where
+        self.total_steps, self.target_rank, self.init_rank = int(total_steps), int(target_rank), init_rank
+        self.target_budget = target_budget
+        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
+        self.alpha, self.targets = alpha, list(targets) if targets else None
+        self.min_rank, self.max_rank = min_rank, max_rank
+        self.modules: dict[str, SvdLoRA] = {}
+        self.finalized = False
+        self.history: dict[str, Any] = {"scorer": self.scorer, "step": [], "budget": [], "ranks": {}}
+
+    def prepare(self) -> dict[str, SvdLoRA]:
+        """`rewrite.train.train` calls this before it builds the optimizer: `install()`."""
+        return self.install()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.install().values() for p in m.parameters() if p.requires_grad]
+
+    def regularizer(self, ctx: TrainContext | None = None) -> torch.Tensor | None:
+        """orth_reg_weight * `orthogonality` of the modules (None when the weight is 0)."""
+        if self.orth_reg_weight == 0:
+            return None
+        return self.orth_reg_weight * orthogonality(self.install().values(), blockwise=self.blockwise)
+
+    def finalize(self, *, to_lora: bool = True) -> dict[str, int]:
+        """Physically resize every site to its final rank (plain LoRA by default), once; returns final ranks."""
+        if not self.finalized:
+            self.final_ranks = self._resize(to_lora)
+            self.history["final_ranks"] = dict(self.final_ranks)
+            self.history.update(self.budgets())
+            self.finalized = True
+        return dict(self.final_ranks)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.finalize()
+
+    def settings(self) -> dict[str, Any]:
+        """The settings the run used, in report order (ranks and budget, schedule, scores, bounds)."""
+        return dict(init_rank=self.init_rank, target_rank=self.target_rank,
+                    target_budget=self.budgets()["target_budget"], total_steps=self.total_steps,
+                    **self.schedule_settings(), beta1=self.beta1, beta2=self.beta2,
+                    orth_reg_weight=self.orth_reg_weight, min_rank=self.min_rank, max_rank=self.max_rank)

@@ -35,17 +35,18 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from rewrite.adapters.svd_lora import SvdLoRA, orthogonality
+from rewrite.adapters.svd_lora import SvdLoRA
 from rewrite.allocators.bounds import Bound, resolve_bounds
-from rewrite.allocators.common import drop_sites, finalize_svd, install_svd, owners_of
-from rewrite.train import TrainCallback, TrainContext
+from rewrite.allocators.common import SvdAllocator, drop_sites, finalize_svd, install_svd, owners_of
+from rewrite.train import TrainContext
 
 RESERVE_LAM = 1e-5
 DEFAULT_STEP_RANKS = {2: 1, 4: 2, 6: 3, 8: 4}
 
 
-class IncreLoRA(TrainCallback):
+class IncreLoRA(SvdAllocator):
     scorer = "increlora"
+    blockwise = True
 
     def __init__(self, gm: fx.GraphModule, adapter: str = "default", *, total_steps: int, target_rank: int = 2,
                  init_rank: int = 1, target_budget: int | None = None, warmup: int = 0, interval: int = 10,
@@ -53,28 +54,21 @@ class IncreLoRA(TrainCallback):
                  beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.1, weight_decay: float = 0.0,
                  alpha: float | None = None, targets: Iterable[str] | None = None, min_rank: Bound = 0,
                  max_rank: Bound = None, where: str = "<increlora>"):
-        if not (0 < beta1 < 1 and 0 < beta2 < 1):
-            raise ValueError(f"{where}: beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+        super().__init__(gm, adapter, total_steps=total_steps, target_rank=target_rank, init_rank=int(init_rank),
+                         target_budget=target_budget, beta1=beta1, beta2=beta2, orth_reg_weight=orth_reg_weight,
+                         alpha=alpha, targets=targets, min_rank=min_rank, max_rank=max_rank, where=where)
         if interval < 1 or top_h < 1 or init_rank < 1:
             raise ValueError(f"{where}: need interval >= 1, top_h >= 1 and init_rank >= 1")
-        self.gm, self.adapter, self.where = gm, adapter, where
-        self.total_steps, self.target_rank, self.init_rank = int(total_steps), int(target_rank), int(init_rank)
-        self.target_budget, self.warmup, self.interval, self.top_h = target_budget, int(warmup), int(interval), int(top_h)
+        self.warmup, self.interval, self.top_h = int(warmup), int(interval), int(top_h)
         self.rank_step = int(rank_step if rank_step is not None
                              else DEFAULT_STEP_RANKS.get(self.target_rank, max(1, self.target_rank // 2)))
         self.advance_learning, self.weight_decay = advance_learning, weight_decay
-        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
-        self.alpha, self.targets = alpha, list(targets) if targets else None
-        self.min_rank, self.max_rank = min_rank, max_rank
-        self.modules: dict[str, SvdLoRA] = {}
         self.closed: list[str] = []            # sites with max rank 0: branch removed at install
         self.ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
         self.done = False
-        self.finalized = False
-        self.history: dict[str, Any] = {"scorer": self.scorer, "step": [], "budget": [], "ranks": {},
-                                        "growth": []}
+        self.history["growth"] = []
 
     # --- setup ---------------------------------------------------------------------------------------------
     def install(self) -> dict[str, SvdLoRA]:
@@ -91,8 +85,6 @@ class IncreLoRA(TrainCallback):
             drop_sites(self.gm, self.adapter, self.closed)
             self.attach({o: m for o, m in modules.items() if o not in self.closed})
         return self.modules
-
-    prepare = install
 
     def attach(self, modules: dict[str, SvdLoRA]) -> None:
         """Use existing SVD-form modules (each gets its first reserve block here)."""
@@ -130,9 +122,6 @@ class IncreLoRA(TrainCallback):
         p.requires_grad_(self.advance_learning)
         module.reserve += self.rank_step
         return [q, p] if self.advance_learning else []
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.install().values() for p in m.parameters() if p.requires_grad]
 
     # --- scores --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,36 +233,22 @@ class IncreLoRA(TrainCallback):
     def before_step(self, ctx: TrainContext) -> None:
         self.update(ctx.step, ctx.optimizer)
 
-    def regularizer(self, ctx: TrainContext | None = None) -> torch.Tensor | None:
-        if self.orth_reg_weight == 0:
-            return None
-        return self.orth_reg_weight * orthogonality(self.install().values(), blockwise=True)
-
     # --- the end -------------------------------------------------------------------------------------------
-    def finalize(self, *, to_lora: bool = True) -> dict[str, int]:
-        """Drop the reserves and leave each site at its grown rank (plain LoRA by default)."""
-        if self.finalized:
-            return dict(self.final_ranks)
+    def _resize(self, to_lora: bool) -> dict[str, int]:
+        """Drop the reserves and leave each site at its grown rank (closed sites: 0); records the final scores."""
         if not self.done:
             self._stop()
         keep = {o: torch.arange(m.rank) for o, m in self.modules.items()}
         self.history["scores"] = self.scores()
-        self.final_ranks = {**dict.fromkeys(self.closed, 0),
-                            **finalize_svd(self.gm, self.adapter, keep, to_lora=to_lora)}
-        self.history["final_ranks"] = dict(self.final_ranks)
-        self.history["target_budget"] = self.target_total
-        self.finalized = True
-        return dict(self.final_ranks)
+        return {**dict.fromkeys(self.closed, 0), **finalize_svd(self.gm, self.adapter, keep, to_lora=to_lora)}
 
-    def on_train_end(self, ctx: TrainContext) -> None:
-        self.finalize()
+    def budgets(self) -> dict[str, int]:
+        """R_T, in ranks."""
+        return {"target_budget": self.target_total}
 
-    def settings(self) -> dict[str, Any]:
-        return dict(init_rank=self.init_rank, target_rank=self.target_rank, target_budget=self.target_total,
-                    total_steps=self.total_steps, warmup=self.warmup, interval=self.interval, top_h=self.top_h,
-                    rank_step=self.rank_step, advance_learning=self.advance_learning, beta1=self.beta1,
-                    beta2=self.beta2, orth_reg_weight=self.orth_reg_weight, min_rank=self.min_rank,
-                    max_rank=self.max_rank)
+    def schedule_settings(self) -> dict[str, Any]:
+        return dict(warmup=self.warmup, interval=self.interval, top_h=self.top_h, rank_step=self.rank_step,
+                    advance_learning=self.advance_learning)
 
 
 __all__ = ["IncreLoRA"]

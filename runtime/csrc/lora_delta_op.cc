@@ -61,21 +61,18 @@ using OptionalBase = std::optional<const Tensor<float>*>;
 
 const Tensor<float>* present(const OptionalBase& base) { return base.has_value() ? *base : nullptr; }
 
-template <typename TB>
-Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
-                         const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
+// The kernel shared by both execution providers: check and allocate (prepare), skip an empty problem, then
+// compute(p, kctx) -> Ort::Status; exceptions become statuses.
+template <typename TB, typename Compute>
+Ort::Status run_kernel(OrtKernelContext* context, const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
+                       const Tensor<int64_t>& idx, const OptionalBase& base, Tensor<float>& y, Compute compute) {
   try {
     Problem p;
     const std::string err = prepare(x, a, b, idx, present(base), y, p);
     if (!err.empty()) return fail(err);
     if (p.n == 0 || p.dout == 0) return Ort::Status{nullptr};
     const Ort::KernelContext kctx(context);
-    Executor ex;
-    ex.run = ort_parallel_for;
-    ex.ctx = const_cast<Ort::KernelContext*>(&kctx);
-    ex.threads = env_threads();
-    lora_delta_cpu(p, ex);
-    return Ort::Status{nullptr};
+    return compute(p, kctx);
   } catch (const Ort::Exception& e) {
     return fail(e.what(), e.GetOrtErrorCode());
   } catch (const std::exception& e) {
@@ -83,24 +80,27 @@ Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, cons
   }
 }
 
+template <typename TB>
+Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
+                         const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
+  return run_kernel(context, x, a, b, idx, base, y, [](const Problem& p, const Ort::KernelContext& kctx) {
+    Executor ex;
+    ex.run = ort_parallel_for;
+    ex.ctx = const_cast<Ort::KernelContext*>(&kctx);
+    ex.threads = env_threads();
+    lora_delta_cpu(p, ex);
+    return Ort::Status{nullptr};
+  });
+}
+
 #ifdef REWRITE_LORA_CUDA
 template <typename TB>
 Ort::Status LoraDeltaCuda(OrtKernelContext* context, const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
                           const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
-  try {
-    Problem p;
-    const std::string err = prepare(x, a, b, idx, present(base), y, p);
-    if (!err.empty()) return fail(err);
-    if (p.n == 0 || p.dout == 0) return Ort::Status{nullptr};
-    const Ort::KernelContext kctx(context);
-    const std::string cerr = lora_delta_cuda(p, kctx.GetGPUComputeStream());
-    if (!cerr.empty()) return fail(cerr, ORT_RUNTIME_EXCEPTION);
-    return Ort::Status{nullptr};
-  } catch (const Ort::Exception& e) {
-    return fail(e.what(), e.GetOrtErrorCode());
-  } catch (const std::exception& e) {
-    return fail(std::string("LoraDelta: ") + e.what(), ORT_FAIL);
-  }
+  return run_kernel(context, x, a, b, idx, base, y, [](const Problem& p, const Ort::KernelContext& kctx) {
+    const std::string err = lora_delta_cuda(p, kctx.GetGPUComputeStream());
+    return err.empty() ? Ort::Status{nullptr} : fail(err, ORT_RUNTIME_EXCEPTION);
+  });
 }
 #endif
 
