@@ -10,10 +10,13 @@ JSON layout (format "rewrite-allocation", version 1):
     adapter, scorer {name, unit, settings}, budget {metric, unit, value, spent, minimum, request},
     solver {method, exact, value, upper_bound, gap, shadow_price, notes, nonconcave_sites},
     sites [{site, layer, module, op, d_in, d_out, rank, rank_before, min_rank, max_rank, params, flops,
-            bytes, latency_ms?, cost, share, value, value_max, captured}],
-    totals {sites, kept, dropped [names], params, flops, bytes, params_before},
+            bytes, latency_ms?, cost, share, value, value_max, captured, update_kept?}],
+    totals {sites, kept, dropped [names], params, flops, bytes, params_before, update_kept?},
     sensitivity {"-10%": {budget, value, ranks} | null, "+10%": ...},
     history [{step, budget, ranks {site: r}, ...}]     (training-time allocators; empty for one-shot)
+
+`update_kept` (one-shot allocation): the share of the adapter's update energy ||s A B||_F^2 that the new
+ranks keep, per site and over all sites; null for an adapter without an update (freshly inserted).
 
 `render_history(history, path)` is the hook for training-time allocators: one dict per recorded step
 with at least `step`, `budget` (the rank / parameter budget at that step) and `ranks` (site -> rank).
@@ -163,6 +166,10 @@ def _num(x: Any) -> str:
     return str(x)
 
 
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def render_markdown(report: dict[str, Any], *, images: bool = True, stem: str = "allocation") -> str:
     scorer, budget, solver = report.get("scorer", {}), report.get("budget", {}), report.get("solver", {})
     totals, sites = report.get("totals", {}), report.get("sites", [])
@@ -191,6 +198,9 @@ def render_markdown(report: dict[str, Any], *, images: bool = True, stem: str = 
         lines.append(f"- **Totals**: {_num(totals.get('params'))} parameters (before: "
                      f"{_num(totals.get('params_before'))}), {_num(totals.get('flops'))} FLOPs/token, "
                      f"{_num(totals.get('bytes'))} bytes/forward")
+        if totals.get("update_kept") is not None:
+            lines.append(f"- **Update kept**: {_percent(totals['update_kept'])} of the adapter's update energy "
+                         "||s A B||_F^2 (SVD truncation to the new ranks)")
     sens = report.get("sensitivity") or {}
     for key, entry in sens.items():
         if entry:
@@ -205,8 +215,9 @@ def render_markdown(report: dict[str, Any], *, images: bool = True, stem: str = 
         lines += [f"![budget and ranks over training]({stem}_history.png)", ""]
     if sites:
         has_latency = any(s.get("latency_ms") is not None for s in sites)
+        has_update = any(s.get("update_kept") is not None for s in sites)
         head = ["layer", "module", "rank", "before", "params", "FLOPs/token"] + (["ms"] if has_latency else []) + [
-            "score", "captured", "share of budget"]
+            "score", "captured", "share of budget"] + (["update kept"] if has_update else [])
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for s in sites:
@@ -217,10 +228,13 @@ def render_markdown(report: dict[str, Any], *, images: bool = True, stem: str = 
             captured = s.get("captured")
             row += [_num(s.get("value")), "-" if captured is None else f"{100 * captured:.0f}%",
                     "-" if s.get("share") is None else f"{100 * s['share']:.1f}%"]
+            if has_update:
+                row.append(_percent(s.get("update_kept")))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines.append("score: the scorer's value v(r) at the chosen rank; captured: v(r) / v(max rank); share: this "
-                     "site's cost / the budget.")
+                     "site's cost / the budget" + ("; update kept: the share of the site's ||s A B||_F^2 its rank "
+                                                   "keeps." if has_update else "."))
     history = report.get("history") or []
     if history:
         last = history[-1]

@@ -15,6 +15,9 @@ costs (rewrite.costmodel). Registered scorers (METHODS.md §2.5):
                               best rank-r natural-gradient step (whiten = "kfac");
                               with probe_steps = N: the same metric on the update the
                               adapters fit in N Adam steps (see fisher.py)
+    energy      none          sum_{i<=r} sigma_i(s A B)^2: the update energy that      ||s A B||_F^2 (share per
+                              a rank-r SVD truncation of the adapter keeps (for a      site with
+                              trained adapter; zero for a fresh one, see energy.py)    normalize="site")
 
 Site matrices are taken as W [d_out, fan_in]: linear W, Conv1D W^T, conv2d W.flatten(1) acting on
 unfolded patches, embedding E^T acting on one-hot token vectors (C is then diagonal: token frequencies).
@@ -91,12 +94,28 @@ def energy_curve(sigma: torch.Tensor, max_rank: int, scale: float = 1.0) -> list
     return [float(v) for v in cum[idx]]
 
 
+def spectral_curves(ctx: ScoreContext, sigma_of: Callable[[Target], torch.Tensor], matrix: str,
+                    normalize: str) -> Curves:
+    """v(r) = sum_{i<=r} sigma_i^2 of each target's matrix (`sigma_of`), divided by its ||.||_F^2 with
+    normalize = "site" (ctx.options["normalize"] overrides the scorer's default `normalize`)."""
+    normalize = ctx.options.get("normalize") or normalize
+    values = {}
+    for t in ctx.targets:
+        sigma = sigma_of(t)
+        total = float((sigma ** 2).sum())
+        scale = 1.0 / total if normalize == "site" and total > 0 else 1.0
+        values[t.owner] = energy_curve(sigma, t.max_rank, scale)
+    unit = f"share of ||{matrix}||_F^2" if normalize == "site" else f"||{matrix}||_F^2"
+    return Curves(values, unit, {"normalize": normalize})
+
+
 def _registry() -> dict[str, type[Scorer]]:
     from rewrite.scorers.activation import ActivationScorer
+    from rewrite.scorers.energy import EnergyScorer
     from rewrite.scorers.fisher import FisherScorer
     from rewrite.scorers.spectrum import SpectrumScorer
 
-    return {s.name: s for s in (SpectrumScorer, ActivationScorer, FisherScorer)}
+    return {s.name: s for s in (SpectrumScorer, ActivationScorer, FisherScorer, EnergyScorer)}
 
 
 REGISTRY: dict[str, type[Scorer]] = {}
@@ -109,8 +128,8 @@ def get_scorer(name: str) -> type[Scorer]:
 
 
 def scorer_names() -> list[str]:
-    return ["spectrum", "activation", "fisher"]
+    return ["spectrum", "activation", "fisher", "energy"]
 
 
 __all__ = ["Curves", "REGISTRY", "ScoreContext", "Scorer", "Target", "energy_curve", "get_scorer", "scorer_names",
-           "weight_matrix"]
+           "spectral_curves", "weight_matrix"]

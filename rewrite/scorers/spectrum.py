@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.scorers import Curves, ScoreContext, Scorer, energy_curve, weight_matrix
+from rewrite.scorers import Curves, ScoreContext, Scorer, spectral_curves, weight_matrix
 
 
 class SpectrumScorer(Scorer):
     name = "spectrum"
 
     def __call__(self, ctx: ScoreContext) -> Curves:
-        normalize = ctx.options.get("normalize") or "site"
-        values = {}
-        for t in ctx.targets:
-            sigma = torch.linalg.svdvals(weight_matrix(t).double())
-            total = float((sigma ** 2).sum())
-            scale = 1.0 / total if normalize == "site" and total > 0 else 1.0
-            values[t.owner] = energy_curve(sigma, t.max_rank, scale)
-        unit = "share of ||W||_F^2" if normalize == "site" else "||W||_F^2"
-        return Curves(values, unit, {"normalize": normalize})
+        return spectral_curves(ctx, lambda t: torch.linalg.svdvals(weight_matrix(t).double()), "W", "site")
