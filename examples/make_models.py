@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from rewrite.formats.peft_dir import LINEAR_KEYS, write_peft_dir
+from rewrite.formats.peft_dir import write_peft_dir
+from rewrite.formats.peft_lora import LINEAR_KEYS
 
 
 def build_model(out: Path) -> transformers.LlamaForCausalLM:

@@ -1,11 +1,13 @@
 """load: set adapter weights from a Hugging Face PEFT directory or one of our adapter files.
 
 Rules:
-1. PEFT key `base_model.model.<path>.lora_A.weight` maps to the site whose owner is `<path>`; a key that
+1. PEFT key `base_model.model.<path>.<suffix>` maps to the site whose owner is `<path>`; a key that
    maps to no site is an error naming the nearest sites. Nothing is changed unless every key fits.
-2. A site without this adapter gets one created with the file's rank (from the tensor shape), alpha
-   (`lora_alpha` / `alpha_pattern`) and rsLoRA flag; a site that has it must agree in shape.
-3. Tensors are converted to our matmul layout (A^T, B^T) and the base weight's dtype.
+2. The directory's `peft_type` picks the adapter kind that reads it (the first kind registered with that PEFT
+   format); the kind says which kind and settings each module gets (`peft_module`: LoRA's rank from the tensor
+   shape, alpha from `lora_alpha` / `alpha_pattern`, the rsLoRA flag; (IA)^3's input or output scaling). A site
+   without this adapter gets one created; a site that has it must be of that kind and agree in shape.
+3. Tensors go in through the kind (`load_peft_state`: PEFT layout to ours), in the base weight's dtype.
 4. Loading the same weights twice leaves the graph unchanged (modified=False).
 5. A full copy of a base weight saved beside the adapter (PEFT's `<path>.base_layer.weight`, written for
    targeted embeddings) must equal the model's weight; it is then ignored (a different one is an error:
@@ -13,26 +15,28 @@ Rules:
 6. A PEFT directory must hold tensors for every site of this model that its `target_modules` selects (PEFT creates
    and saves a layer on each): a selected site without them means an adapter of another model or a lost tensor.
 7. An adapter name belongs to the entry that made it. Loading into an adapter that an `insert` made sets its weights
-   only when the file covers exactly its sites with the same rank and scale; one that another `load` made (another
+   only when the file covers exactly its sites with the same kind and settings (rank, scale); one that another `load` made (another
    file) is refused; both name the two spec locations. The same entry run again is a no-op (rule 4).
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.fx as fx
 from pydantic import Field
 
+from rewrite.adapters import KINDS
+from rewrite.adapters.base import AdapterKind
 from rewrite.adapters.for_site import adapter_for_site
-from rewrite.adapters.lora import LoRA
 from rewrite.errors import AdapterFileError, nearest
 from rewrite.formats.adapter_file import read_adapter_file
-from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, lora_scale, read_peft_dir
+from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, PeftFormat, read_peft_dir
 from rewrite.graph_edit import adapters_at, register_adapter, wire
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
@@ -40,11 +44,35 @@ from rewrite.sites import Site, SiteTable
 from rewrite.state import AdapterOrigin, state_of
 from rewrite.tensors import from_numpy
 
+PEFT_READERS: dict[PeftFormat, type[AdapterKind]] = {}
+for _kind in KINDS.values():
+    if _kind.peft_format is not None:
+        PEFT_READERS.setdefault(_kind.peft_format, _kind)
+
 
 class LoadOptions(PassOptions):
     path: str
     adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     format: Literal["auto", "peft", "rewrite"] = "auto"
+
+
+@dataclass
+class Entry:
+    """What the file holds for one module: its kind and settings, and tensors in the file's layout."""
+
+    kind: type[AdapterKind]
+    settings: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    peft: bool  # PEFT layout (load_peft_state) or our adapter file's (load_adapter_file_entry)
+
+    def shapes(self, module: AdapterKind) -> dict[str, tuple[int, ...]]:
+        return module.peft_shapes() if self.peft else module.adapter_file_shapes()
+
+    def copy_into(self, module: AdapterKind) -> None:
+        if self.peft:
+            module.load_peft_state(self.tensors)
+        else:
+            module.load_adapter_file_entry(self.tensors)
 
 
 def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -60,7 +88,8 @@ def _owners(table: SiteTable) -> dict[str, list[Site]]:
 
 def _check_targets(adapter: PeftAdapter, table: SiteTable) -> None:
     """Rule 6."""
-    owners = dict.fromkeys(s.owner for s in table.values() if s.op in LoRA.ops)
+    ops = {op for kind in KINDS.values() if kind.peft_format == adapter.format for op in kind.ops}
+    owners = dict.fromkeys(s.owner for s in table.values() if s.op in ops)
     missing = [o for o in owners if o not in adapter.modules and adapter.targets(o)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -68,6 +97,19 @@ def _check_targets(adapter: PeftAdapter, table: SiteTable) -> None:
                                f"{missing[0]!r}{more} of this model, but {WEIGHTS} has no tensors for it (PEFT would "
                                "have created and saved them): the adapter was made for another model, or its weights "
                                "file is incomplete")
+
+
+def _differences(module: AdapterKind, entry: Entry) -> list[str]:
+    """The settings in which an existing adapter module differs from what the file says (rule 7)."""
+    if type(module) is not entry.kind:
+        return [f"kind {module.kind!r} there, {entry.kind.kind!r} in the file"]
+    odd = []
+    for key, value in entry.settings.items():
+        have = getattr(module, key)
+        same = math.isclose(have, value, rel_tol=1e-6) if isinstance(value, float) else have == value
+        if not same:
+            odd.append(f"{key} {have!r} there, {value!r} in the file")
+    return odd
 
 
 class LoadPass(GraphPass):
@@ -78,26 +120,22 @@ class LoadPass(GraphPass):
         options = {**self.options.model_dump(), "path": str(self.context.input_path(self.options.path).resolve())}
         return AdapterOrigin(self.name, json.dumps(options, sort_keys=True), self.context.where)
 
-    def _check_maker(self, gm: fx.GraphModule, entries: dict[str, dict]) -> AdapterOrigin:
+    def _check_maker(self, gm: fx.GraphModule, entries: dict[str, Entry]) -> AdapterOrigin:
         """Rule 7, before anything changes; returns this entry's origin, which makes the adapter once it has run."""
         name, origin = self.options.adapter, self._origin()
         first = state_of(gm).origins.get(name, origin)
         if first == origin:
             return origin
         made = {o: adapters_at(gm, o)[name] for o in _owners(state_of(gm).sites) if name in adapters_at(gm, o)}
-        files = {o for o, e in entries.items() if "peft" in e or "ours" in e}
         problem = None
         if first.pass_name != "insert":
             problem = f"it holds the weights of another file ({first.differences(origin)})"
-        elif files != made.keys():
-            odd = sorted(files ^ made.keys())
-            problem = f"the file covers {len(files)} sites, the adapter {len(made)}; they differ at {odd[:3]}"
+        elif entries.keys() != made.keys():
+            odd = sorted(entries.keys() ^ made.keys())
+            problem = f"the file covers {len(entries)} sites, the adapter {len(made)}; they differ at {odd[:3]}"
         else:
-            scales = {o: (m.scaling, lora_scale(e["alpha"], e["rank"], e["rslora"])) for o, e in entries.items()
-                      if (m := made[o]).kind == "lora" and m.rank == e["rank"]}  # other ranks: _check_shapes
-            odd = [f"{o} (scale {a:g} there, {b:g} in the file)" for o, (a, b) in scales.items()
-                   if not math.isclose(a, b, rel_tol=1e-6)]
-            problem = f"the file sets other scales: {', '.join(odd[:3])}" if odd else None
+            odd = [f"{o} ({', '.join(d)})" for o, e in entries.items() if (d := _differences(made[o], e))]
+            problem = f"the file sets other settings: {'; '.join(odd[:3])}" if odd else None
         if problem:
             raise AdapterFileError(f"{self.context.where}: adapter {name!r} was made by the {first.pass_name} at "
                                    f"{first.where}, and {problem}; load it under another adapter name")
@@ -110,73 +148,88 @@ class LoadPass(GraphPass):
         fmt = self.options.format
         if fmt == "auto":
             fmt = "peft" if path.is_dir() else "rewrite"
-        entries = self._peft_entries(path, state_of(gm).sites) if fmt == "peft" else self._rewrite_entries(path)
+        table = state_of(gm).sites
+        if fmt == "peft":
+            entries, base_copies = self._peft_entries(path, table)
+        else:
+            entries, base_copies = self._rewrite_entries(path), {}
+        self._check_known(path, table, [*entries, *base_copies])
+        for owner, saved in base_copies.items():
+            self._check_base_copy(gm, path, owner, _owners(table)[owner][0], saved)
         origin = self._check_maker(gm, entries)
         result = self._apply(gm, path, entries)
         state_of(gm).origins[self.options.adapter] = origin
         return result
 
     @staticmethod
-    def _peft_entries(path: Path, table: SiteTable) -> dict[str, dict]:
-        adapter = read_peft_dir(path)
+    def _peft_entries(path: Path, table: SiteTable) -> tuple[dict[str, Entry], dict[str, torch.Tensor]]:
+        adapter = read_peft_dir(path, list(PEFT_READERS))
         _check_targets(adapter, table)
-        entries = {module: dict(peft=_torch(arrays), rank=adapter.rank_of(module), alpha=adapter.alpha_of(module),
-                                rslora=adapter.rslora) for module, arrays in adapter.modules.items()}
-        for module, array in adapter.base_weights.items():
-            entries.setdefault(module, {})["base_copy"] = from_numpy(array)
-        return entries
+        reader = PEFT_READERS[adapter.format]
+        entries = {}
+        for module, arrays in adapter.modules.items():
+            kind, settings = reader.peft_module(adapter, module)
+            entries[module] = Entry(kind, settings, _torch(arrays), peft=True)
+        return entries, {module: from_numpy(array) for module, array in adapter.base_weights.items()}
 
     @staticmethod
-    def _rewrite_entries(path: Path) -> dict[str, dict]:
+    def _rewrite_entries(path: Path) -> dict[str, Entry]:
         adapter = read_adapter_file(path)
-        return {owner: dict(ours=_torch(adapter.tensors[owner]), rank=info.rank, alpha=float(info.alpha),
-                            rslora=info.rslora) for owner, info in adapter.sites.items()}
+        kind = KINDS.get(adapter.meta.kind)
+        if kind is None:
+            raise AdapterFileError(f"{path}: adapter kind {adapter.meta.kind!r} is unknown (known: "
+                                   f"{', '.join(KINDS)})")
+        return {owner: Entry(kind, dict(rank=info.rank, alpha=float(info.alpha), rslora=info.rslora),
+                             _torch(adapter.tensors[owner]), peft=False) for owner, info in adapter.sites.items()}
 
-    def _apply(self, gm: fx.GraphModule, path: Path, entries: dict[str, dict]) -> PassResult:
-        table, name, where = state_of(gm).sites, self.options.adapter, self.context.where
+    @staticmethod
+    def _check_known(path: Path, table: SiteTable, modules: list[str]) -> None:
         owners = _owners(table)
-        unknown = [m for m in entries if m not in owners]
+        unknown = [m for m in modules if m not in owners]
         if unknown:
             near = nearest(unknown[0], owners)
             raise AdapterFileError(f"{path}: {len(unknown)} adapter module(s) match no site of this model, e.g. "
                                    f"{unknown[0]!r}. Nearest sites: {', '.join(near) or '(none)'}")
-        for owner, entry in entries.items():
-            if "base_copy" in entry:
-                self._check_base_copy(gm, path, owner, owners[owner][0], entry.pop("base_copy"))
-        entries = {owner: entry for owner, entry in entries.items() if entry}
+
+    def _apply(self, gm: fx.GraphModule, path: Path, entries: dict[str, Entry]) -> PassResult:
+        table, name, where = state_of(gm).sites, self.options.adapter, self.context.where
+        owners = _owners(table)
         plan = []
         for owner, entry in entries.items():
             site = owners[owner][0]
             existing = adapters_at(gm, owner).get(name)
-            if existing is not None and existing.kind != "lora":
-                raise AdapterFileError(f"{where}: adapter {name!r} at {owner} is {existing.kind!r}; load writes LoRA "
-                                       "weights: load under another adapter name")
-            module = existing or adapter_for_site(gm, site, "lora", entry["rank"], entry["alpha"],
-                                              rslora=entry["rslora"], dropout=0.0, init="zeros", where=where)
+            if existing is not None and type(existing) is not entry.kind:
+                raise AdapterFileError(f"{where}: adapter {name!r} at {owner} is {existing.kind!r}; the file holds "
+                                       f"{entry.kind.kind!r} weights: load under another adapter name")
+            if site.op not in entry.kind.ops:
+                raise AdapterFileError(f"{path}: module {owner!r} is a {site.op} site; {entry.kind.kind} adapters "
+                                       f"go on {', '.join(entry.kind.ops)} sites")
+            module = existing or self._new_module(gm, site, entry)
             self._check_shapes(path, owner, module, entry)
             plan.append((owner, module, existing is None, entry))
-        changed, loaded = 0, 0
+        changed = 0
         for owner, module, is_new, entry in plan:
             before = [p.detach().clone() for p in module.parameters()] if not is_new else None
-            scale_before = module.scaling
-            module.alpha, module.rslora = float(entry["alpha"]), bool(entry["rslora"])
-            if "peft" in entry:
-                module.load_peft_state(entry["peft"])
-            else:
-                with torch.no_grad():
-                    module.lora_A.copy_(entry["ours"]["lora_A"])
-                    module.lora_B.copy_(entry["ours"]["lora_B"])
+            settings_before = {key: getattr(module, key) for key in entry.settings}
+            for key, value in entry.settings.items():
+                setattr(module, key, value)
+            entry.copy_into(module)
             if is_new:
                 register_adapter(gm, owner, name, module)
                 for site in owners[owner]:
                     wire(gm, table.node_of(gm, site.name), site, name, module)
                 changed += 1
-            elif scale_before != module.scaling or any(
+            elif settings_before != entry.settings or any(
                     not torch.equal(b, p) for b, p in zip(before, module.parameters())):
                 changed += 1
-            loaded += 1
-        return PassResult(gm, changed > 0, {"adapter": name, "modules": loaded, "changed": changed,
+        return PassResult(gm, changed > 0, {"adapter": name, "modules": len(plan), "changed": changed,
                                             "source": str(path)})
+
+    def _new_module(self, gm: fx.GraphModule, site: Site, entry: Entry) -> AdapterKind:
+        settings = {"rank": 0, "alpha": 0.0, "rslora": False, **entry.settings}
+        return adapter_for_site(gm, site, entry.kind.kind, settings.pop("rank"), settings.pop("alpha"),
+                                rslora=settings.pop("rslora"), dropout=0.0, init=entry.kind.inits[0],
+                                where=self.context.where)
 
     @staticmethod
     def _check_base_copy(gm: fx.GraphModule, path: Path, owner: str, site: Site, saved: torch.Tensor) -> None:
@@ -190,14 +243,10 @@ class LoadPass(GraphPass):
                                    "embeddings are not an adapter; load the model they were trained with")
 
     @staticmethod
-    def _check_shapes(path: Path, owner: str, module, entry: dict) -> None:
-        if "peft" in entry:
-            expected = module.peft_shapes()
-            got = {k: tuple(v.shape) for k, v in entry["peft"].items()}
-        else:
-            expected = {"lora_A": tuple(module.lora_A.shape), "lora_B": tuple(module.lora_B.shape)}
-            got = {k: tuple(v.shape) for k, v in entry["ours"].items()}
+    def _check_shapes(path: Path, owner: str, module: AdapterKind, entry: Entry) -> None:
+        expected = entry.shapes(module)
+        got = {k: tuple(v.shape) for k, v in entry.tensors.items()}
         if expected != got:
+            size = f", rank={module.rank}" if "rank" in entry.settings else ""
             raise AdapterFileError(f"{path}: module {owner!r}: tensor shapes {got} do not fit this site "
-                                   f"(expected {expected} for d_in={module.d_in}, d_out={module.d_out}, "
-                                   f"rank={module.rank})")
+                                   f"(expected {expected} for d_in={module.d_in}, d_out={module.d_out}{size})")

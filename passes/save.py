@@ -75,7 +75,7 @@ class SavePass(GraphPass):
 
     def _write(self, tmp: Path, name: str, modules: dict) -> Path:
         peft = self.options.format == "peft"
-        kinds = {m.peft_type if peft else m.kind for m in modules.values()}
+        kinds = {m.peft_format.peft_type if peft and m.peft_format else m.kind for m in modules.values()}
         if len(kinds) > 1:
             raise AdapterFileError(f"{self.context.where}: adapter {name!r} mixes {sorted(map(str, kinds))}; one "
                                    f"{'PEFT directory' if peft else 'adapter file'} holds one kind")

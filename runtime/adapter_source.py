@@ -18,7 +18,7 @@ from rewrite.errors import AdapterFileError, nearest
 from rewrite.finite import check_tensors
 from rewrite.formats.adapter_file import read_adapter_file
 from rewrite.formats.onnx_adapter import read_onnx_adapter
-from rewrite.formats.peft_dir import LINEAR_KEYS, lora_scale, read_peft_dir
+from rewrite.formats.peft_lora import LINEAR_KEYS, lora_scale, read_lora_dir, scale_of
 
 
 def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version: int | None = None,
@@ -82,14 +82,14 @@ def _float32(value: Any, what: str) -> np.ndarray:
 
 
 def _from_peft(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    adapter = read_peft_dir(path)
+    adapter = read_lora_dir(path)
     key_a, key_b = LINEAR_KEYS
     out = {}
     for module, tensors in adapter.modules.items():
         if key_a not in tensors or tensors[key_a].ndim != 2:
             raise AdapterFileError(f"{path}: module {module!r}: only Linear / Conv1D LoRA can be switched at run time")
         a = tensors[key_a].astype(np.float32).T
-        b = tensors[key_b].astype(np.float32).T * adapter.scale_of(module)
+        b = tensors[key_b].astype(np.float32).T * scale_of(adapter, module)
         out[module] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
     return out
 

@@ -25,15 +25,9 @@ from rewrite.capture import capture
 from rewrite.errors import AdapterFileError
 from rewrite.formats.adapter_file import read_adapter_file, write_adapter_file
 from rewrite.formats.onnx_adapter import read_onnx_adapter, write_onnx_adapter
-from rewrite.formats.peft_dir import (
-    LoraSettings,
-    alpha_for_scale,
-    lora_config,
-    lora_scale,
-    read_peft_dir,
-    tensor_key,
-    write_peft_dir,
-)
+from rewrite.formats.peft_dir import tensor_key, write_peft_dir
+from rewrite.formats.peft_lora import LoraSettings, alpha_for_scale, lora_config, lora_scale, rank_of, read_lora_dir, \
+    scale_of
 from rewrite.graph_edit import adapters_at
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
@@ -76,7 +70,7 @@ def test_peft_bf16_dir_reads_bit_for_bit(bf16):
     root, _, model, _ = bf16
     theirs = peft.get_peft_model_state_dict(model)
     assert all(t.dtype == torch.bfloat16 for t in theirs.values())
-    adapter = read_peft_dir(root / "theirs")
+    adapter = read_lora_dir(root / "theirs")
     keys = {tensor_key(module, suffix): array for module, parts in adapter.modules.items()
             for suffix, array in parts.items()}
     assert sorted(keys) == sorted(theirs)
@@ -85,8 +79,8 @@ def test_peft_bf16_dir_reads_bit_for_bit(bf16):
         assert torch.equal(from_numpy(array), theirs[key]), key
     for owner in TARGETS:
         layer = model.base_model.model.get_submodule(owner)
-        assert adapter.rank_of(owner) == layer.r["default"]
-        assert adapter.scale_of(owner) == layer.scaling["default"] == 6 / adapter.rank_of(owner)
+        assert rank_of(adapter, owner) == layer.r["default"]
+        assert scale_of(adapter, owner) == layer.scaling["default"] == 6 / rank_of(adapter, owner)
 
 
 def test_peft_bf16_dir_loads_and_saves_bit_for_bit(bf16):
@@ -129,7 +123,7 @@ def test_bf16_nan_is_refused(tmp_path):
     save_file({tensor_key("layers.0", "lora_A.weight"): np.ones((2, 64), ml_dtypes.bfloat16),
                tensor_key("layers.0", "lora_B.weight"): b}, root / "adapter_model.safetensors")
     with pytest.raises(AdapterFileError) as err:
-        read_peft_dir(root)
+        read_lora_dir(root)
     assert str(err.value).startswith(f"{root / 'adapter_model.safetensors'}: tensor "
                                      f"'{tensor_key('layers.0', 'lora_B.weight')}' has 1 NaN/Inf value;")
 
@@ -150,7 +144,7 @@ def _good_files(root: Path) -> dict[str, tuple[Path, Path]]:
             "onnx_adapter": (root / "ours.onnx_adapter", root / "ours.onnx_adapter")}
 
 
-READERS = {"peft": read_peft_dir, "rewrite": read_adapter_file, "onnx_adapter": read_onnx_adapter}
+READERS = {"peft": read_lora_dir, "rewrite": read_adapter_file, "onnx_adapter": read_onnx_adapter}
 KIND = {"peft": "safetensors file", "rewrite": "safetensors file", "onnx_adapter": ".onnx_adapter file"}
 CORRUPTIONS = {
     "random_bytes": lambda good: np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes(),
@@ -168,7 +162,7 @@ def test_good_files_read_back(fmt, tmp_path):
     if fmt == "onnx_adapter":
         assert read.model_version == 7 and np.array_equal(read.tensors["layers.0.B"], np.full((2, 64), 0.25))
     elif fmt == "peft":
-        assert read.scale_of("layers.0") == 2.0 and read.modules["layers.0"]["lora_A.weight"].shape == (2, 64)
+        assert scale_of(read, "layers.0") == 2.0 and read.modules["layers.0"]["lora_A.weight"].shape == (2, 64)
     else:
         assert read.sites["layers.0"].alpha == 4.0 and read.tensors["layers.0"]["lora_B"][0, 0] == 0.25
 
@@ -239,7 +233,7 @@ def test_lora_scale_is_peft_convention():
 
 
 def test_formats_load_without_torch():
-    code = ("import sys, rewrite.formats.peft_dir, rewrite.formats.adapter_file, rewrite.formats.onnx_adapter; "
+    code = ("import sys, rewrite.formats.peft_dir, rewrite.formats.peft_lora, rewrite.formats.adapter_file, rewrite.formats.onnx_adapter; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     run_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run_.returncode == 0, run_.stderr

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rewrite.errors import AdapterFileError, ModelLoadError, SpecError
-from rewrite.formats.peft_dir import read_peft_dir
+from rewrite.formats.peft_lora import read_lora_dir
 from rewrite.load import load_model
 from rewrite.spec import parse_spec
 from test_cli_errors import assert_error, assert_nothing_written, cli, write_spec
@@ -171,7 +171,7 @@ def lora(module: str, d_in: int, d_out: int, rank: int = 2, dtype=torch.float32)
 
 
 PEFT_CASES = {
-    "no_tensors": (dict(tensors={}), ["adapter_model.safetensors: holds no LoRA tensors"]),
+    "no_tensors": (dict(tensors={}), ["adapter_model.safetensors: holds no LORA tensors"]),
     "integer_tensors": (dict(tensors=lora("q_proj", 8, 8, dtype=torch.int64)),
                         ["tensor 'base_model.model.q_proj.lora_A.weight' is int64", "floats"]),
     "bool_tensors": (dict(tensors=lora("q_proj", 8, 8, dtype=torch.bool)), ["is bool"]),
@@ -200,7 +200,7 @@ def test_peft_dir_whose_config_and_tensors_disagree(case, tmp_path):
     kwargs, expected = PEFT_CASES[case]
     adapter = peft_dir(tmp_path / "lora", **kwargs)
     with pytest.raises(AdapterFileError) as caught:
-        read_peft_dir(adapter)
+        read_lora_dir(adapter)
     for text in (str(adapter), *expected):
         assert text in str(caught.value)
 
@@ -208,12 +208,12 @@ def test_peft_dir_whose_config_and_tensors_disagree(case, tmp_path):
 def test_peft_targeting_rules_as_peft_applies_them(tmp_path):
     """Suffix match on dotted paths, a regex matched in full, and layers_to_transform."""
     tensors = {**lora("model.layers.0.q_proj", 8, 8), **lora("model.layers.1.q_proj", 8, 8)}
-    adapter = read_peft_dir(peft_dir(tmp_path / "suffix", tensors, target_modules=["q_proj"]))
+    adapter = read_lora_dir(peft_dir(tmp_path / "suffix", tensors, target_modules=["q_proj"]))
     assert adapter.targets("model.layers.1.q_proj") and not adapter.targets("model.layers.1.xq_proj")
-    adapter = read_peft_dir(peft_dir(tmp_path / "regex", tensors, target_modules=r"model\.layers\.\d\.q_proj"))
+    adapter = read_lora_dir(peft_dir(tmp_path / "regex", tensors, target_modules=r"model\.layers\.\d\.q_proj"))
     assert adapter.targets("model.layers.3.q_proj") and not adapter.targets("q_proj")
     with pytest.raises(AdapterFileError, match="does not select 'model.layers.1.q_proj'"):
-        read_peft_dir(peft_dir(tmp_path / "layers", tensors, target_modules=["q_proj"], layers_to_transform=[0]))
+        read_lora_dir(peft_dir(tmp_path / "layers", tensors, target_modules=["q_proj"], layers_to_transform=[0]))
 
 
 def test_selected_site_without_tensors_is_refused(tmp_path, capsys):
@@ -278,7 +278,7 @@ def test_load_into_an_inserted_adapter_must_fit_it(tmp_path, capsys):
                  "spec.toml:7", "the file covers 2 sites, the adapter 1; they differ at ['v_proj']")
     other_scale = saved(tmp_path, capsys, "scaled", alpha=3.0)
     code, err = apply(capsys, tmp_path, INSERT.format(rank=2) + load(other_scale))
-    assert_error(code, err, "the file sets other scales: q_proj (scale 4 there, 1.5 in the file)")
+    assert_error(code, err, "the file sets other settings: q_proj (alpha 8.0 there, 3.0 in the file)")
     fits = saved(tmp_path, capsys, "fits")  # same site, rank and scale: the insert's adapter gets these weights
     assert apply(capsys, tmp_path, INSERT.format(rank=2) + load(fits))[0] == 0
 

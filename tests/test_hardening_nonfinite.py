@@ -25,7 +25,7 @@ from rewrite.errors import AdapterFileError, DataError, SpecError
 from rewrite.finite import nonfinite_count, nonfinite_key
 from rewrite.formats.adapter_file import read_adapter_file
 from rewrite.formats.onnx_adapter import write_onnx_adapter
-from rewrite.formats.peft_dir import read_peft_dir
+from rewrite.formats.peft_lora import alpha_of, read_lora_dir
 from rewrite.passes import REGISTRY
 from rewrite.runtime.session import AdapterSession
 from rewrite.options import DataOptions
@@ -146,7 +146,7 @@ def test_cli_spec_with_nan_exits_2(tmp_path, capsys):
 def test_peft_tensor_with_nan_names_file_and_key(tmp_path):
     adapter = peft_dir(tmp_path / "lora", poison=NAN_B)
     with pytest.raises(AdapterFileError) as err:
-        read_peft_dir(adapter)
+        read_lora_dir(adapter)
     assert str(err.value).startswith(f"{adapter / 'adapter_model.safetensors'}: tensor '{NAN_B}' has 3 NaN/Inf values")
 
 
@@ -172,14 +172,14 @@ def test_peft_config_numbers(case, tmp_path):
     values, expected = PEFT_CONFIG_CASES[case]
     adapter = peft_dir(tmp_path / "lora", config_text=config_with(**values))
     with pytest.raises(AdapterFileError) as err:
-        read_peft_dir(adapter)
+        read_lora_dir(adapter)
     assert str(err.value).startswith(f"{adapter / 'adapter_config.json'}: {expected}"), str(err.value)
 
 
 def test_peft_control_dir_reads(tmp_path):
-    adapter = read_peft_dir(peft_dir(tmp_path / "lora", config_text=config_with(
+    adapter = read_lora_dir(peft_dir(tmp_path / "lora", config_text=config_with(
         lora_alpha="4.5", rank_pattern='{"layers.1": 2}', alpha_pattern='{"layers.1": 8}')))
-    assert adapter.alpha_of("layers.1") == 8.0 and adapter.alpha_of("layers.0") == 4.5
+    assert alpha_of(adapter, "layers.1") == 8.0 and alpha_of(adapter, "layers.0") == 4.5
 
 
 def load_spec(tmp_path: Path, adapter: Path) -> Path:

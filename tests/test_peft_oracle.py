@@ -384,7 +384,7 @@ def test_load_refuses_rank_mismatch(case):
     c = case("llama")
     # the adapter's own sites, at another rank
     gm = c.run(c.spec(f'[[pass]]\nname = "insert"\ntargets = {json.dumps(LLAMA_LIKE)}\nrank = 8\n'))
-    with pytest.raises(AdapterFileError, match="do not fit this site"):
+    with pytest.raises(AdapterFileError, match="rank 8 there, 4 in the file"):
         c.run(c.load_spec(), gm=gm)
 
 

@@ -17,13 +17,17 @@ What a kind declares (class attributes):
                 shrinks, under its training allocators)
     low_rank    whether `factors()` gives (A [d_in, r], B [r, d_out]) with delta(x) = x A B: what the unmerged
                 lowerings (ort-adapters, bank, custom-op) switch per run or per batch row
-    peft_type   PEFT's name for it ("LORA", "IA3"), or None when PEFT has no such tuner; kinds sharing a
-                peft_type share `peft_config` and may be saved as one PEFT adapter
+    peft_format the PEFT directory format it reads and writes (rewrite.formats.peft_dir.PeftFormat: peft_type,
+                config model, key suffixes), or None when PEFT has no such tuner; kinds sharing a format share
+                `peft_config` and `peft_module` and may be saved as one PEFT adapter; the first kind registered
+                with a format reads its directories
 
 What a kind instance provides: `forward`, `merge_into(weight, bias)` / `unmerge_from(weight, bias)` (in place,
 in the base op's own layout), `resize(rank, keep)` where a rank exists, `factors()` for low-rank kinds, its PEFT
-tensors (`peft_state`, `peft_shapes`, `load_peft_state`) and class-level `peft_config(modules)`, what `save`
-writes (`saved_form`, `adapter_file_entry`), and `manifest_entry()`. What a kind cannot do raises `NotSupported`
+tensors (`peft_state`, `peft_shapes`, `load_peft_state`), class-level `peft_config(modules)` (writing) and
+`peft_module(adapter, module)` (reading: which kind and settings a module of a PEFT directory gets), what `save`
+writes (`saved_form`, `adapter_file_entry`) and `load` reads back (`load_adapter_file_entry`), and
+`manifest_entry()`. What a kind cannot do raises `NotSupported`
 with a message that says what it can. A new kind is one file under rewrite/adapters/, its test, and one line in `KINDS`.
 """
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from rewrite.formats.peft_dir import PeftAdapter, PeftFormat
 
 SETTINGS = ("rank", "alpha", "rslora", "dropout", "init")
 
@@ -50,7 +56,7 @@ class AdapterKind(nn.Module):
     mergeable: ClassVar[bool] = False  # a kind that implements merge_into exactly says so
     resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
-    peft_type: ClassVar[str | None] = None
+    peft_format: ClassVar[PeftFormat | None] = None
 
     op: str
     d_in: int
@@ -84,6 +90,12 @@ class AdapterKind(nn.Module):
         """PEFT's adapter_config.json for these modules (module path -> module) of one adapter."""
         raise NotSupported(f"{cls.kind} adapters have no PEFT form")
 
+    @classmethod
+    def peft_module(cls, adapter: PeftAdapter, module: str) -> tuple[type["AdapterKind"], dict[str, Any]]:
+        """The kind (this one or a sibling of its format) and the insert settings (rank, alpha, rslora, ...) that
+        `module` of this PEFT directory gets; its tensors then go in with `load_peft_state`."""
+        raise NotSupported(f"{cls.kind} adapters have no PEFT form")
+
     def saved_form(self) -> "AdapterKind":
         """The module `save` writes: itself, or an equivalent of another kind (SVD-form LoRA saves as LoRA)."""
         return self
@@ -91,6 +103,13 @@ class AdapterKind(nn.Module):
     def adapter_file_entry(self) -> tuple[Any, dict[str, torch.Tensor]]:
         """(site metadata, tensors) for our own adapter file (rewrite.formats.adapter_file)."""
         raise NotSupported(f"our adapter file holds LoRA adapters; save {self.kind} as PEFT")
+
+    def load_adapter_file_entry(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy in the tensors of `adapter_file_entry` (names and shapes checked against `adapter_file_shapes`)."""
+        raise NotSupported(f"our adapter file holds LoRA adapters; load {self.kind} from PEFT")
+
+    def adapter_file_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotSupported(f"our adapter file holds LoRA adapters; load {self.kind} from PEFT")
 
     def manifest_entry(self) -> dict[str, Any]:
         """What the manifest records of this adapter at its site besides site, name and kind (`LiveAdapter`)."""

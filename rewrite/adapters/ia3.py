@@ -12,12 +12,41 @@ PEFT: one `IA3` adapter holds both kinds; key `base_model.model.<module>.ia3_l`,
 """
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import torch
+from pydantic import StrictStr, field_validator
 from torch import nn
 
 from rewrite.adapters.base import AdapterKind
+from rewrite.formats.peft_dir import PeftConfig, PeftFormat, compiled
+
+
+class IA3PeftConfig(PeftConfig):
+    """`adapter_config.json` of an IA3 adapter: `feedforward_modules` (a subset of the targets) scale inputs."""
+
+    expected: ClassVar[dict[str, str]] = {**PeftConfig.expected,
+                                          "feedforward_modules": "a list of module names or a regex string"}
+
+    peft_type: StrictStr = "IA3"
+    feedforward_modules: list[StrictStr] | StrictStr | None = None
+
+    @field_validator("feedforward_modules")
+    @classmethod
+    def _regexes(cls, value):
+        return compiled(value)
+
+    def scales_input(self, module: str) -> bool:
+        """PEFT's rule (`_check_target_module_feedforward`): a regex string matched in full, else any list entry
+        the module path ends with (a plain string suffix, not a dotted one)."""
+        names = self.feedforward_modules
+        if isinstance(names, str):
+            return re.fullmatch(names, module) is not None
+        return any(module.endswith(n) for n in names or [])
+
+
+IA3_FORMAT = PeftFormat("IA3", IA3PeftConfig, (("ia3_l",),))
 
 
 class IA3(AdapterKind):
@@ -27,7 +56,7 @@ class IA3(AdapterKind):
     settings = ("init",)
     inits = ("ones",)
     mergeable = True
-    peft_type = "IA3"
+    peft_format = IA3_FORMAT
     scales_input: ClassVar[bool] = False
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -64,6 +93,10 @@ class IA3(AdapterKind):
     @torch.no_grad()
     def load_peft_state(self, tensors) -> None:
         self.ia3_l.copy_(tensors["ia3_l"].reshape(-1).to(self.ia3_l.dtype))
+
+    @classmethod
+    def peft_module(cls, adapter, module: str) -> tuple[type[IA3], dict]:
+        return (IA3FeedForward if adapter.config.scales_input(module) else IA3), {}
 
     @classmethod
     def peft_config(cls, modules) -> dict:

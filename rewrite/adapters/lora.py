@@ -34,7 +34,8 @@ from torch import nn
 
 from rewrite.adapters.base import LowRank
 from rewrite.formats.adapter_file import SiteInfo
-from rewrite.formats.peft_dir import LINEAR_KEYS, LoraSettings, alpha_for_scale, lora_config, lora_keys, lora_scale
+from rewrite.formats.peft_lora import LINEAR_KEYS, LORA_FORMAT, LoraSettings, alpha_for_scale, alpha_of, lora_config, \
+    lora_keys, lora_scale, rank_of
 
 IDENTITY_INITS = ("zeros", "gaussian")
 
@@ -44,7 +45,7 @@ class LoRA(LowRank):
     ops = ("linear", "conv1d", "conv2d", "embedding")
     inits = IDENTITY_INITS
     resizable = True
-    peft_type = "LORA"
+    peft_format = LORA_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
@@ -187,10 +188,23 @@ class LoRA(LowRank):
         return lora_config({o: LoraSettings(m.op, m.rank, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0))
                             for o, m in modules.items()})
 
+    @classmethod
+    def peft_module(cls, adapter, module: str) -> tuple[type[LoRA], dict]:
+        return cls, dict(rank=rank_of(adapter, module), alpha=alpha_of(adapter, module),
+                         rslora=adapter.config.use_rslora)
+
     def adapter_file_entry(self) -> tuple[SiteInfo, dict[str, torch.Tensor]]:
         info = SiteInfo(op=self.op, rank=self.rank, alpha=self.alpha, rslora=self.rslora, d_in=self.d_in,
                         d_out=self.d_out)
         return info, {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+
+    def adapter_file_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": tuple(self.lora_A.shape), "lora_B": tuple(self.lora_B.shape)}
+
+    @torch.no_grad()
+    def load_adapter_file_entry(self, tensors) -> None:
+        self.lora_A.copy_(tensors["lora_A"].to(self.lora_A.dtype))
+        self.lora_B.copy_(tensors["lora_B"].to(self.lora_B.dtype))
 
     def manifest_entry(self) -> dict:
         return dict(op=self.op, rank=self.rank, alpha=self.alpha, rslora=self.rslora, scaling=self.scaling)
