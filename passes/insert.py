@@ -24,11 +24,11 @@ Every kind's inits start as the identity, so the outputs are unchanged, which `-
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rewrite.adapters import KINDS
 from rewrite.adapters.base import SETTINGS
@@ -49,6 +49,7 @@ class InsertOptions(PassOptions):
     rslora: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     init: str | None = None  # default: the kind's first init
+    options: dict[str, Any] = {}  # the kind's own options (its `Options` model)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     seed: int = 0
@@ -65,6 +66,20 @@ class InsertOptions(PassOptions):
         for key in mapping:
             check_selector_syntax(key)
         return mapping
+
+    @field_validator("options")
+    @classmethod
+    def _kind_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        kind = KINDS.get(info.data.get("kind", ""))
+        if kind is None:
+            return options
+        try:
+            return kind.Options.model_validate(options).model_dump()
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(map(str, first["loc"]))
+            fields = ", ".join(kind.Options.model_fields) or "none"
+            raise ValueError(f"kind = \"{kind.kind}\": options.{key}: {first['msg']} (its options: {fields})") from None
 
     @model_validator(mode="after")
     def _fits_the_kind(self) -> "InsertOptions":
@@ -149,7 +164,7 @@ class InsertPass(GraphPass):
                 rank = resolve(site, o.rank, o.rank_pattern, where)
                 alpha = resolve(site, o.alpha, o.alpha_pattern, where)
                 module = adapter_for_site(gm, site, o.kind, rank, alpha, rslora=o.rslora, dropout=o.dropout,
-                                          init=o.init or kind.inits[0], where=where)
+                                          init=o.init or kind.inits[0], where=where, options=o.options)
                 register_adapter(gm, site.owner, o.adapter, module)
                 added_params += sum(p.numel() for p in module.parameters())
                 created.add(site.owner)

@@ -229,7 +229,7 @@ class LoadPass(GraphPass):
         settings = {"rank": 0, "alpha": 0.0, "rslora": False, **entry.settings}
         return adapter_for_site(gm, site, entry.kind.kind, settings.pop("rank"), settings.pop("alpha"),
                                 rslora=settings.pop("rslora"), dropout=0.0, init=entry.kind.inits[0],
-                                where=self.context.where)
+                                where=self.context.where, options=settings)
 
     @staticmethod
     def _check_base_copy(gm: fx.GraphModule, path: Path, owner: str, site: Site, saved: torch.Tensor) -> None:

@@ -88,3 +88,12 @@ def test_identity_merge_unmerge_and_factors(captured, kind, op):
     after = {name: p for name, p in gm.named_parameters() if not name.startswith("adapters.")}
     assert all(torch.equal(before[name], after[name]) for name in before)
     torch.testing.assert_close(logits(gm, inputs), adapted, rtol=0, atol=0)
+
+
+def test_kind_options_are_the_kinds_own_and_typed():
+    """`options = {...}` is validated by the kind's Options model: unknown keys are refused naming the kind."""
+    from rewrite.passes import REGISTRY
+    with pytest.raises(ValueError, match=r'kind = "lora": options.block_size: Extra inputs are not permitted '
+                                         r"\(its options: none\)"):
+        REGISTRY["insert"].Options(kind="lora", targets=["q_proj"], options={"block_size": 4})
+    assert REGISTRY["insert"].Options(kind="lora", targets=["q_proj"]).options == {}

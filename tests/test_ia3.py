@@ -16,6 +16,7 @@ from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.graph_edit import adapters_at
 from rewrite.options import ExportOptions
 from rewrite.passes import REGISTRY
+from rewrite.state import state_of
 
 from helpers import capture_hf, logits
 from helpers import run_pass as run
@@ -88,3 +89,19 @@ def test_settings_it_does_not_read_are_refused():
         REGISTRY["insert"].Options(kind="ia3", targets=["k_proj"], rank=4)
     with pytest.raises(ValueError, match=r"init = 'zeros': kind = \"ia3_ff\" starts from ones"):
         REGISTRY["insert"].Options(kind="ia3_ff", targets=["down_proj"], init="zeros")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_load_reads_a_directory_peft_saved(name, tmp_path):
+    """`load` picks the kind from the directory's peft_type and each module's side from feedforward_modules."""
+    outputs, inputs = CASES[name]
+    theirs = _peft_model(name, outputs, inputs)
+    theirs.save_pretrained(tmp_path / "peft")
+    _, gm, kwargs = capture_hf(name)
+    result = run(gm, "load", root=tmp_path, path="peft", adapter="tuned")
+    kinds = {owner: module.kind for owner in {s.owner for s in state_of(gm).sites.values()}
+             if (module := adapters_at(gm, owner).get("tuned")) is not None}
+    assert result.stats["modules"] == len(kinds) and set(kinds.values()) == {"ia3", "ia3_ff"}
+    assert all(kind == "ia3_ff" for owner, kind in kinds.items() if any(owner.endswith(i) for i in inputs))
+    torch.testing.assert_close(logits(gm, kwargs), logits(theirs, kwargs), rtol=1e-5, atol=1e-5)
+    assert not run(gm, "load", root=tmp_path, path="peft", adapter="tuned").modified

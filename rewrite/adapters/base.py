@@ -11,6 +11,8 @@ What a kind declares (class attributes):
                   "input"  y' = base(m(x))        the module rewrites the input ((IA)^3 on feed-forward layers)
     settings    the insert keys it reads (rank, alpha, rslora, dropout, init); an insert that sets another key
                 for this kind is refused
+    Options     its own typed options (a strict pydantic model; insert's `options = { ... }` table), passed to
+                the constructor as keyword arguments and kept as attributes of the same names
     inits       the `init` values it accepts, default first (each must start as the identity)
     mergeable   whether `merge_into` folds it into the base weights exactly
     resizable   whether `resize(rank, keep)` grows and shrinks it freely (what `allocate` needs; the SVD form only
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from rewrite.formats.peft_dir import PeftAdapter, PeftFormat
+from rewrite.options import Strict
 
 SETTINGS = ("rank", "alpha", "rslora", "dropout", "init")
 
@@ -47,11 +50,16 @@ class NotSupported(ValueError):
     """The kind cannot do what was asked (merge, resize, lower, save as PEFT); the message says what can."""
 
 
+class NoOptions(Strict):
+    """A kind without options of its own."""
+
+
 class AdapterKind(nn.Module):
     kind: ClassVar[str]
     ops: ClassVar[tuple[str, ...]]
     join: ClassVar[str] = "add"  # "add" | "output" | "input"
     settings: ClassVar[tuple[str, ...]] = SETTINGS
+    Options: ClassVar[type[Strict]] = NoOptions
     inits: ClassVar[tuple[str, ...]] = ("zeros",)
     mergeable: ClassVar[bool] = False  # a kind that implements merge_into exactly says so
     resizable: ClassVar[bool] = False
@@ -92,8 +100,9 @@ class AdapterKind(nn.Module):
 
     @classmethod
     def peft_module(cls, adapter: PeftAdapter, module: str) -> tuple[type["AdapterKind"], dict[str, Any]]:
-        """The kind (this one or a sibling of its format) and the insert settings (rank, alpha, rslora, ...) that
-        `module` of this PEFT directory gets; its tensors then go in with `load_peft_state`."""
+        """The kind (this one or a sibling of its format) and the constructor settings (rank, alpha, rslora and
+        the kind's Options fields) that `module` of this PEFT directory gets; its tensors then go in with
+        `load_peft_state`. Each setting is also an attribute of the module (rule 7 of `load` compares them)."""
         raise NotSupported(f"{cls.kind} adapters have no PEFT form")
 
     def saved_form(self) -> "AdapterKind":
