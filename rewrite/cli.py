@@ -22,7 +22,9 @@ from rich.markup import escape
 from rich.table import Table
 
 import rewrite
+from rewrite.console import LiveProgress
 from rewrite.errors import RewriteError, SpecError, describe
+from rewrite.progress import reporting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="allow unpickling a .pt model with code execution (only for files you trust)")
         p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also show the libraries' deprecation warnings (torch, transformers)")
     return parser
 
 
@@ -79,24 +83,18 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         spec = load_spec(args.spec)
     args.doing = f"loading {args.model}"
     start = time.perf_counter()
-    status = console.status("loading model", spinner="dots") if not args.quiet else None
-    if status:
-        status.start()
+    live = LiveProgress(console) if not (args.quiet or args.json) else None
 
     def on_stage(name: str, seconds: float, stats: dict[str, Any]) -> None:
         args.doing = _doing_after(name, args)
-        if status:
-            console.log(f"[green]done[/] {name} ({seconds:.2f} s)")
-            status.update(f"after {name}")
+        if live:
+            live.done(name, seconds, f"after {name}")
 
-    try:
+    with live or contextlib.nullcontext(), reporting(live):
         summary = apply(spec, args.model, Path(args.output), verify=args.verify, check=args.check or None,
                         trust_pickle=args.trust_pickle, on_stage=on_stage)
-    finally:
-        if status:
-            status.stop()
     if not args.quiet and not args.json:
-        _print_summary(console, summary, time.perf_counter() - start)
+        _print_summary(console, summary, time.perf_counter() - start, args.command)
     return summary.as_json()
 
 
@@ -110,8 +108,8 @@ def _doing_after(stage: str, args: argparse.Namespace) -> str:
     return f"running the passes of {source} on {args.model} (after {stage})"
 
 
-def _print_summary(console: Console, summary, total: float) -> None:
-    table = Table(title=f"rewrite apply: {summary.model} -> {summary.output_dir}", show_lines=False)
+def _print_summary(console: Console, summary, total: float, command: str) -> None:
+    table = Table(title=f"rewrite {command}: {summary.model} -> {summary.output_dir}", show_lines=False)
     for column in ("stage", "seconds", "result"):
         table.add_column(column)
     seconds = {entry["stage"]: entry["seconds"] for entry in summary.stages}
@@ -184,9 +182,10 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _library_output(quiet: bool) -> Iterator[None]:
-    """Library log records print their line but never a traceback (our error line says what failed); --quiet
-    silences library logging and warnings altogether (they are not errors)."""
+def _library_output(quiet: bool, verbose: bool) -> Iterator[None]:
+    """Warnings print as one `warning:` line (no source line). Library log records print their line but never a
+    traceback (our error line says what failed). Libraries' FutureWarning / DeprecationWarning (torch's, about
+    their own internals) show only with --verbose; --quiet silences library logging and warnings altogether."""
     factory, disabled = logging.getLogRecordFactory(), logging.root.manager.disable
 
     def without_traceback(*args: Any, **kwargs: Any) -> logging.LogRecord:
@@ -194,9 +193,16 @@ def _library_output(quiet: bool) -> Iterator[None]:
         record.exc_info = record.exc_text = record.stack_info = None
         return record
 
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).strip() + ("" if category is UserWarning else f" ({category.__name__})")
+        Console(stderr=True, emoji=False).print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+
     logging.setLogRecordFactory(without_traceback)
     try:
         with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("default" if verbose else "ignore", category=category)
             if quiet:
                 warnings.simplefilter("ignore")
                 logging.disable(logging.CRITICAL)
@@ -215,9 +221,9 @@ def _print_error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.doing = f"running rewrite {args.command}"
-    console = Console(stderr=True, quiet=args.quiet)
+    console = Console(stderr=True, quiet=args.quiet, log_path=False)
     try:
-        with _library_output(args.quiet):
+        with _library_output(args.quiet, getattr(args, "verbose", False)):
             commands = {"inspect": _cmd_inspect, "report": _cmd_report}
             result = commands.get(args.command, _cmd_apply)(args, console)
     except RewriteError as err:

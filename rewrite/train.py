@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from rewrite.errors import DataError, SpecError
+from rewrite.progress import tracked
 
 Batch = dict[str, torch.Tensor]
 
@@ -266,7 +267,8 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(ctx)
         tick = time.perf_counter()
-        for step, batch in enumerate(_batches(data, steps), start=1):
+        batches = tracked(_batches(data, steps), "train", steps, lambda: {"loss": f"{ctx.loss:.4g}"})
+        for step, batch in enumerate(batches, start=1):
             ctx.step = step
             outputs = gm(**_inputs(data, batch))
             loss = loss_fn(outputs, batch)

@@ -22,7 +22,7 @@ PACKAGE_DIRS = {"rewrite": ROOT / "rewrite", "rewrite.passes": ROOT / "passes", 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("rewrite.errors",)),
     ("formats", ("rewrite.formats", "rewrite.options", "rewrite.names", "rewrite.finite", "rewrite.toml_locate",
-                 "rewrite.factory", "rewrite.modes")),
+                 "rewrite.factory", "rewrite.modes", "rewrite.progress")),
     ("ir", ("rewrite.load", "rewrite.pt2_archive", "rewrite.capture", "rewrite.inputs", "rewrite.sites",
             "rewrite.graph_edit", "rewrite.state", "rewrite.data", "rewrite.tensors")),
     ("adapters", ("rewrite.adapters",)),
@@ -30,7 +30,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                   "rewrite.train", "rewrite.planted")),
     ("passes", ("rewrite.pass_infra", "rewrite.passes")),
     ("export", ("rewrite.export",)),
-    ("top", ("rewrite.spec", "rewrite.pipeline", "rewrite.publish", "rewrite.check", "rewrite.bundle", "rewrite.cli")),
+    ("top", ("rewrite.spec", "rewrite.pipeline", "rewrite.publish", "rewrite.check", "rewrite.bundle", "rewrite.cli",
+             "rewrite.console")),
 ]
 # The serving side: beside the stack, on these layers only.
 RUNTIME = ("rewrite.runtime", ("errors", "formats"))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rewrite.errors import DataError, RewriteError, SpecError, first_line
+from rewrite.progress import tracked
 from rewrite.scorers import Curves, ScoreContext, Scorer, Target, energy_curve, weight_matrix
 
 
@@ -116,7 +117,7 @@ def collect_statistics(ctx: ScoreContext, *, gradients: bool, output_metric: boo
     generator = torch.Generator().manual_seed(seed)
     seen = 0
     try:
-        for batch in ctx.data.batches(limit=ctx.batches):
+        for batch in tracked(ctx.data.batches(limit=ctx.batches), "calibration batches", ctx.batches):
             inputs = ctx.data.model_inputs(batch)
             with torch.enable_grad() if backward else torch.no_grad():
                 outputs = _run(ctx.gm, inputs)

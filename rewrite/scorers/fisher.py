@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from rewrite.errors import DataError
+from rewrite.progress import tracked
 from rewrite.scorers import Curves, ScoreContext, Scorer, Target, energy_curve
 from rewrite.scorers.activation import _run, collect_statistics, whiten as whiten_by
 
@@ -65,8 +66,8 @@ def probe_fit(ctx: ScoreContext, steps: int) -> dict[str, torch.Tensor]:
         for m in modules.values():
             m.eval()  # no dropout: the probe measures the update, not a regularised one
         optimizer = torch.optim.Adam(train_params, lr=options.lr)
-        done = 0
-        for batch in ctx.data.batches(limit=steps):
+        done, last = 0, {}
+        for batch in tracked(ctx.data.batches(limit=steps), "probe fit", steps, lambda: last):
             with torch.enable_grad():
                 loss = ctx.loss(_run(ctx.gm, ctx.data.model_inputs(batch)), batch)
                 if not torch.isfinite(loss):
@@ -77,6 +78,7 @@ def probe_fit(ctx: ScoreContext, steps: int) -> dict[str, torch.Tensor]:
                 torch.nn.utils.clip_grad_norm_(train_params, options.grad_clip)
             optimizer.step()
             done += 1
+            last = {"loss": f"{float(loss):.4g}"}
         return {t.owner: _delta_matrix(t) - start[t.owner] for t in ctx.targets}
     finally:
         with torch.no_grad():

@@ -1,0 +1,92 @@
+"""What the CLI prints besides errors: stage lines without source paths, warnings as one line, library
+deprecation noise only with --verbose, nothing but JSON under --json, progress reported for training steps.
+
+Oracles: the printed text itself (captured), and a recording reporter that counts the steps `train` reports
+against the steps it was asked to run.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+
+from rewrite.cli import _library_output
+from rewrite.progress import reporting, tracked
+from rewrite.train import train
+
+from helpers import capture_module, run_pass
+from test_cli_errors import HEAD, NET_INPUTS, cli, files, tiny_net, write_spec  # noqa: F401 - fixture
+
+INSERT = '[[pass]]\nname = "insert"\ntargets = ["q_proj"]\nrank = 8\n'  # rank 8 on 8 x 8: a full-rank warning
+
+
+def test_stage_lines_name_no_source_file_and_json_is_alone(tmp_path, capsys, files):
+    spec = write_spec(tmp_path, HEAD + NET_INPUTS + INSERT)
+    code, out, err = cli(capsys, "apply", spec, files / "net.pt", "-o", tmp_path / "out", "--trust-pickle")
+    assert code == 0, err
+    assert "done load" in err and "done pass[0] 'insert'" in err and "cli.py" not in err
+    assert "rewrite apply:" in err and out == ""
+    code, out, err = cli(capsys, "apply", spec, files / "net.pt", "-o", tmp_path / "out2", "--trust-pickle", "--json")
+    assert code == 0 and json.loads(out)["passes"][0]["label"] == "pass[0] 'insert'"
+    assert "done" not in err and "rewrite apply:" not in err
+
+
+def test_warnings_are_one_line_without_source(tmp_path, capsys, files):
+    spec = write_spec(tmp_path, HEAD + NET_INPUTS + INSERT)
+    code, _, err = cli(capsys, "apply", spec, files / "net.pt", "-o", tmp_path / "out", "--trust-pickle")
+    lines = [line for line in err.splitlines() if "warning:" in line]
+    assert code == 0 and len(lines) == 1 and "more parameters than the layer" in err
+    assert "UserWarning" not in err and "warnings.warn" not in err and "insert.py" not in err
+
+
+def test_library_deprecations_only_with_verbose(capsys):
+    for verbose, shown in ((False, False), (True, True)):
+        with _library_output(quiet=False, verbose=verbose):
+            warnings.warn("torch internals moved", FutureWarning)
+            warnings.warn("ours", UserWarning)
+        err = capsys.readouterr().err
+        assert ("torch internals moved (FutureWarning)" in err) is shown and "warning: ours" in err
+    with _library_output(quiet=True, verbose=False):
+        warnings.warn("ours", UserWarning)
+    assert capsys.readouterr().err == ""
+
+
+class Recorder:
+    def __init__(self):
+        self.tasks: dict[int, dict] = {}
+
+    def start(self, description, total):
+        self.tasks[len(self.tasks)] = dict(description=description, total=total, steps=0, fields=[], open=True)
+        return len(self.tasks) - 1
+
+    def advance(self, handle, fields):
+        self.tasks[handle]["steps"] += 1
+        self.tasks[handle]["fields"].append(fields)
+
+    def finish(self, handle):
+        self.tasks[handle]["open"] = False
+
+
+def test_training_reports_every_step_with_its_loss():
+    gm = capture_module(tiny_net(), {"input": torch.randn(2, 8)})
+    run_pass(gm, "insert", targets=["q_proj"], rank=2)
+    data = [{"input": torch.randn(2, 8), "labels": torch.randn(2, 4)} for _ in range(3)]
+    recorder = Recorder()
+    with reporting(recorder):
+        result = train(gm, data, lambda out, batch: (out - batch["labels"]).pow(2).mean(), steps=5, lr=1e-3)
+    (task,) = recorder.tasks.values()
+    assert task["description"] == "train" and task["total"] == 5 and task["steps"] == result.steps == 5
+    assert [float(f["loss"]) for f in task["fields"]] == [float(f"{x:.4g}") for x in result.losses]
+    assert not task["open"]
+
+
+def test_a_loop_left_early_closes_its_task():
+    recorder = Recorder()
+    with reporting(recorder):
+        for i in tracked(range(10), "calibration batches", 10):
+            if i == 2:
+                break
+    (task,) = recorder.tasks.values()
+    assert task["steps"] == 2 and not task["open"]
+    assert list(tracked(range(3), "nothing shown")) == [0, 1, 2]  # without a reporter: the items, nothing else
