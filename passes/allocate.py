@@ -129,6 +129,9 @@ class AllocatePass(GraphPass):
     name = "allocate"
     Options = AllocateOptions
 
+    def writes(self) -> list[str]:
+        return self.options.report_files(history=self.options.scorer in TRAINING_SCORERS)
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         table = real_weights(gm, self.context.where, "allocate reads weights (and data)").sites
         if self.options.scorer in TRAINING_SCORERS:

@@ -55,6 +55,9 @@ class SavePass(GraphPass):
     name = "save"
     Options = SaveOptions
 
+    def writes(self) -> list[str]:
+        return [self.options.path]
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, name = state_of(gm), self.options.adapter
         owners = dict.fromkeys(s.owner for s in state.sites.values())

@@ -74,6 +74,9 @@ class TrainPass(GraphPass):
     name = "train"
     Options = TrainOptions
 
+    def writes(self) -> list[str]:
+        return self.options.report_files(history=True) if self.options.allocator else []
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         from rewrite.data import DataSource
         from rewrite.train import adapter_modules, train

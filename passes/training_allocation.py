@@ -49,6 +49,13 @@ class TrainingAllocatorOptions(RankBoundsOptions):
     report: str = "allocation"
     plot: bool = True
 
+    def report_files(self, history: bool) -> list[str]:
+        """The report's files (rewrite.report.write_report), none with `report = ""`."""
+        if not self.report:
+            return []
+        plots = [f"{self.report}.png", *([f"{self.report}_history.png"] if history else [])] if self.plot else []
+        return [f"{self.report}.json", f"{self.report}.md", *plots]
+
 
 def options_key(options: Any, data: Any) -> str:
     """A digest of the pass options and the [data] table: the same key means the same run."""

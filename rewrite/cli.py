@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -23,7 +24,7 @@ from rich.table import Table
 
 import rewrite
 from rewrite.console import LiveProgress
-from rewrite.errors import RewriteError, SpecError, describe
+from rewrite.errors import RewriteError, describe
 from rewrite.progress import reporting
 
 
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--verify", action="store_true",
                        help="after each pass that promises equivalence, check the outputs did not change")
     apply.add_argument("--check", action="store_true", help="run ONNX Runtime on the export and compare with torch")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="resolve the spec, load and capture MODEL, show the sites each pass reaches and the files "
+                            "it would write; run no pass, write nothing")
     bundle = sub.add_parser("bundle", help="several PEFT adapter directories in, one switchable ONNX model out")
     bundle.add_argument("model", help="the base model (same forms as for apply)")
     bundle.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
@@ -81,6 +85,8 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     else:
         args.doing = f"reading the spec {args.spec}"
         spec = load_spec(args.spec)
+        if args.dry_run:
+            return _dry_run(args, spec, console)
     args.doing = f"loading {args.model}"
     start = time.perf_counter()
     live = LiveProgress(console) if not (args.quiet or args.json) else None
@@ -96,6 +102,25 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if not args.quiet and not args.json:
         _print_summary(console, summary, time.perf_counter() - start, args.command)
     return summary.as_json()
+
+
+def _dry_run(args: argparse.Namespace, spec, console: Console) -> dict[str, Any]:
+    from rewrite.pipeline import load_and_capture
+    from rewrite.plan import as_json, export_writes, plan_passes
+
+    args.doing = f"loading and capturing {args.model}"
+    gm, _, report = load_and_capture(args.model, spec, trust_pickle=args.trust_pickle)
+    plans = plan_passes(spec, gm)
+    files = export_writes(spec)
+    if not args.quiet and not args.json:
+        console.print(f"dry run: {args.model} ({report.frontend}, {report.sites} weight sites) with {args.spec}; "
+                      "nothing is run or written", highlight=False, markup=False, soft_wrap=True)
+        _print_plans(console, plans, writes=True)
+        what = "no model" if spec.export.format == "none" else f"ONNX {spec.export.mode}"
+        console.print(f"export: {what}; writes {', '.join(files)} into {args.output}", highlight=False,
+                      markup=False, soft_wrap=True)
+    return dict(dry_run=True, model=args.model, spec=args.spec, output_dir=args.output, sites=report.sites,
+                passes=as_json(plans), export_files=files)
 
 
 def _doing_after(stage: str, args: argparse.Namespace) -> str:
@@ -133,7 +158,7 @@ def _print_summary(console: Console, summary, total: float, command: str) -> Non
 
 def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rewrite.pipeline import load_and_capture
-    from rewrite.sites import select
+    from rewrite.plan import as_json, plan_passes
     from rewrite.spec import default_spec, load_spec
     from rewrite.state import state_of
 
@@ -141,34 +166,48 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     spec = load_spec(args.spec) if args.spec else default_spec()
     args.doing = f"loading and capturing {args.model}"
     gm, _, report = load_and_capture(args.model, spec, trust_pickle=args.trust_pickle)
-    sites = state_of(gm).sites
     rows = [dict(name=s.name, op=s.op, module_class=s.module_class, d_in=s.d_in, d_out=s.d_out,
-                 weight=s.weight) for s in sites.values()]
-    selectors = []
-    for entry in spec.passes:
-        for key in ("targets",):
-            for pattern in getattr(entry.options, key, None) or []:
-                where = spec.location("pass", entry.index, key)
-                try:
-                    hits, note = [s.name for s in select(sites, [pattern], where)], ""
-                except SpecError as err:
-                    hits, note = [], str(err)
-                selectors.append(dict(pass_index=entry.index, pass_name=entry.name, selector=pattern,
-                                      matches=hits, error=note))
+                 weight=s.weight) for s in state_of(gm).sites.values()]
+    plans = plan_passes(spec, gm)
     if not args.quiet and not args.json:
-        table = Table(title=f"{args.model}: {len(rows)} weight sites ({report.frontend}, {report.nodes} nodes)")
-        for column in ("site", "op", "class", "d_in", "d_out"):
-            table.add_column(column)
+        title = f"{args.model}: {len(rows)} weight sites ({report.frontend}, {report.nodes} nodes)"
+        _print_rows(console, title, ("site", "op", "class", "d_in", "d_out"),
+                    [(r["name"], r["op"], r["module_class"], str(r["d_in"]), str(r["d_out"])) for r in rows])
+        _print_plans(console, plans, writes=False)
+    return dict(model=args.model, sites=rows, passes=as_json(plans))
+
+
+def _print_rows(console: Console, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A table on a terminal (long names fold, never cut); plain aligned columns elsewhere (pipes, files)."""
+    if console.is_terminal:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(row["name"], row["op"], row["module_class"], str(row["d_in"]), str(row["d_out"]))
+            table.add_row(*row)
         console.print(table)
-        for sel in selectors:
-            console.print(f"pass[{sel['pass_index']}] {sel['pass_name']}: {sel['selector']!r} matches "
-                          f"{len(sel['matches'])} site(s): {', '.join(sel['matches'][:8])}"
-                          f"{' ...' if len(sel['matches']) > 8 else ''}", highlight=False, markup=False)
-            if sel["error"]:
-                console.print(f"  {sel['error']}", highlight=False, markup=False)
-    return dict(model=args.model, sites=rows, selectors=selectors)
+        return
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+
+
+def _print_plans(console: Console, plans, *, writes: bool) -> None:
+    say = functools.partial(console.print, highlight=False, markup=False, soft_wrap=True)
+    for plan in plans:
+        say(f"pass[{plan.index}] {plan.name} ({plan.where})")
+        for sel in plan.selectors:
+            say(f"  targets {sel.selector!r} matches {len(sel.matches)} site(s): {', '.join(sel.matches)}")
+            if sel.error:
+                say(f"    {sel.error}")
+        if plan.reaches:
+            kinds = ", ".join(sorted(set(plan.reaches.values())))
+            say(f"  loads {kinds} onto {len(plan.reaches)} module(s): {', '.join(plan.reaches)}")
+        if plan.error:
+            say(f"  would fail: {plan.error}")
+        if writes and plan.writes:
+            say(f"  writes {', '.join(plan.writes)}")
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:

@@ -125,6 +125,10 @@ class GraphPass:
         """True when this pass, with these options, must leave the outputs unchanged."""
         return False
 
+    def writes(self) -> list[str]:
+        """The files this pass writes, relative to the output directory as its options name them (`--dry-run`)."""
+        return []
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError
 

@@ -383,7 +383,7 @@ def test_inspect_json_lists_sites_and_selector_matches(hf_dir, tmp_path, capsys)
     assert len(names) == 16 and names[0] == "model.embed_tokens" and names[-1] == "lm_head"
     q0 = next(s for s in result["sites"] if s["name"] == "model.layers.0.self_attn.q_proj")
     assert (q0["op"], q0["module_class"], q0["d_in"], q0["d_out"]) == ("linear", "Linear", 64, 64)
-    assert [(s["selector"], s["matches"]) for s in result["selectors"]] == [
+    assert [(s["selector"], s["matches"]) for s in result["passes"][0]["selectors"]] == [
         ("q_proj", ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
         ("class:Embedding", ["model.embed_tokens"])]
 

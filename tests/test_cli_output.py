@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
 import torch
 
 from rewrite.cli import _library_output
@@ -16,6 +17,7 @@ from rewrite.progress import reporting, tracked
 from rewrite.train import train
 
 from helpers import capture_module, run_pass
+from models import build
 from test_cli_errors import HEAD, NET_INPUTS, cli, files, tiny_net, write_spec  # noqa: F401 - fixture
 
 INSERT = '[[pass]]\nname = "insert"\ntargets = ["q_proj"]\nrank = 8\n'  # rank 8 on 8 x 8: a full-rank warning
@@ -90,3 +92,41 @@ def test_a_loop_left_early_closes_its_task():
     (task,) = recorder.tasks.values()
     assert task["steps"] == 2 and not task["open"]
     assert list(tracked(range(3), "nothing shown")) == [0, 1, 2]  # without a reporter: the items, nothing else
+
+
+def test_inspect_never_cuts_names_when_piped(hf_dir, tmp_path, capsys):
+    """Not a terminal (a pipe, a file): plain columns, every name whole, whatever the width."""
+    code, _, err = cli(capsys, "inspect", hf_dir("llama"))
+    assert code == 0
+    assert "model.layers.1.self_attn.q_proj  linear" in err and "…" not in err
+
+
+def test_inspect_spec_shows_the_sites_a_load_reaches(hf_dir, tmp_path, capsys):
+    """The load runs on a scratch copy: what it reaches is what `apply` would load (PEFT as the oracle)."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    model.save_pretrained(tmp_path / "lora")
+    expected = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                      if isinstance(m, peft.tuners.lora.LoraLayer))
+    spec = write_spec(tmp_path, HEAD + f'[[pass]]\nname = "load"\npath = "{tmp_path / "lora"}"\n')
+    code, out, err = cli(capsys, "inspect", hf_dir("llama"), "--spec", spec, "--json")
+    assert code == 0, err
+    reaches = json.loads(out)["passes"][0]["reaches"]
+    assert sorted(reaches) == expected and set(reaches.values()) == {"lora"}
+
+
+def test_dry_run_shows_passes_and_files_and_writes_nothing(hf_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, 'version = 1\n\n[[pass]]\nname = "insert"\ntargets = ["q_proj"]\n\n'
+                                '[[pass]]\nname = "save"\npath = "adapter"\n\n[[pass]]\nname = "load"\n'
+                                'path = "missing"\nadapter = "other"\n')
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "apply", spec, hf_dir("llama"), "-o", out, "--dry-run")
+    assert code == 0, err
+    assert not out.exists()
+    assert "targets 'q_proj' matches 2 site(s): model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj" \
+        in err
+    assert "writes adapter" in err and "would fail:" in err and "missing does not exist" in err
+    assert "writes model.onnx, manifest.json" in err
+    code, stdout, _ = cli(capsys, "apply", spec, hf_dir("llama"), "-o", out, "--dry-run", "--json")
+    result = json.loads(stdout)
+    assert result["dry_run"] and result["passes"][1]["writes"] == ["adapter"] and not out.exists()
