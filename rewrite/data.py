@@ -88,6 +88,25 @@ def _user_batches(factory: Callable[[], Any], where: str) -> Iterator[Any]:
         yield batch
 
 
+LOSSES_WITH_LABELS = ("cross_entropy", "mse")  # causal_lm shifts input_ids; model computes its own loss
+
+
+def _check_labels(options: DataOptions, names: set[str], where: str) -> None:
+    if options.loss in LOSSES_WITH_LABELS and "labels" not in names:
+        raise DataError(f"{where}: no 'labels' tensor, which loss = {options.loss!r} needs (tensors: {sorted(names)})")
+
+
+def check_data_file(options: DataOptions | None, spec_dir: Path) -> None:
+    """What can be checked of `[data] path` before the model is loaded (minutes, for a large one): the file reads,
+    its tensors are finite and share dim 0, and it holds `labels` when the loss needs them. The model's input
+    names are checked once it is captured."""
+    if options is None or options.path is None:
+        return
+    path = Path(options.path)
+    tensors = _read_file(path if path.is_absolute() else spec_dir / path)
+    _check_labels(options, set(tensors), f"[data] path {options.path}")
+
+
 class DataSource:
     """Batches for one model: validated once against its forward inputs."""
 
@@ -106,8 +125,7 @@ class DataSource:
         missing = [n for n in self.input_names if n not in names]
         if missing:
             raise DataError(f"{where}: missing model input(s) {missing} (has: {sorted(names)})")
-        if self.options.loss != "causal_lm" and self.options.loss != "model" and "labels" not in names:
-            raise DataError(f"{where}: no 'labels' tensor, which loss = {self.options.loss!r} needs")
+        _check_labels(self.options, names, where)
 
     def batches(self, limit: int | None = None) -> Iterator[Batch]:
         """Batches in a seeded order, cycling through the data until `limit` batches (default: one epoch)."""

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from rewrite.capture import CaptureReport, capture
 from rewrite.check import check_merged, check_unmerged
+from rewrite.data import check_data_file
 from rewrite.errors import ExportError, SpecError
 from rewrite.export.manifest import build_manifest
 from rewrite.export.onnx_merged import export_merged
@@ -103,6 +104,7 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
         summary.stages.append(dict(stage=name, seconds=seconds, **stats))
         stage(name, seconds, stats)
 
+    check_data_file(spec.data, spec.base_dir)
     gm, loaded, report = load_and_capture(model, spec, trust_pickle=trust_pickle, on_stage=on_stage)
     summary.sites_total = report.sites
     summary.capture = dict(frontend=report.frontend, nodes=report.nodes,

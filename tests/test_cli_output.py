@@ -130,3 +130,17 @@ def test_dry_run_shows_passes_and_files_and_writes_nothing(hf_dir, tmp_path, cap
     code, stdout, _ = cli(capsys, "apply", spec, hf_dir("llama"), "-o", out, "--dry-run", "--json")
     result = json.loads(stdout)
     assert result["dry_run"] and result["passes"][1]["writes"] == ["adapter"] and not out.exists()
+
+
+@pytest.mark.parametrize("loss,fails", [("cross_entropy", True), ("mse", True), ("causal_lm", False)])
+def test_data_without_labels_fails_before_the_model_loads(tmp_path, capsys, loss, fails):
+    """The model path does not exist: an error about it would mean the model was read first."""
+    from safetensors.torch import save_file
+    save_file({"input_ids": torch.zeros(4, 8, dtype=torch.int64)}, tmp_path / "calib.safetensors")
+    spec = write_spec(tmp_path, f'version = 1\n\n[data]\npath = "calib.safetensors"\nloss = "{loss}"\n')
+    code, _, err = cli(capsys, "apply", spec, tmp_path / "no-model", "-o", tmp_path / "out")
+    assert code == 2
+    if fails:
+        assert f"no 'labels' tensor, which loss = '{loss}' needs (tensors: ['input_ids'])" in err
+    else:
+        assert "no-model: no such file or directory" in err and "'labels' tensor" not in err
