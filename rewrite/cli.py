@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plot", action="store_true", help="write the Markdown only")
     report.add_argument("--json", action="store_true", help="print a JSON result to stdout")
     report.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    docs = sub.add_parser("docs", help="write the spec reference (every table, pass and adapter kind) as Markdown")
+    docs.add_argument("-o", "--output", default="docs/reference", help="directory (default: docs/reference)")
+    docs.add_argument("--json", action="store_true", help="print a JSON result to stdout")
+    docs.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     for p in (apply, bundle, inspect):
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow unpickling a .pt model with code execution (only for files you trust)")
@@ -169,12 +173,16 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     rows = [dict(name=s.name, op=s.op, module_class=s.module_class, d_in=s.d_in, d_out=s.d_out,
                  weight=s.weight) for s in state_of(gm).sites.values()]
     plans = plan_passes(spec, gm)
+    inputs = {name: dict(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+              for name, t in state_of(gm).inputs.kwargs.items()}
     if not args.quiet and not args.json:
+        console.print("inputs: " + ", ".join(f"{n} {v['dtype']}{v['shape']}" for n, v in inputs.items()),
+                      highlight=False, markup=False, soft_wrap=True)
         title = f"{args.model}: {len(rows)} weight sites ({report.frontend}, {report.nodes} nodes)"
         _print_rows(console, title, ("site", "op", "class", "d_in", "d_out"),
                     [(r["name"], r["op"], r["module_class"], str(r["d_in"]), str(r["d_out"])) for r in rows])
         _print_plans(console, plans, writes=False)
-    return dict(model=args.model, sites=rows, passes=as_json(plans))
+    return dict(model=args.model, inputs=inputs, sites=rows, passes=as_json(plans))
 
 
 def _print_rows(console: Console, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -208,6 +216,15 @@ def _print_plans(console: Console, plans, *, writes: bool) -> None:
             say(f"  would fail: {plan.error}")
         if writes and plan.writes:
             say(f"  writes {', '.join(plan.writes)}")
+
+
+def _cmd_docs(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.reference import write_reference
+
+    args.doing = f"writing the reference into {args.output}"
+    written = write_reference(Path(args.output))
+    console.print(f"wrote {len(written)} pages into {args.output}", highlight=False, markup=False)
+    return dict(output=args.output, files=[str(p) for p in written])
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, quiet=args.quiet, log_path=False)
     try:
         with _library_output(args.quiet, getattr(args, "verbose", False)):
-            commands = {"inspect": _cmd_inspect, "report": _cmd_report}
+            commands = {"inspect": _cmd_inspect, "report": _cmd_report, "docs": _cmd_docs}
             result = commands.get(args.command, _cmd_apply)(args, console)
     except RewriteError as err:
         _print_error(str(err) or type(err).__name__)

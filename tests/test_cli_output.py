@@ -99,6 +99,7 @@ def test_inspect_never_cuts_names_when_piped(hf_dir, tmp_path, capsys):
     code, _, err = cli(capsys, "inspect", hf_dir("llama"))
     assert code == 0
     assert "model.layers.1.self_attn.q_proj  linear" in err and "…" not in err
+    assert "inputs: input_ids int64[2, 16]" in err
 
 
 def test_inspect_spec_shows_the_sites_a_load_reaches(hf_dir, tmp_path, capsys):

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("passes", ("rewrite.pass_infra", "rewrite.passes")),
     ("export", ("rewrite.export",)),
     ("top", ("rewrite.spec", "rewrite.pipeline", "rewrite.publish", "rewrite.check", "rewrite.bundle", "rewrite.cli",
-             "rewrite.console", "rewrite.plan")),
+             "rewrite.console", "rewrite.plan", "rewrite.reference")),
 ]
 # The serving side: beside the stack, on these layers only.
 RUNTIME = ("rewrite.runtime", ("errors", "formats"))
