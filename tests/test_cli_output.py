@@ -18,7 +18,14 @@ from rewrite.train import train
 
 from helpers import capture_module, run_pass
 from models import build
-from test_cli_errors import HEAD, NET_INPUTS, cli, files, tiny_net, write_spec  # noqa: F401 - fixture
+from test_cli_errors import HEAD, NET_INPUTS, cli, tiny_net, write_spec
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_output")
+    torch.save(tiny_net(), root / "net.pt")
+    return root
+
 
 INSERT = '[[pass]]\nname = "insert"\ntargets = ["q_proj"]\nrank = 8\n'  # rank 8 on 8 x 8: a full-rank warning
 
