@@ -1,5 +1,6 @@
 """The pass registry: spec name -> pass class (explicit, no discovery)."""
 from rewrite.passes.allocate import AllocatePass
+from rewrite.passes.combine import CombinePass
 from rewrite.passes.insert import InsertPass
 from rewrite.passes.load import LoadPass
 from rewrite.passes.merge import MergePass
@@ -7,6 +8,8 @@ from rewrite.passes.save import SavePass
 from rewrite.passes.train import TrainPass
 from rewrite.passes.unmerge import UnmergePass
 
-REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass, TrainPass, AllocatePass)}
+REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass, TrainPass, AllocatePass,
+                                CombinePass)}
 
-__all__ = ["REGISTRY", "AllocatePass", "InsertPass", "LoadPass", "MergePass", "SavePass", "TrainPass", "UnmergePass"]
+__all__ = ["REGISTRY", "AllocatePass", "CombinePass", "InsertPass", "LoadPass", "MergePass", "SavePass", "TrainPass",
+           "UnmergePass"]

@@ -85,7 +85,7 @@ def new_report(**fields: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "wb") as handle:
@@ -100,7 +100,7 @@ def write_report(report: dict[str, Any], directory: str | Path, stem: str = "all
     directory = Path(directory)
     written = []
     path = directory / f"{stem}.json"
-    _atomic_write(path, json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write(path, json.dumps(report, indent=2, default=_json_default) + "\n")
     written.append(path)
     written += render_all(report, directory, stem, plot=plot)
     return written
@@ -109,7 +109,7 @@ def write_report(report: dict[str, Any], directory: str | Path, stem: str = "all
 def render_all(report: dict[str, Any], directory: str | Path, stem: str, *, plot: bool = True) -> list[Path]:
     directory = Path(directory)
     path = directory / f"{stem}.md"
-    _atomic_write(path, render_markdown(report, images=plot, stem=stem))
+    atomic_write(path, render_markdown(report, images=plot, stem=stem))
     written = [path]
     if plot:
         heat = render_heatmap(report, directory / f"{stem}.png")
@@ -311,7 +311,7 @@ def _save(plt, fig, path: str | Path) -> Path:
     path, png = Path(path), io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, png.getvalue())
+    atomic_write(path, png.getvalue())
     return path
 
 
