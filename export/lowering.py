@@ -4,6 +4,10 @@ Every site's chain of adapter branches is replaced by ONE module from the chosen
 the adapter selected at run time. Scales are folded into B (B' = s B); the ranks of one site are zero-padded to
 the largest, so adapters of different ranks share one model.
 
+`[export] reserve` keeps slots for adapters added while serving: the sites `reserve.targets` selects (Linear /
+Conv1D) are lowered too, with zero-filled slots, and with per-row switching every lowered site's rank is at least
+`reserve.rank` (zero columns add nothing, so the padding is exact).
+
 Batch-row ids reach the lowered modules through `ROUTER`, set by `RoutedModel.forward`: non-strict
 export runs this Python for real, so the ids tensor is traced like any other input. A row id covers the
 block of N / batch consecutive flattened rows of x, which is that row's tokens for [B, T, d] and for
@@ -25,7 +29,7 @@ from rewrite.export.lowerings import LOWERINGS
 from rewrite.export.lowerings.base import ROUTER, Lowering
 from rewrite.graph_edit import adapters_at, drop_adapter, site_input, unwire
 from rewrite.options import ExportOptions
-from rewrite.sites import Site
+from rewrite.sites import Site, select
 from rewrite.state import state_of
 
 aten = torch.ops.aten
@@ -64,6 +68,7 @@ class Lowered:
     lowering: Lowering
     adapters: list[str]
     sites: list[SiteLowering]
+    reserved: list[str] = field(default_factory=list)  # owners given a slot by `reserve.targets`
 
     @property
     def routed(self) -> bool:
@@ -71,7 +76,15 @@ class Lowered:
 
 
 def _factors(module: AdapterKind, owner: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [d_in, r], B [r, d_out]) with the scale folded into B, as the kind gives them."""
+    """(A [d_in, r], B [r, d_out]) with the scale folded into B, as the kind gives them. An adapter whose init
+    rewrote the base weight (PiSSA, OLoRA: W <- W - delta0) is refused: the exported base would be that residual,
+    so every row without this adapter would be served a wrong model."""
+    init = getattr(module, "init", None)
+    if init in module.weight_inits:
+        raise ExportError(f"{owner}: the {module.kind} adapter was inserted with init = {init!r}, which rewrote the "
+                          "base weight to its residual; an unmerged export would serve that residual as the base "
+                          "model: merge it, or save it with convert_to_lora = true and load that onto the original "
+                          "model")
     try:
         return module.factors()
     except NotSupported as err:
@@ -85,6 +98,19 @@ def _pad(t: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
 
 
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SWITCHABLE_OPS = ("linear", "conv1d")  # what a reserved slot can serve: y += x A B on a [.., d_in] input
+
+
+def _reserved(state, options: ExportOptions, routed: bool) -> tuple[list[str], int]:
+    """(owners `reserve.targets` selects, the least slot rank of every lowered site: reserve.rank when routed)."""
+    reserve = options.reserve
+    if reserve is None:
+        return [], 0
+    owners = []
+    if reserve.targets:
+        picked = select(state.sites, reserve.targets, "[export] reserve.targets", ops=SWITCHABLE_OPS)
+        owners = list(dict.fromkeys(s.owner for s in picked))
+    return owners, (reserve.rank or 0) if routed else 0
 
 
 def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
@@ -106,19 +132,24 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     slots = options.capacity or len(names)
     if slots < len(names):
         raise ExportError(f"[export] capacity = {slots} is smaller than the {len(names)} adapters exported")
+    reserved, least_rank = _reserved(state, options, lowering.routed)
     lowered_sites = []
     for owner, modules in live.items():
         chosen = {n: m for n, m in modules.items() if n in names}
         for name in list(modules):
             unwire(gm, name, owner)
             drop_adapter(gm, owner, name)
-        if not chosen:
+        if not chosen and owner not in reserved:
             continue
         sites = [s for s in state.sites.values() if s.owner == owner]
         factors = {n: _factors(m, owner) for n, m in chosen.items()}
-        rank = max(a.shape[1] for a, _ in factors.values())
+        # a site only `reserve.targets` selects gets the reserved rank (ort-adapters: its ONNX rank dim is symbolic)
+        rank = max([a.shape[1] for a, _ in factors.values()] + [least_rank]) if factors else options.reserve.rank or 1
         padded = {n: {"A": _pad(a, rank, 1), "B": _pad(b, rank, 0)} for n, (a, b) in factors.items()}
-        module = lowering.module(padded, names, slots, sites[0], BANK_DTYPES[bank_dtype])
+        # a reserved site no exported adapter touches: every slot zero (the base model until an adapter is added)
+        weight = gm.get_parameter(sites[0].weight)
+        empty = {"A": weight.new_zeros(sites[0].d_in, rank), "B": weight.new_zeros(rank, sites[0].d_out)}
+        module = lowering.module(padded or {n: empty for n in names}, names, slots, sites[0], BANK_DTYPES[bank_dtype])
         path = f"lora.{owner}"
         gm.add_submodule(path, module)
         for site in sites:
@@ -128,7 +159,7 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     gm.graph.lint()
     gm.recompile()
     root = RoutedModel(gm, list(state.inputs.kwargs)) if lowering.routed else gm
-    return Lowered(root, lowering, names, lowered_sites)
+    return Lowered(root, lowering, names, lowered_sites, reserved)
 
 
 def _wire_lowered(gm: fx.GraphModule, base: fx.Node, site: Site, path: str, fused: bool) -> None:

@@ -6,8 +6,13 @@ After `lowering.lower`, the model is exported with the dynamo exporter and post-
                   initializer ([d_in, 0] / [0, d_out]) as default, so the model alone is the base model;
                   each site gets its own symbolic rank dim `rank_<i>` (one shared dim breaks per-layer
                   ranks in ORT's buffer planner); one `.onnx_adapter` file per adapter.
-    bank          an `adapter_ids` input [batch] (-1 = base); banks become inputs whose defaults are the
-    custom-op     exported adapters, so a session can fill free slots without reloading.
+    bank          an `adapter_ids` input [batch] (-1 = base); the banks stay initializers holding the exported
+    custom-op     adapters (zeros in free slots and reserved sites). `AdapterSession` declares them graph inputs in
+                  the model it loads, so it can fill free slots without reloading, while the file stays quiet in
+                  plain ONNX Runtime, which warns once per initializer that is also a graph input (the overridable
+                  form ort-adapters cannot avoid: ONNX Runtime's adapter mechanism feeds graph inputs).
+
+`[export] reserve` adds zero-filled slots (export/lowering.py); the manifest records it (`reserve`).
 
 Stale `value_info` is dropped and shapes re-inferred (ORT trusts it when planning buffers). Every
 adapter tensor name is checked to have survived export (matmul layout keeps them: ONNX.md §2.2).
@@ -29,7 +34,7 @@ import torch.fx as fx
 from rewrite.capture import dynamic_shapes
 from rewrite.errors import ExportError, RewriteError, describe, innermost
 from rewrite.export.lowering import Lowered, lower
-from rewrite.formats.manifest import ExportedAdapter, SwitchableSite, UnmergedExport
+from rewrite.formats.manifest import ExportedAdapter, ReservedSlots, SwitchableSite, UnmergedExport
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.options import ExportOptions
 from rewrite.state import state_of
@@ -105,7 +110,7 @@ def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
     if missing:
         raise ExportError(f"ONNX export lost adapter tensor names {missing[:4]} (found initializers like "
                           f"{sorted(initializers)[:4]}); cannot make them switchable")
-    for index, site in enumerate(lowered.sites):
+    for index, site in enumerate(lowered.sites if not lowered.routed else []):  # banks stay initializers (above)
         for key, name in site.tensors.items():
             init = initializers[name]
             shape = lowered.lowering.adapter_input(init, key, index)
@@ -163,4 +168,6 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, **s.tensors)
                for s in lowered.sites],
         adapters=adapters,
+        reserve=None if options.reserve is None else ReservedSlots(
+            rank=options.reserve.rank, targets=options.reserve.targets, sites=lowered.reserved),
     )

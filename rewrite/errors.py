@@ -62,6 +62,12 @@ class RuntimeUseError(RewriteError):
     """A serving call that cannot be answered as asked (unknown adapter, empty slot, ids that do not fit)."""
 
 
+class AdapterSlotError(AdapterFileError, RuntimeUseError):
+    """An adapter added while serving needs a slot the export did not keep: a site without one, or a rank above the
+    site's bank rank. Both an `AdapterFileError` (the adapter does not fit) and a `RuntimeUseError` (the call cannot
+    be answered as asked); the message names the site, the rank and what the export reserved."""
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

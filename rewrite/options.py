@@ -60,13 +60,53 @@ class CaptureOptions(Strict):
     inputs: list[InputSpec] = []
 
 
+class Reserve(Strict):
+    """`[export] reserve`: adapter slots kept free in an unmerged export for adapters added while serving.
+
+    rank     every selected site's slot holds adapters up to this rank (bank / custom-op; zero-filled, and adapters of
+             lower rank are zero-padded, which is exact). ort-adapters' rank dims are symbolic: any rank fits there.
+    targets  selectors (`rewrite.sites` rules: glob, `re:`, `class:`, exact name or dotted suffix) of further Linear /
+             Conv1D sites that get a slot even though no exported adapter touches them (`lm_head`, ...).
+
+The selected sites are those holding an exported adapter plus those `targets` selects."""
+    rank: int | None = Field(default=None, ge=1)
+    targets: list[str] = []
+
+    @field_validator("targets")
+    @classmethod
+    def _selectors(cls, targets: list[str]) -> list[str]:
+        """Malformed selectors are refused here; what they match is resolved against the model's sites at export."""
+        for text in targets:
+            if not text:
+                raise ValueError("a selector must be a non-empty string")
+            if text.startswith("re:"):
+                try:
+                    re.compile(text[3:])
+                except re.error as err:
+                    raise ValueError(f"selector {text!r} is not a valid regular expression: {err}") from None
+        return targets
+
+    @model_validator(mode="after")
+    def _something(self) -> "Reserve":
+        if self.rank is None and not self.targets:
+            raise ValueError("give 'rank' (slot rank at every selected site), 'targets' (sites to reserve), or both")
+        return self
+
+
 class ExportOptions(Strict):
+    """`[export]`: what is written.
+
+    mode = "unmerged" keeps adapters switchable (`switching`, `adapters`, `capacity`, `bank_dtype`); `reserve` keeps
+    slots for adapters added while serving: `reserve = { rank = 16, targets = ["q_proj", "lm_head"] }` gives every
+    site holding an exported adapter, and every Linear / Conv1D site `targets` selects, a slot of rank >= 16 (see
+    `Reserve`), so `AdapterSession.add_adapter` accepts any adapter of rank <= 16 on those sites."""
     format: Literal["onnx", "none"] = "onnx"
     mode: Literal["merged", "unmerged"] = "merged"
     switching: Literal["ort-adapters", "bank", "custom-op"] = "ort-adapters"
     adapters: list[str] | None = None
     capacity: int | None = Field(default=None, ge=1)
     bank_dtype: Literal["float32", "float16"] = "float32"
+    reserve: Reserve | None = None
     opset: int | None = Field(default=None, ge=17)
     check: bool = False
     tolerance: float | None = Field(default=None, gt=0)
@@ -87,6 +127,18 @@ class ExportOptions(Strict):
         if self.bank_dtype == "float16" and (self.mode, self.switching) != ("unmerged", "custom-op"):
             raise ValueError("bank_dtype = \"float16\" needs mode = \"unmerged\" and switching = \"custom-op\" "
                              f"(got mode = \"{self.mode}\", switching = \"{self.switching}\")")
+        return self
+
+    @model_validator(mode="after")
+    def _reserve_fits_the_mode(self) -> "ExportOptions":
+        if self.reserve is None:
+            return self
+        if self.mode != "unmerged":
+            raise ValueError(f"reserve needs mode = \"unmerged\" (got mode = \"{self.mode}\"): a merged export has no "
+                             "adapter slots")
+        if self.switching != "ort-adapters" and self.reserve.targets and self.reserve.rank is None:
+            raise ValueError(f"reserve.targets with switching = \"{self.switching}\" needs reserve.rank: the rank of "
+                             "the bank slots kept at those sites")
         return self
 
     @property

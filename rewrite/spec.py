@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from rewrite.errors import SpecError, did_you_mean
-from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec, ModelOptions, Strict
+from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec, ModelOptions, Reserve, Strict
 from rewrite.toml_locate import TomlLocator
 
 SPEC_VERSION = 1
@@ -118,6 +118,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
         ("capture",): _fields(CaptureOptions),
         ("capture", "inputs"): _fields(InputSpec),
         ("export",): _fields(ExportOptions),
+        ("export", "reserve"): _fields(Reserve),
         ("data",): _fields(DataOptions),
     }
     if "version" not in raw:

@@ -14,19 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from rewrite.errors import AdapterFileError, nearest
+from rewrite.errors import AdapterFileError, AdapterSlotError, nearest
 from rewrite.finite import check_tensors
 from rewrite.formats.adapter_file import read_adapter_file
+from rewrite.formats.manifest import ReservedSlots
 from rewrite.formats.onnx_adapter import read_onnx_adapter
 from rewrite.formats.peft_lora import LINEAR_KEYS, lora_scale, read_lora_dir, scale_of
 
 
 def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version: int | None = None,
-                 dtype: str = "float32") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                 dtype: str = "float32",
+                 reserve: ReservedSlots | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{site: (A, B scaled)} as float32 numpy arrays, validated against `sites` (manifest entries).
 
     `model_version` (the manifest's) is checked against an `.onnx_adapter` file's own model version; `dtype` is the
-    element type the model's adapter inputs take, which an `.onnx_adapter` file must match.
+    element type the model's adapter inputs take, which an `.onnx_adapter` file must match; `reserve` (the manifest's)
+    is what the export reserved, named when an adapter needs a slot the model does not have (`AdapterSlotError`).
     """
     if isinstance(source, dict):
         factors = _from_dict(source)
@@ -48,7 +51,7 @@ def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version
         else:
             raise AdapterFileError(f"{path}: unknown adapter format (expected a PEFT directory, .safetensors or "
                                    ".onnx_adapter)")
-    _validate(factors, sites, where, np.dtype(dtype))
+    _validate(factors, sites, where, np.dtype(dtype), reserve)
     return {site: (a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
             for site, (a, b) in factors.items()}
 
@@ -125,14 +128,25 @@ def _from_onnx_adapter(path: Path, sites: dict[str, dict[str, Any]],
     return out
 
 
+def _reserved(reserve: ReservedSlots | None) -> str:
+    """What the export reserved, and how to reserve more, for a slot error."""
+    how = "[export] reserve = { rank = R, targets = [...] } (rewrite bundle --reserve-rank R --reserve-target SITE)"
+    if reserve is None:
+        return f"the export reserved nothing: slots are the exported adapters' sites and ranks; reserve with {how}"
+    rank = f"rank {reserve.rank}" if reserve.rank is not None else "no rank"
+    count = f"{len(reserve.sites)} site{'' if len(reserve.sites) == 1 else 's'}"
+    targets = f"targets {reserve.targets} ({count})" if reserve.targets else "no targets"
+    return f"the export reserved {rank} and {targets}; reserve more with {how}"
+
+
 def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str, dict[str, Any]], where: str,
-              dtype: np.dtype):
+              dtype: np.dtype, reserve: ReservedSlots | None = None):
     if not factors:
         raise AdapterFileError(f"{where}: the adapter has no tensors")
     for site, (a, b) in factors.items():
         if site not in sites:
-            raise AdapterFileError(f"{where}: site {site!r} has no switchable adapter slot in this model "
-                                   f"(nearest: {', '.join(nearest(site, sites)) or 'none'})")
+            raise AdapterSlotError(f"{where}: site {site!r} has no switchable adapter slot in this model "
+                                   f"(nearest: {', '.join(nearest(site, sites)) or 'none'}); {_reserved(reserve)}")
         info = sites[site]
         if a.dtype not in (np.float32, dtype) or b.dtype not in (np.float32, dtype):
             raise AdapterFileError(f"{where}: site {site!r}: dtypes {a.dtype}/{b.dtype}, the model takes {dtype}")
@@ -142,6 +156,6 @@ def _validate(factors: dict[str, tuple[np.ndarray, np.ndarray]], sites: dict[str
                                    f"d_in={info['d_in']}, d_out={info['d_out']} (A [d_in, r], B [r, d_out], r >= 1)")
         limit = info.get("rank_limit")
         if limit is not None and a.shape[1] > limit:
-            raise AdapterFileError(f"{where}: site {site!r}: rank {a.shape[1]} exceeds the bank's rank {limit} "
-                                   "for this site (export with a larger rank or use ort-adapters)")
+            raise AdapterSlotError(f"{where}: site {site!r}: rank {a.shape[1]} exceeds the bank's rank {limit} "
+                                   f"for this site ({_reserved(reserve)}; ort-adapters takes any rank)")
         check_tensors({info["A"]: a, info["B"]: b}, f"{where}: site {site!r}", AdapterFileError)

@@ -8,8 +8,9 @@
 Switching strategies (see export/onnx_unmerged.py):
   ort-adapters  each adapter is an `onnxruntime.LoraAdapter` (mmap'd .onnx_adapter) with a RunOptions
                 built once, so switching costs a dictionary lookup.
-  bank, custom-op  `adapter_ids` per row; adding an adapter fills a free slot of the bank, which is an
-                overridable model input: the session feeds its own copy, the ONNX session is never rebuilt.
+  bank, custom-op  `adapter_ids` per row; adding an adapter fills a free slot of the bank, which the session makes
+                an overridable model input when it loads the model (the file keeps banks as plain initializers, quiet
+                in plain ONNX Runtime): the session feeds its own copy, the ONNX session is never rebuilt.
 Thread safety: adapter tables are immutable snapshots swapped under a lock; `run` reads one snapshot
 and ONNX Runtime's `run` is itself thread-safe, so requests never see a half-added adapter.
 Trust: the deployment directory is validated on open (`rewrite.formats.manifest`, the files it names, the model's
@@ -74,12 +75,13 @@ class AdapterSession:
             from rewrite.runtime.ops import library_path
 
             options.register_custom_ops_library(str(library_path()))
+        model, banks = self._with_bank_inputs(options) if entry.routed else (str(self.model_path), None)
         try:
-            self._session = ort.InferenceSession(str(self.model_path), options,
-                                                 providers=list(providers or ["CPUExecutionProvider"]))
+            self._session = ort.InferenceSession(model, options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types; a broken file is bad input
             raise DeploymentError(f"{self.model_path}: ONNX Runtime cannot load this model: {first_line(err)}"
                                   ) from None
+        del model
         self._check_model_inputs()
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="rewrite-adapters-"))
@@ -90,7 +92,7 @@ class AdapterSession:
                 self._add_file(name, self._named_file(info.file, f".adapters.{name}.file"))
         else:
             self._snapshot = _Snapshot(slots={n: i.slot for n, i in entry.adapters.items()},
-                                       bank=self._initial_banks())
+                                       bank=self._initial_banks(banks))
 
     def _named_file(self, name: str, key: str) -> Path:
         """A file the manifest names (a relative path inside the directory: the manifest's schema checks that)."""
@@ -261,7 +263,8 @@ class AdapterSession:
         """Add (or with replace_existing, replace) an adapter from a PEFT dir, our file, .onnx_adapter or dict.
         `name` is an identifier (rewrite.names): it also names a file in the session's temporary directory."""
         check_adapter_name(name, "add_adapter")
-        factors = read_factors(source, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype)
+        factors = read_factors(source, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype,
+                               reserve=self.entry.reserve)
         with self._lock:
             if name in self.adapters and not replace_existing:
                 raise AdapterFileError(f"adapter {name!r} is already loaded (remove it first or pass "
@@ -294,7 +297,8 @@ class AdapterSession:
     def _add_file(self, name: str, file: Path) -> None:
         """Activate an .onnx_adapter (validated: model version, names, shapes, dtype); the caller holds the lock
         or is __init__."""
-        read_factors(file, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype)
+        read_factors(file, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype,
+                     reserve=self.entry.reserve)
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()
@@ -304,11 +308,32 @@ class AdapterSession:
         self._snapshot = replace(self._snapshot, run_options=run_options)
 
     # ---- banks ---------------------------------------------------------------------------------
-    def _initial_banks(self) -> dict[str, np.ndarray]:
-        model = onnx.load(str(self.model_path))
+    def _with_bank_inputs(self, options: ort.SessionOptions) -> tuple[bytes | str, dict[str, onnx.TensorProto] | None]:
+        """The model with its banks declared graph inputs (so a run can override them), and the bank initializers.
+
+        The file keeps the banks as plain initializers: ONNX Runtime warns about every initializer that is also a graph
+        input, so a file holding that form is noisy in plain ONNX Runtime; this session logs errors only. Files that
+        already list the banks as inputs (older exports) load the same way. An unreadable file goes to ONNX Runtime
+        as it is, which names the problem."""
+        try:
+            model = onnx.load(str(self.model_path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - protobuf's decode errors; ONNX Runtime reports the broken file below
+            return str(self.model_path), None
         names = {name for s in self.entry.sites for name in (s.A, s.B)}
-        banks = {init.name: onnx.numpy_helper.to_array(init).copy() for init in model.graph.initializer
-                 if init.name in names}
+        banks = {init.name: init for init in model.graph.initializer if init.name in names}
+        declared = {value.name for value in model.graph.input}
+        for name, init in banks.items():
+            if name not in declared:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+        # weights in external data are read from the model's directory, as when ONNX Runtime loads the file itself
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(self.model_path.parent))
+        return model.SerializeToString(), banks
+
+    def _initial_banks(self, initializers: dict[str, onnx.TensorProto] | None) -> dict[str, np.ndarray]:
+        names = {name for s in self.entry.sites for name in (s.A, s.B)}
+        banks = {name: onnx.numpy_helper.to_array(init, base_dir=str(self.model_path.parent)).copy()
+                 for name, init in (initializers or {}).items()}
         missing = sorted(names - set(banks))
         if missing:
             raise DeploymentError(f"{self.model_path}: bank input {missing[0]!r} has no initializer (the exported "

@@ -114,6 +114,15 @@ class SwitchableSite(_Strict):
     B: str
 
 
+class ReservedSlots(_Strict):
+    """`[export] reserve` as exported: `rank` (bank / custom-op: the least slot rank of every site, so an adapter
+    added later may have any rank up to it), `targets` as written and the `sites` they selected, which have a slot
+    whether or not an exported adapter touches them."""
+    rank: Count | None
+    targets: list[str]
+    sites: list[str]
+
+
 class ExportedAdapter(_Strict):
     slot: int | None = None          # bank / custom-op: its slot in the banks
     file: RelativeFile | None = None  # ort-adapters: its .onnx_adapter file
@@ -132,6 +141,7 @@ class UnmergedExport(_Strict):
     ids_input: str | None
     sites: list[SwitchableSite]
     adapters: dict[AdapterName, ExportedAdapter]
+    reserve: ReservedSlots | None = None
     check_max_abs_diff: float | None = None
 
     @property

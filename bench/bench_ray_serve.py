@@ -1,0 +1,161 @@
+"""Ray Serve, side by side in one run: our mixed-adapter batching vs Ray Serve's own `serve.multiplexed`.
+
+Same model, adapters, replicas and traffic for both: 4 x Linear(1024), 8 LoRA adapters of rank 16, exported per row
+(custom-op when its library builds, else bank); uniform random adapters; `--clients` concurrent HTTP clients on
+loopback, each sending `--requests` single-row requests. Contenders, deployed one after the other:
+  ours         runtime/ray_serve.py: `@serve.batch` gathers requests of any adapters, one run per batch, an id per row;
+  multiplexed  `@serve.multiplexed` (the adapter as the model id, header `serve_multiplexed_model_id`) + `@serve.batch`,
+               which splits every batch by model id: one run per adapter present, on the same AdapterSession.
+Every answer is checked against the request's adapter (one AdapterSession run alone). Goal (issue 13): ours >= 2x the
+multiplexed throughput at equal p99.
+Usage: python bench/bench_ray_serve.py [--clients 32] [--requests 100] [--replicas 1] [--max-batch 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+from rich.console import Console
+from rich.table import Table
+from starlette.requests import Request as HttpRequest
+
+from rewrite.export.manifest import build_manifest
+from rewrite.export.onnx_unmerged import export_unmerged
+from rewrite.formats.manifest import MANIFEST, write_manifest
+from rewrite.inputs import ExampleInputs
+from rewrite.load import LoadedModel
+from rewrite.options import ExportOptions
+from rewrite.runtime.json_feeds import request_feeds
+from rewrite.runtime.model_io import read_io
+from rewrite.runtime.ray_serve import build_app
+from rewrite.runtime.session import AdapterSession
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_switching import _adapted, _custom_op_available, four_linear  # noqa: E402
+
+NAMES = [f"a{i}" for i in range(8)]
+
+
+def build_export(work: Path, switching: str) -> Path:
+    loaded = LoadedModel(four_linear(), None, "factory", "four_linear", None)
+    inputs = ExampleInputs({"input": torch.randn(32, 1024)}, {"input": ["batch", None]})
+    gm = _adapted(loaded, inputs, ["0", "1", "2", "3"], NAMES, 16)
+    out = work / "out"
+    out.mkdir()
+    entry = export_unmerged(gm, out, ExportOptions(mode="unmerged", switching=switching, capacity=8), None)
+    write_manifest(out / MANIFEST, build_manifest(gm, source="four_linear", exports=[entry]))
+    return out
+
+
+@serve.deployment(max_ongoing_requests=256)
+class Multiplexed:
+    """Ray Serve's own way: one adapter per batch (batches are split by multiplexed model id)."""
+
+    def __init__(self, directory: str, max_batch_size: int):
+        self.session = AdapterSession(directory, intra_op_threads=1)
+        self.inputs, outputs = read_io(self.session.model_path, skip={self.session.entry.ids_input})
+        self.output = outputs[0].name
+        self.infer.set_max_batch_size(max_batch_size)
+
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def get_model(self, model_id: str) -> str:
+        return model_id  # every adapter is already in the session's banks: "loading" one is naming it
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def infer(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        adapter = await self.get_model(serve.get_multiplexed_model_id())
+        rows = np.concatenate(feeds)
+        out = self.session.run({"input": rows}, adapter=adapter, output_names=[self.output])[0]
+        return [out[i:i + 1] for i in range(len(feeds))]
+
+    async def __call__(self, http: HttpRequest) -> dict:
+        body = await http.json()
+        feeds = request_feeds(body, self.inputs)
+        return {"outputs": {self.output: (await self.infer(feeds["input"])).tolist()}}
+
+
+def load(port: int, multiplexed: bool, xs: np.ndarray, want: dict, clients: int, requests: int) -> dict:
+    def one(seed: int) -> list[tuple[float, bool]]:
+        rng, done = random.Random(seed), []
+        for _ in range(requests):
+            i, adapter = rng.randrange(len(xs)), rng.choice(NAMES)
+            headers = {"content-type": "application/json"}
+            if multiplexed:
+                headers["serve_multiplexed_model_id"] = adapter
+            data = json.dumps({"adapter": adapter, "inputs": {"input": xs[i:i + 1].tolist()}} if not multiplexed
+                              else {"inputs": {"input": xs[i:i + 1].tolist()}}).encode()
+            start = time.perf_counter()
+            url = f"http://127.0.0.1:{port}/" + ("" if multiplexed else "v1/infer")
+            with urllib.request.urlopen(urllib.request.Request(url, data, headers)) as r:
+                body = json.loads(r.read())
+            seconds = time.perf_counter() - start
+            y = np.array(next(iter(body["outputs"].values())), np.float32)
+            done.append((seconds, float(np.abs(y - want[(i, adapter)]).max()) <= 1e-4))
+        return done
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for part in pool.map(one, range(clients)) for r in part]
+    elapsed = time.perf_counter() - start
+    ms = np.array([s for s, _ in results]) * 1000
+    return dict(requests=len(results), wrong=sum(not ok for _, ok in results), throughput=len(results) / elapsed,
+                p50=float(np.percentile(ms, 50)), p99=float(np.percentile(ms, 99)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--max-batch", type=int, default=32)
+    args = parser.parse_args()
+    switching = "custom-op" if _custom_op_available() else "bank"
+    console = Console()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = build_export(Path(tmp), switching)
+        xs = np.random.default_rng(0).standard_normal((16, 1024)).astype(np.float32)
+        with AdapterSession(out) as session:
+            want = {(i, a): session.run({"input": xs[i:i + 1]}, adapter=a)[0] for i in range(len(xs)) for a in NAMES}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ray.init(include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        results = {}
+        try:
+            for name in ("ours", "multiplexed"):
+                app = (build_app(out, replicas=args.replicas, max_batch_size=args.max_batch) if name == "ours" else
+                       Multiplexed.options(num_replicas=args.replicas).bind(str(out), args.max_batch))
+                serve.run(app, name=name, route_prefix="/")
+                load(port, name == "multiplexed", xs, want, args.clients, 5)  # warm up
+                results[name] = load(port, name == "multiplexed", xs, want, args.clients, args.requests)
+                serve.delete(name)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    table = Table(title=f"Ray Serve, 4 x Linear(1024), 8 adapters r16 ({switching}), {args.clients} clients, "
+                        f"{args.replicas} replica(s), uniform random adapters")
+    for column in ("contender", "requests", "wrong", "requests/s", "p50 ms", "p99 ms"):
+        table.add_column(column)
+    for name, r in results.items():
+        table.add_row(name, str(r["requests"]), str(r["wrong"]), f"{r['throughput']:.0f}", f"{r['p50']:.1f}",
+                      f"{r['p99']:.1f}")
+    console.print(table)
+    ratio = results["ours"]["throughput"] / results["multiplexed"]["throughput"]
+    console.print(f"throughput ours / multiplexed: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

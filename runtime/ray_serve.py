@@ -1,0 +1,211 @@
+"""`rewrite serve OUT`: a Ray Serve deployment over an unmerged export that batches requests with different adapters.
+
+    app = build_app("out/", replicas=2)            # then serve.run(app), or serve_forever("out/", replicas=2, port=8000)
+
+HTTP API (JSON):
+    POST   /v1/infer            {"adapter": "support" | null, "inputs": {"x": [[...]]}} -> {"outputs": {...}}
+    GET    /v1/adapters         the loaded adapters
+    POST   /v1/adapters         {"name": "tenant", "path": "peft/tenant"} -> 201; every replica gets it
+    DELETE /v1/adapters/NAME    every replica drops it
+    GET    /healthz             {"status": "ok", "replica": ..., "batches", "rows", "most_adapters_in_a_batch"}
+
+Rules:
+  * Concurrent requests are gathered by `@serve.batch` (by rows: `max_batch_size` rows at most) and answered by
+    `run_mixed`: one bank / custom-op run per input shape, one adapter per row. `serve.multiplexed` cannot do this:
+    it routes by model id and splits batches per id, so here the adapter is ordinary request data.
+  * Adding or removing an adapter goes to one replica, which validates it (a bad adapter is a 4xx, nothing changes)
+    and records it, with its factors, in `AdapterRegistry`, a small actor. Every replica brings its session up to
+    the registry before each batch and each change, under one lock, so a request sent after a change was answered
+    is served with it by any replica, and no run sees a change half applied (AdapterSession's snapshots).
+  * Bad input is a 4xx with a one-line reason, never a crashed replica: 404 for an unknown adapter, 409 for a name
+    already loaded, 400 for anything else the request got wrong (shape, dtype, rows, fields, adapter files).
+  * Shutdown is graceful: replicas get `graceful_shutdown_timeout_s` to finish the requests they hold.
+"""
+
+import asyncio
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from rewrite.errors import DeploymentError, RewriteError, RuntimeUseError, first_line
+from rewrite.runtime.adapter_source import read_factors
+from rewrite.runtime.json_feeds import request_adapter, request_feeds
+from rewrite.runtime.mixed_batch import Request, UnknownAdapter, run_mixed
+from rewrite.runtime.model_io import read_io
+from rewrite.runtime.session import AdapterSession
+
+api = FastAPI(title="rewrite adapters")
+
+
+@ray.remote(num_cpus=0)
+class AdapterRegistry:
+    """The adapter changes made while serving: {name: (stamp, factors or None for removed)}, stamps increasing."""
+
+    def __init__(self):
+        self.stamp, self.entries = 0, {}
+
+    def since(self, stamp: int) -> tuple[int, list[tuple[int, str, Any]]]:
+        changes = sorted((s, name, factors) for name, (s, factors) in self.entries.items() if s > stamp)
+        return self.stamp, changes
+
+    def record(self, name: str, factors: Any) -> int:
+        self.stamp += 1
+        self.entries[name] = (self.stamp, factors)
+        return self.stamp
+
+
+def _error(status: int, err: Exception, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": first_line(err)}, status_code=status, headers=headers)
+
+
+def _replica() -> dict[str, str]:
+    """The header naming the replica that answered."""
+    return {"x-rewrite-replica": serve.get_replica_context().replica_id.unique_id}
+
+
+@serve.deployment(graceful_shutdown_timeout_s=20, max_ongoing_requests=256)
+@serve.ingress(api)
+class AdapterServer:
+    def __init__(self, directory: str, registry, max_batch_size: int, batch_wait_timeout_s: float,
+                 intra_op_threads: int | None):
+        self.session = AdapterSession(directory, intra_op_threads=intra_op_threads)
+        self.inputs, outputs = read_io(self.session.model_path, skip={self.session.entry.ids_input or ""})
+        self.output_names = [o.name for o in outputs]
+        self.registry, self.seen, self.lock = registry, 0, asyncio.Lock()
+        self.max_rows = max_batch_size
+        self.stats = {"batches": 0, "rows": 0, "most_adapters_in_a_batch": 0}
+        self._infer.set_max_batch_size(max_batch_size)
+        self._infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def _sync(self) -> None:
+        """Apply the registry's changes since the last sync (the caller holds the lock)."""
+        stamp, changes = await self.registry.since.remote(self.seen)
+        for _, name, factors in changes:
+            if factors is None:
+                if name in self.session.adapters:
+                    self.session.remove_adapter(name)
+            else:
+                self.session.add_adapter(name, factors, replace_existing=True)
+        self.seen = stamp
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=lambda items: sum(r.rows for r in items))
+    async def _infer(self, requests: list[Request]):
+        async with self.lock:
+            await self._sync()
+            answers = await asyncio.to_thread(run_mixed, self.session, requests, self.output_names)
+        self.stats["batches"] += 1
+        self.stats["rows"] += sum(r.rows for r in requests)
+        adapters = len({r.adapter for r in requests})
+        self.stats["most_adapters_in_a_batch"] = max(self.stats["most_adapters_in_a_batch"], adapters)
+        return answers
+
+    @api.post("/v1/infer")
+    async def infer(self, http: HttpRequest) -> JSONResponse:
+        try:
+            body = await http.json()
+            adapter = request_adapter(body)
+            request = Request(request_feeds(body, self.inputs), adapter)
+            if request.rows > self.max_rows:
+                raise RuntimeUseError(f"inputs: {request.rows} rows, at most {self.max_rows} per request")
+        except RuntimeUseError as err:
+            return _error(400, err)
+        except ValueError as err:  # the body is not JSON
+            return _error(400, ValueError(f"request: not JSON ({first_line(err)})"))
+        answer = await self._infer(request)
+        if answer.error is not None:
+            return _error(404 if isinstance(answer.error, UnknownAdapter) else 400, answer.error, _replica())
+        return JSONResponse({"adapter": adapter, "outputs": {k: v.tolist() for k, v in answer.outputs.items()}},
+                            headers=_replica())
+
+    @api.get("/v1/adapters")
+    async def adapters(self) -> dict:
+        async with self.lock:
+            await self._sync()
+            return {"adapters": self.session.adapters, "switching": self.session.switching,
+                    "capacity": self.session.entry.capacity}
+
+    @api.post("/v1/adapters")
+    async def add(self, http: HttpRequest) -> JSONResponse:
+        try:
+            body = await http.json()
+            if not isinstance(body, dict) or set(body) != {"name", "path"} or not isinstance(body["name"], str):
+                raise RuntimeUseError("expected {\"name\": adapter name, \"path\": PEFT dir, .safetensors or "
+                                      ".onnx_adapter readable by the server}")
+        except (RuntimeUseError, ValueError) as err:
+            return _error(400, err)
+        name = body["name"]
+        async with self.lock:
+            await self._sync()
+            if name in self.session.adapters:
+                return _error(409, RuntimeUseError(f"adapter {name!r} is already loaded; DELETE it first"))
+            try:
+                entry = self.session.entry
+                sites = {s.site: dict(s.model_dump(), rank_limit=s.rank if entry.routed else None) for s in entry.sites}
+                factors = read_factors(str(body["path"]), sites, model_version=entry.model_version,
+                                       dtype=self.session.bank_dtype, reserve=entry.reserve)
+                self.session.add_adapter(name, factors)
+            except RewriteError as err:
+                return _error(400, err)
+            self.seen = await self.registry.record.remote(name, factors)  # nothing else changed: we were in sync
+            return JSONResponse({"added": name, "adapters": self.session.adapters}, status_code=201)
+
+    @api.delete("/v1/adapters/{name}")
+    async def remove(self, name: str) -> JSONResponse:
+        async with self.lock:
+            await self._sync()
+            if name not in self.session.adapters:
+                return _error(404, RuntimeUseError(f"unknown adapter {name!r}; loaded: {self.session.adapters}"))
+            self.session.remove_adapter(name)
+            self.seen = await self.registry.record.remote(name, None)
+            return JSONResponse({"removed": name, "adapters": self.session.adapters})
+
+    @api.get("/healthz")
+    async def health(self) -> dict:
+        return {"status": "ok", "adapters": len(self.session.adapters), "replica": _replica()["x-rewrite-replica"],
+                **self.stats}
+
+
+def _check(directory: str | Path, replicas: int, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    """Refuse what cannot be served before anything starts (a broken export would crash-loop its replicas)."""
+    if not Path(directory).is_dir():
+        raise DeploymentError(f"{directory}: not a directory (give the output directory of an unmerged export)")
+    if replicas < 1 or max_batch_size < 1 or batch_wait_timeout_s < 0:
+        raise RuntimeUseError(f"replicas {replicas} and max batch size {max_batch_size} must be >= 1, the batch "
+                              f"wait ({batch_wait_timeout_s} s) >= 0")
+    AdapterSession(directory).close()
+
+
+def build_app(directory: str | Path, *, replicas: int = 1, max_batch_size: int = 32,
+              batch_wait_timeout_s: float = 0.002, intra_op_threads: int | None = 1):
+    """The Serve application over the export in `directory` (checked here first: a broken one never deploys)."""
+    _check(directory, replicas, max_batch_size, batch_wait_timeout_s)
+    registry = AdapterRegistry.remote()
+    return AdapterServer.options(num_replicas=replicas).bind(str(Path(directory).resolve()), registry,
+                                                             max_batch_size, batch_wait_timeout_s, intra_op_threads)
+
+
+def serve_forever(directory: str | Path, *, replicas: int = 1, port: int = 8000, host: str = "127.0.0.1",
+                  **options) -> None:
+    """Start Ray and the deployment on host:port, block until SIGINT / SIGTERM, then shut down gracefully."""
+    _check(directory, replicas, options.get("max_batch_size", 1), options.get("batch_wait_timeout_s", 0))
+    if not 0 < port < 65536:
+        raise RuntimeUseError(f"port {port}: expected 1..65535")
+    ray.init(include_dashboard=False, ignore_reinit_error=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(directory, replicas=replicas, **options), route_prefix="/")
+        print(f"serving {directory} on http://{host}:{port} ({replicas} replica{'s' if replicas > 1 else ''})",
+              flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
