@@ -58,6 +58,7 @@ import torch
 import torch.fx as fx
 from pydantic import Field, field_validator, model_validator
 
+from rewrite.adapters import KINDS
 from rewrite.allocators import TRAINING_SCORERS
 from rewrite.costmodel import CostModel, LatencyTable, site_shape
 from rewrite.errors import SpecError
@@ -203,7 +204,9 @@ class AllocatePass(GraphPass):
             who = "allocate" if o.scorer is None else f"scorer = {o.scorer!r}"
             raise SpecError(f"{self.context.at('scorer')}: {who} resizes adapters freely; adapter "
                             f"{o.adapter!r} is {sorted(set(fixed.values()))} at {list(fixed)[:3]}, which cannot be: "
-                            "SVD-form adapters (svd_lora) are allocated by scorer = \"adalora\" or \"increlora\"")
+                            f"it resizes {', '.join(k for k, kind in KINDS.items() if kind.resizable)} adapters; "
+                            "kinds without a rank have none to allocate, and SVD-form adapters (svd_lora) are "
+                            "allocated by scorer = \"adalora\" or \"increlora\"")
         return modules
 
     def _targets(self, gm, by_owner, modules):

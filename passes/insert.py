@@ -19,6 +19,8 @@ Rules:
 8. An adapter name belongs to the entry that made it: a second `insert` of that name with other options that
    selects sites already holding it (or a `load` of other weights) is an error naming both spec locations; entries
    on disjoint sites build one adapter together; the same entry run again is a no-op (rule 4).
+9. A kind whose sites share state ties it once all the adapter's modules are built (`share`: VeRA's one frozen
+   projection pair, drawn for the largest site); a later entry must fit what the first one made.
 Every kind's inits start as the identity, so the outputs are unchanged, which `--verify` checks.
 """
 from __future__ import annotations
@@ -31,8 +33,8 @@ import torch.fx as fx
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rewrite.adapters import KINDS
-from rewrite.adapters.base import SETTINGS
-from rewrite.adapters.for_site import ADAPTABLE_OPS, adapter_for_site
+from rewrite.adapters.base import SETTINGS, NotSupported
+from rewrite.adapters.for_site import adapter_for_site, selectable_ops
 from rewrite.errors import SpecError
 from rewrite.graph_edit import adapters_at, has_adapter, register_adapter, wire
 from rewrite.names import ADAPTER_NAME
@@ -138,17 +140,26 @@ class InsertPass(GraphPass):
                           f"it adapts at {', '.join(large[:4])}{' ...' if len(large) > 4 else ''}; set "
                           "allow_large_rank = true if you mean a full-rank update", stacklevel=2)
 
+    def _share(self, gm: fx.GraphModule, kind) -> None:
+        """Rule 9: the kind ties what the adapter's modules of this kind share, at all its sites."""
+        owners = dict.fromkeys(s.owner for s in state_of(gm).sites.values())
+        modules = {o: m for o in owners if type(m := adapters_at(gm, o).get(self.options.adapter)) is kind}
+        try:
+            kind.share(modules, {})
+        except NotSupported as err:
+            raise SpecError(f"{self.context.where}: insert {self.options.adapter!r}: {err}") from None
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         o, where = self.options, self.context.where
         table = state_of(gm).sites
-        sites = select(table, o.targets, self.context.at("targets"), ops=ADAPTABLE_OPS)
+        kind = KINDS[o.kind]
+        sites = select(table, o.targets, self.context.at("targets"), ops=selectable_ops(kind.ops))
         origin = self._check_maker(gm, sites)
         check_mapping(table, o.rank_pattern, f"{self.context.at('rank_pattern')} rank_pattern")
         check_mapping(table, o.alpha_pattern, f"{self.context.at('alpha_pattern')} alpha_pattern")
         for key, value in o.rank_pattern.items():
             if value < 1:
                 raise SpecError(f"{where}: rank_pattern[{key!r}] = {value}; ranks must be >= 1")
-        kind = KINDS[o.kind]
         misfits = [s.name for s in sites if s.op not in kind.ops]
         if misfits:
             ops = {s.op for s in sites if s.op not in kind.ops}
@@ -170,6 +181,7 @@ class InsertPass(GraphPass):
                 created.add(site.owner)
             wire(gm, table.node_of(gm, site.name), site, o.adapter, adapters_at(gm, site.owner)[o.adapter])
             added_sites += 1
+        self._share(gm, kind)
         state_of(gm).origins.setdefault(o.adapter, origin)
         return PassResult(gm, added_sites > 0, {"sites": added_sites, "adapters": len(created),
                                                 "params_added": added_params, "adapter": o.adapter})

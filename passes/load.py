@@ -17,6 +17,8 @@ Rules:
 7. An adapter name belongs to the entry that made it. Loading into an adapter that an `insert` made sets its weights
    only when the file covers exactly its sites with the same kind and settings (rank, scale); one that another `load` made (another
    file) is refused; both name the two spec locations. The same entry run again is a no-op (rule 4).
+8. A kind whose sites share state ties it before anything changes (`share`): VeRA's frozen projections, from the
+   directory's `base_model.vera_A` / `vera_B` or drawn again from its `projection_prng_key`.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch.fx as fx
 from pydantic import Field
 
 from rewrite.adapters import KINDS
-from rewrite.adapters.base import AdapterKind
+from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.adapters.for_site import adapter_for_site
 from rewrite.errors import AdapterFileError, nearest
 from rewrite.formats.adapter_file import read_adapter_file
@@ -150,19 +152,20 @@ class LoadPass(GraphPass):
             fmt = "peft" if path.is_dir() else "rewrite"
         table = state_of(gm).sites
         if fmt == "peft":
-            entries, base_copies = self._peft_entries(path, table)
+            entries, base_copies, shared = self._peft_entries(path, table)
         else:
-            entries, base_copies = self._rewrite_entries(path), {}
+            entries, base_copies, shared = self._rewrite_entries(path), {}, {}
         self._check_known(path, table, [*entries, *base_copies])
         for owner, saved in base_copies.items():
             self._check_base_copy(gm, path, owner, _owners(table)[owner][0], saved)
         origin = self._check_maker(gm, entries)
-        result = self._apply(gm, path, entries)
+        result = self._apply(gm, path, entries, shared)
         state_of(gm).origins[self.options.adapter] = origin
         return result
 
     @staticmethod
-    def _peft_entries(path: Path, table: SiteTable) -> tuple[dict[str, Entry], dict[str, torch.Tensor]]:
+    def _peft_entries(path: Path, table: SiteTable) -> tuple[dict[str, Entry], dict[str, torch.Tensor],
+                                                             dict[str, torch.Tensor]]:
         adapter = read_peft_dir(path, list(PEFT_READERS))
         _check_targets(adapter, table)
         reader = PEFT_READERS[adapter.format]
@@ -170,7 +173,7 @@ class LoadPass(GraphPass):
         for module, arrays in adapter.modules.items():
             kind, settings = reader.peft_module(adapter, module)
             entries[module] = Entry(kind, settings, _torch(arrays), peft=True)
-        return entries, {module: from_numpy(array) for module, array in adapter.base_weights.items()}
+        return entries, _torch(adapter.base_weights), _torch(adapter.shared)
 
     @staticmethod
     def _rewrite_entries(path: Path) -> dict[str, Entry]:
@@ -191,7 +194,8 @@ class LoadPass(GraphPass):
             raise AdapterFileError(f"{path}: {len(unknown)} adapter module(s) match no site of this model, e.g. "
                                    f"{unknown[0]!r}. Nearest sites: {', '.join(near) or '(none)'}")
 
-    def _apply(self, gm: fx.GraphModule, path: Path, entries: dict[str, Entry]) -> PassResult:
+    def _apply(self, gm: fx.GraphModule, path: Path, entries: dict[str, Entry],
+               shared: dict[str, torch.Tensor]) -> PassResult:
         table, name, where = state_of(gm).sites, self.options.adapter, self.context.where
         owners = _owners(table)
         plan = []
@@ -207,6 +211,7 @@ class LoadPass(GraphPass):
             module = existing or self._new_module(gm, site, entry)
             self._check_shapes(path, owner, module, entry)
             plan.append((owner, module, existing is None, entry))
+        shared_changed = self._share(path, {owner: module for owner, module, _, _ in plan}, shared)
         changed = 0
         for owner, module, is_new, entry in plan:
             before = [p.detach().clone() for p in module.parameters()] if not is_new else None
@@ -222,8 +227,19 @@ class LoadPass(GraphPass):
             elif settings_before != entry.settings or any(
                     not torch.equal(b, p) for b, p in zip(before, module.parameters())):
                 changed += 1
-        return PassResult(gm, changed > 0, {"adapter": name, "modules": len(plan), "changed": changed,
-                                            "source": str(path)})
+        stats = {"adapter": name, "modules": len(plan), "changed": changed, "source": str(path)}
+        return PassResult(gm, changed > 0 or shared_changed, stats)
+
+    @staticmethod
+    def _share(path: Path, modules: dict[str, AdapterKind], shared: dict[str, torch.Tensor]) -> bool:
+        """Rule 8: each kind ties what its modules of this adapter share; whether that changed anything."""
+        changed = False
+        for kind in dict.fromkeys(type(m) for m in modules.values()):
+            try:
+                changed |= kind.share({o: m for o, m in modules.items() if type(m) is kind}, shared)
+            except NotSupported as err:
+                raise AdapterFileError(f"{path}: {err}") from None
+        return changed
 
     def _new_module(self, gm: fx.GraphModule, site: Site, entry: Entry) -> AdapterKind:
         settings = {"rank": 0, "alpha": 0.0, "rslora": False, **entry.settings}

@@ -11,13 +11,16 @@ Rules:
 4. `keep_original = true` keeps a copy of W (and b) and the adapter modules so `unmerge` restores them exactly.
 6. A kind that cannot be folded exactly (`mergeable = False`) is an error naming the site.
 5. Nothing to fold -> modified=False (a second run is a no-op).
+7. A kind that folds into the bias (`needs_bias`: BitFit) gives a site without one a zero bias parameter first
+   (`<owner>.bias`, passed to the op); unmerge sets it back to zero.
+8. Several adapters at one site fold in `fold_order`: kinds joined on the input first (they rewrite what W reads).
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
 from rewrite.errors import SpecError
-from rewrite.graph_edit import adapters_at, drop_adapter, unwire
+from rewrite.graph_edit import adapters_at, add_zero_bias, drop_adapter, unwire
 from rewrite.pass_infra import AdapterChoice, GraphPass, PassResult
 from rewrite.state import state_of
 
@@ -64,23 +67,38 @@ class MergePass(FoldPass):
             bias = gm.get_parameter(site.bias) if site.bias else None
             unmergeable = [n for n in names if not modules[n].mergeable]
             if unmergeable:
-                raise SpecError(f"{where}: {owner}: {modules[unmergeable[0]].kind} adapter {unmergeable[0]!r} cannot "
-                                "be folded into the weights exactly; export it unmerged")
+                module = modules[unmergeable[0]]
+                how = "unmerged" if module.low_rank else "with [export] mode = \"merged\", which keeps it inline"
+                raise SpecError(f"{where}: {owner}: {module.kind} adapter {unmergeable[0]!r} cannot be folded into "
+                                f"the weights exactly; export it {how}")
+            if bias is None and any(modules[n].needs_bias for n in names):
+                site = add_zero_bias(gm, site)
+                bias = gm.get_parameter(site.bias)
             if self.options.keep_original and owner not in state.originals:
                 state.originals[owner] = {"weight": weight.detach().clone(), "adapters": {},
                                           "bias": None if bias is None else bias.detach().clone()}
-            for name in names:
+            for name in fold_order(names, modules):
                 module = modules[name]
                 module.merge_into(weight.data, None if bias is None else bias.data)
                 unwire(gm, name, owner)
                 drop_adapter(gm, owner, name)
                 if self.options.keep_original:
                     state.originals[owner]["adapters"][name] = module
-                state.merged.setdefault(owner, {})[name] = dict(kind=module.kind, **module.manifest_entry())
                 merged_params += sum(p.numel() for p in module.parameters())
                 merged_sites += 1
+            for name in names:  # in wire order: unmerge wires them again in this order
+                module = modules[name]
+                state.merged.setdefault(owner, {})[name] = dict(kind=module.kind, **module.manifest_entry())
         return PassResult(gm, merged_sites > 0, {"merged": merged_sites, "adapter_params_folded": merged_params})
 
     @staticmethod
     def _already_merged(state, name: str) -> bool:
         return any(name in names for names in state.merged.values())
+
+
+def fold_order(names: list[str], modules: dict) -> list[str]:
+    """The order that folds adapters (given in wire order) into W exactly: a kind joined on the input rewrites what
+    the base op reads, so it folds first, the one next to the op (wired last) first: base(m2(m1(x))) is
+    W' = W M2 M1 (HRA: W R2 R1); "add" and "output" kinds then fold in wire order (y' = l (.) (y + d1) + d2)."""
+    inputs = [n for n in reversed(names) if modules[n].join == "input"]
+    return inputs + [n for n in names if modules[n].join != "input"]

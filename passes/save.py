@@ -2,12 +2,19 @@
 
 PEFT (`format = "peft"`): `adapter_config.json` + `adapter_model.safetensors` that
 `PeftModel.from_pretrained(base, dir)` loads with identical outputs; the adapter kind gives the config
-(`peft_config`) and its tensors under PEFT's key suffixes (`peft_state`), e.g. LoRA's
+(`peft_config`) and its tensors under PEFT's key suffixes (`peft_state`; those it keeps once per adapter, VeRA's
+projections, under `base_model.<name>`: `peft_shared_state`), e.g. LoRA's
 `base_model.model.<owner>.lora_A.weight` = A^T [r, d_in] and `...lora_B.weight` = B^T [d_out, r].
 Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site metadata (`adapter_file_entry`).
 Each module is first turned into its saved form (`saved_form`): SVD-form adapters (`svd_lora`, and AdaLoRA /
 IncreLoRA before they finish) are written as the plain LoRA with the same delta, so both formats load back
 (and into PEFT) as LoRA with identical outputs.
+An adapter whose init rewrote its base weight (LoRA `init = "pissa" | "olora"`, whose W in the graph is the residual
+W - s B0 A0) is written as PEFT writes it (`init_lora_weights = "pissa"`: PEFT recomputes that residual from the
+original weight when it loads it); `convert_to_lora = true` writes each module's `converted_form` instead: the plain
+LoRA of the same delta against the original weight (rank 2r: [B | -B0], [A; A0]), as PEFT's
+`save_pretrained(path_initial_model_for_weight_conversion=...)` does, which loads onto the original model as any
+LoRA (and is the only form our adapter file takes). Other adapters are written the same either way.
 The graph is not modified. `path` is relative to the output directory and must stay inside it, where an existing
 entry of that name is replaced; writing is atomic. `allow_outside = true` also accepts an absolute path, which
 must not exist yet: nothing outside the output directory is ever replaced or deleted.
@@ -40,6 +47,7 @@ class SaveOptions(PassOptions):
     adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     format: Literal["peft", "rewrite"] = "peft"
     allow_outside: bool = False
+    convert_to_lora: bool = False
 
 
 def _move(produced: Path, target: Path, *, replace: bool) -> None:
@@ -61,7 +69,9 @@ class SavePass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, name = state_of(gm), self.options.adapter
         owners = dict.fromkeys(s.owner for s in state.sites.values())
-        modules = {o: adapters_at(gm, o)[name].saved_form() for o in owners if name in adapters_at(gm, o)}
+        convert = self.options.convert_to_lora
+        modules = {o: m.converted_form() if convert else m.saved_form()
+                   for o in owners if (m := adapters_at(gm, o).get(name)) is not None}
         if not modules:
             raise SpecError(f"{self.context.where}: adapter {name!r} is attached to no site (save it before merge)")
         target = self._target()
@@ -78,16 +88,19 @@ class SavePass(GraphPass):
 
     def _write(self, tmp: Path, name: str, modules: dict) -> Path:
         peft = self.options.format == "peft"
-        kinds = {m.peft_format.peft_type if peft and m.peft_format else m.kind for m in modules.values()}
-        if len(kinds) > 1:
-            raise AdapterFileError(f"{self.context.where}: adapter {name!r} mixes {sorted(map(str, kinds))}; one "
+        # one format per directory, not one peft_type: LoRA and DoRA directories are both LORA
+        forms = {m.peft_format if peft and m.peft_format else m.kind for m in modules.values()}
+        if len(forms) > 1:
+            kinds = sorted({m.kind for m in modules.values()})
+            raise AdapterFileError(f"{self.context.where}: adapter {name!r} mixes {kinds}; one "
                                    f"{'PEFT directory' if peft else 'adapter file'} holds one kind")
         first = next(iter(modules.values()))
         try:
             if peft:
                 tensors = {owner: {key: to_numpy(t) for key, t in m.peft_state().items()}
                            for owner, m in modules.items()}
-                write_peft_dir(tmp, type(first).peft_config(modules), tensors)
+                shared = {key: to_numpy(t) for key, t in type(first).peft_shared_state(modules).items()}
+                write_peft_dir(tmp, type(first).peft_config(modules), tensors, shared)
                 return tmp
             entries = {owner: m.adapter_file_entry() for owner, m in modules.items()}
             produced = tmp / "adapter.safetensors"

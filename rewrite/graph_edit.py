@@ -17,13 +17,14 @@ carry the site's `nn_module_stack`, an `AdapterTag` in `meta["rewrite"]` and a J
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from rewrite.errors import SpecError
-from rewrite.sites import Site
+from rewrite.sites import Site, SiteTable
 from rewrite.state import AdapterTag, adapter_path, state_of
 
 aten = torch.ops.aten
@@ -36,6 +37,8 @@ def site_input(node: fx.Node, site: Site) -> fx.Node:
         return node.args[1]
     if site.op == "embedding":
         return node.args[1]
+    if site.op == "rmsnorm":  # weight * n or n * weight: the normalised input n
+        return next(a for a in node.args if not (isinstance(a, fx.Node) and a.target == site.weight))
     return node.args[0]
 
 
@@ -82,6 +85,7 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
     """Join `adapter` (registered at `adapters.<owner>.<adapter>`) to the base op as its kind says (`module.join`):
 
         add     y' = y + adapter(x)     after the site's current chain end; its users are rerouted
+                                        (a kind that `reads_weight`: adapter(x, W), W a get_attr of the site weight)
         output  y' = adapter(y)         likewise, the module itself is the join
         input   y' = base(adapter(x))   the base op reads the adapted input (only the base op: siblings sharing x
                                         keep theirs)
@@ -100,7 +104,10 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
         if module.join == "output":
             join = graph.call_module(path, (end,))
         else:
-            delta = graph.call_module(path, (site_input(base, site),))
+            inputs = (site_input(base, site),)
+            if module.reads_weight:
+                inputs += (graph.get_attr(site.weight),)
+            delta = graph.call_module(path, inputs)
             _tag(delta, base, AdapterTag(site.name, kind, adapter, "delta"))
             join = graph.call_function(aten.add.Tensor, (end, delta))
     _tag(join, base, AdapterTag(site.name, kind, adapter, "join"))
@@ -120,7 +127,11 @@ def unwire(gm: fx.GraphModule, adapter: str, owner: str) -> int:
                     gm.graph.erase_node(join)
             else:  # the module is its own join (output) or rewrites the base op's input
                 node.replace_all_uses_with(node.args[0])
+            weights = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
             gm.graph.erase_node(node)
+            for weight in weights:  # wire's own get_attr of the site weight (reads_weight kinds)
+                if not weight.users:
+                    gm.graph.erase_node(weight)
             removed += 1
     return removed
 
@@ -133,12 +144,42 @@ def drop_adapter(gm: fx.GraphModule, owner: str, adapter: str) -> nn.Module:
     return module
 
 
+def add_zero_bias(gm: fx.GraphModule, site: Site) -> Site:
+    """Give the op of a site without a bias (and every other call of its owner) a zero bias parameter
+    `<module of the weight>.bias` [d_out], in the weight's dtype and device; the outputs are unchanged. The site
+    table records it (so unmerge restores it to zero). Returns the updated site."""
+    module_path = site.weight.rpartition(".")[0]
+    module = gm.get_submodule(module_path)
+    if getattr(module, "bias", None) is not None:
+        raise SpecError(f"site {site.name}: its op has no bias but {module_path or 'the model'} already holds a 'bias'")
+    weight = gm.get_parameter(site.weight)
+    name = f"{module_path}.bias" if module_path else "bias"
+    setattr(module, "bias", nn.Parameter(torch.zeros(site.d_out, dtype=weight.dtype, device=weight.device),
+                                         requires_grad=weight.requires_grad))
+    table = state_of(gm).sites
+    for call in (s for s in table.values() if s.owner == site.owner):
+        node = table.node_of(gm, call.name)
+        if node.op == "call_module":
+            continue  # the nn.Linear / nn.Conv2d reads its own `bias` attribute
+        with gm.graph.inserting_before(node):
+            bias = gm.graph.get_attr(name)
+        node.args = (*node.args[:2], bias, *node.args[3:])  # aten.linear / aten.conv2d(x, W, b, ...)
+    state_of(gm).sites = SiteTable(dataclasses.replace(s, bias=name) if s.owner == site.owner else s
+                                   for s in table.values())
+    return state_of(gm).sites[site.name]
+
+
 def conv_settings(gm: fx.GraphModule, site: Site, where: str) -> dict | None:
     """The base conv's kernel size, stride, padding and dilation: from the nn.Conv2d (fx capture) or from the
-    aten.conv2d call's arguments (torch.export keeps plain Modules without conv attributes)."""
-    if site.op != "conv2d":
+    aten.conv2d call's arguments (torch.export keeps plain Modules without conv attributes). A layer norm's `eps`
+    likewise (the one setting of a norm site; None for the other ops)."""
+    if site.op not in ("conv2d", "layernorm"):
         return None
     node = next(n for n in gm.graph.nodes if n.name == site.node)
+    if site.op == "layernorm":  # aten.layer_norm(input, normalized_shape, weight, bias, eps=1e-5, cudnn_enable)
+        eps = gm.get_submodule(site.owner).eps if node.op == "call_module" else (
+            node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5))
+        return dict(eps=float(eps))
     if node.op == "call_module":
         module = gm.get_submodule(site.owner)
         kernel, stride, padding, dilation, groups = (module.kernel_size, module.stride, module.padding,

@@ -22,12 +22,14 @@ from rewrite.export.manifest import build_manifest
 from rewrite.export.onnx_merged import export_merged
 from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.formats.manifest import MANIFEST, ExportEntry, write_manifest
+from rewrite.graph_edit import adapters_at
 from rewrite.inputs import ExampleInputs, example_inputs
 from rewrite.load import LoadedModel, load_model
 from rewrite.pass_infra import PassContext, PassManager, PassResult, ScheduledPass
 from rewrite.passes import REGISTRY
 from rewrite.publish import Staging
 from rewrite.spec import Spec
+from rewrite.state import state_of
 
 Step = Callable[[str, float, dict[str, Any]], None]
 
@@ -151,9 +153,12 @@ def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, 
 
 
 def _fold_remaining(gm: fx.GraphModule, context: PassContext, on_pass) -> fx.GraphModule:
-    """Merged export folds adapters still attached, as a final `merge` pass recorded in the history."""
-    merge = REGISTRY["merge"](None, PassContext(context.spec_dir, context.output_dir, "[export] mode = \"merged\""))
-    live = any(True for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters."))
-    if not live:
+    """Merged export folds adapters still attached, as a final `merge` pass recorded in the history. Adapters of a
+    kind that cannot fold (bottleneck: a non-linearity) stay in the graph: the export computes them inline."""
+    foldable = sorted({name for owner in dict.fromkeys(s.owner for s in state_of(gm).sites.values())
+                       for name, module in adapters_at(gm, owner).items() if module.mergeable})
+    if not foldable:
         return gm
+    options = REGISTRY["merge"].Options(adapters=foldable)
+    merge = REGISTRY["merge"](options, PassContext(context.spec_dir, context.output_dir, "[export] mode = \"merged\""))
     return PassManager([ScheduledPass(merge, "export 'merge'")], on_step=on_pass).run(gm, copy_model=False)

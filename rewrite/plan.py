@@ -12,6 +12,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from rewrite.adapters import KINDS
+from rewrite.adapters.for_site import selectable_ops
 from rewrite.errors import RewriteError, SpecError
 from rewrite.formats.manifest import MANIFEST
 from rewrite.graph_edit import adapters_at
@@ -46,10 +48,12 @@ def plan_passes(spec: Spec, gm: fx.GraphModule) -> list[PassPlan]:
     for entry, scheduled in zip(spec.passes, schedule(spec, PassContext(spec_dir=spec.base_dir))):
         plan = PassPlan(entry.index, entry.name, spec.location("pass", entry.index),
                         writes=scheduled.graph_pass.writes())
+        kind = KINDS.get(getattr(entry.options, "kind", None)) if entry.name == "insert" else None
+        ops = selectable_ops(kind.ops) if kind else None  # what insert picks among (norm sites: norm kinds only)
         for pattern in getattr(entry.options, "targets", None) or []:
             where = spec.location("pass", entry.index, "targets")
             try:
-                plan.selectors.append(SelectorPlan(pattern, [s.name for s in select(sites, [pattern], where)]))
+                plan.selectors.append(SelectorPlan(pattern, [s.name for s in select(sites, [pattern], where, ops)]))
             except SpecError as err:
                 plan.selectors.append(SelectorPlan(pattern, [], str(err)))
         if entry.name == "load":

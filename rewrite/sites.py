@@ -8,6 +8,14 @@ A site is one call of a weight-carrying base op, named by the module path of the
     conv1d      aten.addmm(b, x2d, W)   (HF GPT-2 Conv1D) W [d_in, d_out]    W.shape[0], W.shape[1]
     conv2d      aten.conv2d(x, W, b, ...)                W [c_out, c_in/g, kh, kw]
     embedding   aten.embedding(W, ids)                   W [V, d]           V, d
+    layernorm   aten.layer_norm(x, [d], W, b, eps)       W [d]              d, d
+    rmsnorm     aten.mul(W, n) in an RMSNorm module      W [d]              d, d
+
+Norm sites carry a 1-D weight. `layernorm` is every affine nn.LayerNorm / F.layer_norm over one dim. `rmsnorm` is
+the product of an RMS norm's weight and its normalised input, n = x * rsqrt(mean(x^2) + eps) (LlamaRMSNorm and
+its kin are plain Python, so no single op carries them): a `mul` with a direct `get_attr` operand that is the
+1-D parameter `weight` of the calling module, a module whose class is named `*RMSNorm` or `T5LayerNorm`
+(nn_module_stack). Norms that scale by (1 + weight) (Gemma) multiply by an `add`, not the weight: not sites.
 
 Selectors (strings in a spec), with a fixed precedence when several give a site a value:
 global default < `class:Name` < glob / `re:` regex (first listed wins) < exact name. An exact name
@@ -36,8 +44,10 @@ _ATEN_SITES = {
     aten.addmm.default: ("conv1d", 1, 2, 0),
     aten.conv2d.default: ("conv2d", 0, 1, 2),
     aten.embedding.default: ("embedding", 1, 0, None),
+    aten.layer_norm.default: ("layernorm", 0, 2, 3),
 }
-_MODULE_SITES = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+_MODULE_SITES = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding", nn.LayerNorm: "layernorm"}
+NORM_OPS = ("layernorm", "rmsnorm")
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,8 @@ def find_sites(gm: fx.GraphModule) -> SiteTable:
             d_in, d_out = shape
         elif op == "conv2d":
             d_in, d_out = shape[1], shape[0]
+        elif op in NORM_OPS:
+            d_in = d_out = shape[0]
         else:
             d_in, d_out = shape[1], shape[0]
         k = calls.get(owner, 0)
@@ -138,17 +150,40 @@ def find_sites(gm: fx.GraphModule) -> SiteTable:
                 continue
             if op == "conv1d" and node.args[w_idx].op != "get_attr":
                 continue  # addmm over a transposed Linear weight is a decomposed linear, not Conv1D
+            if op in NORM_OPS and _param(gm, weight).dim() != 1:
+                continue  # a norm over several trailing dims
             bias = _get_attr_source(node.args[b_idx]) if b_idx is not None and len(node.args) > b_idx else None
             add(node, op, _owner_path(gm, node, weight), weight, bias, tuple(_param(gm, weight).shape))
+        elif node.op == "call_function" and node.target == aten.mul.Tensor and (weight := _rmsnorm_weight(gm, node)):
+            add(node, "rmsnorm", _owner_path(gm, node, weight), weight, None, tuple(_param(gm, weight).shape))
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
             op = next((v for k, v in _MODULE_SITES.items() if type(module) is k), None)
             if op is None and type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
                 op = "conv1d"
+            if op == "layernorm" and (module.weight is None or module.weight.dim() != 1):
+                continue
             if op is not None:
                 bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
                 add(node, op, node.target, f"{node.target}.weight", bias, tuple(module.weight.shape))
     return SiteTable(found)
+
+
+def _rmsnorm_weight(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The weight of an RMSNorm-style `weight * n` (either order; the rule in the module docstring), else None."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    name = (cls if isinstance(cls, str) else cls.__qualname__).rpartition(".")[2]
+    if not (name.endswith("RMSNorm") or name == "T5LayerNorm"):
+        return None
+    weight = f"{path}.weight" if path else "weight"
+    for arg in node.args[:2]:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target == weight:
+            param = _param(gm, weight)
+            return weight if isinstance(param, nn.Parameter) and param.dim() == 1 else None
+    return None
 
 
 def _module_class(gm: fx.GraphModule, node: fx.Node, owner: str) -> str:

@@ -4,6 +4,10 @@ Oracles stay in the tests; these helpers only set things up.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +53,85 @@ def capture_module(model: torch.nn.Module, inputs: dict[str, torch.Tensor], *, n
 def logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
+
+
+@functools.cache
+def _captured_once(name: str) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    return capture_hf(name)[1:]
+
+
+def fresh_capture(name: str) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """(a capture of the tiny model `name` of its own, its example inputs); each model is captured once per session."""
+    gm, kwargs = _captured_once(name)
+    return copy.deepcopy(gm), kwargs
+
+
+def first_output(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """logits (decoders), last_hidden_state (encoders)."""
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def peft_reloaded(directory: Path, name: str) -> tuple[torch.nn.Module, list[str]]:
+    """`PeftModel.from_pretrained` of a PEFT directory onto a fresh tiny `name` (eval mode), and its warnings."""
+    import peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(build(name), directory).eval()
+    return model, [str(w.message) for w in caught]
+
+
+def merged_onnx_output(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
+    """Export `gm` (its adapters merged) to ONNX at `path` and run it in ONNX Runtime: its first output."""
+    import onnxruntime as ort
+
+    from rewrite.export.onnx_merged import export_merged
+    from rewrite.options import ExportOptions
+
+    export_merged(gm, path, ExportOptions(), None)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {i.name: inputs[i.name].numpy() for i in session.get_inputs()})[0])
+
+
+def max_param_diff(ours: torch.nn.Module, theirs: torch.nn.Module) -> float:
+    """The max abs difference over every parameter of `theirs`, by name (`ours` holds each of them)."""
+    mine = dict(ours.named_parameters())
+    return max(float((mine[name] - param).detach().abs().max()) for name, param in theirs.named_parameters())
+
+
+def edit_json(path: Path, **fields) -> None:
+    """Set `fields` in the JSON object at `path` (a PEFT adapter_config.json a test breaks on purpose)."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def refusals(gm: fx.GraphModule, adapter: str, out: Path) -> tuple[str, str]:
+    """The messages with which an unmerged (bank) export and an `allocate` refuse `adapter` of a kind that is
+    neither low-rank nor resizable; each must fail."""
+    from rewrite.errors import RewriteError
+    from rewrite.export.onnx_unmerged import export_unmerged
+    from rewrite.options import ExportOptions
+
+    messages = []
+    for attempt in (lambda: export_unmerged(gm, out, ExportOptions(mode="unmerged", switching="bank")),
+                    lambda: run_pass(gm, "allocate", adapter=adapter, scorer="spectrum", budget={"params": 10},
+                                     report="")):
+        try:
+            attempt()
+        except RewriteError as err:
+            messages.append(str(err))
+        else:
+            raise AssertionError(f"adapter {adapter!r} was not refused")
+    return messages[0], messages[1]
+
+
+def fill_adapter(model: torch.nn.Module, rules: dict[str, tuple[float, float]], seed: int = 3) -> torch.nn.Module:
+    """Set every parameter whose name contains a key of `rules` (mean, std) to mean + std * N(0, 1), seeded: an
+    adapter that is not the identity (one that is proves nothing). Returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            for key, (mean, std) in rules.items():
+                if key in name:
+                    param.copy_(mean + std * torch.randn(param.shape, generator=generator))
+    return model.eval()

@@ -27,6 +27,7 @@ from helpers import run_pass as run
 
 MODELS = {"linear": ("llama", ["q_proj", "v_proj", "down_proj"]), "conv1d": ("gpt2", ["c_attn", "c_proj"])}
 CASES = [(name, op) for name, kind in KINDS.items() for op in ("linear", "conv1d") if op in kind.ops]
+SMALL_OPTIONS = {"road": {"group_size": 16}}  # kind options that fit these tiny layers (32 outputs and up)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_declarations(kind):
 def test_identity_merge_unmerge_and_factors(captured, kind, op):
     base_gm, inputs, base = captured[op]
     gm = copy.deepcopy(base_gm)
-    result = run(gm, "insert", kind=kind, targets=MODELS[op][1])
+    result = run(gm, "insert", kind=kind, targets=MODELS[op][1], options=SMALL_OPTIONS.get(kind, {}))
     state = state_of(gm)
     owners = [o for o in dict.fromkeys(s.owner for s in state.sites.values()) if adapters_at(gm, o)]
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters.")]

@@ -380,9 +380,11 @@ def test_inspect_json_lists_sites_and_selector_matches(hf_dir, tmp_path, capsys)
     assert code == 0, err
     result = json.loads(stdout)
     names = [s["name"] for s in result["sites"]]
-    assert len(names) == 16 and names[0] == "model.embed_tokens" and names[-1] == "lm_head"
+    assert len(names) == 21 and names[0] == "model.embed_tokens" and names[-1] == "lm_head"  # 16 weights, 5 norms
     q0 = next(s for s in result["sites"] if s["name"] == "model.layers.0.self_attn.q_proj")
     assert (q0["op"], q0["module_class"], q0["d_in"], q0["d_out"]) == ("linear", "Linear", 64, 64)
+    norm = next(s for s in result["sites"] if s["name"] == "model.norm")
+    assert (norm["op"], norm["module_class"], norm["d_in"], norm["d_out"]) == ("rmsnorm", "LlamaRMSNorm", 64, 64)
     assert [(s["selector"], s["matches"]) for s in result["passes"][0]["selectors"]] == [
         ("q_proj", ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
         ("class:Embedding", ["model.embed_tokens"])]

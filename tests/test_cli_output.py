@@ -7,6 +7,7 @@ against the steps it was asked to run.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -105,7 +106,8 @@ def test_inspect_never_cuts_names_when_piped(hf_dir, tmp_path, capsys):
     """Not a terminal (a pipe, a file): plain columns, every name whole, whatever the width."""
     code, _, err = cli(capsys, "inspect", hf_dir("llama"))
     assert code == 0
-    assert "model.layers.1.self_attn.q_proj  linear" in err and "…" not in err
+    assert re.search(r"\nmodel\.layers\.1\.self_attn\.q_proj +linear ", err) and "…" not in err
+    assert re.search(r"\nmodel\.layers\.1\.post_attention_layernorm +rmsnorm ", err)  # the longest name, whole
     assert "inputs: input_ids int64[2, 16]" in err
 
 

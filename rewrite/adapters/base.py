@@ -4,16 +4,28 @@ none of them switch on kind names.
 What a kind declares (class attributes):
 
     kind        its name in the spec (`insert kind = ...`), the graph tags and the manifest
-    ops         the site ops it can adapt ("linear", "conv1d", "conv2d", "embedding")
-    join        how its module joins the base op y = base(x):
+    ops         the site ops it can adapt ("linear", "conv1d", "conv2d", "embedding"; norms: "layernorm", "rmsnorm")
+    join        how its module joins the base op y = base(x) (a module may set its own: bottleneck by placement):
                   "add"    y' = y + m(x)          the module returns a delta (LoRA family, BitFit, parallel adapters)
                   "output" y' = m(y)              the module rewrites the output ((IA)^3 on k / v, series adapters)
                   "input"  y' = base(m(x))        the module rewrites the input ((IA)^3 on feed-forward layers)
+    reads_weight whether the module needs the site's base weight W: it is built with it (constructor keyword
+                `weight`, what its init reads) and, joined by "add", called as m(x, W) with W read from the graph
+                (DoRA normalises W + s B A)
+    needs_bias  whether `merge_into` writes the site's bias (BitFit): `merge` gives a site without one a zero bias
+                parameter first
+    built_with_base whether the module is built with the site's base weight and bias (constructor keywords
+                `base_weight`, `base_bias`; None where the site has no bias), which it never reads at run time: a kind
+                whose saved form holds the adapted weights themselves, not deltas, converts with them (LN tuning)
     settings    the insert keys it reads (rank, alpha, rslora, dropout, init); an insert that sets another key
                 for this kind is refused
     Options     its own typed options (a strict pydantic model; insert's `options = { ... }` table), passed to
                 the constructor as keyword arguments and kept as attributes of the same names
     inits       the `init` values it accepts, default first (each must start as the identity)
+    weight_inits the inits among `inits` that read the site's base weight W and rewrite it in place at insert
+                (PiSSA, OLoRA: W <- W - delta0, so the outputs stay unchanged): `adapter_for_site` calls
+                `init_from_weight(W)` once the module is built; its forward never reads W. `save` writes such an
+                adapter as PEFT does (it fits the residual base), or, with `convert_to_lora`, its `converted_form`
     mergeable   whether `merge_into` folds it into the base weights exactly
     resizable   whether `resize(rank, keep)` grows and shrinks it freely (what `allocate` needs; the SVD form only
                 shrinks, under its training allocators)
@@ -29,7 +41,10 @@ in the base op's own layout), `resize(rank, keep)` where a rank exists, `factors
 tensors (`peft_state`, `peft_shapes`, `load_peft_state`), class-level `peft_config(modules)` (writing) and
 `peft_module(adapter, module)` (reading: which kind and settings a module of a PEFT directory gets), what `save`
 writes (`saved_form`, `adapter_file_entry`) and `load` reads back (`load_adapter_file_entry`), and
-`manifest_entry()`. What a kind cannot do raises `NotSupported`
+`manifest_entry()`. A kind whose modules share state across the sites of one adapter (VeRA's frozen projections)
+ties it in class-level `share(modules, tensors)`, which `insert` and `load` call once the adapter's modules are
+built, and gives `save` the tensors it keeps once (`peft_shared_state(modules)`). What a kind cannot do raises
+`NotSupported`
 with a message that says what it can. A new kind is one file under rewrite/adapters/, its test, and one line in `KINDS`.
 """
 from __future__ import annotations
@@ -58,9 +73,13 @@ class AdapterKind(nn.Module):
     kind: ClassVar[str]
     ops: ClassVar[tuple[str, ...]]
     join: ClassVar[str] = "add"  # "add" | "output" | "input"
+    reads_weight: ClassVar[bool] = False
+    needs_bias: ClassVar[bool] = False
+    built_with_base: ClassVar[bool] = False
     settings: ClassVar[tuple[str, ...]] = SETTINGS
     Options: ClassVar[type[Strict]] = NoOptions
     inits: ClassVar[tuple[str, ...]] = ("zeros",)
+    weight_inits: ClassVar[tuple[str, ...]] = ()
     mergeable: ClassVar[bool] = False  # a kind that implements merge_into exactly says so
     resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
@@ -105,9 +124,34 @@ class AdapterKind(nn.Module):
         `load_peft_state`. Each setting is also an attribute of the module (rule 7 of `load` compares them)."""
         raise NotSupported(f"{cls.kind} adapters have no PEFT form")
 
+    @classmethod
+    def share(cls, modules: Mapping[str, "AdapterKind"], tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Tie what the modules (module path -> module) of one adapter share, once they are all built: `insert` and
+        `load` call it with every module of the adapter of this kind; `tensors` are the adapter's tensors kept once
+        in its PEFT directory (`peft_format.shared`; empty at insert). Checks everything before it changes anything
+        (NotSupported says what does not fit); returns whether anything changed. Most kinds share nothing."""
+        return False
+
+    @classmethod
+    def peft_shared_state(cls, modules: Mapping[str, "AdapterKind"]) -> dict[str, torch.Tensor]:
+        """The tensors `save` writes once for these modules of one adapter (`peft_format.shared`, PEFT layout)."""
+        return {}
+
+    def init_from_weight(self, weight: torch.Tensor) -> None:
+        """Initialise from the site's base weight (an init of `weight_inits`) and rewrite that weight in place to
+        the residual W - delta0, delta0 this init's delta: the outputs are unchanged. Refuses (ValueError) a site it
+        cannot take before it changes anything."""
+        raise NotSupported(f"{self.kind} adapters have no init that reads the base weight")
+
     def saved_form(self) -> "AdapterKind":
         """The module `save` writes: itself, or an equivalent of another kind (SVD-form LoRA saves as LoRA)."""
         return self
+
+    def converted_form(self) -> "AdapterKind":
+        """The module `save convert_to_lora = true` writes: the same delta relative to the base weight as it was
+        before this adapter's insert (an adapter of `weight_inits`: the plain LoRA s (B A - B0 A0)); adapters that
+        left the base weight alone are their `saved_form`."""
+        return self.saved_form()
 
     def adapter_file_entry(self) -> tuple[Any, dict[str, torch.Tensor]]:
         """(site metadata, tensors) for our own adapter file (rewrite.formats.adapter_file)."""

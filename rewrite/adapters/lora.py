@@ -13,8 +13,23 @@ Unmerge subtracts the same delta (exact up to rounding).
 
 Inits: `zeros` (PEFT's default: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0; embedding: A = 0, B ~ N(0, 1)),
 `gaussian` (A ~ N(0, 1/r^2), B = 0). Both start as the identity: base(x) + 0.
+Inits that rewrite the base weight (`weight_inits`; PEFT's `init_lora_weights = "pissa" | "olora"`), computed in
+fp32 on W in linear layout [d_out, d_in] (Conv1D: its transpose) at insert (`init_from_weight`):
+    pissa   W = U S V^T (exact SVD):  A0 = V_r sqrt(S_r / s),  B0 = sqrt(S_r / s) U_r^T    s (A0 B0)^T = U_r S_r V_r^T
+    olora   W = Q R (thin QR):        A0 = R_r^T,               B0 = Q_r^T                  s (A0 B0)^T = s Q_r R_r
+(r leading singular triplets / columns of Q / rows of R; linear sites, PiSSA Conv1D too: PEFT's OLoRA ignores
+Conv1D's layout). The base weight in the graph becomes the residual W_res = W - s (A0 B0)^T, so they start as the
+identity too (up to rounding) and the forward never reads W. A0, B0 are kept (buffers `init_lora_A`, `init_lora_B`).
+PEFT's fast SVD (`pissa_niter_<k>`) is not offered: its random draw cannot be repeated to match PEFT.
 PEFT keys: `lora_A.weight` [r, d_in] = A^T, `lora_B.weight` [d_out, r] = B^T (embedding:
 `lora_embedding_A` [r, V] = A^T, `lora_embedding_B` [d, r] = B^T; conv2d: same tensors as ours).
+A PiSSA / OLoRA adapter is saved as PEFT saves it: A, B with `init_lora_weights = "pissa" | "olora"`, which
+`PeftModel.from_pretrained` loads onto the ORIGINAL model by recomputing the same residual (SVD and QR are
+deterministic; the residual is sign-free) at the rank of its insert (a resized one is refused). `save
+convert_to_lora = true` writes `converted_form()`: the plain LoRA of the same delta against the original weight,
+    W_res + s (A B)^T - W = s ([A | A0] [B; -B0])^T       rank r + r0, same s (alpha = s (r + r0), rsLoRA s sqrt(r + r0))
+as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)` (`init_lora_weights = true`). Our adapter
+file has no residual: only the converted form goes there. Merge folds s (A B)^T into W_res: the trained weight.
 
 Resizing (`resize(rank, keep)`, used by rank allocation) replaces A and B by new Parameters of the new
 rank. Scaling convention: **the branch scale s is kept fixed across a resize** and alpha is rescaled to
@@ -32,18 +47,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewrite.adapters.base import LowRank
+from rewrite.adapters.base import LowRank, NotSupported
 from rewrite.formats.adapter_file import SiteInfo
 from rewrite.formats.peft_lora import LINEAR_KEYS, LORA_FORMAT, LoraSettings, alpha_for_scale, alpha_of, lora_config, \
     lora_keys, lora_scale, rank_of
 
 IDENTITY_INITS = ("zeros", "gaussian")
+WEIGHT_INITS = ("pissa", "olora")
+WEIGHT_INIT_OPS = {"pissa": ("linear", "conv1d"), "olora": ("linear",)}
 
 
 class LoRA(LowRank):
     kind = "lora"
     ops = ("linear", "conv1d", "conv2d", "embedding")
-    inits = IDENTITY_INITS
+    inits = (*IDENTITY_INITS, *WEIGHT_INITS)
+    weight_inits = WEIGHT_INITS
     resizable = True
     peft_format = LORA_FORMAT
 
@@ -73,6 +91,8 @@ class LoRA(LowRank):
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
+        if init in WEIGHT_INITS:  # `init_from_weight` sets them; what a resize adds is zero-delta as for zeros
+            init = "zeros"
         if init == "zeros":
             if self.op == "embedding":
                 self.lora_A.zero_()
@@ -86,7 +106,29 @@ class LoRA(LowRank):
             self.lora_A.normal_(0.0, 1.0 / self.rank)
             self.lora_B.zero_()
         else:
-            raise ValueError(f"unknown LoRA init {init!r} (expected one of {IDENTITY_INITS})")
+            raise ValueError(f"unknown LoRA init {init!r} (expected one of {LoRA.inits})")
+
+    @torch.no_grad()
+    def init_from_weight(self, weight: torch.Tensor) -> None:
+        """PiSSA / OLoRA (module docstring): A0, B0 from the base weight, which becomes W_res = W - s (A0 B0)^T."""
+        ops = WEIGHT_INIT_OPS[self.init]
+        if self.op not in ops:
+            raise ValueError(f"init = {self.init!r} adapts {' and '.join(ops)} sites (as PEFT does), not {self.op}")
+        if self.rank > min(self.d_in, self.d_out):
+            raise ValueError(f"init = {self.init!r} takes rank <= min(d_in, d_out) = {min(self.d_in, self.d_out)}, "
+                             f"got {self.rank}")
+        if self.init == "pissa" and self.scaling <= 0:
+            raise ValueError(f"init = 'pissa' divides the singular values by s = {self.scaling:g}; alpha must be > 0")
+        if not weight.is_meta:
+            linear = (weight.T if self.op == "conv1d" else weight).to(torch.promote_types(weight.dtype, torch.float32))
+            a, b = pissa_factors(linear, self.rank, self.scaling) if self.init == "pissa" else \
+                olora_factors(linear, self.rank)
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+            residual = linear - self.scaling * (a @ b).T
+            weight.copy_((residual.T if self.op == "conv1d" else residual).to(weight.dtype))
+        self.register_buffer("init_lora_A", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("init_lora_B", self.lora_B.detach().clone(), persistent=False)
 
     def _matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A, B as matrices [fan_in, r] and [r, d_out] (views) with delta = s * A_mat @ B_mat (matmul layout)."""
@@ -113,23 +155,13 @@ class LoRA(LowRank):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}; rank 0 drops the branch (unwire + drop_adapter)")
         old = self.rank
-        if keep is not None:
-            keep_t = torch.as_tensor(keep)
-            if keep_t.dtype == torch.bool:
-                if keep_t.numel() != old:
-                    raise ValueError(f"keep mask has {keep_t.numel()} entries for rank {old}")
-                keep_t = keep_t.nonzero().flatten()
-            keep_idx = [int(i) for i in keep_t.flatten().tolist()]
-            if len(keep_idx) > rank or len(set(keep_idx)) != len(keep_idx) or any(not 0 <= i < old for i in keep_idx):
-                raise ValueError(f"keep must list at most {rank} distinct components in [0, {old}), got {keep_idx}")
-        else:
-            keep_idx = list(range(min(rank, old)))
+        keep_idx = kept_components(keep, old, rank)
         if keep is None and rank == old:
             return
         scale = self.scaling
         a_mat, b_mat = (t.detach() for t in self._matrices())
         if keep is None and rank < old and not self.lora_A.is_meta and bool(a_mat.any()) and bool(b_mat.any()):
-            a_mat, b_mat = _orthogonal_factors(a_mat, b_mat)  # min(r, fan_in, d_out) components, best first
+            a_mat, b_mat = orthogonal_factors(a_mat, b_mat)  # min(r, fan_in, d_out) components, best first
             keep_idx = keep_idx[:a_mat.shape[1]]
         kept_a, kept_b = a_mat[:, keep_idx], b_mat[keep_idx, :]
         grads = (self.lora_A.requires_grad, self.lora_B.requires_grad)
@@ -151,13 +183,16 @@ class LoRA(LowRank):
         self.lora_B.requires_grad_(grads[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x if self.op == "embedding" else self.dropout(x))  # PEFT drops no token ids
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B(A(x)) of an input already through dropout."""
         if self.op == "embedding":
             return (F.embedding(x, self.lora_A) * self.scaling) @ self.lora_B
         if self.op == "conv2d":
-            hidden = F.conv2d(self.dropout(x), self.lora_A, None, self.conv["stride"], self.conv["padding"],
-                              self.conv["dilation"])
+            hidden = F.conv2d(x, self.lora_A, None, self.conv["stride"], self.conv["padding"], self.conv["dilation"])
             return F.conv2d(hidden * self.scaling, self.lora_B)
-        return (self.dropout(x) @ self.lora_A * self.scaling) @ self.lora_B  # s on the [N, r] hidden, not [N, d_out]
+        return (x @ self.lora_A * self.scaling) @ self.lora_B  # s on the [N, r] hidden, not [N, d_out]
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -183,10 +218,25 @@ class LoRA(LowRank):
         else:
             weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
 
+    @torch.no_grad()
+    def converted_form(self) -> LoRA:
+        """A PiSSA / OLoRA adapter as the plain LoRA of the same delta against the original weight: rank r + r0,
+        A' = [A | A0], B' = [B; -B0], the same s (which a resize keeps)."""
+        if self.init not in WEIGHT_INITS:
+            return self
+        rank = self.rank + self.init_lora_A.shape[1]
+        plain = LoRA(self.op, self.d_in, self.d_out, rank, alpha_for_scale(self.scaling, rank, self.rslora),
+                     rslora=self.rslora, dropout=getattr(self.dropout, "p", 0.0), dtype=self.lora_A.dtype,
+                     device="meta")  # meta: no init drawn, the factors are set below
+        plain.lora_A = nn.Parameter(torch.cat([self.lora_A, self.init_lora_A], dim=1))
+        plain.lora_B = nn.Parameter(torch.cat([self.lora_B, -self.init_lora_B], dim=0))
+        return plain
+
     @classmethod
     def peft_config(cls, modules) -> dict:
-        return lora_config({o: LoraSettings(m.op, m.rank, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0))
-                            for o, m in modules.items()})
+        config = lora_config({o: LoraSettings(m.op, m.rank, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0))
+                              for o, m in modules.items()})
+        return {**config, "init_lora_weights": _saved_init(modules)}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[LoRA], dict]:
@@ -194,6 +244,10 @@ class LoRA(LowRank):
                          rslora=adapter.config.use_rslora)
 
     def adapter_file_entry(self) -> tuple[SiteInfo, dict[str, torch.Tensor]]:
+        if self.init in WEIGHT_INITS:
+            raise NotSupported(f"our adapter file has no residual base weight for init = {self.init!r} adapters; "
+                               "save with convert_to_lora = true (a plain LoRA against the original weight), or as "
+                               "PEFT")
         info = SiteInfo(op=self.op, rank=self.rank, alpha=self.alpha, rslora=self.rslora, d_in=self.d_in,
                         d_out=self.d_out)
         return info, {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
@@ -231,7 +285,52 @@ class LoRA(LowRank):
         return f"op={self.op}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scaling={self.scaling:g}"
 
 
-def _orthogonal_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _saved_init(modules) -> bool | str:
+    """PEFT's `init_lora_weights` for these modules of one adapter: true, or the one weight init they all share, at
+    the rank of their insert (PEFT recomputes the residual from the original weight at the saved rank)."""
+    inits = {m.init if m.init in WEIGHT_INITS else True for m in modules.values()}
+    if len(inits) > 1:
+        raise NotSupported(f"the adapter mixes inits {sorted(map(str, inits))}; a PEFT directory has one "
+                           "init_lora_weights: save with convert_to_lora = true")
+    resized = [o for o, m in modules.items() if m.init in WEIGHT_INITS and m.rank != m.init_lora_A.shape[1]]
+    if resized:
+        module = modules[resized[0]]
+        raise NotSupported(f"{resized[0]}: this {module.init} adapter was resized (rank {module.init_lora_A.shape[1]} "
+                           f"-> {module.rank}) since its insert, but PEFT recomputes the residual at the saved rank; "
+                           "save with convert_to_lora = true")
+    return inits.pop()
+
+
+def pissa_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A0 [d_in, r], B0 [r, d_out] with scale (A0 B0)^T = U_r S_r V_r^T, the top-r SVD part of `weight` [d_out, d_in]."""
+    u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = (singular[:rank] / scale).sqrt()
+    return vh[:rank].T * root, root[:, None] * u[:, :rank].T
+
+
+def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A0 = R_r^T [d_in, r], B0 = Q_r^T [r, d_out] of the thin QR `weight` [d_out, d_in] = Q R."""
+    q, r = torch.linalg.qr(weight)
+    return r[:rank].T, q[:, :rank].T
+
+
+def kept_components(keep: Sequence[int] | torch.Tensor | None, old: int, rank: int) -> list[int]:
+    """`resize`'s `keep` as component indices, checked: a list or a bool mask over the current rank `old`, at most
+    `rank` distinct components; None keeps the first min(rank, old)."""
+    if keep is None:
+        return list(range(min(rank, old)))
+    keep_t = torch.as_tensor(keep)
+    if keep_t.dtype == torch.bool:
+        if keep_t.numel() != old:
+            raise ValueError(f"keep mask has {keep_t.numel()} entries for rank {old}")
+        keep_t = keep_t.nonzero().flatten()
+    keep_idx = [int(i) for i in keep_t.flatten().tolist()]
+    if len(keep_idx) > rank or len(set(keep_idx)) != len(keep_idx) or any(not 0 <= i < old for i in keep_idx):
+        raise ValueError(f"keep must list at most {rank} distinct components in [0, {old}), got {keep_idx}")
+    return keep_idx
+
+
+def orthogonal_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact re-factorisation a @ b = a2 @ b2 with orthogonal components sorted by singular value.
 
     a = Qa Ra, b^T = Qb Rb, Ra Rb^T = U S V^T  =>  a @ b = (Qa U sqrt(S)) (sqrt(S) V^T Qb^T).

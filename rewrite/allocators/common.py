@@ -59,7 +59,7 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
 
     `rank`: starting rank (int or per-owner mapping; default: the existing LoRA's rank). `alpha`: default
     the existing adapter's alpha (8.0 for new sites). Existing SvdLoRA modules are left as they are."""
-    from rewrite.adapters.for_site import ADAPTABLE_OPS
+    from rewrite.adapters.for_site import selectable_ops
     from rewrite.graph_edit import conv_settings
     from rewrite.sites import select
 
@@ -67,7 +67,7 @@ def install_svd(gm: fx.GraphModule, adapter: str, *, rank: int | Mapping[str, in
     table = state.sites
     wanted_new: dict[str, list] = {}
     if targets:
-        for site in select(table, list(targets), where, ops=ADAPTABLE_OPS):
+        for site in select(table, list(targets), where, ops=selectable_ops(SvdLoRA.ops)):
             wanted_new.setdefault(site.owner, []).append(site)
     out: dict[str, SvdLoRA] = {}
     for owner in owners_of(gm):

@@ -13,6 +13,8 @@ the config holds besides the fields every tuner shares, is the tuner's own `Peft
   module's suffixes exactly one of the format's layouts, and every module one that `target_modules` selects.
 - PEFT also saves a full copy of a targeted embedding's base weight (`<path>.base_layer.weight`, its default
   `save_embedding_layers="auto"`); those copies are returned apart, in `base_weights`, for the loader to check.
+- A tuner may keep tensors once per adapter rather than per module (VeRA's frozen projections): the format names
+  them (`shared`), they are stored as `base_model.<name>` and returned apart, in `shared`.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from rewrite.formats.safetensors_file import read_safetensors, write_safetensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
 BASE_COPY = ".base_layer.weight"
 
 
@@ -88,6 +91,7 @@ class PeftAdapter:
     format: PeftFormat
     modules: dict[str, dict[str, np.ndarray]]  # module path -> {suffix: array}
     base_weights: dict[str, np.ndarray] = field(default_factory=dict)  # module path -> saved base weight
+    shared: dict[str, np.ndarray] = field(default_factory=dict)  # name -> the adapter's tensor kept once
 
     def targets(self, module: str) -> bool | None:
         return self.config.targets(module)
@@ -96,14 +100,16 @@ class PeftAdapter:
 @dataclass(frozen=True)
 class PeftFormat:
     """One PEFT tuner's directory: its `peft_type`, config model, the key-suffix sets (layouts) one module may
-    carry, which configs of that peft_type it reads (`accepts`: e.g. LoRA leaves `use_dora` to DoRA), and its own
-    agreement rules between config and tensors (`check`, raising AdapterFileError)."""
+    carry, which configs of that peft_type it reads (`accepts`: e.g. LoRA leaves `use_dora` to DoRA), its own
+    agreement rules between config and tensors (`check`, raising AdapterFileError), and the tensors it keeps once
+    per adapter (`shared`, keys `base_model.<name>`)."""
 
     peft_type: str
     config: type[PeftConfig]
     layouts: tuple[tuple[str, ...], ...]
     check: Callable[[PeftAdapter], None] = lambda adapter: None
     accepts: Callable[[dict[str, Any]], bool] = lambda raw: True
+    shared: tuple[str, ...] = ()
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -225,14 +231,18 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat]) -> PeftAdapter:
     tensors, _ = read_safetensors(weights_file)
     modules: dict[str, dict[str, np.ndarray]] = {}
     base_weights: dict[str, np.ndarray] = {}
+    shared: dict[str, np.ndarray] = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if name.endswith(BASE_COPY):
             base_weights[name[: -len(BASE_COPY)]] = tensor
             continue
+        if key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX):] in peft_format.shared:
+            shared[key[len(SHARED_PREFIX):]] = tensor
+            continue
         module, suffix = _split_key(key, peft_format, weights_file)
         modules.setdefault(module, {})[suffix] = tensor
-    adapter = PeftAdapter(path, config, peft_format, modules, base_weights)
+    adapter = PeftAdapter(path, config, peft_format, modules, base_weights, shared)
     _check_agreement(adapter, tensors, weights_file)
     peft_format.check(adapter)
     return adapter
@@ -260,11 +270,15 @@ def _check_agreement(adapter: PeftAdapter, tensors: Mapping[str, np.ndarray], we
                                    "tensors; PEFT would not load them there")
 
 
-def write_peft_dir(path: Path, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    """Write a PEFT directory from its config (the adapter kind's `peft_config`) and {module path: {suffix: array}}
-    (the caller makes it atomic by writing into a temporary directory)."""
+def write_peft_dir(path: Path, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, np.ndarray]],
+                   shared: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write a PEFT directory from its config (the adapter kind's `peft_config`), {module path: {suffix: array}} and
+    the adapter's tensors kept once ({name: array}, `PeftFormat.shared`) (the caller makes it atomic by writing into
+    a temporary directory)."""
     path.mkdir(parents=True, exist_ok=True)
     text = json.dumps(dict(config), indent=2, sort_keys=True)
     (path / CONFIG).write_text(text + "\n")
-    write_safetensors(path / WEIGHTS, {tensor_key(module, suffix): array for module, parts in modules.items()
-                                       for suffix, array in parts.items()}, metadata={"format": "pt"})
+    tensors = {SHARED_PREFIX + name: array for name, array in (shared or {}).items()}
+    tensors.update({tensor_key(module, suffix): array for module, parts in modules.items()
+                    for suffix, array in parts.items()})
+    write_safetensors(path / WEIGHTS, tensors, metadata={"format": "pt"})

@@ -7,7 +7,13 @@ from `rank_pattern` / `alpha_pattern`, whose keys PEFT matches as `(.*\\.)?<key>
     s = alpha / r          (use_rslora: alpha / sqrt(r))
 The config is strictly typed (ranks whole numbers >= 1, alphas numbers, never a bool or a string; pattern keys
 valid regexes). Config and tensors agree: A and B of one rank r per module, that r the `r` / `rank_pattern` value.
-`use_dora` configs are DoRA's to read (`accepts`); `lora_bias` and biases other than "none" are refused.
+`use_dora` configs are DoRA's to read (`accepts`); `lora_bias` and biases other than "none" are refused, and so is
+every other LoRA variant a config can switch on (`VARIANTS`: LoRA and DoRA refuse the same set).
+`init_lora_weights`: an init that leaves the base weight alone (true, false, "gaussian", "eva", "orthogonal",
+"mica") is read; one that rewrote it (`BASE_REWRITING_INITS`: PiSSA's residual W - s B0 A0, OLoRA, CorDA, LoftQ,
+LoRA-GA) is refused by name: those tensors only fit the residual base, which PEFT recomputes at load time from the
+original weight. PEFT's converted save (`save_pretrained(path_initial_model_for_weight_conversion=...)`, rank 2r
+against the original weight) writes `init_lora_weights = true` and is read as any LoRA.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, NamedTuple
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model, field_validator
 
 from rewrite.errors import AdapterFileError
 from rewrite.formats.peft_dir import CONFIG, PeftAdapter, PeftConfig, PeftFormat, compiled, pattern_key, \
@@ -44,16 +50,31 @@ def alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
     return scale * (math.sqrt(rank) if rslora else rank)
 
 
-class LoraPeftConfig(PeftConfig):
+# The other LoRA variants a LORA config can switch on (PEFT's defaults leave them null or false). None is implemented:
+# any other value refuses the config, naming the option.
+VARIANTS = {"use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+            "layer_replication": "layer replication", "target_parameters": "LoRA on parameters",
+            "trainable_token_indices": "trainable tokens", "megatron_config": "Megatron layers",
+            "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+            "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA"}
+# `init_lora_weights` values (or prefixes: "pissa_niter_<k>") whose init rewrote the base weight.
+BASE_REWRITING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
+PLAIN_BASE_INITS = ("gaussian", "eva", "orthogonal", "mica")  # inits that leave the base weight as it was
+
+_WithVariants = create_model("_WithVariants", __base__=PeftConfig, **{key: (Any, None) for key in VARIANTS})
+
+
+class LoraPeftConfig(_WithVariants):
     """`adapter_config.json` of a LoRA adapter."""
 
     expected: ClassVar[dict[str, str]] = {
         **PeftConfig.expected, "r": "a whole number >= 1", "lora_alpha": "a number", "use_rslora": "true or false",
         "rank_pattern": "an object of module -> value", "alpha_pattern": "an object of module -> value",
-        "bias": "a string", "use_dora": "true or false", "lora_bias": "true or false"}
+        "bias": "a string", "use_dora": "true or false", "lora_bias": "true or false",
+        "init_lora_weights": "true, false or the name of an init"}
     pattern_values: ClassVar[dict[str, str]] = {"rank_pattern": "a whole number >= 1", "alpha_pattern": "a number"}
     unsupported: ClassVar[dict[str, str]] = {**PeftConfig.unsupported, "use_dora": "DoRA",
-                                             "lora_bias": "lora_bias (a trained bias on lora_B)"}
+                                             "lora_bias": "lora_bias (a trained bias on lora_B)", **VARIANTS}
 
     peft_type: StrictStr = "LORA"
     r: Rank = 8
@@ -64,6 +85,7 @@ class LoraPeftConfig(PeftConfig):
     bias: StrictStr = "none"
     use_dora: StrictBool = False
     lora_bias: StrictBool = False
+    init_lora_weights: StrictBool | StrictStr = True
 
     @field_validator("rank_pattern", "alpha_pattern", mode="before")
     @classmethod
@@ -74,6 +96,20 @@ class LoraPeftConfig(PeftConfig):
     @classmethod
     def _pattern_regexes(cls, value: Any) -> Any:
         return compiled(value)
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _plain_base(cls, value: bool | str) -> bool | str:
+        if isinstance(value, bool) or value.lower() in PLAIN_BASE_INITS:
+            return value
+        method = next((name for prefix, name in BASE_REWRITING_INITS.items() if value.lower().startswith(prefix)), None)
+        if method is None:
+            raise ValueError(f"{value!r} is not an init this reader knows (true, false, "
+                             f"{', '.join(map(repr, PLAIN_BASE_INITS))})")
+        raise ValueError(f"{value!r}: a {method} adapter, trained against the residual base weight its init left "
+                         "(W - s B0 A0), not this model's weight; load a converted one instead, a plain LoRA against "
+                         "the original weight (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...); "
+                         "rewrite: save with convert_to_lora = true)")
 
     @field_validator("bias")
     @classmethod

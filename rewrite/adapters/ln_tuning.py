@@ -1,0 +1,108 @@
+"""LayerNorm tuning (Zhao et al. 2023, "Tuning LayerNorm in Attention"), as PEFT's `LNTuningConfig` trains it: new
+weights (and biases) for the targeted norm layers, kept here as deltas on the site's own.
+
+    layernorm   y = W (.) n(x) + b     n(x) = (x - mean(x)) / sqrt(var(x) + eps)    over the last dim
+    rmsnorm     y = W (.) n            n = x * rsqrt(mean(x^2) + eps), the site's input (rewrite/sites.py)
+
+    y' = y + dW (.) n + db             ("add" join: layernorm recomputes n from x with the site's eps; no db where
+                                        the norm has no bias)
+
+which is the norm with weight W + dW and bias b + db. Init dW = db = 0 (the identity). Merge (exact, additive):
+W <- W + dW, b <- b + db; unmerge subtracts. Not low-rank and no rank: unmerged exports and allocate refuse it.
+
+PEFT (`LN_TUNING`) trains a copy of the whole layer, so a directory holds the TUNED tensors, not deltas:
+`base_model.model.<module>.ln_tuning_layers.weight` [d] = W + dW (and `.bias` [d] = b + db where the norm has one).
+The module is built with the site's base W and b (`built_with_base`), kept as frozen buffers, and converts with
+them: saved = base + delta, loaded delta = saved - base (so a directory applies its tuned norm whatever the base
+holds, as PEFT's copy does). PEFT may copy any module; ours adapts norm sites only.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import StrictStr
+from torch import nn
+
+from rewrite.adapters.base import AdapterKind
+from rewrite.formats.peft_dir import PeftConfig, PeftFormat
+
+WEIGHT, BIAS = "ln_tuning_layers.weight", "ln_tuning_layers.bias"
+
+
+class LnTuningPeftConfig(PeftConfig):
+    """`adapter_config.json` of an LN tuning adapter. PEFT's LNTuningConfig has no layers_to_transform or
+    layers_pattern (it ignores them when present), so a config that sets one is refused rather than read."""
+
+    unsupported: ClassVar[dict[str, str]] = {
+        **PeftConfig.unsupported, **{key: f"{key} (not an LNTuningConfig field: PEFT ignores it)"
+                                     for key in ("layers_to_transform", "layers_pattern")}}
+
+    peft_type: StrictStr = "LN_TUNING"
+
+
+LN_TUNING_FORMAT = PeftFormat("LN_TUNING", LnTuningPeftConfig, ((WEIGHT,), (WEIGHT, BIAS)))
+
+
+class LnTuning(AdapterKind):
+    kind = "ln_tuning"
+    ops = ("layernorm", "rmsnorm")
+    settings = ()
+    built_with_base = True
+    mergeable = True
+    peft_format = LN_TUNING_FORMAT
+
+    def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
+                 dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 base_weight: torch.Tensor, base_bias: torch.Tensor | None):
+        super().__init__()
+        self.op, self.d_in, self.d_out = op, d_in, d_out
+        self.eps = (conv or {}).get("eps")  # layernorm only: rmsnorm sites are given n itself
+        factory = dict(dtype=dtype, device=device)
+        self.weight_delta = nn.Parameter(torch.zeros(d_out, **factory))
+        self.bias_delta = None if base_bias is None else nn.Parameter(torch.zeros(d_out, **factory))
+        # invariant: the base the deltas are relative to, for PEFT's full tensors (never read by forward)
+        self.register_buffer("base_weight", base_weight.detach().clone(), persistent=False)
+        self.register_buffer("base_bias", None if base_bias is None else base_bias.detach().clone(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = F.layer_norm(x, (self.d_out,), eps=self.eps) if self.op == "layernorm" else x
+        delta = n * self.weight_delta
+        return delta if self.bias_delta is None else delta + self.bias_delta
+
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:
+        weight.add_(self.weight_delta.to(weight.dtype), alpha=sign)
+        if self.bias_delta is not None:
+            bias.add_(self.bias_delta.to(bias.dtype), alpha=sign)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        tuned = {WEIGHT: self.base_weight + self.weight_delta}
+        if self.bias_delta is not None:
+            tuned[BIAS] = self.base_bias + self.bias_delta
+        return {key: t.detach().clone() for key, t in tuned.items()}
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: (self.d_out,) for key in ((WEIGHT,) if self.bias_delta is None else (WEIGHT, BIAS))}
+
+    @torch.no_grad()
+    def load_peft_state(self, tensors) -> None:
+        self.weight_delta.copy_(tensors[WEIGHT].to(self.base_weight.dtype) - self.base_weight)
+        if self.bias_delta is not None:
+            self.bias_delta.copy_(tensors[BIAS].to(self.base_bias.dtype) - self.base_bias)
+
+    @classmethod
+    def peft_module(cls, adapter, module: str) -> tuple[type[LnTuning], dict]:
+        return cls, {}
+
+    @classmethod
+    def peft_config(cls, modules) -> dict:
+        return {"peft_type": "LN_TUNING", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+                "target_modules": sorted(modules), "exclude_modules": None, "modules_to_save": None,
+                "revision": None}
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}, d={self.d_out}, bias={self.bias_delta is not None}"
