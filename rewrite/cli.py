@@ -1,4 +1,5 @@
 """Command line: `rewrite apply SPEC MODEL -o OUT`, `rewrite bundle MODEL --adapter NAME=DIR ...`,
+`rewrite combine MODEL --adapter NAME=DIR ... --weights W,... --method M`, `rewrite docs`,
 `rewrite inspect MODEL [--spec SPEC]` and `rewrite report allocation.json [-o DIR]`.
 
 Bad input (spec, model, adapter files) prints one clear message and exits with code 2, writing nothing.
@@ -51,8 +52,34 @@ def _parser() -> argparse.ArgumentParser:
     bundle.add_argument("--capacity", type=int, help="bank slots (default: the number of adapters)")
     bundle.add_argument("--bank-dtype", choices=["float32", "float16"], default="float32",
                         help="custom-op banks in float16: half the bytes per call, adapters rounded to half")
+    bundle.add_argument("--reserve-rank", type=int, metavar="N",
+                        help="keep bank slots of rank >= N at every adapter site and --reserve-target site, for "
+                             "adapters added while serving (bank / custom-op; ort-adapters takes any rank)")
+    bundle.add_argument("--reserve-target", action="append", default=[], metavar="SELECTOR",
+                        help="also give these Linear sites an adapter slot, zero until filled, e.g. lm_head "
+                             "(repeat; glob, re:, class:, exact name)")
     bundle.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     bundle.add_argument("--check", action="store_true", help="compare ONNX Runtime with torch per adapter")
+    combine = sub.add_parser("combine", help="several PEFT LoRA adapters in, one combined PEFT adapter out "
+                                              "(PEFT's add_weighted_adapter)")
+    combine.add_argument("model", help="the base model (same forms as for apply)")
+    combine.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                         help="a PEFT LoRA directory (repeat, in the order of --weights)")
+    combine.add_argument("--weights", required=True, metavar="W,W,...",
+                         help="one weight per --adapter, comma-separated; a negative one subtracts")
+    combine.add_argument("--method", required=True,
+                         help="cat | linear | svd | ties | dare_linear | dare_ties | magnitude_prune | ties_svd | "
+                              "dare_linear_svd | dare_ties_svd | magnitude_prune_svd")
+    combine.add_argument("--into", default="combined",
+                         help="the new adapter, written to OUT/<into>/ (default: combined)")
+    combine.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune*: the share of entries kept")
+    combine.add_argument("--majority-sign-method", choices=["total", "frequency"],
+                         help="ties*, dare_ties* (default total)")
+    combine.add_argument("--rank", type=int, help="*svd: the rank kept at every site (default: the largest input rank)")
+    combine.add_argument("--energy", type=float,
+                         help="*svd: each site keeps the least rank holding this share of the merged update")
+    combine.add_argument("--seed", type=int, help="dare_*: the masks' seed (default 0)")
+    combine.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
     inspect.add_argument("model")
     inspect.add_argument("--spec", help="spec.toml: capture settings and selectors to resolve")
@@ -62,11 +89,42 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plot", action="store_true", help="write the Markdown only")
     report.add_argument("--json", action="store_true", help="print a JSON result to stdout")
     report.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    triton = sub.add_parser("triton", help="a Triton model repository from an unmerged export (bank / custom-op)")
+    triton.add_argument("export_dir", metavar="OUT", help="output directory of an unmerged bank / custom-op export")
+    triton.add_argument("-o", "--output", required=True, metavar="REPO", help="model repository (REPO/NAME is written)")
+    triton.add_argument("--name", help="the model's name in the repository (default: OUT's folder name)")
+    triton.add_argument("--max-batch-size", type=int, default=32, help="rows per batch, at most (default: 32)")
+    triton.add_argument("--preferred-batch-size", type=int, action="append", metavar="N",
+                        help="a batch size the batcher dispatches at once (repeat; default: 4, 8, ... up to the max)")
+    triton.add_argument("--queue-delay-us", type=int, default=500,
+                        help="how long the batcher waits to fill a batch (default: 500)")
+    triton.add_argument("--instances", type=int, default=1, help="model instances (default: 1)")
+    triton.add_argument("--kind", choices=["cpu", "gpu"], default="cpu", help="instance kind (default: cpu)")
+    triton.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per instance")
+    triton.add_argument("--server-repo", metavar="PATH",
+                        help="where the server mounts REPO (e.g. /models): the custom-op library's path in config.pbtxt")
+    triton.add_argument("--library", metavar="SO", help="custom-op library to copy (default: this machine's build)")
+    version = sub.add_parser("triton-version", help="a new version of a Triton model: adapters added or removed")
+    version.add_argument("model_dir", metavar="REPO/NAME", help="a model directory written by rewrite triton")
+    version.add_argument("--add", action="append", default=[], metavar="NAME=PATH",
+                         help="an adapter to add (PEFT dir, .safetensors, .onnx_adapter; repeat)")
+    version.add_argument("--remove", action="append", default=[], metavar="NAME", help="an adapter to remove (repeat)")
+    serve = sub.add_parser("serve", help="serve an unmerged export with Ray Serve (pip install rewrite-adapters[serve])")
+    serve.add_argument("export_dir", metavar="OUT", help="output directory of an unmerged export")
+    serve.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="rows per batch, at most (default: 32)")
+    serve.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (default: 2)")
+    serve.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per replica (default: 1)")
+    for p in (triton, version, serve):
+        p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     docs = sub.add_parser("docs", help="write the spec reference (every table, pass and adapter kind) as Markdown")
     docs.add_argument("-o", "--output", default="docs/reference", help="directory (default: docs/reference)")
     docs.add_argument("--json", action="store_true", help="print a JSON result to stdout")
     docs.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    for p in (apply, bundle, inspect):
+    for p in (apply, bundle, inspect, combine):
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow unpickling a .pt model with code execution (only for files you trust)")
         p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
@@ -84,8 +142,16 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         from rewrite.bundle import bundle_spec
 
         spec = bundle_spec(args.adapter, switching=args.switching, capacity=args.capacity, check=args.check,
-                           bank_dtype=args.bank_dtype)
+                           bank_dtype=args.bank_dtype, reserve_rank=args.reserve_rank,
+                           reserve_targets=args.reserve_target)
         args.verify = False
+    elif args.command == "combine":
+        from rewrite.bundle import combine_spec
+
+        spec = combine_spec(args.adapter, args.weights, into=args.into, method=args.method,
+                            options=dict(density=args.density, majority_sign_method=args.majority_sign_method,
+                                         rank=args.rank, energy=args.energy, seed=args.seed))
+        args.verify = args.check = False
     else:
         args.doing = f"reading the spec {args.spec}"
         spec = load_spec(args.spec)
@@ -133,7 +199,7 @@ def _doing_after(stage: str, args: argparse.Namespace) -> str:
         return f"capturing {args.model}"
     if stage in ("export", "check"):
         return f"checking and writing the export for {args.output}"
-    source = "the --adapter directories" if args.command == "bundle" else args.spec
+    source = "the --adapter directories" if args.command in ("bundle", "combine") else args.spec
     return f"running the passes of {source} on {args.model} (after {stage})"
 
 
@@ -237,6 +303,51 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return dict(report=args.report_json, files=[str(p) for p in written])
 
 
+def _cmd_triton(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.triton_config import TritonOptions
+    from rewrite.triton_repo import write_repository
+
+    args.doing = f"writing a Triton model repository from {args.export_dir}"
+    preferred = tuple(args.preferred_batch_size) if args.preferred_batch_size else None
+    options = TritonOptions(name=args.name, max_batch_size=args.max_batch_size, preferred_batch_sizes=preferred,
+                            queue_delay_us=args.queue_delay_us, instances=args.instances, kind=args.kind,
+                            intra_op_threads=args.threads, server_repo=args.server_repo)
+    written = write_repository(args.export_dir, args.output, options, library=args.library)
+    console.print(f"wrote {written.model_dir} (version 1); how to serve and call it: {written.model_dir}/README.md",
+                  highlight=False, markup=False)
+    return dict(model_dir=str(written.model_dir), version=written.version, files=[str(p) for p in written.files])
+
+
+def _cmd_triton_version(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.bundle import parse_adapter_arg
+    from rewrite.errors import SpecError
+    from rewrite.triton_repo import add_version
+
+    args.doing = f"writing a new version of {args.model_dir}"
+    added = [parse_adapter_arg(text) for text in args.add]
+    names = [name for name, _ in added]
+    if len(set(names)) < len(names):
+        raise SpecError(f"rewrite triton-version: --add names must be unique; got {names}")
+    written = add_version(args.model_dir, add=dict(added), remove=args.remove)
+    name = written.model_dir.resolve().name
+    console.print(f"wrote {written.model_dir / str(written.version)}; load it with the repository API: "
+                  f"tritonclient.http.InferenceServerClient(url).load_model({name!r}) "
+                  f"(POST v2/repository/models/{name}/load)", highlight=False, markup=False)
+    return dict(model_dir=str(written.model_dir), version=written.version, files=[str(p) for p in written.files])
+
+
+def _cmd_serve(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    try:
+        from rewrite.runtime.ray_serve import serve_forever
+    except ImportError as err:
+        raise RewriteError(f"rewrite serve needs Ray Serve: pip install 'rewrite-adapters[serve]' ({err})") from None
+    args.doing = f"serving {args.export_dir}"
+    serve_forever(args.export_dir, replicas=args.replicas, port=args.port, host=args.host,
+                  max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                  intra_op_threads=args.threads)
+    return dict(served=args.export_dir)
+
+
 @contextlib.contextmanager
 def _library_output(quiet: bool, verbose: bool) -> Iterator[None]:
     """Warnings print as one `warning:` line (no source line). Library log records print their line but never a
@@ -251,7 +362,7 @@ def _library_output(quiet: bool, verbose: bool) -> Iterator[None]:
 
     def one_line(message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message).strip() + ("" if category is UserWarning else f" ({category.__name__})")
-        Console(stderr=True, emoji=False).print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+        Console(stderr=True, emoji=False).print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     logging.setLogRecordFactory(without_traceback)
     try:
@@ -280,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, quiet=args.quiet, log_path=False)
     try:
         with _library_output(args.quiet, getattr(args, "verbose", False)):
-            commands = {"inspect": _cmd_inspect, "report": _cmd_report, "docs": _cmd_docs}
+            commands = {"inspect": _cmd_inspect, "report": _cmd_report, "docs": _cmd_docs, "triton": _cmd_triton,
+                        "triton-version": _cmd_triton_version, "serve": _cmd_serve}
             result = commands.get(args.command, _cmd_apply)(args, console)
     except RewriteError as err:
         _print_error(str(err) or type(err).__name__)
