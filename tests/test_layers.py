@@ -27,11 +27,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "rewrite.graph_edit", "rewrite.state", "rewrite.data", "rewrite.tensors")),
     ("adapters", ("rewrite.adapters",)),
     ("analysis", ("rewrite.costmodel", "rewrite.scorers", "rewrite.solver", "rewrite.report", "rewrite.allocators",
-                  "rewrite.train", "rewrite.planted")),
+                  "rewrite.train", "rewrite.planted", "rewrite.combine_methods")),
     ("passes", ("rewrite.pass_infra", "rewrite.passes")),
     ("export", ("rewrite.export",)),
     ("top", ("rewrite.spec", "rewrite.pipeline", "rewrite.publish", "rewrite.check", "rewrite.bundle", "rewrite.cli",
-             "rewrite.console", "rewrite.plan", "rewrite.reference")),
+             "rewrite.console", "rewrite.plan", "rewrite.reference", "rewrite.streaming_merge",
+             "rewrite.triton_config", "rewrite.triton_model", "rewrite.triton_readme", "rewrite.triton_repo")),
 ]
 # The serving side: beside the stack, on these layers only.
 RUNTIME = ("rewrite.runtime", ("errors", "formats"))
