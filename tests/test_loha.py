@@ -90,7 +90,7 @@ def _random_loha(rank: int, factor_rank: int | None = None, op: str = "linear") 
     module = LoHa(op, 6, 10, rank, 2 * rank, conv=CONV if op == "conv2d" else None)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in module.peft_view().items():
+        for name, param in module.peft_tensors().items():
             param.copy_(0.5 * torch.randn(param.shape, generator=generator))
             if factor_rank is not None and name.endswith("_a"):
                 mix = torch.randn(factor_rank, rank, generator=generator)
@@ -115,14 +115,14 @@ def test_resize_keeps_the_delta_where_the_factors_allow(op):
 
 def test_resize_with_keep_and_of_a_fresh_adapter():
     module = _random_loha(4)
-    old = {name: p.detach().clone() for name, p in module.peft_view().items()}
+    old = {name: p.detach().clone() for name, p in module.peft_tensors().items()}
     module.resize(2, keep=[3, 1])
     assert torch.equal(module.hada_w1_a, old["hada_w1_a"][:, [3, 1]])
     assert torch.equal(module.hada_w2_b, old["hada_w2_b"][[3, 1]])
     module.resize(3, keep=torch.tensor([True, False]))
     assert torch.equal(module.hada_w1_b[0], old["hada_w1_b"][3]) and not module.hada_w1_b[1:].any()
     fresh = LoHa("linear", 6, 10, 4, 4.0)
-    first = {name: p.detach().clone() for name, p in fresh.peft_view().items()}
+    first = {name: p.detach().clone() for name, p in fresh.peft_tensors().items()}
     fresh.resize(2)  # delta zero: the first components as they were
     assert torch.equal(fresh.hada_w1_a, first["hada_w1_a"][:, :2]) and torch.equal(fresh.hada_w1_b,
                                                                                    first["hada_w1_b"][:2])

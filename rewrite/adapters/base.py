@@ -103,14 +103,22 @@ class AdapterKind(nn.Module):
         raise NotSupported(f"{self.kind} adapters are not low-rank; they cannot be switched in an unmerged export "
                            "(merge them, or use a low-rank kind such as lora)")
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This module's tensors under PEFT's key suffixes, as views in PEFT's layout that write through; the
+        default `peft_state`, `peft_shapes` and `load_peft_state` read and fill them."""
         raise NotSupported(f"{self.kind} adapters have no PEFT form")
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {key: t.detach().clone(memory_format=torch.contiguous_format) for key, t in self.peft_tensors().items()}
 
     def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        raise NotSupported(f"{self.kind} adapters have no PEFT form")
+        return {key: tuple(t.shape) for key, t in self.peft_tensors().items()}
 
+    @torch.no_grad()
     def load_peft_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        raise NotSupported(f"{self.kind} adapters have no PEFT form")
+        """Copy PEFT-layout tensors in; callers have checked names and shapes with `peft_shapes`."""
+        for key, target in self.peft_tensors().items():
+            target.copy_(tensors[key].to(target.dtype))
 
     @classmethod
     def peft_config(cls, modules: Mapping[str, "AdapterKind"]) -> dict[str, Any]:

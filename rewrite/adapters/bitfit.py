@@ -67,21 +67,11 @@ class BitFit(AdapterKind):
         if not bias.is_meta:
             bias.add_(self.bias_delta.to(bias.dtype), alpha=sign)
 
-    def _peft_view(self) -> torch.Tensor:
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
         if self.op != "linear":
             raise NotSupported(f"PEFT's BEFT adapts Linear layers only; a bitfit adapter on a {self.op} site has no "
                                "PEFT form: merge it into the bias instead")
-        return self.bias_delta[None, :]
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {BEFT_KEY: self._peft_view().detach().clone()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {BEFT_KEY: tuple(self._peft_view().shape)}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.bias_delta.copy_(tensors[BEFT_KEY].reshape(-1).to(self.bias_delta.dtype))
+        return {BEFT_KEY: self.bias_delta[None, :]}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[BitFit], dict]:

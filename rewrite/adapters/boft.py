@@ -150,19 +150,8 @@ class BOFT(AdapterKind):
                                                                                             inverse=True)
         weight.copy_(merged)
 
-    def _peft_view(self) -> dict[str, nn.Parameter]:
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"boft_R": self.boft_R, "boft_s": self.boft_s}  # PEFT's own layouts
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {key: param.detach().clone() for key, param in self._peft_view().items()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(param.shape) for key, param in self._peft_view().items()}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        for key, param in self._peft_view().items():
-            param.copy_(tensors[key].to(param.dtype))
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[BOFT], dict]:

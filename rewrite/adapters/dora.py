@@ -131,9 +131,9 @@ class DoRA(LoRA):
     def _merge_factor(self, weight: torch.Tensor) -> torch.Tensor:
         return self._along_outputs(self.magnitude.detach() / self.merged_norm, weight.ndim).to(weight.dtype)
 
-    def _peft_view(self) -> dict[str, torch.Tensor]:
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
         magnitude = self.magnitude.view(1, -1, 1, 1) if self.op == "conv2d" else self.magnitude
-        return {**super()._peft_view(), MAGNITUDE: magnitude}
+        return {**super().peft_tensors(), MAGNITUDE: magnitude}
 
     @classmethod
     def peft_config(cls, modules) -> dict:

@@ -145,15 +145,8 @@ class FourierFT(AdapterKind):
         delta = self.delta_weight().to(weight.dtype)
         weight.add_(delta if self.op == "linear" else delta.T, alpha=sign)
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {SPECTRUM: self.fourierft_spectrum.detach().clone()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {SPECTRUM: (self.n_frequency,)}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.fourierft_spectrum.copy_(tensors[SPECTRUM].to(self.fourierft_spectrum.dtype))
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {SPECTRUM: self.fourierft_spectrum}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[FourierFT], dict]:

@@ -115,15 +115,8 @@ class HRA(AdapterKind):
             return
         weight.copy_(self._reflect(weight.double(), transposed=sign < 0))
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {HRA_KEY: self.hra_u.detach().clone()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {HRA_KEY: tuple(self.hra_u.shape)}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.hra_u.copy_(tensors[HRA_KEY].to(self.hra_u.dtype))
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {HRA_KEY: self.hra_u}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[HRA], dict]:

@@ -81,18 +81,8 @@ class IA3(AdapterKind):
         if bias is not None and not self.scales_input:
             bias.mul_(factor.to(bias.dtype))
 
-    def _peft_view(self) -> torch.Tensor:
-        return self.ia3_l[None, :] if self.scales_input else self.ia3_l[:, None]
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {"ia3_l": self._peft_view().detach().clone()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"ia3_l": tuple(self._peft_view().shape)}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.ia3_l.copy_(tensors["ia3_l"].reshape(-1).to(self.ia3_l.dtype))
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l[None, :] if self.scales_input else self.ia3_l[:, None]}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[IA3], dict]:

@@ -104,7 +104,7 @@ class LoHa(LycorisDelta, LowRank):
         if keep is None and rank < self.rank and not meta and bool(self.delta_matrix().any()):
             pairs = [orthogonal_factors(b, a) for b, a in pairs]  # min(r, d_out, fan_in) components, best first
             keep_idx = keep_idx[:pairs[0][0].shape[1]]
-        scale, grads = self.scaling, [p.requires_grad for p in self.peft_view().values()]
+        scale, grads = self.scaling, [p.requires_grad for p in self.peft_tensors().values()]
         self.rank, self.alpha = rank, scale * rank
         self._make_factors(dtype=self.hada_w1_a.dtype, device=self.hada_w1_a.device)
         if not meta:
@@ -114,7 +114,7 @@ class LoHa(LycorisDelta, LowRank):
                 new_b[:, :kept] = old_b[:, keep_idx]
                 new_a[:kept] = old_a[keep_idx]
             self.hada_w1_b[kept:] = 0.0  # new components: A1 = A2 = 0 (A2 is zero from reset_parameters)
-        for param, grad in zip(self.peft_view().values(), grads):
+        for param, grad in zip(self.peft_tensors().values(), grads):
             param.requires_grad_(grad)
 
     @classmethod

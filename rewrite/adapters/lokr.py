@@ -90,7 +90,7 @@ class LoKr(LycorisDelta):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for name, param in self.peft_view().items():
+        for name, param in self.peft_tensors().items():
             if name in ZERO_AT_INIT:
                 param.zero_()
             else:

@@ -263,23 +263,10 @@ class LoRA(LowRank):
     def manifest_entry(self) -> dict:
         return dict(op=self.op, rank=self.rank, alpha=self.alpha, rslora=self.rslora, scaling=self.scaling)
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        """Tensors under PEFT's key suffixes (without the adapter name)."""
-        return {key: t.detach().clone(memory_format=torch.contiguous_format) for key, t in self._peft_view().items()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in self._peft_view().items()}
-
-    def _peft_view(self) -> dict[str, torch.Tensor]:
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
         if self.op == "conv2d":
             return dict(zip(LINEAR_KEYS, (self.lora_A, self.lora_B)))
         return dict(zip(lora_keys(self.op), (self.lora_A.T, self.lora_B.T)))
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy PEFT-layout tensors in; callers have checked names and shapes with `peft_shapes`."""
-        for key, target in self._peft_view().items():
-            target.copy_(tensors[key].to(target.dtype))
 
     def extra_repr(self) -> str:
         return f"op={self.op}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scaling={self.scaling:g}"

@@ -6,7 +6,7 @@
 
 M is the kind's own (`delta_matrix`); for conv2d it is viewed as the kernel [c_out, c_in, kh, kw]. delta W is
 materialised per call, as PEFT does. Merge adds it to the base weight in place (exact); unmerge subtracts it.
-The factors are kept in PEFT's own layout under PEFT's own names (`peft_view`: the parameter names are the key
+The factors are kept in PEFT's own layout under PEFT's own names (`peft_tensors`: the parameter names are the key
 suffixes of a PEFT directory, `base_model.model.<module>.<name>`), so reading and writing PEFT is a plain copy.
 Sites: linear and conv2d (PEFT's LyCORIS layers are torch Linear, Conv1d and Conv2d; it has none for GPT-2's Conv1D).
 
@@ -137,7 +137,7 @@ class LycorisDelta(AdapterKind):
         """M [d_out, fan_in] (unscaled), differentiable."""
         raise NotImplementedError
 
-    def peft_view(self) -> dict[str, torch.Tensor]:
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
         """The factor parameters by PEFT key suffix."""
         return {name: getattr(self, name) for name in self.factor_names}
 
@@ -160,18 +160,6 @@ class LycorisDelta(AdapterKind):
         if weight.is_meta:  # nothing to compute; shapes agree by construction
             return
         weight.add_(self._delta().to(weight.dtype), alpha=sign)
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {key: t.detach().clone() for key, t in self.peft_view().items()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(t.shape) for key, t in self.peft_view().items()}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy PEFT's tensors in; callers have checked names and shapes with `peft_shapes`."""
-        for key, target in self.peft_view().items():
-            target.copy_(tensors[key].to(target.dtype))
 
     @classmethod
     def peft_module(cls, adapter: PeftAdapter, module: str) -> tuple[type[LycorisDelta], dict[str, Any]]:

@@ -204,15 +204,8 @@ class OFT(AdapterKind):
             blocks = torch.linalg.solve(transposed, blocks, left=False)
         weight.copy_(blocks.transpose(0, 1).reshape(weight.shape))
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {OFT_KEY: self.oft_R.detach().clone()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {OFT_KEY: tuple(self.oft_R.shape)}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.oft_R.copy_(tensors[OFT_KEY].to(self.oft_R.dtype))
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {OFT_KEY: self.oft_R}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[OFT], dict]:

@@ -155,16 +155,8 @@ class Road(AdapterKind):
         if bias is not None:
             bias.copy_(self._apply(bias, c1.to(bias.dtype), c2.to(bias.dtype)))
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {THETA: self.road_theta.detach().clone(), ALPHA: self.road_alpha.detach().clone()}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {THETA: tuple(self.road_theta.shape), ALPHA: tuple(self.road_alpha.shape)}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.road_theta.copy_(tensors[THETA].to(self.road_theta.dtype))
-        self.road_alpha.copy_(tensors[ALPHA].to(self.road_alpha.dtype))
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {THETA: self.road_theta, ALPHA: self.road_alpha}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[Road], dict]:

@@ -184,16 +184,8 @@ class VeRA(AdapterKind):
             module.projection = projection
         return changed
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {key: t.detach().clone() for key, t in zip(LAMBDAS, (self.vera_lambda_b, self.vera_lambda_d))}
-
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"vera_lambda_b": (self.d_out,), "vera_lambda_d": (self.rank,)}
-
-    @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.vera_lambda_b.copy_(tensors["vera_lambda_b"].to(self.vera_lambda_b.dtype))
-        self.vera_lambda_d.copy_(tensors["vera_lambda_d"].to(self.vera_lambda_d.dtype))
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
 
     @classmethod
     def peft_shared_state(cls, modules) -> dict[str, torch.Tensor]:
