@@ -1,15 +1,18 @@
-"""Benchmark: capture + LoRA insert on a 7B-shaped LLaMA built on the `meta` device, against PEFT.
+"""Benchmark: capture + LoRA insert on 7B- and 70B-shaped LLaMAs built on the `meta` device: the full export
+against the stamped capture (two blocks exported, the rest stamped: `rewrite.stamp`), and PEFT on request.
 
 Each contender runs in its own fresh subprocess (so RSS high-water marks do not mix), repeats are
 interleaved round-robin (so a noisy neighbour hits every contender alike) and medians are reported.
 
-    ours-dynamic   build on meta -> rewrite.capture(dynamic batch/seq, the CaptureOptions default)
-                   -> insert pass (rank 16 on every `model.layers.*_proj`) via PassManager
-    ours-static    the same with CaptureOptions(dynamic=False)
-    peft           build on meta -> peft.get_peft_model(LoraConfig(r=16, 7 proj names))
+    full       build on meta -> rewrite.capture(stamp=False), static shapes (the meta default)
+               -> insert pass (rank 16 on every `model.layers.*_proj`) via PassManager
+    stamped    the same with stamp=True (the CaptureOptions default)
+    dynamic    stamp=True with dynamic batch/seq
+    peft       build on meta -> peft.get_peft_model(LoraConfig(r=16, 7 proj names))
 
-Goal (issue): <= 5 s end to end (build + capture + insert) and peak RSS <= 1 GiB.
-Run:  python bench/bench_meta_capture.py [--repeats 3] [--layers 32] [--only ours-static,peft] [--json out.json]
+Shapes: 7b (hidden 4096, ffn 11008, 32 layers, 32 heads), 70b (hidden 8192, ffn 28672, 80 layers, GQA 64/8).
+Goal (issue 14): 7B <= 2 s and 70B <= 5 s end to end (build + capture + insert), peak RSS <= 2 GiB.
+Run:  python bench/bench_meta_capture.py [--repeats 3] [--shapes 7b,70b] [--only full,stamped] [--json out.json]
 """
 from __future__ import annotations
 
@@ -21,10 +24,16 @@ import subprocess
 import sys
 import time
 
-CONTENDERS = ("ours-dynamic", "ours-static", "peft")
+CONTENDERS = ("full", "stamped", "dynamic", "peft")
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GOAL_SECONDS = 5.0
-GOAL_PEAK_GIB = 1.0
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),
+}
+GOAL_SECONDS = {"7b": 2.0, "70b": 5.0}
+GOAL_PEAK_GIB = 2.0
 
 
 def _rss_gib() -> float:
@@ -37,11 +46,11 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is KiB on Linux
 
 
-def worker(name: str, layers: int) -> dict:
+def worker(name: str, shape: str) -> dict:
     """One contender, once, in this (fresh) process. Returns seconds per phase and memory in GiB."""
     import warnings
     warnings.filterwarnings("ignore")
-    out: dict = {"contender": name}
+    out: dict = {"contender": name, "shape": shape}
     t0, c0 = time.perf_counter(), time.process_time()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM  # forces transformers' lazy modeling import
@@ -58,8 +67,7 @@ def worker(name: str, layers: int) -> dict:
     out["import"], out["cpu_import"] = t1 - t0, c1 - c0
     out["rss_after_import_gib"] = _rss_gib()
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, use_cache=False)
+    cfg = LlamaConfig(**SHAPES[shape], vocab_size=32000, use_cache=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).eval()
     t2, c2 = time.perf_counter(), time.process_time()
@@ -76,10 +84,11 @@ def worker(name: str, layers: int) -> dict:
         out["lora_params"] = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
         out["on_meta"] = all(p.device.type == "meta" for p in peft_model.parameters())
     else:
-        loaded = LoadedModel(model, None, "hf", "llama-7b-meta", cfg)
-        options = CaptureOptions(device="meta", dynamic=(name == "ours-dynamic"))
+        loaded = LoadedModel(model, None, "hf", f"llama-{shape}-meta", cfg)
+        options = CaptureOptions(device="meta", dynamic=(name == "dynamic"), stamp=(name != "full"))
         inputs = example_inputs(model, cfg, options, "<bench>").to("meta")
-        gm, report = capture(loaded, inputs, device="meta")
+        gm, report = capture(loaded, inputs, device="meta", stamp=options.stamp)
+        out["stamped"] = report.stamped
         t3, c3 = time.perf_counter(), time.process_time()
         out["capture"], out["cpu_capture"] = t3 - t2, c3 - c2
         out["nodes_captured"] = report.nodes
@@ -102,13 +111,13 @@ def worker(name: str, layers: int) -> dict:
     return out
 
 
-def run_child(name: str, layers: int) -> dict:
+def run_child(name: str, shape: str) -> dict:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--layers", str(layers)],
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--shape", shape],
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} {shape} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_wall"] = wall
     return result
@@ -117,87 +126,75 @@ def run_child(name: str, layers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated subset of " + ", ".join(CONTENDERS))
+    ap.add_argument("--shapes", default="7b,70b", help="comma-separated subset of " + ", ".join(SHAPES))
+    ap.add_argument("--only", default="full,stamped", help="comma-separated subset of " + ", ".join(CONTENDERS))
     ap.add_argument("--json", help="also write the raw per-run results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.layers)))
+        print(json.dumps(worker(args.worker, args.shape)))
         return
 
     from rich.console import Console
     from rich.table import Table
 
     chosen = [c for c in args.only.split(",") if c]
-    unknown = set(chosen) - set(CONTENDERS)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = (set(chosen) - set(CONTENDERS)) | (set(shapes) - set(SHAPES))
     if unknown:
-        raise SystemExit(f"unknown contender(s) {sorted(unknown)}; choose from {CONTENDERS}")
-    console = Console(width=120)
+        raise SystemExit(f"unknown contender(s) or shape(s) {sorted(unknown)}; choose from {CONTENDERS}, {tuple(SHAPES)}")
+    console = Console(width=140)
     load_before = os.getloadavg()[0]
-    runs: dict[str, list[dict]] = {c: [] for c in chosen}
+    runs: dict[tuple[str, str], list[dict]] = {(s, c): [] for s in shapes for c in chosen}
     for rep in range(args.repeats):  # round-robin: contenders share the machine's noise
-        for name in chosen:
-            result = run_child(name, args.layers)
-            runs[name].append(result)
-            console.print(f"[dim]repeat {rep + 1}/{args.repeats} {name}: total {result['total']:.2f} s, "
+        for key in runs:
+            result = run_child(key[1], key[0])
+            runs[key].append(result)
+            console.print(f"[dim]repeat {rep + 1}/{args.repeats} {key[0]} {key[1]}: total {result['total']:.2f} s, "
                           f"peak {result['peak_gib']:.2f} GiB[/dim]")
     load_after = os.getloadavg()[0]
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[name])
+    def med(key: tuple[str, str], field: str) -> float:
+        return statistics.median(r[field] for r in runs[key])
 
-    first = runs[chosen[0]][0]
-    times = Table(title=f"LLaMA-7B shape on meta ({first['params_b']:.2f} B params, {args.layers} layers), "
-                        f"LoRA r=16 on all *_proj: seconds, median of {args.repeats}")
     cols = [("import", "import"), ("build", "build"), ("capture", "capture"), ("insert", "insert"),
-            ("total", "total"), ("total_with_import", "total+import"), ("process_wall", "process wall")]
-    times.add_column("contender")
-    for _, label in cols:
-        times.add_column(label, justify="right")
-    for name in chosen:
-        times.add_row(name, *[f"{med(name, k):.2f}" for k, _ in cols])
-    console.print(times)
-
-    cpu = Table(title="CPU seconds of the same phases (time.process_time; robust to other load on the machine), "
-                      "median")
-    cpu.add_column("contender")
-    for key, label in cols[:-1]:
-        cpu.add_column(label, justify="right")
-    for name in chosen:
-        cpu.add_row(name, *[f"{med(name, 'cpu_' + k):.2f}" for k, _ in cols[:-1]])
-    console.print(cpu)
-
-    memory = Table(title="Memory (GiB, median) and what was built")
-    for label in ("contender", "RSS after import", "peak RSS", "LoRA modules", "LoRA params", "graph nodes"):
-        memory.add_column(label, justify="right" if label != "contender" else "left")
-    for name in chosen:
-        r0 = runs[name][0]
+            ("total", "total"), ("cpu_total", "CPU total"), ("peak_gib", "peak GiB")]
+    phases = Table(title=f"LLaMA shapes on meta, LoRA r=16 on all *_proj: seconds and peak RSS, median of "
+                         f"{args.repeats}")
+    for label in ("shape", "contender", "params", *(c[1] for c in cols), "nodes", "LoRA modules"):
+        phases.add_column(label, justify="left" if label in ("shape", "contender") else "right")
+    for (shape, name), rs in runs.items():
+        r0 = rs[0]
         nodes = f"{r0['nodes_captured']} -> {r0['nodes_after_insert']}" if "nodes_captured" in r0 else "-"
-        memory.add_row(name, f"{med(name, 'rss_after_import_gib'):.2f}", f"{med(name, 'peak_gib'):.2f}",
-                       str(r0["lora_modules"]), f"{r0['lora_params']:,}", nodes)
-    console.print(memory)
+        phases.add_row(shape, name, f"{r0['params_b']:.1f} B", *[f"{med((shape, name), k):.2f}" for k, _ in cols],
+                       nodes, str(r0["lora_modules"]))
+    console.print(phases)
 
-    goal = Table(title=f"Ratios and goal (total <= {GOAL_SECONDS:g} s, peak <= {GOAL_PEAK_GIB:g} GiB)")
-    for label in ("contender", "total / peft", "peak / peft", "total <= 5 s", "CPU total <= 5 s",
-                  "+import <= 5 s", "peak <= 1 GiB"):
-        goal.add_column(label, justify="right" if label != "contender" else "left")
-    for name in chosen:
-        ratio_t = f"{med(name, 'total') / med('peft', 'total'):.2f}x" if "peft" in runs else "-"
-        ratio_m = f"{med(name, 'peak_gib') / med('peft', 'peak_gib'):.2f}x" if "peft" in runs else "-"
-        ok = lambda cond: "[green]yes[/green]" if cond else "[red]no[/red]"  # noqa: E731
-        goal.add_row(name, ratio_t, ratio_m, ok(med(name, "total") <= GOAL_SECONDS),
-                     ok(med(name, "cpu_total") <= GOAL_SECONDS), ok(med(name, "total_with_import") <= GOAL_SECONDS),
-                     ok(med(name, "peak_gib") <= GOAL_PEAK_GIB))
-    console.print(goal)
-    for name in chosen:
-        spread = [round(r["total"], 2) for r in runs[name]]
-        console.print(f"{name}: totals per repeat {spread}; all params on meta: "
-                      f"{all(r['on_meta'] for r in runs[name])}; LoRA params {runs[name][0]['lora_params']:,}")
+    if "full" in chosen and "stamped" in chosen:
+        side = Table(title=f"Old path (full export) vs new (stamped), side by side; goal: total <= "
+                           f"{', '.join(f'{v:g} s ({k})' for k, v in GOAL_SECONDS.items())}, peak <= "
+                           f"{GOAL_PEAK_GIB:g} GiB")
+        for label in ("shape", "full s", "stamped s", "speed-up", "full peak GiB", "stamped peak GiB",
+                      "same sites and params", "goal met"):
+            side.add_column(label, justify="left" if label == "shape" else "right")
+        for shape in shapes:
+            full, new = (shape, "full"), (shape, "stamped")
+            same = all(runs[full][0][k] == runs[new][0][k] for k in ("sites", "lora_modules", "lora_params"))
+            ok = med(new, "total") <= GOAL_SECONDS[shape] and med(new, "peak_gib") <= GOAL_PEAK_GIB
+            side.add_row(shape, f"{med(full, 'total'):.2f}", f"{med(new, 'total'):.2f}",
+                         f"{med(full, 'total') / med(new, 'total'):.1f}x", f"{med(full, 'peak_gib'):.2f}",
+                         f"{med(new, 'peak_gib'):.2f}", "yes" if same else "[red]no[/red]",
+                         "[green]yes[/green]" if ok else "[red]no[/red]")
+        console.print(side)
+    for (shape, name), rs in runs.items():
+        stamped = {r.get("stamped") for r in rs}
+        console.print(f"{shape} {name}: totals per repeat {[round(r['total'], 2) for r in rs]}; all params on "
+                      f"meta: {all(r['on_meta'] for r in rs)}; stamped: {stamped}")
     console.print(f"machine: {os.cpu_count()} CPUs, load average {load_before:.2f} before / {load_after:.2f} after")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(runs, fh, indent=2)
+            json.dump({f"{s} {c}": r for (s, c), r in runs.items()}, fh, indent=2)
 
 
 if __name__ == "__main__":

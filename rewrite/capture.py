@@ -6,6 +6,11 @@ Opt-in `fx`: `torch.fx.symbolic_trace` for plain torch models. Transformers mode
 attention before capture (`[capture] attn_implementation`): with SDPA, re-exporting the captured graph
 to ONNX fails in torch's decompositions on T5 ("Cannot view a tensor ... strides"); eager exports everywhere. Dynamic axes are declared with
 `torch.export.Dim` (samples must be >= 2 there: export specialises sizes 0 and 1).
+
+`stamp` (`[capture] stamp`, on by default): a model whose layer stack holds identical blocks is exported with two
+blocks per stack and the others are stamped as renamed copies (`rewrite.stamp`), so capture time grows with the
+number of distinct blocks, not layers; the graph has the sites, targets and outputs of a full capture. When the
+blocks differ, the full capture runs and one line on stderr says why.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from rewrite.errors import CaptureError, first_line
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
 from rewrite.sites import find_sites
+from rewrite.stamp import stamped_export
 from rewrite.state import RewriteState
 
 _DEFAULT_MAX = 4096
@@ -37,6 +43,7 @@ class CaptureReport:
     nodes: int
     sites: int
     replay_max_abs_diff: float | None
+    stamped: bool = False  # layer stack exported as two blocks + stamped copies (rewrite.stamp)
 
 
 def _max_len(config: Any) -> int:
@@ -106,13 +113,15 @@ def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 
 def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "export", device: str = "cpu",
             spec_digest: str | None = None, check_replay: bool = True,
-            attn_implementation: str = "eager", use_cache: bool = False) -> tuple[fx.GraphModule, CaptureReport]:
+            attn_implementation: str = "eager", use_cache: bool = False,
+            stamp: bool = True) -> tuple[fx.GraphModule, CaptureReport]:
     """Capture `loaded` into a GraphModule carrying `gm.meta["rewrite"]`.
 
     The graph shares its parameters with the model: `PassManager.run` copies it before any pass edits
     weights, so only direct pass calls on a fresh capture (tests, benchmarks) touch the user's tensors.
     """
     start = time.perf_counter()
+    stamped = False
     if attn_implementation != "keep" and hasattr(loaded.module, "set_attn_implementation"):
         loaded.module.set_attn_implementation(attn_implementation)
     config = getattr(loaded.module, "config", None)
@@ -123,6 +132,13 @@ def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "expo
         frontend = "pt2"
     elif frontend == "fx":
         gm = _symbolic_trace(loaded.module)
+    elif stamp:
+        gm, reason = stamped_export(loaded.module, config, lambda model: _export(model, inputs, loaded.config))
+        stamped = gm is not None
+        if reason:
+            print(f"rewrite: capture: full export, not stamped: {reason}", file=sys.stderr)
+        if gm is None:
+            gm = _export(loaded.module, inputs, loaded.config)
     else:
         gm = _export(loaded.module, inputs, loaded.config)
     seconds = time.perf_counter() - start
@@ -133,4 +149,4 @@ def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "expo
     sites = find_sites(gm)
     gm.meta["rewrite"] = RewriteState(sites=sites, spec_digest=spec_digest, frontend=frontend, device=device,
                                       inputs=inputs)
-    return gm, CaptureReport(frontend, seconds, len(gm.graph.nodes), len(sites), diff)
+    return gm, CaptureReport(frontend, seconds, len(gm.graph.nodes), len(sites), diff, stamped)
