@@ -1,5 +1,6 @@
 """Command line: `rewrite apply SPEC MODEL -o OUT`, `rewrite bundle MODEL --adapter NAME=DIR ...`,
 `rewrite combine MODEL --adapter NAME=DIR ... --weights W,... --method M`, `rewrite docs`,
+`rewrite merge MODEL_DIR --adapter DIR -o OUT` (streaming, shard by shard),
 `rewrite inspect MODEL [--spec SPEC]` and `rewrite report allocation.json [-o DIR]`.
 
 Bad input (spec, model, adapter files) prints one clear message and exits with code 2, writing nothing.
@@ -80,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
                          help="*svd: each site keeps the least rank holding this share of the merged update")
     combine.add_argument("--seed", type=int, help="dare_*: the masks' seed (default 0)")
     combine.add_argument("-o", "--output", default="out", help="output directory (default: out)")
+    merge = sub.add_parser("merge", help="fold a PEFT LoRA adapter into a safetensors checkpoint, shard by shard "
+                                          "(memory: about the adapter plus a few tensors, never the model)")
+    merge.add_argument("model_dir", metavar="MODEL_DIR",
+                       help="a Hugging Face model directory: model.safetensors or model.safetensors.index.json + shards")
+    merge.add_argument("--adapter", required=True, metavar="DIR", help="a PEFT LoRA adapter directory")
+    merge.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output model directory")
+    merge.add_argument("--force", action="store_true", help="replace OUT_DIR when it already holds a model")
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
     inspect.add_argument("model")
     inspect.add_argument("--spec", help="spec.toml: capture settings and selectors to resolve")
@@ -117,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=32, help="rows per batch, at most (default: 32)")
     serve.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (default: 2)")
     serve.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per replica (default: 1)")
-    for p in (triton, version, serve):
+    for p in (triton, version, serve, merge):
         p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     docs = sub.add_parser("docs", help="write the spec reference (every table, pass and adapter kind) as Markdown")
@@ -336,6 +344,24 @@ def _cmd_triton_version(args: argparse.Namespace, console: Console) -> dict[str,
     return dict(model_dir=str(written.model_dir), version=written.version, files=[str(p) for p in written.files])
 
 
+def _cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.streaming_merge import merge_checkpoint
+
+    args.doing = f"merging {args.adapter} into {args.model_dir}"
+    start = time.perf_counter()
+    live = LiveProgress(console, "reading the checkpoint and the adapter") if not (args.quiet or args.json) else None
+    with live or contextlib.nullcontext(), reporting(live):
+        summary = merge_checkpoint(args.model_dir, args.adapter, args.output, force=args.force)
+    seconds = time.perf_counter() - start
+    console.print(f"merged {len(summary.merged)} modules into {len(summary.shards)} shard(s) "
+                  f"({summary.shard_bytes / 2**30:.2f} GiB, {summary.shard_bytes / 2**20 / max(seconds, 1e-9):.0f} "
+                  f"MiB/s) -> {summary.out_dir}", highlight=False, markup=False, soft_wrap=True)
+    if summary.left_out:
+        console.print(f"left out (unmerged weights in other formats): {', '.join(summary.left_out)}",
+                      highlight=False, markup=False, soft_wrap=True)
+    return summary.as_json()
+
+
 def _cmd_serve(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     try:
         from rewrite.runtime.ray_serve import serve_forever
@@ -392,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _library_output(args.quiet, getattr(args, "verbose", False)):
             commands = {"inspect": _cmd_inspect, "report": _cmd_report, "docs": _cmd_docs, "triton": _cmd_triton,
-                        "triton-version": _cmd_triton_version, "serve": _cmd_serve}
+                        "triton-version": _cmd_triton_version, "serve": _cmd_serve, "merge": _cmd_merge}
             result = commands.get(args.command, _cmd_apply)(args, console)
     except RewriteError as err:
         _print_error(str(err) or type(err).__name__)

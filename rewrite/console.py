@@ -14,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 class LiveProgress:
     """A `rewrite.progress.Reporter` on a rich `Progress`; use as a context manager."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, first_step: str = "loading the model"):
         self.console = console
+        self.first_step = first_step
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                                  console=console, transient=True)
@@ -24,7 +25,7 @@ class LiveProgress:
     def __enter__(self) -> LiveProgress:
         if self.console.is_terminal:  # elsewhere rich would still end the display with a blank line
             self.progress.start()
-        self.stage = self.progress.add_task("loading the model", total=None, info="")
+        self.stage = self.progress.add_task(self.first_step, total=None, info="")
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -13,8 +13,9 @@ OUT but the complete previous result at `.OUT.old-<id>`, and the next run puts i
 Each run, before any work, removes what killed runs left under those two names (a directory whose lock no
 live run holds; never a file or a link), and refuses an OUT that is not a directory, not writable, a mount
 point (it cannot be swapped), or not empty and not a rewrite output (a `manifest.json` of format
-"rewrite-manifest"): only directories rewrite wrote are ever replaced. Swaps and clean-ups hold a lock on the
-parent directory, so runs publishing beside each other never interleave them.
+"rewrite-manifest"; a caller may give its own rule, `refusal`): only directories rewrite wrote are ever
+replaced. Swaps and clean-ups hold a lock on the parent directory, so runs publishing beside each other never
+interleave them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Self
@@ -34,6 +35,7 @@ from rewrite.errors import OutputError
 from rewrite.formats.manifest import FORMAT, MANIFEST
 from rewrite.modes import as_created
 
+Refusal = Callable[[Path], str | None]  # why an existing output directory may not be replaced; None: it may
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 if _renameat2 is not None:
@@ -67,8 +69,17 @@ def is_rewrite_output(directory: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def check_destination(out: Path, shown: str) -> Path:
-    """Refuse, before any work, an OUT that cannot take the result; returns OUT with links resolved."""
+def rewrite_output_refusal(directory: Path) -> str | None:
+    """Why an existing OUT may not be replaced (None: it may): only a directory rewrite wrote, or an empty one."""
+    if is_rewrite_output(directory):
+        return None
+    return (f"exists, is not empty and holds no {MANIFEST} written by rewrite; it is never replaced: choose a new or "
+            "empty directory")
+
+
+def check_destination(out: Path, shown: str, refusal: Refusal = rewrite_output_refusal) -> Path:
+    """Refuse, before any work, an OUT that cannot take the result (`refusal`: why an existing directory may not be
+    replaced, None when it may); returns OUT with links resolved."""
     blocker = next((p for p in (out, *out.parents) if os.path.lexists(p) and not p.is_dir()), None)
     if blocker is not None:
         raise OutputError(f"output directory {shown!r}: {blocker} exists and is not a directory")
@@ -79,9 +90,9 @@ def check_destination(out: Path, shown: str) -> Path:
     if out.is_dir():
         if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
             raise OutputError(f"output directory {shown!r} is not readable and writable")
-        if not is_rewrite_output(out):
-            raise OutputError(f"output directory {shown!r} exists, is not empty and holds no {MANIFEST} written by "
-                              "rewrite; it is never replaced: choose a new or empty directory")
+        why = refusal(out)
+        if why is not None:
+            raise OutputError(f"output directory {shown!r} {why}")
     return out
 
 
@@ -168,11 +179,12 @@ def _remove_empty(directories: list[Path]) -> None:
 
 class Staging:
     """`with Staging(out, shown) as staging:` build into `staging.tmp`, then `staging.publish()`. Leaving the block
-    without publishing removes the temporary directory and any parent folder it created."""
+    without publishing removes the temporary directory and any parent folder it created. `refusal` says why an
+    existing OUT may not be replaced (default: it is not a rewrite output)."""
 
-    def __init__(self, out: Path, shown: str):
+    def __init__(self, out: Path, shown: str, refusal: Refusal = rewrite_output_refusal):
         self.shown = shown
-        self.out = check_destination(Path(out).absolute(), shown)
+        self.out = check_destination(Path(out).absolute(), shown, refusal)
         self.tmp: Path | None = None
         self._created: list[Path] = []
         self._lock: int | None = None
