@@ -14,8 +14,9 @@ After `lowering.lower`, the model is exported with the dynamo exporter and post-
 
 `[export] reserve` adds zero-filled slots (export/lowering.py); the manifest records it (`reserve`).
 
-Stale `value_info` is dropped and shapes re-inferred (ORT trusts it when planning buffers). Every
-adapter tensor name is checked to have survived export (matmul layout keeps them: ONNX.md §2.2).
+Outputs, cache inputs and axes are named as in merged exports (`export/io_names.py`). Stale `value_info` is
+dropped and shapes re-inferred (ORT trusts it when planning buffers). Every adapter tensor name is checked to have
+survived export (matmul layout keeps them: ONNX.md §2.2).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import onnx
 import torch
 import torch.fx as fx
 
-from rewrite.capture import dynamic_shapes
 from rewrite.errors import ExportError, RewriteError, describe, innermost
+from rewrite.export.io_names import export_shapes, graph_io, name_io
 from rewrite.export.lowering import Lowered, lower
 from rewrite.formats.manifest import ExportedAdapter, ReservedSlots, SwitchableSite, UnmergedExport
 from rewrite.formats.onnx_adapter import write_onnx_adapter
@@ -58,7 +59,7 @@ def _example_ids(batch: int, slots: int) -> torch.Tensor:
 def _export(lowered: Lowered, gm: fx.GraphModule, config: Any, opset: int | None):
     state = state_of(gm)
     inputs = state.inputs
-    shapes = dynamic_shapes(inputs, config)
+    shapes = export_shapes(inputs, config)
     common = dict(dynamo=True, verbose=False, opset_version=opset,
                   custom_translation_table=lowered.lowering.translation_table())
     if not lowered.routed:
@@ -137,6 +138,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
             raise
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
             raise ExportError(f"ONNX export failed: {describe(innermost(err))}") from None
+    name_io(program.model, gm, state_of(gm).inputs)
     model = program.model_proto
     if lowered.routed:
         _drop_root_prefix(model)
@@ -150,6 +152,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
     big = model.ByteSize() > 2 * 1024**3 - 1 if options.external_data == "auto" else options.external_data == "always"
     onnx.save_model(model, str(path), save_as_external_data=big, location=f"{filename}.data" if big else None)
     version = model_signature(lowered)
+    ins, outs = graph_io(model)
     if lowered.routed:
         adapters = {name: ExportedAdapter(slot=i) for i, name in enumerate(lowered.adapters)}
     else:
@@ -170,4 +173,5 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         adapters=adapters,
         reserve=None if options.reserve is None else ReservedSlots(
             rank=options.reserve.rank, targets=options.reserve.targets, sites=lowered.reserved),
+        inputs=ins, outputs=outs,
     )

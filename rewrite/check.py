@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.capture import flat_outputs
+from rewrite.decoder import kwarg_name, onnx_name
 from rewrite.errors import ExportError
 from rewrite.graph_edit import only_adapter
 from rewrite.runtime.session import AdapterSession
@@ -27,7 +28,7 @@ def check_merged(gm: fx.GraphModule, path: Path) -> float:
     inputs = state_of(gm).inputs
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    feeds = {name: inputs.kwargs[name].numpy() for name in names}
+    feeds = {name: inputs.kwargs[kwarg_name(name)].numpy() for name in names}
     got = session.run(None, feeds)
     with torch.no_grad():
         want = flat_outputs(gm(**inputs.kwargs))
@@ -42,7 +43,7 @@ def _outputs(gm: fx.GraphModule) -> list[np.ndarray]:
 
 
 def check_unmerged(gm: fx.GraphModule, out_dir: Path, adapters: list[str]) -> float:
-    feeds = {k: v.numpy() for k, v in state_of(gm).inputs.kwargs.items()}
+    feeds = {onnx_name(k): v.numpy() for k, v in state_of(gm).inputs.kwargs.items()}
     references = {name: _outputs(only_adapter(gm, name)) for name in [None, *adapters]}
     worst = 0.0
     with AdapterSession(out_dir) as session:

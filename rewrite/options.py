@@ -53,8 +53,9 @@ class CaptureOptions(Strict):
     @property
     def dynamic_axes(self) -> bool:
         return self.dynamic if self.dynamic is not None else self.device != "meta"
-    use_cache: bool = False
+    use_cache: bool = False  # decoders: capture with the KV cache as flat inputs / outputs (rewrite.decoder)
     attn_implementation: Literal["eager", "sdpa", "keep"] = "eager"
+    stamp: bool = True  # export 2 blocks of a stack of identical layers, stamp copies (rewrite.stamp)
     batch: int = Field(default=2, ge=2)
     seq: int = Field(default=16, ge=2)
     inputs: list[InputSpec] = []

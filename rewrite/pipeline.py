@@ -17,6 +17,7 @@ import torch.fx as fx
 from rewrite.capture import CaptureReport, capture
 from rewrite.check import check_merged, check_unmerged
 from rewrite.data import check_data_file
+from rewrite.decoder import capture_with_past
 from rewrite.errors import ExportError, SpecError
 from rewrite.export.manifest import build_manifest
 from rewrite.export.onnx_merged import export_merged
@@ -69,10 +70,14 @@ def load_and_capture(model: str, spec: Spec, *, trust_pickle: bool = False,
     loaded = load_model(model, trust_pickle=trust_pickle or spec.model.trust_pickle, hf_class=spec.model.hf_class,
                         device=spec.capture.device)
     stage("load", time.perf_counter() - start, {"kind": loaded.kind})
-    inputs = _inputs_for(loaded, spec)
-    gm, report = capture(loaded, inputs, frontend=spec.capture.frontend, device=spec.capture.device,
-                         spec_digest=spec.digest, attn_implementation=spec.capture.attn_implementation,
-                         use_cache=spec.capture.use_cache)
+    if spec.capture.use_cache:  # a decoder with its cache as flat tensors (rewrite/decoder.py)
+        gm, report = capture_with_past(loaded, batch=spec.capture.batch, spec_digest=spec.digest,
+                                       attn_implementation=spec.capture.attn_implementation)
+    else:
+        gm, report = capture(loaded, _inputs_for(loaded, spec), frontend=spec.capture.frontend,
+                             device=spec.capture.device, spec_digest=spec.digest,
+                             attn_implementation=spec.capture.attn_implementation, use_cache=False,
+                             stamp=spec.capture.stamp)
     stage("capture", report.seconds, {"nodes": report.nodes, "sites": report.sites})
     return gm, loaded, report
 

@@ -94,12 +94,22 @@ class HistoryEntry(_Strict):
     stats: dict[str, Any]
 
 
+class TensorInfo(_Strict):
+    """An input or output of an exported model: its name, numpy dtype name and axes (an int for a fixed size, a
+    name for a dynamic one)."""
+    name: str
+    dtype: str
+    dims: list[str | int]
+
+
 class MergedExport(_Strict):
     mode: Literal["merged"] = "merged"
     file: RelativeFile
     nodes: int
     op_types: list[str]
     external_data: bool
+    inputs: list[TensorInfo] | None = None  # optional: manifests before named outputs have neither
+    outputs: list[TensorInfo] | None = None
     check_max_abs_diff: float | None = None
 
 
@@ -142,6 +152,8 @@ class UnmergedExport(_Strict):
     sites: list[SwitchableSite]
     adapters: dict[AdapterName, ExportedAdapter]
     reserve: ReservedSlots | None = None
+    inputs: list[TensorInfo] | None = None  # optional, as in MergedExport
+    outputs: list[TensorInfo] | None = None
     check_max_abs_diff: float | None = None
 
     @property

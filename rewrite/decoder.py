@@ -1,0 +1,157 @@
+"""With-past capture of decoder-only transformers models (`[capture] use_cache = true`).
+
+transformers 5 models take a `Cache` object, which neither torch.export nor ONNX can carry. The capture therefore
+swaps the model's `forward` (on a shallow copy: parameters keep their names, so sites, selectors and PEFT files are
+unchanged) for one that takes and returns flat tensors and builds a `DynamicCache` inside:
+
+    inputs   input_ids [batch_size, sequence_length], attention_mask [batch_size, total_sequence_length],
+             position_ids [batch_size, sequence_length] (models whose forward takes them),
+             past_key_values.<i>.key / .value [batch_size, num_key_value_heads, past_sequence_length, head_dim]
+    outputs  logits [batch_size, sequence_length, vocab], present.<i>.key / .value (total_sequence_length = past +
+             new)
+
+These are optimum's and onnxruntime-genai's names. In the graph (Python identifiers) the cache inputs are
+`past_key_values_<i>_key` / `_value`; `onnx_name` gives the ONNX name and the exports rename them. One model serves
+prefill (past length 0) and decode: every axis is exported as `Dim.DYNAMIC`, since total = past + new is a relation
+between two free dims that named `Dim`s cannot state; the ONNX axes get the names above. GQA caches keep the
+KV-head count.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+import types
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from rewrite.capture import CaptureReport, capture
+from rewrite.errors import CaptureError, first_line
+from rewrite.inputs import ExampleInputs
+from rewrite.load import LoadedModel
+from rewrite.state import state_of
+
+KINDS = ("key", "value")
+TOTAL = "total_sequence_length"
+# an output axis the exporter names by an expression of the input axes
+DERIVED = {"past_sequence_length + sequence_length": TOTAL, "sequence_length + past_sequence_length": TOTAL}
+
+
+def cache_kwarg(layer: int, kind: str) -> str:
+    return f"past_key_values_{layer}_{kind}"
+
+
+def onnx_name(kwarg: str) -> str:
+    """The ONNX input name of a graph input: `past_key_values_0_key` -> `past_key_values.0.key`; others unchanged."""
+    if kwarg.startswith("past_key_values_"):
+        layer, kind = kwarg.removeprefix("past_key_values_").split("_")
+        return f"past_key_values.{layer}.{kind}"
+    return kwarg
+
+
+def kwarg_name(name: str) -> str:
+    """The inverse of `onnx_name`."""
+    return name.replace(".", "_") if name.startswith("past_key_values.") else name
+
+
+def is_with_past(inputs: ExampleInputs) -> bool:
+    return cache_kwarg(0, "key") in inputs.kwargs
+
+
+def _cache_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) from a transformers config."""
+    try:
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+    except AttributeError:
+        raise CaptureError(f"use_cache = true needs a decoder config with num_hidden_layers / num_attention_heads "
+                           f"({type(config).__name__} has not)") from None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+def with_past_module(model: nn.Module) -> nn.Module:
+    """A shallow copy of `model` (same parameters, same names) whose forward takes and returns flat cache tensors."""
+    from transformers import DynamicCache
+
+    layers, _, _ = _cache_shape(model.config)
+    cls = type(model)
+    params = inspect.signature(cls.forward).parameters
+    takes_positions = "position_ids" in params
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers renames it model by model
+    names = ["input_ids", "attention_mask", *(["position_ids"] if takes_positions else []),
+             *(cache_kwarg(i, kind) for i in range(layers) for kind in KINDS)]
+
+    def forward(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        cache = DynamicCache([(feeds[cache_kwarg(i, "key")], feeds[cache_kwarg(i, "value")]) for i in range(layers)],
+                             config=self.config)
+        extra = {"position_ids": feeds["position_ids"]} if takes_positions else {}
+        out = cls.forward(self, input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"],
+                          use_cache=True, **{cache_arg: cache}, **extra)
+        present = {f"present.{i}.{kind}": getattr(layer, f"{kind}s") for i, layer in
+                   enumerate(out.past_key_values.layers) for kind in KINDS}
+        return {"logits": out.logits, **present}
+
+    param = inspect.Parameter
+    # torch.export binds kwargs by the forward's signature: list every input by name
+    forward.__signature__ = inspect.Signature([param(n, param.POSITIONAL_OR_KEYWORD) for n in ["self", *names]])
+    wrapped = copy.copy(model)
+    wrapped.forward = types.MethodType(forward, wrapped)
+    return wrapped
+
+
+def with_past_inputs(model: nn.Module, batch: int, seq: int, past: int, seed: int = 0) -> ExampleInputs:
+    """Seeded example inputs: `seq` new tokens after a random cache of `past` positions."""
+    layers, kv_heads, head_dim = _cache_shape(model.config)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    kwargs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
+              "attention_mask": torch.ones(batch, past + seq, dtype=torch.int64)}
+    dims: dict[str, list[str | None]] = {"input_ids": ["batch_size", "sequence_length"],
+                                         "attention_mask": ["batch_size", TOTAL]}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+        dims["position_ids"] = ["batch_size", "sequence_length"]
+    for i in range(layers):
+        for kind in KINDS:
+            kwargs[cache_kwarg(i, kind)] = torch.randn(batch, kv_heads, past, head_dim, generator=generator)
+            dims[cache_kwarg(i, kind)] = ["batch_size", None, "past_sequence_length", None]
+    return ExampleInputs(kwargs, dims)
+
+
+def with_past_shapes(inputs: ExampleInputs) -> dict[str, dict[int, Any]]:
+    """torch.export dynamic shapes: every named axis `Dim.DYNAMIC` (the exporter finds total = past + new)."""
+    return {name: {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(dims) if d}
+            for name, dims in inputs.dims.items()}
+
+
+def capture_with_past(loaded: LoadedModel, *, batch: int = 2, seq: int = 3, past: int = 4,
+                      spec_digest: str | None = None,
+                      attn_implementation: str = "eager") -> tuple[fx.GraphModule, CaptureReport]:
+    """Capture `loaded` (a transformers decoder) with its cache as flat tensors; the example has `past` cached
+    positions (>= 2, as torch.export specialises sizes 0 and 1; the ONNX model takes 0 as well)."""
+    model = loaded.module
+    if model is None or not hasattr(model, "config"):
+        raise CaptureError("use_cache = true needs a transformers decoder model (an HF directory or a factory "
+                           "returning one)")
+    if attn_implementation != "keep":
+        model.set_attn_implementation(attn_implementation)
+    model.config.use_cache = True
+    wrapped = with_past_module(model)
+    inputs = with_past_inputs(wrapped, batch, seq, past)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapped, (), kwargs=inputs.kwargs, strict=False,
+                                          dynamic_shapes=with_past_shapes(inputs))
+    except Exception as err:  # noqa: BLE001 - every export failure is reported the same way
+        raise CaptureError(f"torch.export could not capture {type(model).__name__} with its cache: "
+                           f"{first_line(err)}") from None
+    gm, report = capture(LoadedModel(wrapped, program, loaded.kind, loaded.source, loaded.config), inputs,
+                         device="cpu", spec_digest=spec_digest, attn_implementation="keep", use_cache=True)
+    state_of(gm).frontend = report.frontend = "export"
+    report.seconds = time.perf_counter() - start  # the whole capture, torch.export included
+    return gm, report
