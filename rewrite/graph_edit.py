@@ -85,7 +85,9 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
     """Join `adapter` (registered at `adapters.<owner>.<adapter>`) to the base op as its kind says (`module.join`):
 
         add     y' = y + adapter(x)     after the site's current chain end; its users are rerouted
-                                        (a kind that `reads_weight`: adapter(x, W), W a get_attr of the site weight)
+                                        (a kind that `reads_weight`: adapter(x, W), W a get_attr of the site weight;
+                                        one that also `reads_output`: adapter(x, W, y0, b), y0 the base op's node,
+                                        b a get_attr of the site bias or None)
         output  y' = adapter(y)         likewise, the module itself is the join
         input   y' = base(adapter(x))   the base op reads the adapted input (only the base op: siblings sharing x
                                         keep theirs)
@@ -107,6 +109,8 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
             inputs = (site_input(base, site),)
             if module.reads_weight:
                 inputs += (graph.get_attr(site.weight),)
+            if module.reads_output:
+                inputs += (base, graph.get_attr(site.bias) if site.bias else None)
             delta = graph.call_module(path, inputs)
             _tag(delta, base, AdapterTag(site.name, kind, adapter, "delta"))
             join = graph.call_function(aten.add.Tensor, (end, delta))
@@ -129,7 +133,7 @@ def unwire(gm: fx.GraphModule, adapter: str, owner: str) -> int:
                 node.replace_all_uses_with(node.args[0])
             weights = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
             gm.graph.erase_node(node)
-            for weight in weights:  # wire's own get_attr of the site weight (reads_weight kinds)
+            for weight in weights:  # wire's own get_attrs of the site weight and bias (reads_weight, reads_output)
                 if not weight.users:
                     gm.graph.erase_node(weight)
             removed += 1

@@ -12,6 +12,9 @@ What a kind declares (class attributes):
     reads_weight whether the module needs the site's base weight W: it is built with it (constructor keyword
                 `weight`, what its init reads) and, joined by "add", called as m(x, W) with W read from the graph
                 (DoRA normalises W + s B A)
+    reads_output whether an "add"-joined module that `reads_weight` also takes the base op's own output y0 = base(x)
+                (bias included) and the site's bias b (None without one): called as m(x, W, y0, b), so it can reuse
+                y0 - b = op(x, W) instead of running the base op a second time (DoRA)
     needs_bias  whether `merge_into` writes the site's bias (BitFit): `merge` gives a site without one a zero bias
                 parameter first
     built_with_base whether the module is built with the site's base weight and bias (constructor keywords
@@ -74,6 +77,7 @@ class AdapterKind(nn.Module):
     ops: ClassVar[tuple[str, ...]]
     join: ClassVar[str] = "add"  # "add" | "output" | "input"
     reads_weight: ClassVar[bool] = False
+    reads_output: ClassVar[bool] = False
     needs_bias: ClassVar[bool] = False
     built_with_base: ClassVar[bool] = False
     settings: ClassVar[tuple[str, ...]] = SETTINGS

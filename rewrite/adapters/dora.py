@@ -5,12 +5,15 @@
 
 n carries no gradient (PEFT's `weight_norm.detach()`, the paper's section 4.3). A LoRA (A, B, s, shared resize)
 plus a magnitude vector m [d_out], init m = n at insert (B = 0 there, so m = ||W||_c and W' = W: the identity).
-The module reads the site's base weight W: it is built with it (m's init) and called as delta(x, W) ("add" join,
-`reads_weight`), with c = m / n and x through dropout (none on embedding ids):
+The module reads the site's base weight W: it is built with it (m's init) and called as delta(x, W, y0, b) ("add"
+join, `reads_weight`, `reads_output`: y0 the base op's output, b its bias), with c = m / n and x through dropout (none
+on embedding ids):
 
     y' = y + (c - 1) (.) base(x, W) + c (.) s B(A(x))        base: the op without its bias (which stays unscaled)
 
-which is PEFT's `(mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling`. Outputs and norms per
+which is PEFT's `(mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling`. base(x, W) = y0 - b,
+as PEFT's `base_result - bias`: the base matmul runs once; only with dropout active in training is it run again on
+the dropped x (PEFT does the same). Outputs and norms per
 base op, in its own weight layout:
     linear  W [d_out, d_in]  norm over d_in          conv1d (GPT-2)  W [d_in, d_out]  norm over d_in
     conv2d  W [c_out, ...]   norm over the rest      embedding       W [V, d]         norm over V (PEFT's choice)
@@ -58,6 +61,7 @@ DORA_FORMAT = PeftFormat("LORA", DoraPeftConfig, ((*LINEAR_KEYS, MAGNITUDE), (*E
 class DoRA(LoRA):
     kind = "dora"
     reads_weight = True
+    reads_output = True
     inits = IDENTITY_INITS  # LoRA's inits that rewrite the base weight (PiSSA, OLoRA) are not DoRA's
     weight_inits = ()
     low_rank = False
@@ -99,12 +103,18 @@ class DoRA(LoRA):
             return F.embedding(x, weight)
         return F.conv2d(x, weight, None, self.conv["stride"], self.conv["padding"], self.conv["dilation"])
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, base_output: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        dropped = self.training and not isinstance(self.dropout, nn.Identity)
         x = x if self.op == "embedding" else self.dropout(x)
         scale = self.magnitude / self.column_norm(weight)
         if self.op == "conv2d":
             scale = scale[:, None, None]  # outputs [N, c_out, H, W]
-        return (scale - 1) * self._base_op(x, weight) + scale * self.branch(x)
+        if base_output is None or dropped:  # the base op saw the undropped x: run it again on the dropped one
+            base = self._base_op(x, weight)
+        else:
+            base = base_output if bias is None else base_output - (bias[:, None, None] if self.op == "conv2d" else bias)
+        return (scale - 1) * base + scale * self.branch(x)
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None = None, sign: float = 1.0) -> None:
@@ -114,8 +124,10 @@ class DoRA(LoRA):
             return
         if weight.is_meta:
             return
-        self.merged_norm = self.column_norm(weight)
-        weight.add_(self.delta_weight().to(weight.dtype)).mul_(self._merge_factor(weight))
+        super().merge_into(weight)  # W + s B A in place: one product, no temporary of W's size
+        self.merged_norm = torch.linalg.vector_norm(weight, dim=[a for a in range(weight.ndim)
+                                                                 if a != self._output_axis()])
+        weight.mul_(self._merge_factor(weight))
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -125,7 +137,8 @@ class DoRA(LoRA):
         if self.merged_norm is None:
             raise NotSupported(f"{self.kind} adapters unmerge only from a weight they merged into (the norm of the "
                                "unmerged weight is kept then); restore the original weight instead")
-        weight.div_(self._merge_factor(weight)).sub_(self.delta_weight().to(weight.dtype))
+        weight.div_(self._merge_factor(weight))
+        super().merge_into(weight, sign=-1.0)
         self.merged_norm = None
 
     def _merge_factor(self, weight: torch.Tensor) -> torch.Tensor:
