@@ -14,6 +14,9 @@ Rules:
 7. A kind that folds into the bias (`needs_bias`: BitFit) gives a site without one a zero bias parameter first
    (`<owner>.bias`, passed to the op); unmerge sets it back to zero.
 8. Several adapters at one site fold in `fold_order`: kinds joined on the input first (they rewrite what W reads).
+9. `streaming = true` never runs on a graph: `rewrite apply` then folds the `load`ed PEFT LoRA directory into the
+   model's safetensors checkpoint shard by shard without loading the model (`rewrite.streaming_merge`; the spec's
+   rules: `rewrite.pipeline.streaming_merge_source`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from rewrite.state import state_of
 
 class MergeOptions(AdapterChoice):
     keep_original: bool = False
+    streaming: bool = False
 
 
 class FoldPass(GraphPass):
@@ -42,6 +46,9 @@ class MergePass(FoldPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, where = state_of(gm), self.context.where
+        if self.options.streaming:
+            raise SpecError(f"{where}: a streaming merge works on checkpoint files, not on a captured graph: run it "
+                            "with `rewrite apply` (or `rewrite merge`)")
         owners = list(dict.fromkeys(s.owner for s in state.sites.values()))
         attached = {owner: adapters_at(gm, owner) for owner in owners}
         wanted = self.options.adapters

@@ -216,9 +216,10 @@ def _print_summary(console: Console, summary, total: float, command: str) -> Non
     for column in ("stage", "seconds", "result"):
         table.add_column(column)
     seconds = {entry["stage"]: entry["seconds"] for entry in summary.stages}
-    table.add_row("load", f"{seconds.get('load', 0):.2f}", "")
-    table.add_row("capture", f"{seconds.get('capture', 0):.2f}", f"{summary.capture['frontend']}, "
-                  f"{summary.capture['nodes']} nodes, {summary.sites_total} weight sites")
+    if summary.capture:  # a streaming merge loads and captures nothing
+        table.add_row("load", f"{seconds.get('load', 0):.2f}", "")
+        table.add_row("capture", f"{seconds.get('capture', 0):.2f}", f"{summary.capture['frontend']}, "
+                      f"{summary.capture['nodes']} nodes, {summary.sites_total} weight sites")
     for entry in summary.passes:
         stats = ", ".join(f"{k}={v}" for k, v in entry["stats"].items() if not isinstance(v, (dict, list)))
         table.add_row(entry["label"], f"{entry['seconds']:.3f}", stats if entry["modified"] else f"(no change) {stats}")

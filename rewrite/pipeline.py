@@ -31,6 +31,7 @@ from rewrite.passes import REGISTRY
 from rewrite.publish import Staging
 from rewrite.spec import Spec
 from rewrite.state import state_of
+from rewrite.streaming_merge import merge_checkpoint
 
 Step = Callable[[str, float, dict[str, Any]], None]
 
@@ -96,10 +97,57 @@ def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check:
           trust_pickle: bool = False, on_stage: Step | None = None) -> Summary:
     """Run the spec on MODEL and publish the result as OUT, replacing a previous rewrite output as a whole."""
     stage = on_stage or (lambda *_: None)
+    adapter_dir = streaming_merge_source(spec)
+    if adapter_dir is not None:
+        return _streaming_merge(spec, model, Path(out_dir), adapter_dir, stage)
     with Staging(Path(out_dir), str(out_dir)) as staging:
         summary = _apply_into(spec, model, staging.tmp, verify, check, trust_pickle, stage)
         summary.files = staging.publish()
     summary.output_dir = str(out_dir)
+    return summary
+
+
+def streaming_merge_source(spec: Spec) -> Path | None:
+    """The PEFT directory to fold when the spec asks for a streaming merge (a `merge` with `streaming = true`), else
+    None. Such a spec holds exactly a `load` of a PEFT LoRA directory and that merge (of the loaded adapter, without
+    `keep_original`), and `[export] format = "none"`: the output is the model's safetensors checkpoint, merged, and
+    the model itself is never loaded or captured."""
+    streaming = [e for e in spec.passes if e.name == "merge" and e.options.streaming]
+    if not streaming:
+        return None
+    merge = streaming[0]
+    where = spec.location("pass", merge.index, "streaming")
+    names = [e.name for e in spec.passes]
+    if names != ["load", "merge"]:
+        raise SpecError(f"{where}: a streaming merge reads the checkpoint and the adapter from disk and runs alone: "
+                        f"the passes must be exactly a `load` of a PEFT LoRA directory, then this merge (got {names})")
+    load = spec.passes[0].options
+    if load.format == "rewrite":
+        raise SpecError(f"{spec.location('pass', 0, 'format')}: a streaming merge folds PEFT LoRA directories; "
+                        "our adapter files go through the graph (drop `streaming`)")
+    if merge.options.adapters not in (None, [load.adapter]):
+        raise SpecError(f"{spec.location('pass', merge.index, 'adapters')}: a streaming merge folds the loaded "
+                        f"adapter {load.adapter!r} only (got {merge.options.adapters})")
+    if merge.options.keep_original:
+        raise SpecError(f"{spec.location('pass', merge.index, 'keep_original')}: a streaming merge keeps nothing "
+                        "to unmerge (the input checkpoint stays as it was)")
+    if spec.export.format != "none":
+        raise SpecError(f"{spec.location('export', 'format')}: a streaming merge writes a safetensors checkpoint, "
+                        "not ONNX: set [export] format = \"none\"")
+    return spec.base_dir / load.path
+
+
+def _streaming_merge(spec: Spec, model: str, out_dir: Path, adapter_dir: Path, stage: Step) -> Summary:
+    start = time.perf_counter()
+    merged = merge_checkpoint(model, adapter_dir, out_dir)
+    seconds = time.perf_counter() - start
+    summary = Summary(model=model, output_dir=str(out_dir), sites_total=len(merged.merged))
+    stats = dict(merged=len(merged.merged), shards=len(merged.shards), shard_bytes=merged.shard_bytes)
+    label = f"pass[{spec.passes[1].index}] 'merge'"
+    summary.passes.append(dict(label=label, modified=True, seconds=seconds, stats=stats))
+    summary.stages.append(dict(stage=label, seconds=seconds, **stats))
+    stage(label, seconds, stats)
+    summary.files = [*merged.shards, *merged.copied]
     return summary
 
 

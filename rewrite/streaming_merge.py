@@ -421,7 +421,7 @@ def _refusal(force: bool) -> Refusal:
         if not any(directory.iterdir()):
             return None
         if not force:
-            return "exists; pass force=True (rewrite merge --force) to replace it"
+            return "exists; replace it with `rewrite merge --force` (Python: force=True)"
         if (directory / "config.json").is_file() or any(directory.glob("*.safetensors")):
             return None
         return "exists and is not a model directory (no config.json or *.safetensors); it is never replaced"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -188,7 +189,7 @@ def test_existing_output_needs_force_and_must_be_a_model_directory(llama, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    with pytest.raises(OutputError, match="exists; pass force=True"):
+    with pytest.raises(OutputError, match=r"exists; replace it with `rewrite merge --force`"):
         merge_checkpoint(llama / "fp32", llama / "adapter", out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     merge_checkpoint(llama / "fp32", llama / "adapter", out, force=True)
@@ -300,9 +301,47 @@ def test_cli_merges_reports_json_and_refuses_bad_input_with_exit_2(llama, tmp_pa
     ref = peft_merged(build("llama"), llama / "adapter")
     assert max_diff(transformers.LlamaForCausalLM.from_pretrained(out), ref) <= ATOL
     assert main(["merge", str(llama / "fp32"), "--adapter", str(llama / "adapter"), "-o", str(out)]) == 2
-    assert "pass force=True (rewrite merge --force)" in capsys.readouterr().err
+    assert "replace it with `rewrite merge --force`" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "missing"), "--adapter", str(llama / "adapter"), "-o",
                  str(tmp_path / "new")]) == 2
     err = capsys.readouterr().err
     assert "no model.safetensors or model.safetensors.index.json" in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()
+
+
+def _streaming_spec(tmp_path: Path, adapter: Path, export: str = 'format = "none"', extra: str = "") -> Path:
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'version = 1\n[[pass]]\nname = "load"\npath = "{adapter}"\n{extra}'
+                    f'[[pass]]\nname = "merge"\nstreaming = true\n[export]\n{export}\n')
+    return spec
+
+
+def test_apply_with_a_streaming_merge_pass_equals_peft_without_loading_the_model(llama, tmp_path, capsys):
+    from rewrite.cli import main
+
+    out = tmp_path / "out"
+    spec = _streaming_spec(tmp_path, llama / "adapter")
+    assert main(["apply", str(spec), str(llama / "fp32"), "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    stats = result["passes"][0]["stats"]
+    assert stats["shards"] == 4 and stats["merged"] == 2 * 7 + 2  # 2 layers x 7 projections, embed_tokens, lm_head
+    assert result["capture"] == {} and "model.safetensors.index.json" in result["files"]
+    ref = peft_merged(build("llama"), llama / "adapter")
+    assert max_diff(transformers.LlamaForCausalLM.from_pretrained(out), ref) <= ATOL
+
+
+@pytest.mark.parametrize("export, extra, message", [
+    ("", "", r"\[export\] format = \"none\""),
+    ('format = "none"', '[[pass]]\nname = "insert"\ntargets = ["q_proj"]\n',
+     r"the passes must be exactly a `load` of a PEFT LoRA directory, then this merge \(got \['load', 'insert', "
+     r"'merge'\]\)"),
+])
+def test_a_streaming_merge_spec_that_does_more_is_refused_with_exit_2(llama, tmp_path, capsys, export, extra,
+                                                                      message):
+    from rewrite.cli import main
+
+    spec = _streaming_spec(tmp_path, llama / "adapter", export, extra)
+    assert main(["apply", str(spec), str(llama / "fp32"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err.replace("\n", " ")), err
+    assert f"{spec}:" in err and not (tmp_path / "out").exists()
