@@ -228,6 +228,7 @@ def main() -> None:
 
     console = Console(width=130)
     shard_bytes = int(args.shard_gib * GIB)
+    Path(args.dir or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench_streaming_merge.", dir=args.dir))
     try:
         model, adapter = root / "model", root / "adapter"

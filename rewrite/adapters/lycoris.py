@@ -30,18 +30,17 @@ from torch import nn
 
 from rewrite.adapters.base import AdapterKind
 from rewrite.formats.peft_dir import PeftAdapter, PeftConfig, compiled, pattern_value
-from rewrite.formats.peft_lora import Number, Rank
+from rewrite.formats.peft_lora import PATTERN_VALUES, PATTERNS_EXPECTED, Number, Rank
 
 
 class LycorisPeftConfig(PeftConfig):
     """`adapter_config.json` fields of PEFT's LyCORIS tuners (LoHa; LoKr adds its own)."""
 
     expected: ClassVar[dict[str, str]] = {
-        **PeftConfig.expected, "r": "a whole number >= 1", "alpha": "a number",
-        "rank_pattern": "an object of module -> value", "alpha_pattern": "an object of module -> value",
+        **PeftConfig.expected, **PATTERNS_EXPECTED, "r": "a whole number >= 1", "alpha": "a number",
         "rank_dropout": "a number", "module_dropout": "a number", "use_effective_conv2d": "true or false",
         "init_weights": "true, false or \"lycoris\""}
-    pattern_values: ClassVar[dict[str, str]] = {"rank_pattern": "a whole number >= 1", "alpha_pattern": "a number"}
+    pattern_values: ClassVar[dict[str, str]] = PATTERN_VALUES
     unsupported: ClassVar[dict[str, str]] = {
         **PeftConfig.unsupported, "rank_dropout": "rank_dropout (training-time dropout of rows of delta W)",
         "module_dropout": "module_dropout (training-time dropout of the whole adapter)",

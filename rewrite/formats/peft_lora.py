@@ -64,15 +64,18 @@ PLAIN_BASE_INITS = ("gaussian", "eva", "orthogonal", "mica")  # inits that leave
 _WithVariants = create_model("_WithVariants", __base__=PeftConfig, **{key: (Any, None) for key in VARIANTS})
 
 
+PATTERNS_EXPECTED = {"rank_pattern": "an object of module -> value", "alpha_pattern": "an object of module -> value"}
+PATTERN_VALUES = {"rank_pattern": "a whole number >= 1", "alpha_pattern": "a number"}  # what each pattern maps to
+
+
 class LoraPeftConfig(_WithVariants):
     """`adapter_config.json` of a LoRA adapter."""
 
     expected: ClassVar[dict[str, str]] = {
-        **PeftConfig.expected, "r": "a whole number >= 1", "lora_alpha": "a number", "use_rslora": "true or false",
-        "rank_pattern": "an object of module -> value", "alpha_pattern": "an object of module -> value",
-        "bias": "a string", "use_dora": "true or false", "lora_bias": "true or false",
+        **PeftConfig.expected, **PATTERNS_EXPECTED, "r": "a whole number >= 1", "lora_alpha": "a number",
+        "use_rslora": "true or false", "bias": "a string", "use_dora": "true or false", "lora_bias": "true or false",
         "init_lora_weights": "true, false or the name of an init"}
-    pattern_values: ClassVar[dict[str, str]] = {"rank_pattern": "a whole number >= 1", "alpha_pattern": "a number"}
+    pattern_values: ClassVar[dict[str, str]] = PATTERN_VALUES
     unsupported: ClassVar[dict[str, str]] = {**PeftConfig.unsupported, "use_dora": "DoRA",
                                              "lora_bias": "lora_bias (a trained bias on lora_B)", **VARIANTS}
 
