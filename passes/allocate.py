@@ -2,7 +2,8 @@
 
     [[pass]]
     name = "allocate"
-    adapter = "default"          # an adapter already attached (insert / load) sets the candidate sites
+    adapter = "default"          # an adapter already attached (insert / load) sets the candidate sites;
+                                 # unset: the one adapter attached, when there is exactly one
     scorer = "fisher"            # spectrum (no data) | activation (inputs) | fisher (inputs + labels)
                                  # | energy (no data: the adapter's own trained update)
                                  # | adalora | increlora (train on [data] while allocating: rewrite.allocators)
@@ -135,6 +136,9 @@ class AllocatePass(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         table = real_weights(gm, self.context.where, "allocate reads weights (and data)").sites
+        attached = {name for owner in dict.fromkeys(s.owner for s in table.values()) for name in adapters_at(gm, owner)}
+        if "adapter" not in self.options.model_fields_set and len(attached) == 1:
+            self.options = self.options.model_copy(update={"adapter": attached.pop()})
         if self.options.scorer in TRAINING_SCORERS:
             return allocate_while_training(gm, self.context, self.options, scorer=self.options.scorer, mark=MARK)
         by_owner: dict[str, list] = {}

@@ -413,6 +413,15 @@ def test_bad_input_is_a_clear_error(setup):
         REGISTRY["allocate"].Options(scorer="spectrum")
 
 
+def test_without_adapter_the_one_attached_adapter_is_allocated(setup):
+    gm = setup.fresh(rank=4, adapter="support")
+    result = run(gm, "allocate", setup.root, scorer="spectrum", budget={"params": 1000})
+    assert result.stats["adapter"] == "support" and sum(ranks_of(gm, adapter="support").values()) < 4 * len(PLAN)
+    run(gm, "insert", setup.root, targets=["*"], rank=2, adapter="style")
+    with pytest.raises(SpecError, match=r"adapter 'default' is attached to no site \(attached: style, support\)"):
+        run(gm, "allocate", setup.root, scorer="spectrum", budget={"params": 100})
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
