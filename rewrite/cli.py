@@ -313,14 +313,25 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def _cmd_triton(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from rewrite.triton_config import TritonOptions
+    from pydantic import ValidationError
+
+    from rewrite.errors import SpecError
+    from rewrite.options import TritonOptions
     from rewrite.triton_repo import write_repository
 
     args.doing = f"writing a Triton model repository from {args.export_dir}"
-    preferred = tuple(args.preferred_batch_size) if args.preferred_batch_size else None
-    options = TritonOptions(name=args.name, max_batch_size=args.max_batch_size, preferred_batch_sizes=preferred,
-                            queue_delay_us=args.queue_delay_us, instances=args.instances, kind=args.kind,
-                            intra_op_threads=args.threads, server_repo=args.server_repo)
+    flags = dict(name="--name", max_batch_size="--max-batch-size", preferred_batch_sizes="--preferred-batch-size",
+                 queue_delay_us="--queue-delay-us", instances="--instances", kind="--kind",
+                 intra_op_threads="--threads", server_repo="--server-repo")
+    try:
+        options = TritonOptions(name=args.name, max_batch_size=args.max_batch_size,
+                                preferred_batch_sizes=args.preferred_batch_size, queue_delay_us=args.queue_delay_us,
+                                instances=args.instances, kind=args.kind, intra_op_threads=args.threads,
+                                server_repo=args.server_repo)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        flag = f" {flags[str(problem['loc'][0])]}" if problem["loc"] else ""
+        raise SpecError(f"rewrite triton{flag}: {problem['msg'].removeprefix('Value error, ')}") from None
     written = write_repository(args.export_dir, args.output, options, library=args.library)
     console.print(f"wrote {written.model_dir} (version 1); how to serve and call it: {written.model_dir}/README.md",
                   highlight=False, markup=False)

@@ -94,6 +94,40 @@ The selected sites are those holding an exported adapter plus those `targets` se
         return self
 
 
+class TritonOptions(Strict):
+    """`[export] triton = { ... }` (with `target = "triton"`) and the flags of `rewrite triton`: what the Triton model
+    repository holds besides the model: batching, instances, and where the server sees the repository."""
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # default: OUT's folder name
+    max_batch_size: int = Field(default=32, ge=1)
+    preferred_batch_sizes: list[int] | None = None  # default: 4, 8, 16, ... up to max_batch_size
+    queue_delay_us: int = Field(default=500, ge=0)  # how long the batcher waits to fill a batch
+    instances: int = Field(default=1, ge=1)
+    kind: Literal["cpu", "gpu"] = "cpu"
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    server_repo: str | None = None  # REPO's absolute path in the server (default: where it is written)
+
+    @field_validator("server_repo")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError(f"{path!r} must be an absolute path (where the server mounts the repository, e.g. /models)")
+        return path
+
+    @model_validator(mode="after")
+    def _preferred_within_the_max(self) -> "TritonOptions":
+        bad = [s for s in self.preferred_batch_sizes or () if not 1 <= s <= self.max_batch_size]
+        if bad:
+            raise ValueError(f"preferred batch size {bad[0]}: must be within 1..max_batch_size ({self.max_batch_size})")
+        return self
+
+    @property
+    def preferred(self) -> tuple[int, ...]:
+        if self.preferred_batch_sizes is not None:
+            return tuple(sorted(set(self.preferred_batch_sizes)))
+        sizes = [s for s in (4, 8, 16, 32, 64, 128, 256) if s < self.max_batch_size]
+        return (*sizes, self.max_batch_size)
+
+
 class ExportOptions(Strict):
     """`[export]`: what is written.
 
@@ -113,6 +147,8 @@ class ExportOptions(Strict):
     tolerance: float | None = Field(default=None, gt=0)
     external_data: Literal["auto", "always", "never"] = "auto"
     filename: str = "model.onnx"
+    target: Literal["onnxruntime", "triton"] = "onnxruntime"  # triton: also OUT/triton/<name>/ (`rewrite triton`)
+    triton: TritonOptions | None = None
 
     @field_validator("filename")
     @classmethod
@@ -128,6 +164,18 @@ class ExportOptions(Strict):
         if self.bank_dtype == "float16" and (self.mode, self.switching) != ("unmerged", "custom-op"):
             raise ValueError("bank_dtype = \"float16\" needs mode = \"unmerged\" and switching = \"custom-op\" "
                              f"(got mode = \"{self.mode}\", switching = \"{self.switching}\")")
+        return self
+
+    @model_validator(mode="after")
+    def _triton_needs_a_routed_export(self) -> "ExportOptions":
+        if self.target == "triton" and (self.mode, self.switching) not in (("unmerged", "bank"),
+                                                                          ("unmerged", "custom-op")):
+            raise ValueError("target = \"triton\" needs mode = \"unmerged\" with switching = \"bank\" or "
+                             f"\"custom-op\" (got mode = \"{self.mode}\", switching = \"{self.switching}\"): "
+                             "Triton's batcher mixes requests for different adapters in one batch only through "
+                             "per-row adapter ids")
+        if self.triton is not None and self.target != "triton":
+            raise ValueError("a triton table needs target = \"triton\"")
         return self
 
     @model_validator(mode="after")

@@ -31,7 +31,9 @@ from rewrite.passes import REGISTRY
 from rewrite.publish import Staging
 from rewrite.spec import Spec
 from rewrite.state import state_of
+from rewrite.options import TritonOptions
 from rewrite.streaming_merge import merge_checkpoint
+from rewrite.triton_repo import TRITON_DIR, triton_name, write_repository
 
 Step = Callable[[str, float, dict[str, Any]], None]
 
@@ -102,9 +104,22 @@ def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check:
         return _streaming_merge(spec, model, Path(out_dir), adapter_dir, stage)
     with Staging(Path(out_dir), str(out_dir)) as staging:
         summary = _apply_into(spec, model, staging.tmp, verify, check, trust_pickle, stage)
+        if spec.export.format == "onnx" and spec.export.target == "triton":
+            _triton_repository(spec, staging.tmp, Path(out_dir), stage)
         summary.files = staging.publish()
     summary.output_dir = str(out_dir)
     return summary
+
+
+def _triton_repository(spec: Spec, tmp: Path, out_dir: Path, stage: Step) -> None:
+    """`[export] target = "triton"`: OUT/triton/<name>/, what `rewrite triton OUT -o OUT/triton` writes, with the
+    model named after OUT and the custom-op library's path the one it has once OUT is published."""
+    start = time.perf_counter()
+    options = spec.export.triton or TritonOptions()
+    defaults = dict(name=options.name or triton_name(out_dir),
+                    server_repo=options.server_repo or str((out_dir / TRITON_DIR).absolute()))
+    written = write_repository(tmp, tmp / TRITON_DIR, options.model_copy(update=defaults))
+    stage("triton", time.perf_counter() - start, {"model": f"{TRITON_DIR}/{written.model_dir.name}"})
 
 
 def streaming_merge_source(spec: Spec) -> Path | None:

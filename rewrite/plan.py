@@ -79,7 +79,8 @@ def export_writes(spec: Spec) -> list[str]:
         return [MANIFEST]
     adapters = ["adapters/<name>.onnx_adapter"] if (options.mode, options.switching) == ("unmerged", "ort-adapters") \
         else []
-    return [options.filename, *adapters, MANIFEST]
+    triton = ["triton/<OUT's name>/ (config.pbtxt, 1/model.onnx, README.md)"] if options.target == "triton" else []
+    return [options.filename, *adapters, MANIFEST, *triton]
 
 
 def as_json(plans: list[PassPlan]) -> list[dict[str, Any]]:

@@ -14,11 +14,12 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from rewrite.adapters import KINDS
-from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec, ModelOptions
+from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec, ModelOptions, Reserve, TritonOptions
 from rewrite.passes import REGISTRY
 
 SECTIONS = {"[model]": ModelOptions, "[capture]": CaptureOptions, "[[capture.inputs]]": InputSpec,
-            "[data]": DataOptions, "[export]": ExportOptions}
+            "[data]": DataOptions, "[export]": ExportOptions, "[export] reserve = { ... }": Reserve,
+            "[export] triton = { ... }": TritonOptions}
 
 
 def _type_name(annotation: Any) -> str:

@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from rewrite.errors import SpecError, did_you_mean
-from rewrite.options import CaptureOptions, DataOptions, ExportOptions, InputSpec, ModelOptions, Reserve, Strict
+from rewrite.options import (CaptureOptions, DataOptions, ExportOptions, InputSpec, ModelOptions, Reserve, Strict,
+                             TritonOptions)
 from rewrite.toml_locate import TomlLocator
 
 SPEC_VERSION = 1
@@ -119,6 +120,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
         ("capture", "inputs"): _fields(InputSpec),
         ("export",): _fields(ExportOptions),
         ("export", "reserve"): _fields(Reserve),
+        ("export", "triton"): _fields(TritonOptions),
         ("data",): _fields(DataOptions),
     }
     if "version" not in raw:

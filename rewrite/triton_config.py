@@ -15,12 +15,10 @@ Rules (Triton's model configuration; the tests parse the text with Triton's own 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 
-from rewrite.errors import ExportError, SpecError
+from rewrite.errors import ExportError
+from rewrite.options import TritonOptions
 from rewrite.runtime.model_io import TensorSpec
 
 TABLE_START = "# rewrite: adapter table (name -> slot), rewritten with each new version"
@@ -30,42 +28,6 @@ IDS_KEY = "rewrite.ids_input"
 _TYPES = {np.dtype(np.float32): "TYPE_FP32", np.dtype(np.float16): "TYPE_FP16", np.dtype(np.float64): "TYPE_FP64",
           np.dtype(np.int64): "TYPE_INT64", np.dtype(np.int32): "TYPE_INT32", np.dtype(np.int16): "TYPE_INT16",
           np.dtype(np.int8): "TYPE_INT8", np.dtype(np.uint8): "TYPE_UINT8", np.dtype(np.bool_): "TYPE_BOOL"}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-@dataclass(frozen=True)
-class TritonOptions:
-    """What `rewrite triton` writes besides the model: batching, instances and where the server sees the repository."""
-    name: str | None = None                        # model name (default: the export directory's name)
-    max_batch_size: int = 32
-    preferred_batch_sizes: tuple[int, ...] | None = None   # default: 4, 8, 16, ... up to max_batch_size
-    queue_delay_us: int = 500                      # how long the batcher waits to fill a batch
-    instances: int = 1
-    kind: Literal["cpu", "gpu"] = "cpu"
-    intra_op_threads: int | None = None
-    server_repo: str | None = None                 # REPO's absolute path in the server (default: as written here)
-
-    def __post_init__(self) -> None:
-        if self.name is not None and not _NAME.fullmatch(self.name):
-            raise SpecError(f"triton model name {self.name!r}: letters, digits, '_', '.', '-', starting with a "
-                            "letter or digit (it names a directory of the repository)")
-        if self.max_batch_size < 1:
-            raise SpecError(f"max_batch_size {self.max_batch_size}: must be >= 1 (the batcher's largest batch)")
-        bad = [s for s in self.preferred_batch_sizes or () if not 1 <= s <= self.max_batch_size]
-        if bad:
-            raise SpecError(f"preferred batch size {bad[0]}: must be within 1..max_batch_size ({self.max_batch_size})")
-        if self.queue_delay_us < 0 or self.instances < 1 or (self.intra_op_threads or 1) < 1:
-            raise SpecError("queue delay must be >= 0, instances and intra-op threads >= 1")
-        if self.server_repo is not None and not self.server_repo.startswith("/"):
-            raise SpecError(f"server repository {self.server_repo!r}: must be an absolute path (where the server "
-                            "mounts the repository, e.g. /models)")
-
-    @property
-    def preferred(self) -> tuple[int, ...]:
-        if self.preferred_batch_sizes is not None:
-            return tuple(sorted(set(self.preferred_batch_sizes)))
-        sizes = [s for s in (4, 8, 16, 32, 64, 128, 256) if s < self.max_batch_size]
-        return (*sizes, self.max_batch_size)
 
 
 def quoted(text: str) -> str:

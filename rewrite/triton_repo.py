@@ -20,7 +20,6 @@ Rules:
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import os
 import re
@@ -35,13 +34,15 @@ import onnx
 from rewrite.errors import AdapterFileError, DeploymentError, ExportError, OutputError, RuntimeUseError, SpecError
 from rewrite.formats.manifest import MANIFEST, ExportedAdapter, Manifest, UnmergedExport, read_manifest, write_manifest
 from rewrite.names import check_adapter_name
+from rewrite.options import TritonOptions
 from rewrite.runtime.adapter_source import read_factors
 from rewrite.runtime.model_io import TensorSpec, read_io
-from rewrite.triton_config import TritonOptions, config_text, replace_adapter_table
+from rewrite.triton_config import config_text, replace_adapter_table
 from rewrite.triton_model import add_guard, drop_weight_inputs, save, set_loaded, write_slot
 from rewrite.triton_readme import readme
 
 CONFIG = "config.pbtxt"
+TRITON_DIR = "triton"  # the repository inside OUT that `[export] target = "triton"` writes
 LIBRARY = "librewrite_lora.so"
 
 
@@ -75,11 +76,13 @@ def _model_io(path: Path, ids: str) -> tuple[list[TensorSpec], TensorSpec, list[
     return own, next(s for s in inputs if s.name == ids), outputs
 
 
+def triton_name(out_dir: Path) -> str:
+    """The default model name: OUT's folder name, made a valid Triton model name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", out_dir.resolve().name).lstrip("._-") or "model"
+
+
 def _model_name(options: TritonOptions, out_dir: Path) -> TritonOptions:
-    if options.name is not None:
-        return options
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", out_dir.resolve().name).lstrip("._-") or "model"
-    return dataclasses.replace(options, name=name)
+    return options if options.name is not None else options.model_copy(update={"name": triton_name(out_dir)})
 
 
 def _version_manifest(manifest: Manifest, entry: UnmergedExport, slots: dict[str, int]) -> Manifest:

@@ -27,7 +27,7 @@ import pytest
 
 from rewrite.errors import AdapterFileError, ExportError, OutputError, RuntimeUseError
 from rewrite.runtime.session import AdapterSession
-from rewrite.triton_config import TritonOptions
+from rewrite.options import TritonOptions
 from rewrite.triton_model import GUARD
 from rewrite.triton_repo import add_version, versions, write_repository
 
@@ -122,6 +122,54 @@ def test_batched_requests_equal_peft_and_single_requests(setup, tmp_path, switch
                 others = [setup.peft(request["x"], a) for a in (None, "support", "style") if a != adapter]
                 assert min(diff(y, o) for o in others) > 1e-3  # the adapters differ: the check can fail
     assert worst <= 1e-5
+
+
+def test_export_target_triton_writes_the_repository_inside_out(setup, tmp_path, capsys):
+    """`[export] target = "triton"`: `rewrite apply` also writes OUT/triton/<OUT's name>/, served as Triton feeds it."""
+    from rewrite.cli import main
+    from test_unmerged import MLP_INPUTS, load_passes
+
+    spec = tmp_path / "spec.toml"
+    dirs = {name: setup.work / "peft" / name for name in ("support", "style")}
+    spec.write_text(f"version = 1\n{MLP_INPUTS}{load_passes(dirs)}[export]\nmode = \"unmerged\"\n"
+                    "switching = \"bank\"\ntarget = \"triton\"\ntriton = { max_batch_size = 8, queue_delay_us = 100 }\n")
+    out = tmp_path / "mlp-v2"
+    assert main(["apply", str(spec), "factories:mlp4", "-o", str(out), "--json"]) == 0
+    assert "triton" in json.loads(capsys.readouterr().out)["files"]
+    triton = TritonLike(out / "triton" / "mlp-v2")
+    assert (triton.config.name, triton.config.max_batch_size) == ("mlp-v2", 8)
+    assert triton.config.dynamic_batching.max_queue_delay_microseconds == 100
+    adapters = ["style", None, "support"]
+    requests = requests_for(table_of(triton.config), adapters, 4, 11)
+    for request, answer, adapter in zip(requests, triton.run(requests), adapters):
+        assert diff(next(iter(answer.values())), setup.peft(request["x"], adapter)) <= 1e-5
+
+
+@pytest.mark.parametrize("export, message", [
+    ('mode = "unmerged"\nswitching = "ort-adapters"\ntarget = "triton"',
+     r'target = "triton" needs mode = "unmerged" with switching = "bank" or "custom-op" \(got mode = "unmerged", '
+     r'switching = "ort-adapters"\)'),
+    ('mode = "unmerged"\nswitching = "bank"\ntriton = { max_batch_size = 8 }', r'a triton table needs target = "triton"'),
+    ('mode = "unmerged"\nswitching = "bank"\ntarget = "triton"\ntriton = { max_batch_sise = 8 }',
+     r"unknown key 'export.triton.max_batch_sise'. Did you mean: 'max_batch_size'"),
+    ('mode = "unmerged"\nswitching = "bank"\ntarget = "triton"\ntriton = { preferred_batch_sizes = [64] }',
+     r"preferred batch size 64: must be within 1..max_batch_size \(32\)"),
+])
+def test_bad_triton_export_options_are_spec_errors(export, message):
+    from rewrite.errors import SpecError
+    from rewrite.spec import parse_spec
+
+    with pytest.raises(SpecError, match=message):
+        parse_spec(f"version = 1\n[export]\n{export}\n")
+
+
+def test_bad_triton_flags_name_the_flag(setup, tmp_path, capsys):
+    from rewrite.cli import main
+
+    assert main(["triton", str(setup.export("bank")), "-o", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert "rewrite triton --max-batch-size: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert main(["triton", str(setup.export("bank")), "-o", str(tmp_path), "--server-repo", "models"]) == 2
+    assert "rewrite triton --server-repo: 'models' must be an absolute path" in capsys.readouterr().err
 
 
 @pytest.mark.slow
