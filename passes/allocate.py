@@ -45,6 +45,9 @@ Rules:
    (rewrite.report). `report = ""` writes none. For a trained adapter the report (per site and in total)
    and the result (`update_kept`) give the share of the update's energy ||s A B||_F^2 the ranks keep.
 6. Running the pass again with the same options leaves the graph alone (modified=False).
+   Under torch.distributed (`torchrun`; rewrite.distributed) each process scores its rows of every calibration
+   batch, the scorers combine the statistics of all processes, the ranks are rank 0's solution on every process,
+   and only rank 0 writes the report: the same ranks, curves and report as one process with all the data.
 7. scorer = "adalora" | "increlora" trains while allocating, with the same budget, bounds and report:
    passes/training_allocation.py (shared with the `train` pass) has its rules; `steps`, `settings`,
    `adalora = {...}` and `increlora = {...}` go with these scorers only.
@@ -59,6 +62,7 @@ import torch
 import torch.fx as fx
 from pydantic import Field, field_validator, model_validator
 
+from rewrite import distributed
 from rewrite.adapters import KINDS
 from rewrite.allocators import TRAINING_SCORERS
 from rewrite.costmodel import CostModel, LatencyTable, site_shape
@@ -160,7 +164,7 @@ class AllocatePass(GraphPass):
             ranks = allowed[t.owner]
             items.append(Item(t.owner, ranks, [curves.values[t.owner][r] for r in ranks], model.curve(t.shape, ranks)))
         budget = self._budget_value(model, targets, modules)
-        solution, sensitivity = self._solve(items, budget)
+        solution, sensitivity = distributed.agree(self._solve(items, budget))
         kept = update_kept(spectra, solution.ranks)
         self._warn_if_blind(scorer, kept[1])
 
@@ -172,7 +176,7 @@ class AllocatePass(GraphPass):
         report = self._report(scorer, targets, curves, model, solution, budget, before, bounds, sensitivity,
                               params_before, kept)
         files = []
-        if o.report:
+        if o.report and self.context.write:
             stem = self.context.output_path(o.report, "report")
             files = [p.name for p in write_report(report, stem.parent, stem.name, plot=o.plot)]
         update = {} if kept[1] is None else {"update_kept": round(kept[1], 4)}  # share of ||s A B||_F^2

@@ -260,7 +260,7 @@ class CombinePass(GraphPass):
 
     def _write(self, report: dict) -> list[str]:
         stem = self.options.report
-        if not stem:
+        if not stem or not self.context.write:
             return []
         path = self.context.output_path(stem, "report")
         json_path, md_path = path.with_name(f"{path.name}.json"), path.with_name(f"{path.name}.md")

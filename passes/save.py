@@ -75,14 +75,15 @@ class SavePass(GraphPass):
         if not modules:
             raise SpecError(f"{self.context.where}: adapter {name!r} is attached to no site (save it before merge)")
         target = self._target()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        as_created(tmp)  # a PEFT directory is this folder itself
-        try:
-            produced = self._write(tmp, name, modules)
-            _move(produced, self._target(), replace=not Path(self.options.path).is_absolute())
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if self.context.write:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            as_created(tmp)  # a PEFT directory is this folder itself
+            try:
+                produced = self._write(tmp, name, modules)
+                _move(produced, self._target(), replace=not Path(self.options.path).is_absolute())
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return PassResult(gm, False, {"adapter": name, "modules": len(modules), "path": self.options.path,
                                       "format": self.options.format})
 

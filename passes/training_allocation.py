@@ -16,7 +16,8 @@ Rules (`allocate_while_training`):
 3. The allocator trains on the spec's [data] (rewrite.train) and resizes physically: every site ends as a
    plain LoRA of its final rank with the same delta; rank 0 sites lose their branch.
 4. The report `<report>.json/.md/.png` (+ `<report>_history.png`) holds the per-site ranks, costs and
-   scores and the budget and ranks over the steps; `report = ""` writes none.
+   scores and the budget and ranks over the steps; `report = ""` writes none, nor does a process other than
+   rank 0 under torch.distributed (which trains on its rows of each batch: rewrite.distributed).
 5. A second run with the same options and data leaves the graph alone (modified=False).
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ def allocate_while_training(gm: fx.GraphModule, context: PassContext, options: T
                              rank_before=before, params_before=params_before, options=options.model_dump(mode="json"),
                              tokens=getattr(options, "tokens", 128))
     files = []
-    if options.report:
+    if options.report and context.write:
         stem = context.output_path(options.report, "report")
         files = [p.name for p in write_report(report, stem.parent, stem.name, plot=options.plot)]
     losses = [h["loss"] for h in history]

@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from rewrite.distributed import is_main, process_group
     from rewrite.pipeline import apply
     from rewrite.spec import load_spec
 
@@ -167,16 +168,19 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             return _dry_run(args, spec, console)
     args.doing = f"loading {args.model}"
     start = time.perf_counter()
-    live = LiveProgress(console) if not (args.quiet or args.json) else None
+    with process_group():  # under torchrun: rank 0 reports and writes, the others run their share quietly
+        if not is_main():
+            args.quiet, args.json = True, False
+        live = LiveProgress(console) if not (args.quiet or args.json) else None
 
-    def on_stage(name: str, seconds: float, stats: dict[str, Any]) -> None:
-        args.doing = _doing_after(name, args)
-        if live:
-            live.done(name, seconds, f"after {name}")
+        def on_stage(name: str, seconds: float, stats: dict[str, Any]) -> None:
+            args.doing = _doing_after(name, args)
+            if live:
+                live.done(name, seconds, f"after {name}")
 
-    with live or contextlib.nullcontext(), reporting(live):
-        summary = apply(spec, args.model, Path(args.output), verify=args.verify, check=args.check or None,
-                        trust_pickle=args.trust_pickle, on_stage=on_stage)
+        with live or contextlib.nullcontext(), reporting(live):
+            summary = apply(spec, args.model, Path(args.output), verify=args.verify, check=args.check or None,
+                            trust_pickle=args.trust_pickle, on_stage=on_stage)
     if not args.quiet and not args.json:
         _print_summary(console, summary, time.perf_counter() - start, args.command)
     return summary.as_json()

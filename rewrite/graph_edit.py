@@ -42,6 +42,15 @@ def site_input(node: fx.Node, site: Site) -> fx.Node:
     return node.args[0]
 
 
+def adapter_input(node: fx.Node, site: Site) -> fx.Node:
+    """The x a site's adapters read: the base op's input before any input-side adapter of this site rewrote it (an
+    input-side kind changes what W reads, not what the other adapters at the site read; `merge` folds it that way)."""
+    x = site_input(node, site)
+    while isinstance(tag := x.meta.get("rewrite"), AdapterTag) and tag.role == "input" and tag.site == site.name:
+        x = x.args[0]
+    return x
+
+
 def _tag(node: fx.Node, base: fx.Node, tag: AdapterTag) -> None:
     if "nn_module_stack" in base.meta:
         node.meta["nn_module_stack"] = dict(base.meta["nn_module_stack"])
@@ -90,7 +99,7 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
                                         b a get_attr of the site bias or None)
         output  y' = adapter(y)         likewise, the module itself is the join
         input   y' = base(adapter(x))   the base op reads the adapted input (only the base op: siblings sharing x
-                                        keep theirs)
+                                        keep theirs, and so do the other adapters at this site: `adapter_input`)
     """
     graph, path, kind = gm.graph, adapter_path(site.owner, adapter), module.kind
     if module.join == "input":
@@ -106,7 +115,7 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
         if module.join == "output":
             join = graph.call_module(path, (end,))
         else:
-            inputs = (site_input(base, site),)
+            inputs = (adapter_input(base, site),)
             if module.reads_weight:
                 inputs += (graph.get_attr(site.weight),)
             if module.reads_output:

@@ -24,6 +24,7 @@ import torch.fx as fx
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from rewrite.capture import max_abs_diff
+from rewrite.distributed import is_main
 from rewrite.errors import PassError, RewriteError, SpecError, VerifyError, describe
 from rewrite.finite import nonfinite_key
 from rewrite.state import PassRecord, RewriteState, state_of
@@ -63,12 +64,15 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Where a pass resolves relative paths and how it names its spec location in errors."""
+    """Where a pass resolves relative paths and how it names its spec location in errors. `write` False: the pass
+    computes everything and writes no file (the processes other than rank 0 of a torch.distributed run, which is
+    the default there: rewrite.distributed rule 5)."""
     spec_dir: Path = Path(".")
     output_dir: Path | None = None
     where: str = "<spec>"
     locate: Callable[[str], str] | None = None  # key -> "spec.toml:LINE" of that key in this pass
     data: Any = None  # rewrite.options.DataOptions from [data], for data-driven passes
+    write: bool = field(default_factory=is_main)
 
     def at(self, key: str) -> str:
         return self.locate(key) if self.locate else self.where

@@ -2,7 +2,9 @@
 
 Everything is written into a temporary directory beside the output directory, which replaces it as a whole
 only when the whole run succeeded (`rewrite.publish`), so a failure or a kill leaves no partial or mixed output.
-The input model is never modified (the pass manager works on a copy).
+The input model is never modified (the pass manager works on a copy). Under torch.distributed only rank 0 writes
+(rewrite.distributed rule 5): the other processes load, capture and run the passes (their share of the data-driven
+ones), and stop there, writing nothing.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from rewrite.capture import CaptureReport, capture
 from rewrite.check import check_merged, check_unmerged
 from rewrite.data import check_data_file
 from rewrite.decoder import capture_with_past
+from rewrite.distributed import is_main
 from rewrite.errors import ExportError, SpecError
 from rewrite.export.manifest import build_manifest
 from rewrite.export.onnx_merged import export_merged
@@ -100,8 +103,11 @@ def apply(spec: Spec, model: str, out_dir: Path, *, verify: bool = False, check:
     """Run the spec on MODEL and publish the result as OUT, replacing a previous rewrite output as a whole."""
     stage = on_stage or (lambda *_: None)
     adapter_dir = streaming_merge_source(spec)
-    if adapter_dir is not None:
-        return _streaming_merge(spec, model, Path(out_dir), adapter_dir, stage)
+    if adapter_dir is not None:  # nothing to share: rank 0 folds the checkpoint alone
+        return _streaming_merge(spec, model, Path(out_dir), adapter_dir, stage) if is_main() else \
+            Summary(model=model, output_dir=None, sites_total=0)
+    if not is_main():
+        return _apply_into(spec, model, Path(out_dir), verify, check, trust_pickle, stage, write=False)
     with Staging(Path(out_dir), str(out_dir)) as staging:
         summary = _apply_into(spec, model, staging.tmp, verify, check, trust_pickle, stage)
         if spec.export.format == "onnx" and spec.export.target == "triton":
@@ -167,7 +173,7 @@ def _streaming_merge(spec: Spec, model: str, out_dir: Path, adapter_dir: Path, s
 
 
 def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | None, trust_pickle: bool,
-                stage: Step) -> Summary:
+                stage: Step, *, write: bool = True) -> Summary:
     summary = Summary(model=model, output_dir=None, sites_total=0)
 
     def on_stage(name: str, seconds: float, stats: dict[str, Any]) -> None:
@@ -186,6 +192,8 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
 
     context = PassContext(spec_dir=spec.base_dir, output_dir=tmp)
     gm = PassManager(schedule(spec, context), verify=verify, on_step=on_pass).run(gm)
+    if not write:
+        return summary
     exports: list[ExportEntry] = []
     if spec.export.format == "onnx":
         exports.append(_export(gm, spec, tmp, loaded, check, on_stage, on_pass, summary, context))

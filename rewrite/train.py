@@ -17,6 +17,11 @@ One optimizer step per batch. Per step, in this order:
     cb.on_step(ctx)             # after optimizer.step, before zero_grad (AdaLoRA masks here, as PEFT)
     optimizer.zero_grad()
 
+Under torch.distributed (rewrite.distributed) every process takes its rows of each batch, backpropagates its
+share of the task loss (regularisers unscaled), and the gradients are averaged over the processes before the
+clip: every process takes the same step as one process holding the whole batch, `ctx.loss` is the loss over the
+whole batch, and callbacks see averaged gradients. Pass the same data on every process.
+
 Callbacks are any objects with some of `on_train_begin`, `regularizer`, `before_step`, `on_step`,
 `on_train_end` (all optional; `TrainCallback` is a do-nothing base). `on_step` is called exactly once per
 optimizer step with `ctx.step` = 1, 2, ..., `ctx.total_steps`.
@@ -65,6 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rewrite import distributed
 from rewrite.errors import DataError, SpecError
 from rewrite.progress import tracked
 
@@ -270,18 +276,17 @@ def train(gm: nn.Module, data: Any, loss_fn: Callable[[Any, Batch], torch.Tensor
         batches = tracked(_batches(data, steps), "train", steps, lambda: {"loss": f"{ctx.loss:.4g}"})
         for step, batch in enumerate(batches, start=1):
             ctx.step = step
-            outputs = gm(**_inputs(data, batch))
-            loss = loss_fn(outputs, batch)
-            if not torch.isfinite(loss):
-                raise DataError(f"training diverged at step {step}: loss is {loss.item()} (lower [data] lr)")
-            total = loss
+            part = distributed.shard(batch)
+            total, ctx.loss = distributed.weighted_loss(loss_fn(gm(**_inputs(data, part.batch)), part.batch), part)
+            if not math.isfinite(ctx.loss):
+                raise DataError(f"training diverged at step {step}: loss is {ctx.loss} (lower [data] lr)")
             for cb in callbacks:
                 term = cb.regularizer(ctx) if hasattr(cb, "regularizer") else None
                 if term is not None:
                     total = total + term
             total.backward()
-            ctx.loss = float(loss.detach())
             live = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            distributed.all_mean([p.grad for p in live])
             if grad_clip is not None and live:
                 torch.nn.utils.clip_grad_norm_(live, float(grad_clip))
             for cb in callbacks:

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "rewrite.factory", "rewrite.modes", "rewrite.progress")),
     ("ir", ("rewrite.load", "rewrite.pt2_archive", "rewrite.capture", "rewrite.decoder", "rewrite.inputs",
             "rewrite.stamp", "rewrite.sites", "rewrite.graph_edit", "rewrite.state", "rewrite.data",
-            "rewrite.tensors")),
+            "rewrite.tensors", "rewrite.distributed")),
     ("adapters", ("rewrite.adapters",)),
     ("analysis", ("rewrite.costmodel", "rewrite.scorers", "rewrite.solver", "rewrite.report", "rewrite.allocators",
                   "rewrite.train", "rewrite.planted", "rewrite.combine_methods")),

@@ -26,6 +26,10 @@ until the final phase. The orthogonality regulariser gamma * mean(||P^T P - I||_
 (tests/test_adalora.py checks it against PEFT itself); one deliberate difference: where PEFT's
 kthvalue would be asked for k = 0 (budget not below b0 at a masking step) and raise, nothing is masked.
 
+Under torch.distributed (rewrite.distributed) the gradients I_t reads must be averaged over the processes
+already (DDP and rewrite.train do it: |w . g| of the whole batch's gradient, not a mean of per-process |w . g|),
+so every process keeps the same EMAs; each mask is process 0's, on every process.
+
 `finalize()` physically resizes: each site keeps exactly its unmasked triplets as a plain LoRA with the
 same delta (c = alpha / r0 kept, as PEFT's resize keeps ranknum = r0); sites left with none lose their
 branch. If training stopped before T - t_final, the final mask is taken at bT from the current scores.
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from rewrite import distributed
 from rewrite.adapters.svd_lora import SvdLoRA
 from rewrite.allocators.bounds import Bound, clip_keep, keep_within, resolve_bounds
 from rewrite.allocators.common import SvdAllocator, finalize_svd, install_svd
@@ -190,6 +195,7 @@ class AdaLoRA(SvdAllocator):
         """Zero lam of every triplet scoring <= the (b0 - budget)-th smallest score (within the per-site
         bounds: `keep_within`); returns the kept masks."""
         pattern, _ = keep_within(self.triplet_scores(), budget, self.bounds)
+        pattern = distributed.agree({owner: keep.cpu() for owner, keep in pattern.items()})
         self.mask_using_rank_pattern(pattern)
         return pattern
 

@@ -23,6 +23,10 @@ at clamp(init_rank, lo_k, hi_k) (hi_k = 0: its branch is removed before training
 would pass hi_k is not a candidate, so the k picks go to the best sites that can still grow; when no
 site can grow, growth stops there (R_T is then not reached).
 
+Under torch.distributed (rewrite.distributed): G_k is averaged over the processes before S_k is taken (the
+gradient of the whole batch; parameter gradients are averaged already, by DDP or rewrite.train), so every
+process keeps the same EMAs; the growth step uses process 0's scores on every process.
+
 Deliberate difference: the official stops only at R_t == R_T exactly (ties can overshoot and then the
 reserves are never disabled); here R_t >= R_T stops and disables them.
 """
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from rewrite import distributed
 from rewrite.adapters.svd_lora import SvdLoRA
 from rewrite.allocators.bounds import Bound, resolve_bounds
 from rewrite.allocators.common import SvdAllocator, drop_sites, finalize_svd, install_svd, owners_of
@@ -127,6 +132,7 @@ class IncreLoRA(SvdAllocator):
     @torch.no_grad()
     def module_scores(self) -> dict[str, torch.Tensor]:
         """owner -> S_k = sum |dW_k (.) G_k| / sqrt(numel) from the gradients of the last backward (0 if none)."""
+        distributed.all_mean([module.product_grad for module in self.modules.values()])
         out = {}
         for owner, module in self.modules.items():
             grad = module.product_grad
@@ -168,7 +174,7 @@ class IncreLoRA(SvdAllocator):
     def grow(self, optimizer: torch.optim.Optimizer | None = None, step: int | None = None) -> list[str]:
         """Add `rank_step` ranks to every site that may still grow (rank + a <= its max rank) and scores
         >= the k-th largest score among those, k = min(h, R_T - R_t, number of such sites)."""
-        scores = self.scores()
+        scores = distributed.agree(self.scores())
         open_sites = [o for o in self.modules if self.can_grow(o)]
         k = min(self.top_h, self.target_total - self.total_rank, len(open_sites))
         if k <= 0:

@@ -12,6 +12,10 @@ for the best rank-r approximation W_r under the data. normalize = "site" (defaul
 `collect_statistics` (also used by `fisher`) runs calibration batches through the graph with hooks on the
 adapter modules: a forward hook reads the site input x, a hook on the adapter's output tensor reads
 dL/dy at the site (the branch is added to the base output, so both share the gradient).
+
+Under torch.distributed each process runs its rows of every batch (rewrite.distributed rule 1); the sums of x x^T,
+the token counts and the sums of J^T u u^T J are summed over the processes (rule 3) and dL/dW is averaged (rule 2),
+so every process ends with the statistics of all the rows, as one process holding all of them would.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rewrite import distributed
 from rewrite.errors import DataError, RewriteError, SpecError, first_line
 from rewrite.progress import tracked
 from rewrite.scorers import Curves, ScoreContext, Scorer, Target, energy_curve, weight_matrix
@@ -118,18 +123,19 @@ def collect_statistics(ctx: ScoreContext, *, gradients: bool, output_metric: boo
     seen = 0
     try:
         for batch in tracked(ctx.data.batches(limit=ctx.batches), "calibration batches", ctx.batches):
-            inputs = ctx.data.model_inputs(batch)
+            part = distributed.shard(batch)
             with torch.enable_grad() if backward else torch.no_grad():
-                outputs = _run(ctx.gm, inputs)
+                outputs = _run(ctx.gm, ctx.data.model_inputs(part.batch))
                 if gradients:
                     phase["name"] = "loss"
-                    ctx.loss(outputs, batch).backward(retain_graph=output_metric)
+                    distributed.weighted_loss(ctx.loss(outputs, part.batch), part)[0].backward(
+                        retain_graph=output_metric)
                 if output_metric:
                     from rewrite.data import select_output
 
                     out = select_output(outputs, ctx.data.options.output)
                     phase["name"] = "metric"
-                    out.backward(torch.randn(out.shape, generator=generator, dtype=out.dtype))
+                    out.backward(part.normal(out.shape, generator, out.dtype))
             seen += 1
     finally:
         for handle in handles:
@@ -146,7 +152,17 @@ def collect_statistics(ctx: ScoreContext, *, gradients: bool, output_metric: boo
         st.batches = seen
         if st.second_moment is None:
             raise DataError(f"site {owner} was never reached by the calibration data")
+    _combine(stats)
     return stats
+
+
+def _combine(stats: dict[str, SiteStats]) -> None:
+    """The statistics of every process's rows (rewrite.distributed rules 2 and 3)."""
+    tokens = torch.tensor([st.tokens for st in stats.values()], dtype=torch.float64)
+    distributed.all_sum([tokens, *(t for st in stats.values() for t in (st.second_moment, st.out_moment))])
+    distributed.all_mean([st.grad for st in stats.values()])
+    for st, count in zip(stats.values(), tokens.tolist()):
+        st.tokens = int(count)
 
 
 def _run(gm, inputs: dict[str, torch.Tensor]):

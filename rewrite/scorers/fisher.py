@@ -26,12 +26,16 @@ update D of each site is read, and the adapters are restored exactly. Then
 
 the same quantity as the one-step curve above (one natural-gradient step is D = -Gamma^{-1} G C^{-1}), after
 N joint steps. bench/bench_planted_ranks.py shows the difference (planted ranks found: Spearman about
-+0.2 to +0.4 from one step, +1.0 with a probe).
++0.2 to +0.4 from one step, +1.0 with a probe). Under torch.distributed the probe's gradients are averaged over
+the processes before each step (rewrite.distributed rule 2): every process fits the same update from all the rows.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from rewrite import distributed
 from rewrite.errors import DataError
 from rewrite.progress import tracked
 from rewrite.scorers import Curves, ScoreContext, Scorer, Target, energy_curve
@@ -68,17 +72,20 @@ def probe_fit(ctx: ScoreContext, steps: int) -> dict[str, torch.Tensor]:
         optimizer = torch.optim.Adam(train_params, lr=options.lr)
         done, last = 0, {}
         for batch in tracked(ctx.data.batches(limit=steps), "probe fit", steps, lambda: last):
+            part = distributed.shard(batch)
             with torch.enable_grad():
-                loss = ctx.loss(_run(ctx.gm, ctx.data.model_inputs(batch)), batch)
-                if not torch.isfinite(loss):
-                    raise DataError(f"probe fit: the [data] loss is {float(loss)} at step {done}; lower [data] lr")
+                local, loss = distributed.weighted_loss(
+                    ctx.loss(_run(ctx.gm, ctx.data.model_inputs(part.batch)), part.batch), part)
+                if not math.isfinite(loss):
+                    raise DataError(f"probe fit: the [data] loss is {loss} at step {done}; lower [data] lr")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                local.backward()
+            distributed.all_mean([p.grad for p in train_params])
             if options.grad_clip:
                 torch.nn.utils.clip_grad_norm_(train_params, options.grad_clip)
             optimizer.step()
             done += 1
-            last = {"loss": f"{float(loss):.4g}"}
+            last = {"loss": f"{loss:.4g}"}
         return {t.owner: _delta_matrix(t) - start[t.owner] for t in ctx.targets}
     finally:
         with torch.no_grad():
