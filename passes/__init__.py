@@ -4,12 +4,13 @@ from rewrite.passes.combine import CombinePass
 from rewrite.passes.insert import InsertPass
 from rewrite.passes.load import LoadPass
 from rewrite.passes.merge import MergePass
+from rewrite.passes.prune import PrunePass
 from rewrite.passes.save import SavePass
 from rewrite.passes.train import TrainPass
 from rewrite.passes.unmerge import UnmergePass
 
 REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass, TrainPass, AllocatePass,
-                                CombinePass)}
+                                CombinePass, PrunePass)}
 
-__all__ = ["REGISTRY", "AllocatePass", "CombinePass", "InsertPass", "LoadPass", "MergePass", "SavePass", "TrainPass",
-           "UnmergePass"]
+__all__ = ["REGISTRY", "AllocatePass", "CombinePass", "InsertPass", "LoadPass", "MergePass", "PrunePass", "SavePass",
+           "TrainPass", "UnmergePass"]

@@ -1,7 +1,7 @@
 """Command line: `rewrite apply SPEC MODEL -o OUT`, `rewrite bundle MODEL --adapter NAME=DIR ...`,
 `rewrite combine MODEL --adapter NAME=DIR ... --weights W,... --method M`, `rewrite docs`,
 `rewrite merge MODEL_DIR --adapter DIR -o OUT` (streaming, shard by shard),
-`rewrite inspect MODEL [--spec SPEC]` and `rewrite report allocation.json [-o DIR]`.
+`rewrite inspect MODEL [--spec SPEC] [--groups]` and `rewrite report allocation.json [-o DIR]`.
 
 Bad input (spec, model, adapter files) prints one clear message and exits with code 2, writing nothing.
 Progress goes to stderr; `--json` prints a machine-readable result to stdout; `--quiet` prints only errors.
@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
     inspect.add_argument("model")
     inspect.add_argument("--spec", help="spec.toml: capture settings and selectors to resolve")
+    inspect.add_argument("--groups", action="store_true",
+                         help="also list the dependency groups a structural prune cuts together (heads, FFN neurons, "
+                              "conv channels) and the adapter tensors that shrink with them")
     report = sub.add_parser("report", help="re-render a rank-allocation report (Markdown, heatmap) from its JSON")
     report.add_argument("report_json", metavar="JSON", help="allocation.json written by the allocate pass")
     report.add_argument("-o", "--output", help="output directory (default: the JSON file's directory)")
@@ -261,7 +264,23 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         _print_rows(console, title, ("site", "op", "class", "d_in", "d_out"),
                     [(r["name"], r["op"], r["module_class"], str(r["d_in"]), str(r["d_out"])) for r in rows])
         _print_plans(console, plans, writes=False)
-    return dict(model=args.model, inputs=inputs, sites=rows, passes=as_json(plans))
+    result = dict(model=args.model, inputs=inputs, sites=rows, passes=as_json(plans))
+    if args.groups:
+        from rewrite.coupling.groups import analyze, summary
+
+        args.doing = f"tracing the dependency groups of {args.model}"
+        result["groups"] = [summary(g) for g in analyze(gm).groups]
+        if not args.quiet and not args.json:
+            _print_rows(console, f"{len(result['groups'])} dependency groups",
+                        ("structure", "group", "status", "units", "shrinks", "adapters"),
+                        [(g["structure"], g["group"], g["status"] + (f": {g['why']}" if g["why"] else ""),
+                          f"{g['removable']}/{g['units']}" + (f" ({g['kv_heads']} kv)" if g["kv_heads"] else ""),
+                          _few(g["axes"]), _few(g["adapters"]) or "-") for g in result["groups"]])
+    return result
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    return " ".join(items[:n]) + (f" ... (+{len(items) - n})" if len(items) > n else "")
 
 
 def _print_rows(console: Console, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
