@@ -1,7 +1,8 @@
 """Lower live adapters to switchable forms for unmerged export (the modes themselves: `export/lowerings/`).
 
 Every site's chain of adapter branches is replaced by ONE module from the chosen lowering, computing the delta of
-the adapter selected at run time. Scales are folded into B (B' = s B); the ranks of one site are zero-padded to
+the adapter selected at run time; the sites of a fused group (`fuse`) share one module where the lowering has a
+grouped form (bank: one A bank), and are lowered one by one otherwise. Scales are folded into B (B' = s B); the ranks of one site are zero-padded to
 the largest, so adapters of different ranks share one model.
 
 `[export] reserve` keeps slots for adapters added while serving: the sites `reserve.targets` selects (Linear /
@@ -16,6 +17,7 @@ GPT-2's flattened [B*T, d] alike.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,7 @@ from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.errors import ExportError
 from rewrite.export.lowerings import LOWERINGS
 from rewrite.export.lowerings.base import ROUTER, Lowering
-from rewrite.graph_edit import adapters_at, drop_adapter, site_input, unwire
+from rewrite.graph_edit import adapter_input, adapters_at, drop_adapter, fused_groups, fused_parts, unwire
 from rewrite.options import ExportOptions
 from rewrite.sites import Site, select
 from rewrite.state import state_of
@@ -60,6 +62,7 @@ class SiteLowering:
     rank: int
     tensors: dict[str, str]  # "A" / "B" -> module path of the parameter (its ONNX initializer name)
     per_adapter: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {"A", "B"} scaled
+    a_offset: int = 0  # a fused group's site: the column where its block starts in the group's shared A
 
 
 @dataclass
@@ -133,7 +136,9 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     if slots < len(names):
         raise ExportError(f"[export] capacity = {slots} is smaller than the {len(names)} adapters exported")
     reserved, least_rank = _reserved(state, options, lowering.routed)
-    lowered_sites = []
+    groups = [list(dict.fromkeys(state.sites[p.meta["rewrite"].site].owner for p in fused_parts(g)))
+              for g in fused_groups(gm)]  # read before the adapters are detached (which unfuses them)
+    banks = {}  # owner -> (its sites, rank, {adapter: padded A / B}) for every owner lowered
     for owner, modules in live.items():
         chosen = {n: m for n, m in modules.items() if n in names}
         for name in list(modules):
@@ -149,7 +154,24 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
         # a reserved site no exported adapter touches: every slot zero (the base model until an adapter is added)
         weight = gm.get_parameter(sites[0].weight)
         empty = {"A": weight.new_zeros(sites[0].d_in, rank), "B": weight.new_zeros(rank, sites[0].d_out)}
-        module = lowering.module(padded or {n: empty for n in names}, names, slots, sites[0], BANK_DTYPES[bank_dtype])
+        banks[owner] = (sites, rank, padded, padded or {n: empty for n in names})
+    lowered_sites = []
+    for group in filter(None, ([o for o in g if o in banks] for g in groups)):
+        made = lowering.group_module([(banks[o][3], banks[o][0][0]) for o in group], names, slots,
+                                     BANK_DTYPES[bank_dtype])
+        if made is None:
+            continue
+        module, tensors, offsets = made
+        path = f"lora.{group[0]}"
+        gm.add_submodule(path, module)
+        for index, owner in enumerate(group):
+            sites, rank, padded, _ = banks.pop(owner)
+            _wire_lowered(gm, state.sites.node_of(gm, sites[0].name), sites[0], path, fused=False, part=index)
+            lowered_sites.append(SiteLowering(owner, sites[0].op, sites[0].d_in, sites[0].d_out, rank,
+                                              {k: f"{path}.{v}" for k, v in tensors[index].items()}, padded,
+                                              offsets[index]))
+    for owner, (sites, rank, padded, filled) in banks.items():
+        module = lowering.module(filled, names, slots, sites[0], BANK_DTYPES[bank_dtype])
         path = f"lora.{owner}"
         gm.add_submodule(path, module)
         for site in sites:
@@ -162,14 +184,27 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     return Lowered(root, lowering, names, lowered_sites, reserved)
 
 
-def _wire_lowered(gm: fx.GraphModule, base: fx.Node, site: Site, path: str, fused: bool) -> None:
-    """base -> base + lowered(x), or lowered(x, base) when the module adds base itself."""
+def _wire_lowered(gm: fx.GraphModule, base: fx.Node, site: Site, path: str, fused: bool, part: int | None = None
+                  ) -> None:
+    """base -> base + lowered(x), or lowered(x, base) when the module adds base itself; a group's module (`part`:
+    this site's index in it) is called once, before its first site, and each site adds its part."""
     users = list(base.users)
     with gm.graph.inserting_before(base.next):
         if fused:
-            join = gm.graph.call_module(path, (site_input(base, site), base))
+            join = gm.graph.call_module(path, (adapter_input(base, site), base))
         else:
-            delta = gm.graph.call_module(path, (site_input(base, site),))
+            delta = gm.graph.call_module(path, (adapter_input(base, site),)) if part is None else \
+                gm.graph.call_function(operator.getitem, (_group_call(gm, base, site, path), part))
             join = gm.graph.call_function(aten.add.Tensor, (base, delta))
     for user in users:
         user.replace_input_with(base, join)
+
+
+def _group_call(gm: fx.GraphModule, base: fx.Node, site: Site, path: str) -> fx.Node:
+    """The call of the group module at `path` (made right after the site's input the first time)."""
+    found = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == path), None)
+    if found is None:
+        x = adapter_input(base, site)
+        with gm.graph.inserting_after(x):
+            found = gm.graph.call_module(path, (x,))
+    return found

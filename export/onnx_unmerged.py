@@ -168,7 +168,8 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         capacity=options.capacity or len(lowered.adapters) if lowered.routed else None,
         bank_dtype=options.bank_dtype if lowered.routed else None,
         ids_input=IDS_INPUT if lowered.routed else None,
-        sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, **s.tensors)
+        sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, A_offset=s.a_offset,
+                              **s.tensors)
                for s in lowered.sites],
         adapters=adapters,
         reserve=None if options.reserve is None else ReservedSlots(

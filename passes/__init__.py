@@ -1,6 +1,7 @@
 """The pass registry: spec name -> pass class (explicit, no discovery)."""
 from rewrite.passes.allocate import AllocatePass
 from rewrite.passes.combine import CombinePass
+from rewrite.passes.fuse import FusePass
 from rewrite.passes.insert import InsertPass
 from rewrite.passes.load import LoadPass
 from rewrite.passes.merge import MergePass
@@ -10,7 +11,7 @@ from rewrite.passes.train import TrainPass
 from rewrite.passes.unmerge import UnmergePass
 
 REGISTRY = {p.name: p for p in (InsertPass, LoadPass, MergePass, UnmergePass, SavePass, TrainPass, AllocatePass,
-                                CombinePass, PrunePass)}
+                                CombinePass, PrunePass, FusePass)}
 
-__all__ = ["REGISTRY", "AllocatePass", "CombinePass", "InsertPass", "LoadPass", "MergePass", "PrunePass", "SavePass",
-           "TrainPass", "UnmergePass"]
+__all__ = ["REGISTRY", "AllocatePass", "CombinePass", "FusePass", "InsertPass", "LoadPass", "MergePass", "PrunePass",
+           "SavePass", "TrainPass", "UnmergePass"]

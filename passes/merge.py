@@ -63,7 +63,7 @@ class MergePass(FoldPass):
             weight_owners.setdefault(site.weight, set()).add(site.owner)
         merged_sites, merged_params = 0, 0
         for owner, modules in attached.items():
-            names = self.options.chosen(modules)
+            names = self.chosen(modules)
             if not names:
                 continue
             site = next(s for s in state.sites.values() if s.owner == owner)
@@ -97,6 +97,10 @@ class MergePass(FoldPass):
                 module = modules[name]
                 state.merged.setdefault(owner, {})[name] = dict(kind=module.kind, **module.manifest_entry())
         return PassResult(gm, merged_sites > 0, {"merged": merged_sites, "adapter_params_folded": merged_params})
+
+    def chosen(self, modules: dict) -> list[str]:
+        """The adapters at one site that this merge folds (`fuse` narrows them to some kinds)."""
+        return self.options.chosen(modules)
 
     @staticmethod
     def _already_merged(state, name: str) -> bool:

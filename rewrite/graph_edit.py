@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 
 import torch
 import torch.fx as fx
@@ -58,15 +59,21 @@ def _tag(node: fx.Node, base: fx.Node, tag: AdapterTag) -> None:
     node.meta["custom"] = {"rewrite.site": tag.site, "rewrite.adapter": tag.adapter, "rewrite.role": tag.role}
 
 
-def _chain_end(base: fx.Node, site: str) -> fx.Node:
-    current = base
+def site_chain(base: fx.Node, site: str) -> list[fx.Node]:
+    """The joins after a site's base op, in chain order (input-joined adapters sit before the op, not here)."""
+    chain, current = [], base
     while True:
         nxt = next((u for u in current.users
                     if isinstance(u.meta.get("rewrite"), AdapterTag) and u.meta["rewrite"].role == "join"
                     and u.meta["rewrite"].site == site and u.args[0] is current), None)
         if nxt is None:
-            return current
+            return chain
+        chain.append(nxt)
         current = nxt
+
+
+def _chain_end(base: fx.Node, site: str) -> fx.Node:
+    return ([base, *site_chain(base, site)])[-1]
 
 
 def has_adapter(gm: fx.GraphModule, owner: str, adapter: str) -> bool:
@@ -128,8 +135,66 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
         user.replace_input_with(end, join)
 
 
+FUSED_ROOT = "fused_adapters"
+
+
+def fused_groups(gm: fx.GraphModule) -> list[fx.Node]:
+    """The calls of fused groups (`fuse`) in graph order."""
+    if not hasattr(gm, FUSED_ROOT):
+        return []
+    return [n for n in gm.graph.nodes if isinstance(n.meta.get("rewrite"), AdapterTag) and n.meta["rewrite"].role
+            == "fused"]
+
+
+def fused_parts(group: fx.Node) -> list[fx.Node]:
+    """The `getitem` nodes that read a fused group's output, by member index."""
+    return sorted(group.users, key=lambda part: part.args[1])
+
+
+def fuse_branches(gm: fx.GraphModule, calls: list[fx.Node], path: str, module: nn.Module) -> fx.Node:
+    """Replace the adapter calls `calls` (role "delta", all reading the same input x) by one call of `module`
+    (registered at `path`) returning their deltas as a tuple, read back by one `getitem` per member; the joins stay
+    where they were, so the chains keep their order. Returns the group's call."""
+    graph, x = gm.graph, calls[0].args[0]
+    gm.add_submodule(path, module)
+    with graph.inserting_before(calls[0]):
+        group = graph.call_module(path, (x,))
+    first = calls[0].meta["rewrite"]
+    _tag(group, calls[0], AdapterTag(first.site, "fused", ",".join(sorted({c.meta["rewrite"].adapter for c in calls})),
+                                     "fused"))
+    for index, call in enumerate(calls):
+        with graph.inserting_before(call):
+            part = graph.call_function(operator.getitem, (group, index))
+        part.meta = dict(call.meta)
+        call.replace_all_uses_with(part)
+        graph.erase_node(call)
+    return group
+
+
+def unfuse(gm: fx.GraphModule, group: fx.Node) -> None:
+    """Undo `fuse_branches`: each member's own adapter call goes back where its part was read; the group's module
+    is removed."""
+    table = state_of(gm).sites
+    x = group.args[0]
+    for part in fused_parts(group):
+        tag = part.meta["rewrite"]
+        with gm.graph.inserting_before(part):
+            call = gm.graph.call_module(adapter_path(table[tag.site].owner, tag.adapter), (x,))
+        call.meta = dict(part.meta)
+        part.replace_all_uses_with(call)
+        gm.graph.erase_node(part)
+    gm.graph.erase_node(group)
+    gm.delete_submodule(group.target)
+
+
 def unwire(gm: fx.GraphModule, adapter: str, owner: str) -> int:
-    """Remove every call of `adapters.<owner>.<adapter>` and its join; returns how many calls were removed."""
+    """Remove every call of `adapters.<owner>.<adapter>` and its join; returns how many calls were removed. A fused
+    group holding it is unfused first (its other members get their own calls back)."""
+    table = state_of(gm).sites
+    for group in fused_groups(gm):
+        if any(p.meta["rewrite"].adapter == adapter and table[p.meta["rewrite"].site].owner == owner
+               for p in group.users):
+            unfuse(gm, group)
     target = adapter_path(owner, adapter)
     removed = 0
     for node in list(gm.graph.nodes):

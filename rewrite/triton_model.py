@@ -84,11 +84,7 @@ def write_slot(model: onnx.ModelProto, entry: UnmergedExport, slot: int,
             a_pad[:, : a.shape[1]], b_pad[: b.shape[0]] = a, b
         a_bank = numpy_helper.to_array(inits[site.A], base_dir=str(base_dir)).copy()
         b_bank = numpy_helper.to_array(inits[site.B], base_dir=str(base_dir)).copy()
-        if entry.switching == "custom-op":
-            a_bank[slot], b_bank[slot] = a_pad, b_pad
-        else:
-            a_bank[:, slot * site.rank:(slot + 1) * site.rank] = a_pad
-            b_bank[slot * site.rank:(slot + 1) * site.rank] = b_pad
+        site.put_slot(a_bank, b_bank, slot, a_pad, b_pad, entry.switching)
         inits[site.A].CopyFrom(numpy_helper.from_array(a_bank, site.A))
         inits[site.B].CopyFrom(numpy_helper.from_array(b_bank, site.B))
 

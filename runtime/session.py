@@ -103,14 +103,16 @@ class AdapterSession:
 
     def _expected_shapes(self) -> dict[str, tuple[int | None, ...]]:
         """{A / B input name: its shape} as the manifest describes the model (None: a rank dim of any size)."""
-        capacity, out = self.entry.capacity, {}
+        capacity, out, width = self.entry.capacity, {}, {}
+        for s in self.entry.sites:  # the sites of a fused group share one A: its width is the sum of theirs
+            width[s.A] = width.get(s.A, 0) + s.rank
         for s in self.entry.sites:
             if self.switching == "ort-adapters":
                 out[s.A], out[s.B] = (s.d_in, None), (None, s.d_out)
             elif self.switching == "bank":
-                out[s.A], out[s.B] = (s.d_in, capacity * s.rank), (capacity * s.rank, s.d_out)
+                out[s.A], out[s.B] = (s.d_in, capacity * width[s.A]), (capacity * s.rank, s.d_out)
             else:
-                out[s.A], out[s.B] = (capacity, s.d_in, s.rank), (capacity, s.rank, s.d_out)
+                out[s.A], out[s.B] = (capacity, s.d_in, width[s.A]), (capacity, s.rank, s.d_out)
         return out
 
     def _check_model_inputs(self) -> None:
@@ -363,12 +365,8 @@ class AdapterSession:
             if factors and info.site in factors:
                 a, b = factors[info.site]
                 a_pad[:, : a.shape[1]], b_pad[: b.shape[0]] = a, b
-            a_bank, b_bank = bank[info.A].copy(), bank[info.B].copy()
-            if self.switching == "custom-op":
-                a_bank[slot], b_bank[slot] = a_pad, b_pad
-            else:
-                a_bank[:, slot * rank:(slot + 1) * rank] = a_pad
-                b_bank[slot * rank:(slot + 1) * rank] = b_pad
+            a_bank, b_bank = out[info.A].copy(), out[info.B].copy()  # out: the sites of a fused group share an A
+            info.put_slot(a_bank, b_bank, slot, a_pad, b_pad, self.switching)
             out[info.A], out[info.B] = a_bank, b_bank
         return out
 

@@ -7,6 +7,7 @@ largest, so a lowering only decides how the chosen adapter is selected:
     routed   the exported model takes `adapter_ids` [batch] (one adapter per row; -1 = base)
     fused    the module takes the base op's output and returns base + delta itself
     module   the site's module from {adapter: {"A" [d_in, r], "B" [r, d_out]}}, the bank order and capacity
+    group_module  the same for the sites of a fused group (one input, one shared A), where the lowering has one
     adapter_input  the ONNX graph input each A / B parameter becomes (shape, and its default initializer)
 """
 from __future__ import annotations
@@ -44,6 +45,13 @@ class Lowering:
     def module(self, padded: dict[str, dict[str, torch.Tensor]], names: list[str], slots: int, site: Site,
                dtype: torch.dtype) -> nn.Module:
         raise NotImplementedError
+
+    def group_module(self, members: list[tuple[dict[str, dict[str, torch.Tensor]], Site]], names: list[str],
+                     slots: int, dtype: torch.dtype) -> tuple[nn.Module, list[dict[str, str]], list[int]] | None:
+        """One module for the sites of a fused group (`fuse`; `members`: (padded, site) per site, all reading one
+        input) that returns their deltas as a tuple, with each site's {"A", "B"} parameter names inside it and the
+        column where its block starts in the shared A. None: no grouped form, each site is lowered alone."""
+        return None
 
     def translation_table(self) -> dict[Any, Any] | None:
         """Custom ONNX translations the exporter needs (None: standard ops only)."""

@@ -114,7 +114,8 @@ class MergedExport(_Strict):
 
 
 class SwitchableSite(_Strict):
-    """One site of an unmerged export: its A / B model inputs (banks for bank / custom-op) and their sizes."""
+    """One site of an unmerged export: its A / B model inputs (banks for bank / custom-op) and their sizes. The sites
+    of a fused group (`fuse`) share one A: each one's block starts at column `A_offset` of its rank axis."""
     site: str
     op: str
     d_in: Count
@@ -122,6 +123,16 @@ class SwitchableSite(_Strict):
     rank: Count
     A: str
     B: str
+    A_offset: Annotated[int, Field(ge=0)] = 0
+
+    def put_slot(self, a_bank, b_bank, slot: int, a, b, switching: str) -> None:
+        """Write one slot's A [d_in, rank] and B [rank, d_out] into this site's banks, in place (numpy arrays):
+        bank [d_in, C rank] / [C rank, d_out] (slot-major), custom-op [C, d_in, rank] / [C, rank, d_out]."""
+        o, r = self.A_offset, self.rank
+        if switching == "custom-op":
+            a_bank[slot, :, o:o + r], b_bank[slot] = a, b
+        else:
+            a_bank[:, o + slot * r:o + (slot + 1) * r], b_bank[slot * r:(slot + 1) * r] = a, b
 
 
 class ReservedSlots(_Strict):

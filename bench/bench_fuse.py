@@ -1,0 +1,165 @@
+"""The `fuse` pass: unmerged LoRA latency before vs after fusing siblings, eager torch and ONNX Runtime.
+
+    python bench/bench_fuse.py [--rounds 15] [--block 5] [--batches 1 32] [--threads 1] [--layers 4]
+
+Model: a LLaMA-shaped stack of linears (tests/fuse_models.py): per layer q / k / v / o (d x d), gate / up (d x f),
+down (f x d), d = 1024, f = 2816, 4 layers; LoRA r = 16 (alpha 32, random B) on all 7 projections; input
+[batch, 1, d] (one decode step per row). Contenders, for each runtime and batch:
+
+  base      no adapters (the captured model; ORT: its merged export)
+  unmerged  the adapters as inserted (eager: the rewritten graph; ORT: the per-row bank export, one adapter)
+  fused     the same graph after `fuse` (eager: 4 groups per layer, one A GEMM each; ORT: the bank export of the
+            fused graph, one A bank per group)
+
+Adapter milliseconds = contender - base. Timing: blocks of `--block` calls per contender, contenders interleaved
+over `--rounds` rounds in a new random order each round; each cell is the median of the block medians. With one
+thread (the default) torch and ONNX Runtime both compute in the calling thread, whose CPU time is measured: unlike
+wall time it does not count preemption by other load on a shared machine; with more threads, wall time. The
+ratio column is (unmerged - base) / (fused - base): how many times fewer adapter milliseconds fuse leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from fuse_models import Stack  # noqa: E402
+from rewrite.export.onnx_merged import export_merged  # noqa: E402
+from rewrite.export.onnx_unmerged import export_unmerged  # noqa: E402
+from rewrite.passes import REGISTRY  # noqa: E402
+
+from rewrite.capture import capture  # noqa: E402
+from rewrite.inputs import ExampleInputs  # noqa: E402
+from rewrite.load import LoadedModel  # noqa: E402
+from rewrite.options import ExportOptions  # noqa: E402
+from rewrite.pass_infra import PassContext  # noqa: E402
+
+D, F, R = 1024, 2816, 16
+CONTENDERS = ("base", "unmerged", "fused")
+
+
+def run(gm, name: str, **options) -> None:
+    REGISTRY[name](REGISTRY[name].Options(**options), PassContext(where=f"bench {name}"))(gm)
+
+
+def graphs(layers: int) -> dict[str, torch.fx.GraphModule]:
+    torch.manual_seed(0)
+    model = Stack(D, F, layers).eval()
+    example = ExampleInputs({"x": torch.randn(2, 1, D)}, {"x": ["batch", None, None]})
+    base, _ = capture(LoadedModel(model, None, "factory", "fuse_models:Stack", None), example)
+    unmerged = copy.deepcopy(base)
+    run(unmerged, "insert", adapter="a", targets=["layers.*"], rank=R, alpha=2.0 * R)
+    with torch.no_grad():
+        for name, param in unmerged.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.01)
+    fused = copy.deepcopy(unmerged)
+    run(fused, "fuse")
+    return {"base": base, "unmerged": unmerged, "fused": fused}
+
+
+def sessions(gms: dict, threads: int, work: Path) -> dict[str, ort.InferenceSession]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    out = {}
+    for name, gm in gms.items():
+        folder = work / name
+        folder.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name == "base":
+                export_merged(gm, folder / "model.onnx", ExportOptions(), None)
+            else:
+                export_unmerged(gm, folder, ExportOptions(mode="unmerged", switching="bank"))
+        out[name] = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return out
+
+
+def callers(gms: dict, onnx: dict, batches: list[int]) -> dict[tuple[str, int, str], callable]:
+    out = {}
+    for batch in batches:
+        x = torch.randn(batch, 1, D, generator=torch.Generator().manual_seed(batch))
+        feeds = {"x": x.numpy()}
+        for name in CONTENDERS:
+            out[("eager", batch, name)] = lambda gm=gms[name], x=x: gm(x=x)
+            extra = {} if name == "base" else {"adapter_ids": np.zeros(batch, np.int64)}
+            out[("ort", batch, name)] = lambda s=onnx[name], f={**feeds, **extra}: s.run(None, f)
+    return out
+
+
+def check(gms: dict, onnx: dict) -> float:
+    """Max abs difference of fused vs unmerged (eager and ORT) on one batch: the bench times equal models."""
+    x = torch.randn(3, 1, D)
+    with torch.no_grad():
+        eager = (gms["fused"](x=x) - gms["unmerged"](x=x)).abs().max().item()
+    feeds = {"x": x.numpy(), "adapter_ids": np.zeros(3, np.int64)}
+    return max(eager, float(np.abs(onnx["fused"].run(None, feeds)[0] - onnx["unmerged"].run(None, feeds)[0]).max()))
+
+
+def measure(calls: dict, rounds: int, block: int, clock) -> dict:
+    samples = {key: [] for key in calls}
+    for call in calls.values():  # warm up
+        call()
+    for _ in range(rounds):
+        order = list(calls)
+        random.shuffle(order)
+        for key in order:
+            times = []
+            for _ in range(block):
+                start = clock()
+                calls[key]()
+                times.append(clock() - start)
+            samples[key].append(statistics.median(times))
+    return {key: 1e3 * statistics.median(values) for key, values in samples.items()}
+
+
+def table(ms: dict, batches: list[int], threads: int, unit: str) -> Table:
+    out = Table(title=f"fuse: unmerged LoRA r={R} on 7 projections, d={D}, f={F}, {threads} thread(s); {unit}")
+    for column in ("runtime", "batch", "base", "unmerged", "fused", "adapter ms before", "adapter ms after",
+                   "fewer adapter ms"):
+        out.add_column(column, justify="right")
+    for runtime in ("eager", "ort"):
+        for batch in batches:
+            base, before, after = (ms[(runtime, batch, n)] for n in CONTENDERS)
+            out.add_row(runtime, str(batch), f"{base:.2f}", f"{before:.2f}", f"{after:.2f}", f"{before - base:.3f}",
+                        f"{after - base:.3f}", f"{(before - base) / (after - base):.2f}x")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--block", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gms = graphs(args.layers)
+    with tempfile.TemporaryDirectory() as work, torch.no_grad():
+        onnx = sessions(gms, args.threads, Path(work))
+        print(f"fused vs unmerged max abs diff (eager, ORT): {check(gms, onnx):.2g}")
+        # one thread runs in the calling thread (torch and ORT alike): its CPU time ignores preemption by other load
+        clock = time.thread_time if args.threads == 1 else time.perf_counter
+        ms = measure(callers(gms, onnx, args.batches), args.rounds, args.block, clock)
+    Console().print(table(ms, args.batches, args.threads, "CPU ms of the calling thread" if args.threads == 1 else
+                          "wall ms"))
+
+
+if __name__ == "__main__":
+    main()
