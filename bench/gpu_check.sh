@@ -1,62 +1,78 @@
 #!/usr/bin/env bash
 # GPU check of rewrite::LoraDelta's CUDA kernel. Run from the repo root on a machine with an NVIDIA GPU:
 #
-#   bash bench/gpu_check.sh            # about 1-3 minutes (most of it nvcc)
+#   bash bench/gpu_check.sh            # about 2-5 minutes (most of it nvcc and one small ONNX export)
 #
 # 1. builds the CUDA library (CPU + CUDA kernels, one .so) and the ORT-free self-test into build/gpu, for sm_80,
-#    sm_90 and the GPU found here (CUDA_ARCHS overrides);
+#    sm_90 and the GPU found here (build.sh's default; CUDA_ARCHS overrides);
 # 2. runs the self-test (CUDA kernel vs a CPU double reference, incl. -1 rows, 3-D blocks, broadcast, odd ranks and
 #    widths, > 1000 blocks, rank 0; times B = 32 / B = 1 at d = 1024, r = 16, K = 8 with CUDA events), and again
 #    under compute-sanitizer memcheck when that tool is there;
 # 3. with onnxruntime-gpu (CUDAExecutionProvider available): runs 4 x (Gemm -> LoraDelta(x, A, B, ids, base)), the
-#    fused form the custom-op export writes, with float32 and float16 banks, on the CUDA EP with CPU fallback
-#    disabled (so LoraDelta must run on the GPU), numerics vs a float64 per-row torch/numpy reference (2-D / 3-D x,
-#    mixed ids with -1, one id broadcast, batch 1), IOBinding with x/y on the GPU and ids in host memory, the
-#    out-of-range error, and the latency of base vs base + LoraDelta through IOBinding.
+#    fused form the custom-op export writes, with float32 and float16 banks of K = 32 adapters, on the CUDA EP with
+#    CPU fallback disabled (so LoraDelta must run on the GPU), numerics vs a float64 per-row torch/numpy reference
+#    (2-D / 3-D x, mixed ids with -1, one id broadcast, batch 1), IOBinding with x/y on the GPU and ids in host
+#    memory, the out-of-range error, and the per-row latency of base + LoraDelta vs base (Gemm alone) through
+#    IOBinding: float16 banks with 1, 8 and 32 distinct adapters in a batch of 32 rows (the ratios to read);
+# 4. with onnxruntime-gpu and this project importable (torch too: it exports): `rewrite apply` exports a 4 x
+#    Linear(1024) custom-op model with float16 banks, and `AdapterSession` opened with its default providers must
+#    pick the CUDA EP and the CUDA build of the library (`rewrite.runtime.ops.library_path(cuda=True)`, built on
+#    first use); 32 adapters added while serving, per-row answers at 1 / 8 / 32 distinct adapters vs a float64 numpy
+#    forward pass, and AdapterSession.run's own latency (numpy in and out) vs the base rows.
 #
 # Needs: nvcc (same CUDA major as onnxruntime-gpu's, see the warning printed), g++, the ONNX Runtime headers —
 # ORT_INCLUDE_DIR, or build/ort-headers from a machine that ran runtime/csrc/fetch_headers.sh (carry the folder
-# when the GPU machine is offline). Exit status: 0 all run parts passed, 1 a failure, 2 could not build.
-# Without a GPU, GPU_CHECK_ON_CPU=1 GPU_CHECK_LIB=<any LoraDelta .so> runs part 3 on the CPU EP (checks the script).
+# when the GPU machine is offline). PYTHON (default python3) runs parts 3-4. Exit status: 0 all run parts passed,
+# 1 a failure, 2 could not build. A part whose Python packages are missing says SKIPPED and does not fail.
+# Without a GPU, GPU_CHECK_ON_CPU=1 skips parts 1-2 and runs parts 3-4 on the CPU EP (checks the script's logic),
+# with GPU_CHECK_LIB (default: the CPU library, runtime/ops.py) in part 3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=build/gpu
 mkdir -p "$out"
 status=0
+PY="${PYTHON:-python3}"
 say() { printf '\n== %s\n' "$*"; }
 
-say "GPU"
-nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi not available"
-nvcc --version 2>/dev/null | tail -1
-cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
-archs="${CUDA_ARCHS:-80 90}"
-if [ -n "$cap" ] && [[ " $archs " != *" $cap "* ]] && [ "$cap" -ge 75 ] 2>/dev/null; then archs="$archs $cap"; fi
+if [ "${GPU_CHECK_ON_CPU:-0}" = 1 ]; then
+    say "GPU_CHECK_ON_CPU=1: no build, no self-test; parts 3-4 on the CPU EP"
+    lib="${GPU_CHECK_LIB:-}"
+    if [ -z "$lib" ]; then
+        lib="$("$PY" -c 'from rewrite.runtime.ops import library_path; print(library_path())')" || exit 2
+    fi
+else
+    say "GPU"
+    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi not available"
+    nvcc --version 2>/dev/null | tail -1
 
-say "headers"
-if ! inc="$(bash runtime/csrc/fetch_headers.sh)"; then
-    echo "no ONNX Runtime headers: set ORT_INCLUDE_DIR, or carry build/ort-headers from a machine with network" >&2
-    exit 2
+    say "headers"
+    if ! inc="$(bash runtime/csrc/fetch_headers.sh)"; then
+        echo "no ONNX Runtime headers: set ORT_INCLUDE_DIR, or carry build/ort-headers from a machine with network" >&2
+        exit 2
+    fi
+    echo "$inc"
+
+    say "build (CUDA_ARCHS=${CUDA_ARCHS:-80 90 + the GPUs found})"
+    t0=$(date +%s)
+    if ! bash runtime/csrc/build.sh --cuda --selftest --cuda-only --out "$out"; then
+        echo "build failed" >&2
+        exit 2
+    fi
+    echo "built in $(( $(date +%s) - t0 )) s"
+    lib="${GPU_CHECK_LIB:-$out/librewrite_lora_cuda.so}"
+
+    say "self-test (CUDA kernel vs CPU double reference)"
+    if ! "$out/lora_delta_cuda_selftest"; then status=1; fi
+    if command -v compute-sanitizer >/dev/null; then
+        say "self-test under compute-sanitizer memcheck"
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$out/lora_delta_cuda_selftest" --quick || status=1
+    fi
 fi
-echo "$inc"
 
-say "build (CUDA_ARCHS=$archs)"
-t0=$(date +%s)
-if ! CUDA_ARCHS="$archs" bash runtime/csrc/build.sh --cuda --selftest --cuda-only --out "$out"; then
-    echo "build failed" >&2
-    exit 2
-fi
-echo "built in $(( $(date +%s) - t0 )) s"
-
-say "self-test (CUDA kernel vs CPU double reference)"
-if ! "$out/lora_delta_cuda_selftest"; then status=1; fi
-if command -v compute-sanitizer >/dev/null; then
-    say "self-test under compute-sanitizer memcheck"
-    if ! compute-sanitizer --tool memcheck --error-exitcode 9 "$out/lora_delta_cuda_selftest" --quick; then status=1; fi
-fi
-
-say "ONNX Runtime CUDA EP end to end"
-python3 - "${GPU_CHECK_LIB:-$out/librewrite_lora_cuda.so}" <<'PY'
+say "3. ONNX Runtime: LoraDelta graphs on $([ "${GPU_CHECK_ON_CPU:-0}" = 1 ] && echo the CPU EP || echo the CUDA EP)"
+"$PY" - "$lib" <<'PY'
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -81,7 +97,8 @@ elif EP not in ort.get_available_providers():
     sys.exit(3)
 info = ort.get_build_info() if hasattr(ort, "get_build_info") else ""
 m = re.search(r"cuda[_ -]?version[=: ]*(\d+)", info, re.I)
-nv = re.search(r"release (\d+)", subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
+nvcc = shutil.which("nvcc")
+nv = nvcc and re.search(r"release (\d+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
 if m and nv and m.group(1) != nv.group(1):
     print(f"WARNING: onnxruntime-gpu is built for CUDA {m.group(1)}, the library with nvcc CUDA {nv.group(1)}")
 try:
@@ -89,7 +106,7 @@ try:
 except ImportError:
     torch = None
 
-D, R, K, LAYERS = 1024, 16, 8, 4
+D, R, K, LAYERS = 1024, 16, 32, 4
 rng = np.random.default_rng(0)
 W = [(rng.standard_normal((D, D)) / D**0.5).astype(np.float32) for _ in range(LAYERS)]
 BIAS = [(rng.standard_normal(D) * 0.01).astype(np.float32) for _ in range(LAYERS)]
@@ -168,7 +185,7 @@ cases = [
     ("2-D batch 32, one id broadcast", s2, (32, D), np.array([5]), False),
     ("2-D batch 1", s2, (1, D), np.array([3]), False),
     ("3-D 4 x 16, ids per sequence", s3, (4, 16, D), np.array([0, -1, 7, 2]), False),
-    ("float16 banks, 2-D batch 32, ids with -1", s2h, (32, D), np.array([i % 8 if i % 5 else -1 for i in range(32)]),
+    ("float16 banks, 2-D batch 32, 32 ids with -1", s2h, (32, D), np.array([i if i % 5 else -1 for i in range(32)]),
      True),
 ]
 for name, s, shape, ids, half in cases:
@@ -197,7 +214,7 @@ failures += not ok
 print(f"{'ok  ' if ok else 'FAIL'} {'IOBinding, x/y on GPU, ids on host':42s} max|err| {err:.2e}")
 
 try:
-    s2.run(None, {"x": x, "ids": np.array([0, 8], np.int64)})
+    s2.run(None, {"x": x, "ids": np.array([0, K], np.int64)})
     print("FAIL out-of-range id: no error")
     failures += 1
 except Exception as e:  # noqa: BLE001
@@ -207,36 +224,181 @@ except Exception as e:  # noqa: BLE001
 
 # latency through IOBinding (device-resident x/y; ids on host), median of 300 runs after 30 warm-ups
 base = session(build(False, False))
-print(f"\nlatency, 4 x Linear {D}, rank {R}, K = {K}, {EP}, IOBinding:")
-for batch in (32, 1):
-    x = rng.standard_normal((batch, D)).astype(np.float32)
+
+
+def latency(s: ort.InferenceSession, x: np.ndarray, ids: np.ndarray) -> float:
     xb = ort.OrtValue.ortvalue_from_numpy(x, DEV, 0)
-    res = {}
-    for name, s, ids in (("base (Gemm)", base, np.zeros(batch, np.int64)),
-                         ("Gemm + LoraDelta, mixed ids", s2, (np.arange(batch) % K).astype(np.int64)),
-                         ("Gemm + LoraDelta f16, mixed ids", s2h, (np.arange(batch) % K).astype(np.int64)),
-                         ("Gemm + LoraDelta, all -1", s2, np.full(batch, -1, np.int64))):
-        io = s.io_binding()
-        io.bind_ortvalue_input("x", xb)
-        io.bind_cpu_input("ids", ids)
-        io.bind_output("y", DEV, 0)
-        for _ in range(30):
-            s.run_with_iobinding(io)
-        ts = []
-        for _ in range(300):
-            t = time.perf_counter()
-            s.run_with_iobinding(io)
-            io.synchronize_outputs()
-            ts.append(time.perf_counter() - t)
-        res[name] = float(np.median(ts)) * 1e6
-    b0 = res["base (Gemm)"]
-    for name, us in res.items():
-        print(f"  batch {batch:3d}  {name:32s} {us:8.1f} us  {us / b0:5.2f}x base")
+    io = s.io_binding()
+    io.bind_ortvalue_input("x", xb)
+    io.bind_cpu_input("ids", ids)
+    io.bind_output("y", DEV, 0)
+    for _ in range(30):
+        s.run_with_iobinding(io)
+    ts = []
+    for _ in range(300):
+        t = time.perf_counter()
+        s.run_with_iobinding(io)
+        io.synchronize_outputs()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e6
+
+
+print(f"\nper-row latency, 4 x Linear {D}, rank {R}, banks of K = {K}, {EP}, IOBinding (median of 300):")
+PER_ROW = [("float16 banks, 1 distinct adapter", s2h, 1), ("float16 banks, 8 distinct adapters", s2h, 8),
+           ("float16 banks, 32 distinct adapters", s2h, 32), ("float32 banks, 32 distinct adapters", s2, 32),
+           ("float16 banks, all rows -1", s2h, 0)]
+for batch, rows in ((32, PER_ROW), (1, [("float16 banks, 1 adapter", s2h, 1)])):
+    x = rng.standard_normal((batch, D)).astype(np.float32)
+    b0 = latency(base, x, np.zeros(batch, np.int64))
+    print(f"  batch {batch:3d}  {'base (Gemm alone)':53s} {b0:8.1f} us")
+    for name, s, distinct in rows:
+        ids = (np.arange(batch) % distinct if distinct else np.full(batch, -1)).astype(np.int64)
+        us = latency(s, x, ids)
+        print(f"  batch {batch:3d}  {'Gemm + LoraDelta, ' + name:53s} {us:8.1f} us  {us / b0:5.2f}x base")
 print("\nALL OK" if failures == 0 else f"\n{failures} FAILURE(S)")
 sys.exit(1 if failures else 0)
 PY
 rc=$?
-if [ "$rc" = 3 ]; then echo "(end-to-end part skipped)"; elif [ "$rc" != 0 ]; then status=1; fi
+if [ "$rc" = 3 ]; then echo "(part 3 skipped)"; elif [ "$rc" != 0 ]; then status=1; fi
+
+say "4. AdapterSession with its default providers"
+"$PY" - "$out/session" <<'PY'
+"""Export a custom-op model with float16 banks, open it with AdapterSession's defaults, add 32 adapters, check rows."""
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+work = Path(sys.argv[1])
+try:
+    import onnxruntime as ort
+    import torch
+    from rewrite.cli import main
+    from rewrite.runtime import AdapterSession
+except ImportError as err:
+    print(f"SKIPPED: {err} (install this project: pip install -e . with torch; see README.md, On a GPU)")
+    sys.exit(3)
+ON_CPU = os.environ.get("GPU_CHECK_ON_CPU") == "1"
+CUDA = "CUDAExecutionProvider"
+if not ON_CPU and CUDA not in ort.get_available_providers():
+    print("SKIPPED: no CUDAExecutionProvider (install onnxruntime-gpu, see README.md, On a GPU)")
+    sys.exit(3)
+D, R, LAYERS, K, BATCH = 1024, 16, 4, 32, 32
+work.mkdir(parents=True, exist_ok=True)
+(work / "gpu_check_model.py").write_text(f"""import torch
+from torch import nn
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear({D}, {D}) for _ in range({LAYERS}))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def stack():
+    torch.manual_seed(0)
+    return Stack().eval()
+""")
+(work / "spec.toml").write_text(f"""version = 1
+[[capture.inputs]]
+name = "x"
+shape = [4, {D}]
+dims = ["batch", ""]
+[[pass]]
+name = "insert"
+adapter = "seed"
+targets = ["layers.*"]
+rank = {R}
+alpha = {R}
+[export]
+mode = "unmerged"
+switching = "custom-op"
+capacity = {K}
+bank_dtype = "float16"
+""")
+sys.path.insert(0, str(work))
+t0 = time.perf_counter()
+if main(["apply", str(work / "spec.toml"), "gpu_check_model:stack", "-o", str(work / "out"), "-q"]) != 0:
+    print("FAIL rewrite apply")
+    sys.exit(1)
+print(f"exported in {time.perf_counter() - t0:.1f} s")
+import gpu_check_model  # noqa: E402
+
+model = gpu_check_model.stack()
+W = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy()) for m in model.layers]
+rng = np.random.default_rng(1)
+adapters = {f"t{k}": {f"layers.{i}": ((rng.standard_normal((D, R)) / D**0.5).astype(np.float32),
+                                      (rng.standard_normal((R, D)) * 0.5 / R**0.5).astype(np.float32))
+                      for i in range(LAYERS)} for k in range(K)}
+t0 = time.perf_counter()
+session = AdapterSession(work / "out")
+print(f"opened in {time.perf_counter() - t0:.1f} s: providers {session.providers}, library {session.library.name}")
+failures = 0
+CPU = "CPUExecutionProvider"
+want = ([CPU], "librewrite_lora-") if ON_CPU else ([CUDA, CPU], "librewrite_lora_cuda-")
+if session.providers != want[0] or not session.library.name.startswith(want[1]):
+    print(f"FAIL default providers / library: want {want[0]} and {want[1]}*.so")
+    failures += 1
+session.remove_adapter("seed")
+for name, factors in adapters.items():
+    session.add_adapter(name, factors)
+
+
+def reference(x, names):
+    """float64, per row: h <- h W^T + b + h A B with the adapter's A, B rounded to float16 (the banks' type)."""
+    h = x.astype(np.float64)
+    for i, (w, b) in enumerate(W):
+        out = h @ w.T + b
+        for n, name in enumerate(names):
+            if name is not None:
+                a, bb = (f.astype(np.float16).astype(np.float64) for f in adapters[name][f"layers.{i}"])
+                out[n] += h[n] @ a @ bb
+        h = out
+    return h
+
+
+x = rng.standard_normal((BATCH, D)).astype(np.float32)
+rows = {d: [f"t{n % d}" for n in range(BATCH)] for d in (1, 8, 32)}
+rows["mixed, None rows"] = [None if n % 5 == 4 else f"t{(7 * n) % K}" for n in range(BATCH)]
+for label, names in rows.items():
+    y = session.run({"x": x}, adapter_ids=names)[0]
+    ref = reference(x, names)
+    err = float(np.abs(y - ref).max())
+    ok = err <= 1e-3 * (1 + float(np.abs(ref).max()))
+    failures += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {f'distinct adapters: {label}':42s} max|err| {err:.2e}")
+
+
+def median_us(names) -> float:
+    for _ in range(20):
+        session.run({"x": x}, adapter_ids=names)
+    ts = []
+    for _ in range(200):
+        t = time.perf_counter()
+        session.run({"x": x}, adapter_ids=names)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e6
+
+
+print(f"\nAdapterSession.run latency, batch {BATCH} (numpy in and out; banks changed while serving are fed each run):")
+b0 = median_us([None] * BATCH)
+print(f"  {'all rows None (base)':32s} {b0:8.1f} us")
+for d in (1, 8, 32):
+    us = median_us(rows[d])
+    print(f"  {f'{d} distinct adapters':32s} {us:8.1f} us  {us / b0:5.2f}x")
+session.close()
+print("\nALL OK" if failures == 0 else f"\n{failures} FAILURE(S)")
+sys.exit(1 if failures else 0)
+PY
+rc=$?
+if [ "$rc" = 3 ]; then echo "(part 4 skipped)"; elif [ "$rc" != 0 ]; then status=1; fi
 
 say "summary"
 [ "$status" = 0 ] && echo "gpu_check: PASSED (see above for skipped parts)" || echo "gpu_check: FAILED"

@@ -11,6 +11,9 @@ Switching strategies (see export/onnx_unmerged.py):
   bank, custom-op  `adapter_ids` per row; adding an adapter fills a free slot of the bank, which the session makes
                 an overridable model input when it loads the model (the file keeps banks as plain initializers, quiet
                 in plain ONNX Runtime): the session feeds its own copy, the ONNX session is never rebuilt.
+Providers: without `providers=`, the CUDA EP first when onnxruntime offers it (onnxruntime-gpu), then the CPU EP; a
+custom-op export registers the CUDA build of its library with the CUDA EP, the CPU build otherwise
+(`rewrite.runtime.providers`). `session.providers` is what ONNX Runtime enabled, `session.library` the library.
 Thread safety: adapter tables are immutable snapshots swapped under a lock; `run` reads one snapshot
 and ONNX Runtime's `run` is itself thread-safe, so requests never see a half-added adapter.
 Trust: the deployment directory is validated on open (`rewrite.formats.manifest`, the files it names, the model's
@@ -39,6 +42,7 @@ from rewrite.formats.manifest import MANIFEST, read_manifest
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.names import check_adapter_name
 from rewrite.runtime.adapter_source import read_factors
+from rewrite.runtime.providers import choose as choose_providers
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -71,13 +75,16 @@ class AdapterSession:
         options.log_severity_level = 3
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        providers, cuda = choose_providers(providers)
+        self.library: Path | None = None  # the LoraDelta library registered (custom-op exports)
         if self.switching == "custom-op":
             from rewrite.runtime.ops import library_path
 
-            options.register_custom_ops_library(str(library_path()))
+            self.library = library_path(cuda=cuda)
+            options.register_custom_ops_library(str(self.library))
         model, banks = self._with_bank_inputs(options) if entry.routed else (str(self.model_path), None)
         try:
-            self._session = ort.InferenceSession(model, options, providers=list(providers or ["CPUExecutionProvider"]))
+            self._session = ort.InferenceSession(model, options, providers=providers)
         except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types; a broken file is bad input
             raise DeploymentError(f"{self.model_path}: ONNX Runtime cannot load this model: {first_line(err)}"
                                   ) from None
@@ -138,6 +145,11 @@ class AdapterSession:
     def adapters(self) -> list[str]:
         snap = self._snapshot
         return sorted(snap.run_options if self.switching == "ort-adapters" else snap.slots)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers ONNX Runtime enabled, in priority order (it drops a CUDA EP it cannot start)."""
+        return self._session.get_providers()
 
     @property
     def input_names(self) -> list[str]:
