@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     triton.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per instance")
     triton.add_argument("--server-repo", metavar="PATH",
                         help="where the server mounts REPO (e.g. /models): the custom-op library's path in config.pbtxt")
-    triton.add_argument("--library", metavar="SO", help="custom-op library to copy (default: this machine's build)")
+    triton.add_argument("--library", metavar="SO",
+                        help="custom-op library to copy (default: this machine's build; with --kind gpu its CUDA build)")
     version = sub.add_parser("triton-version", help="a new version of a Triton model: adapters added or removed")
     version.add_argument("model_dir", metavar="REPO/NAME", help="a model directory written by rewrite triton")
     version.add_argument("--add", action="append", default=[], metavar="NAME=PATH",

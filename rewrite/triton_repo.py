@@ -109,7 +109,7 @@ def write_repository(out_dir: str | Path, repo: str | Path, options: TritonOptio
     try:
         library_file = None
         if entry.switching == "custom-op":
-            shutil.copyfile(library or _built_library(), tmp / LIBRARY)
+            shutil.copyfile(library or _built_library(cuda=options.kind == "gpu"), tmp / LIBRARY)
             library_file = f"{server_dir}/{LIBRARY}"
         model = onnx.load(str(out_dir / entry.file), load_external_data=False)
         drop_weight_inputs(model)
@@ -129,10 +129,11 @@ def write_repository(out_dir: str | Path, repo: str | Path, options: TritonOptio
     return Written(target, 1, sorted(p for p in target.rglob("*") if p.is_file()))
 
 
-def _built_library() -> Path:
+def _built_library(cuda: bool) -> Path:
+    """This machine's LoraDelta build: with the CUDA kernel for GPU instances (it holds the CPU kernel too)."""
     from rewrite.runtime.ops import library_path
 
-    return library_path()
+    return library_path(cuda=cuda)
 
 
 def versions(model_dir: Path) -> list[int]:
