@@ -15,6 +15,18 @@ These are optimum's and onnxruntime-genai's names. In the graph (Python identifi
 prefill (past length 0) and decode: every axis is exported as `Dim.DYNAMIC`, since total = past + new is a relation
 between two free dims that named `Dim`s cannot state; the ONNX axes get the names above. GQA caches keep the
 KV-head count.
+
+Rules for which models are captured (anything else is a `CaptureError` naming the model class and the reason, never
+a model that answers wrongly):
+- decoder-only models whose transformers cache is a `DynamicCache` of full or sliding-window attention layers
+  (LLaMA, Qwen2, Mistral, Gemma, Gemma2, Phi-3, GPT-2, GPT-NeoX, OPT, BLOOM are tested). Encoder-decoder models
+  (T5, BART: their decoder also keeps a cross-attention cache over the encoder's output) and other layer kinds
+  (chunked, linear or state-space attention, shared KV layers) are refused.
+- every layer keeps every position, sliding-window layers too: the model's attention mask applies the window, so
+  `present` = past + new on every layer (transformers' own `DynamicCache(config=...)` trims sliding layers to the
+  window, a length one graph cannot serve for both prefill and decode; the answer is the same, the cache longer).
+- before exporting, one eager call on the example checks the layout: as many cache layers as `num_hidden_layers`,
+  each `[batch, num_key_value_heads, past + new, head_dim]`.
 """
 from __future__ import annotations
 
@@ -73,6 +85,52 @@ def _cache_shape(config: Any) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+# cache layer kinds whose cache is the plain [batch, kv_heads, positions, head_dim] pair (see the module docstring)
+LAYER_KINDS = ("full_attention", "sliding_attention")
+
+
+def _layer_kinds(config: Any) -> set[str]:
+    """The cache layer kinds of a transformers config, as transformers' own cache construction reads them."""
+    text = config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or [
+        "sliding_attention" if getattr(text, "sliding_window", None) is not None else
+        "chunked_attention" if getattr(text, "attention_chunk_size", None) is not None else "full_attention"])
+    if "reuse" in (getattr(text, "kv_sharing_modes", None) or ()):
+        kinds.add("shared-KV")
+    return kinds
+
+
+def check_decoder(model: nn.Module) -> None:
+    """Refuse, naming the class and why, a model whose cache the with-past capture cannot lay out."""
+    config, name = model.config, type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise CaptureError(f"use_cache = true captures decoder-only models; {name} is an encoder-decoder model (its "
+                           "decoder also caches cross-attention over the encoder's output, which this capture does "
+                           "not lay out). Capture it without use_cache.")
+    _cache_shape(config)
+    other = sorted(_layer_kinds(config) - set(LAYER_KINDS))
+    if other:
+        raise CaptureError(f"use_cache = true: {name} has {', '.join(other)} layers; the with-past capture serves "
+                           f"{' and '.join(LAYER_KINDS)} layers only (a cache of every position per layer)")
+
+
+def _check_layout(wrapped: nn.Module, inputs: ExampleInputs) -> None:
+    """One eager call on the example: every layer returns a `[batch, kv_heads, past + new, head_dim]` key and
+    value, and there are `num_hidden_layers` of them."""
+    layers, kv_heads, head_dim = _cache_shape(wrapped.config)
+    batch, new = inputs.kwargs["input_ids"].shape
+    past = inputs.kwargs[cache_kwarg(0, "key")].shape[2]
+    with torch.no_grad():
+        present = {k: v for k, v in wrapped(**inputs.kwargs).items() if k.startswith("present.")}
+    want = (batch, kv_heads, past + new, head_dim)
+    wrong = next(((k, tuple(v.shape)) for k, v in present.items() if tuple(v.shape) != want), None)
+    if len(present) != 2 * layers or wrong:
+        found = f"{wrong[0]} has shape {list(wrong[1])}" if wrong else f"{len(present) // 2} cache layers"
+        raise CaptureError(f"use_cache = true: {type(wrapped).__name__}'s cache does not have the layout the "
+                           f"with-past export serves: {found}; expected {layers} layers of [batch, "
+                           f"num_key_value_heads, past + new, head_dim] = {list(want)}")
+
+
 def with_past_module(model: nn.Module) -> nn.Module:
     """A shallow copy of `model` (same parameters, same names) whose forward takes and returns flat cache tensors."""
     from transformers import DynamicCache
@@ -86,13 +144,13 @@ def with_past_module(model: nn.Module) -> nn.Module:
              *(cache_kwarg(i, kind) for i in range(layers) for kind in KINDS)]
 
     def forward(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        cache = DynamicCache([(feeds[cache_kwarg(i, "key")], feeds[cache_kwarg(i, "value")]) for i in range(layers)],
-                             config=self.config)
+        # no config: every layer a full DynamicLayer, sliding-window layers too (module docstring)
+        cache = DynamicCache([(feeds[cache_kwarg(i, "key")], feeds[cache_kwarg(i, "value")]) for i in range(layers)])
         extra = {"position_ids": feeds["position_ids"]} if takes_positions else {}
         out = cls.forward(self, input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"],
                           use_cache=True, **{cache_arg: cache}, **extra)
         present = {f"present.{i}.{kind}": getattr(layer, f"{kind}s") for i, layer in
-                   enumerate(out.past_key_values.layers) for kind in KINDS}
+                   enumerate(out.cache.layers) for kind in KINDS}
         return {"logits": out.logits, **present}
 
     param = inspect.Parameter
@@ -139,9 +197,11 @@ def capture_with_past(loaded: LoadedModel, *, batch: int = 2, seq: int = 3, past
                            "returning one)")
     if attn_implementation != "keep":
         model.set_attn_implementation(attn_implementation)
+    check_decoder(model)
     model.config.use_cache = True
     wrapped = with_past_module(model)
     inputs = with_past_inputs(wrapped, batch, seq, past)
+    _check_layout(wrapped, inputs)
     start = time.perf_counter()
     try:
         with torch.no_grad():

@@ -4,6 +4,7 @@
     session.run(feeds, adapter="support")                   # one adapter for the whole batch
     session.run(feeds, adapter_ids=["support", None, "style"])  # bank / custom-op: one per row
     session.add_adapter("new", "peft_dir/"); session.remove_adapter("style")
+    session.generate([[1, 5, 9], [7, 3]], adapters=["support", None], max_new_tokens=32)  # with-past decoders
 
 Switching strategies (see export/onnx_unmerged.py):
   ort-adapters  each adapter is an `onnxruntime.LoraAdapter` (mmap'd .onnx_adapter) with a RunOptions
@@ -185,6 +186,38 @@ class AdapterSession:
         if snap.bank_dirty:
             all_feeds.update(snap.bank)
         return self._ort_run(output_names, all_feeds)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, adapters: Sequence[str | int | None] | None = None,
+                 **options: Any) -> list[list[int]]:
+        """The new tokens of every prompt from a with-past export (`[capture] use_cache = true`), by
+        `rewrite.runtime.generate.generate`'s rules and options (max_new_tokens, stop_tokens, do_sample, ...).
+
+        `adapters` gives each prompt an adapter name (or a bank slot; None = the base model), fixed for the row's
+        whole generation; without it every row runs on the base model. Names are checked before the first step
+        (`RuntimeUseError` names the unknown one and lists the loaded ones), and the adapter set is pinned for the
+        call: an adapter added or removed meanwhile counts from the next call. ort-adapters exports take one adapter
+        for all rows."""
+        from rewrite.runtime.generate import generate
+
+        if "adapter_ids" in options:
+            raise RuntimeUseError("AdapterSession.generate takes adapter names as adapters=[name or None per prompt]")
+        if isinstance(adapters, str):
+            raise RuntimeUseError(f"adapters: one name (or None) per prompt, got the string {adapters!r}; for one "
+                                  "adapter on every row pass [name] * len(prompts)")
+        snap, batch = self._snapshot, len(prompts)
+        extra: dict[str, np.ndarray] = {}
+        active = None
+        if self.switching == "ort-adapters":
+            name = None if adapters is None else self._one_adapter(adapters, batch)
+            if name is not None:
+                if name not in snap.run_options:
+                    raise _unknown(name, snap.run_options)
+                active = snap.run_options[name]
+        else:
+            extra[self.entry.ids_input] = self._ids(snap, batch, None, adapters)
+            if snap.bank_dirty:
+                extra.update(snap.bank)
+        return generate(_Pinned(self, extra, active), prompts, **options)
 
     def _check_feeds(self, feeds) -> None:
         """The model's own inputs, each once, as arrays of the element type and rank the model takes."""
@@ -391,6 +424,26 @@ class AdapterSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Pinned:
+    """The ONNX session as `generate` sees it: every run adds the adapter ids and banks (and, for ort-adapters, the
+    RunOptions with its LoraAdapter) fixed when the generation began. Holding them keeps a removed adapter alive
+    until the generation ends."""
+
+    def __init__(self, owner: AdapterSession, extra: dict[str, np.ndarray],
+                 active: tuple[ort.RunOptions, ort.LoraAdapter] | None):
+        self._owner, self._extra, self._active = owner, extra, active
+
+    def get_inputs(self) -> list:
+        return self._owner._session.get_inputs()
+
+    def get_outputs(self) -> list:
+        return self._owner._session.get_outputs()
+
+    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        run_options = None if self._active is None else self._active[0]
+        return self._owner._ort_run(output_names, {**feeds, **self._extra}, run_options)
 
 
 def _unknown(name: object, loaded) -> RuntimeUseError:
