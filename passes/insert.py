@@ -21,7 +21,8 @@ Rules:
    on disjoint sites build one adapter together; the same entry run again is a no-op (rule 4).
 9. A kind whose sites share state ties it once all the adapter's modules are built (`share`: VeRA's one frozen
    projection pair, drawn for the largest site); a later entry must fit what the first one made.
-Every kind's inits start as the identity, so the outputs are unchanged, which `--verify` checks.
+Every kind's inits start as the identity, so the outputs are unchanged, which `--verify` checks (but prompt and
+prefix tuning, whose virtual tokens change them from the start: `starts_as_identity`).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class InsertOptions(PassOptions):
     rslora: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     init: str | None = None  # default: the kind's first init
-    options: dict[str, Any] = {}  # the kind's own options (its `Options` model)
+    options: dict[str, Any] = Field(default={}, validate_default=True)  # the kind's own (its `Options` model)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     seed: int = 0
@@ -102,7 +103,7 @@ class InsertPass(GraphPass):
     Options = InsertOptions
 
     def preserves_outputs(self) -> bool:
-        return True  # every kind's inits start as the identity (AdapterKind contract)
+        return KINDS[self.options.kind].starts_as_identity  # prompt / prefix tuning add virtual tokens
 
     def _check_maker(self, gm: fx.GraphModule, sites: list[Site]) -> AdapterOrigin:
         """Rule 8: refuse to reach sites where another entry made this adapter name with other options (they would

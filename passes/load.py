@@ -152,7 +152,7 @@ class LoadPass(GraphPass):
             fmt = "peft" if path.is_dir() else "rewrite"
         table = state_of(gm).sites
         if fmt == "peft":
-            entries, base_copies, shared = self._peft_entries(path, table)
+            entries, base_copies, shared = self._peft_entries(path, gm, table)
         else:
             entries, base_copies, shared = self._rewrite_entries(path), {}, {}
         self._check_known(path, table, [*entries, *base_copies])
@@ -164,14 +164,19 @@ class LoadPass(GraphPass):
         return result
 
     @staticmethod
-    def _peft_entries(path: Path, table: SiteTable) -> tuple[dict[str, Entry], dict[str, torch.Tensor],
-                                                             dict[str, torch.Tensor]]:
+    def _peft_entries(path: Path, gm: fx.GraphModule, table: SiteTable) -> tuple[
+            dict[str, Entry], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         adapter = read_peft_dir(path, list(PEFT_READERS))
         _check_targets(adapter, table)
         reader = PEFT_READERS[adapter.format]
         entries = {}
         for module, arrays in adapter.modules.items():
             kind, settings = reader.peft_module(adapter, module)
+            if not module:  # whole-model tensors (prompt learning): the kind says which site holds them
+                try:
+                    module = reader.peft_owner(gm, table)
+                except ValueError as err:
+                    raise AdapterFileError(f"{path}: {err}") from None
             entries[module] = Entry(kind, settings, _torch(arrays), peft=True)
         return entries, _torch(adapter.base_weights), _torch(adapter.shared)
 

@@ -98,8 +98,9 @@ class SavePass(GraphPass):
         first = next(iter(modules.values()))
         try:
             if peft:
-                tensors = {owner: {key: to_numpy(t) for key, t in m.peft_state().items()}
-                           for owner, m in modules.items()}
+                # a format's bare tensors are the model's own (module "", peft_dir)
+                tensors = {"" if getattr(m.peft_format, "bare", ()) else owner:
+                           {k: to_numpy(t) for k, t in m.peft_state().items()} for owner, m in modules.items()}
                 shared = {key: to_numpy(t) for key, t in type(first).peft_shared_state(modules).items()}
                 write_peft_dir(tmp, type(first).peft_config(modules), tensors, shared)
                 return tmp

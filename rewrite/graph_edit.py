@@ -23,6 +23,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from rewrite.errors import SpecError
 from rewrite.sites import Site, SiteTable
@@ -107,8 +108,23 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
         output  y' = adapter(y)         likewise, the module itself is the join
         input   y' = base(adapter(x))   the base op reads the adapted input (only the base op: siblings sharing x
                                         keep theirs, and so do the other adapters at this site: `adapter_input`)
+        graph   nothing at the site     only the graph edits below
+
+    A module that rewrites graph inputs or outputs (`module.graph_edits`, checked before anything changes) gets one
+    call `adapter(v, edit=key)` per such value, tagged role "graph", made once per adapter: an input's call comes
+    right after the placeholders and every user of the input reads it instead (torch.export's `_guards_fn`, which
+    checks the inputs the caller gave, keeps the original); an output's call feeds the graph's output in its place.
     """
     graph, path, kind = gm.graph, adapter_path(site.owner, adapter), module.kind
+    try:
+        inputs, outputs = module.graph_edits(gm, site)
+    except ValueError as err:
+        raise SpecError(f"site {site.name}: {err}") from None
+    if (inputs or outputs) and not any(n.target == path and n.meta["rewrite"].role == "graph"
+                                       for n in graph.nodes if n.op == "call_module"):
+        _edit_graph(gm, base, site, adapter, module, inputs, outputs)
+    if module.join == "graph":
+        return
     if module.join == "input":
         x = site_input(base, site)
         with graph.inserting_before(base):
@@ -133,6 +149,44 @@ def wire(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn
     _tag(join, base, AdapterTag(site.name, kind, adapter, "join"))
     for user in users:
         user.replace_input_with(end, join)
+
+
+def _output_keys(gm: fx.GraphModule) -> list[str]:
+    """The key path of each of the graph's outputs ("logits", "present.0.key"; "0" for a tuple's first item), in the
+    output node's order; none for a graph without an output tree (fx symbolic traces)."""
+    spec = getattr(gm, "_out_spec", None)
+    if spec is None:
+        return []
+    tree = pytree.tree_unflatten([0] * spec.num_leaves, spec)
+    return [".".join(str(getattr(e, "key", getattr(e, "idx", e))) for e in path) for path, _ in
+            pytree.tree_flatten_with_path(tree)[0]]
+
+
+def _edit_graph(gm: fx.GraphModule, base: fx.Node, site: Site, adapter: str, module: nn.Module,
+                inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    """`wire`'s graph edits (its docstring)."""
+    graph, path = gm.graph, adapter_path(site.owner, adapter)
+    tag = AdapterTag(site.name, module.kind, adapter, "graph")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        if node.name not in inputs:
+            continue
+        users = [u for u in node.users if not (u.op == "call_module" and u.target == "_guards_fn")]
+        with graph.inserting_after(placeholders[-1]):
+            edited = graph.call_module(path, (node,), {"edit": inputs[node.name]})
+        _tag(edited, base, tag)
+        for user in users:
+            user.replace_input_with(node, edited)
+    if not outputs:
+        return
+    output = next(n for n in graph.nodes if n.op == "output")
+    values = list(output.args[0])
+    for index, key in enumerate(_output_keys(gm)):
+        if key in outputs:
+            with graph.inserting_before(output):
+                values[index] = graph.call_module(path, (values[index],), {"edit": outputs[key]})
+            _tag(values[index], base, tag)
+    output.args = (type(output.args[0])(values), *output.args[1:])
 
 
 FUSED_ROOT = "fused_adapters"
@@ -203,7 +257,7 @@ def unwire(gm: fx.GraphModule, adapter: str, owner: str) -> int:
                 for join in list(node.users):
                     join.replace_all_uses_with(join.args[0])
                     gm.graph.erase_node(join)
-            else:  # the module is its own join (output) or rewrites the base op's input
+            else:  # the module is its own join (output), rewrites the base op's input, or a graph value
                 node.replace_all_uses_with(node.args[0])
             weights = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
             gm.graph.erase_node(node)

@@ -50,7 +50,7 @@ def _perturb(gm, seed: int = 0) -> None:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_declarations(kind):
     cls = KINDS[kind]
-    assert cls.kind == kind and cls.join in ("add", "output", "input")
+    assert cls.kind == kind and cls.join in ("add", "output", "input", "graph")
     assert cls.ops and set(cls.ops) <= set(ADAPTABLE_OPS)
     assert cls.inits and set(cls.settings) <= set(SETTINGS)
 

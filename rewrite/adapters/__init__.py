@@ -14,11 +14,14 @@ from rewrite.adapters.loha import LoHa
 from rewrite.adapters.lokr import LoKr
 from rewrite.adapters.lora import LoRA
 from rewrite.adapters.oft import OFT
+from rewrite.adapters.prefix_tuning import PrefixTuning
+from rewrite.adapters.prompt_tuning import PromptTuning
 from rewrite.adapters.road import Road
 from rewrite.adapters.svd_lora import SvdLoRA
 from rewrite.adapters.vera import VeRA
 
 KINDS = {kind.kind: kind for kind in (LoRA, SvdLoRA, IA3, IA3FeedForward, FourierFT, Road, DoRA, OFT, BOFT, LoHa, LoKr,
-                                     VeRA, HRA, BitFit, LnTuning, Bottleneck)}
+                                     VeRA, HRA, BitFit, LnTuning, Bottleneck, PromptTuning,
+                                     PrefixTuning)}
 
 __all__ = ["KINDS", "LoRA", "SvdLoRA"]

@@ -9,6 +9,8 @@ What a kind declares (class attributes):
                   "add"    y' = y + m(x)          the module returns a delta (LoRA family, BitFit, parallel adapters)
                   "output" y' = m(y)              the module rewrites the output ((IA)^3 on k / v, series adapters)
                   "input"  y' = base(m(x))        the module rewrites the input ((IA)^3 on feed-forward layers)
+                  "graph"  y' = y                 the module joins no op: it only rewrites graph inputs and outputs
+                                                  (`graph_edits`: prefix tuning's initial KV cache)
     reads_weight whether the module needs the site's base weight W: it is built with it (constructor keyword
                 `weight`, what its init reads) and, joined by "add", called as m(x, W) with W read from the graph
                 (DoRA normalises W + s B A)
@@ -19,7 +21,8 @@ What a kind declares (class attributes):
                 parameter first
     built_with_base whether the module is built with the site's base weight and bias (constructor keywords
                 `base_weight`, `base_bias`; None where the site has no bias), which it never reads at run time: a kind
-                whose saved form holds the adapted weights themselves, not deltas, converts with them (LN tuning)
+                whose saved form holds the adapted weights themselves, not deltas, converts with them (LN tuning); one
+                may draw its init from them (prompt tuning's sample_vocab: rows of the embedding table)
     settings    the insert keys it reads (rank, alpha, rslora, dropout, init); an insert that sets another key
                 for this kind is refused
     Options     its own typed options (a strict pydantic model; insert's `options = { ... }` table), passed to
@@ -29,6 +32,8 @@ What a kind declares (class attributes):
                 (PiSSA, OLoRA: W <- W - delta0, so the outputs stay unchanged): `adapter_for_site` calls
                 `init_from_weight(W)` once the module is built; its forward never reads W. `save` writes such an
                 adapter as PEFT does (it fits the residual base), or, with `convert_to_lora`, its `converted_form`
+    starts_as_identity whether its inits leave the model's outputs unchanged (what `insert --verify` checks);
+                prompt and prefix tuning add virtual tokens, which change them from the start
     mergeable   whether `merge_into` folds it into the base weights exactly
     resizable   whether `resize(rank, keep)` grows and shrinks it freely (what `allocate` needs; the SVD form only
                 shrinks, under its training allocators)
@@ -44,7 +49,10 @@ in the base op's own layout), `resize(rank, keep)` where a rank exists, `factors
 tensors (`peft_state`, `peft_shapes`, `load_peft_state`), class-level `peft_config(modules)` (writing) and
 `peft_module(adapter, module)` (reading: which kind and settings a module of a PEFT directory gets), what `save`
 writes (`saved_form`, `adapter_file_entry`) and `load` reads back (`load_adapter_file_entry`), and
-`manifest_entry()`. A kind whose modules share state across the sites of one adapter (VeRA's frozen projections)
+`manifest_entry()`. A kind that changes the sequence the whole model sees (batching class B-seq: prompt and prefix
+tuning) names the graph inputs and outputs it rewrites (`graph_edits`: `wire` routes each through a call of the module
+with `edit=<key>`), and places the whole-model tensors of a PEFT directory (bare keys, module "") on its site
+(`peft_owner`). A kind whose modules share state across the sites of one adapter (VeRA's frozen projections)
 ties it in class-level `share(modules, tensors)`, which `insert` and `load` call once the adapter's modules are
 built, and gives `save` the tensors it keeps once (`peft_shared_state(modules)`). What a kind cannot do raises
 `NotSupported`
@@ -56,10 +64,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from rewrite.formats.peft_dir import PeftAdapter, PeftFormat
 from rewrite.options import Strict
+from rewrite.sites import Site, SiteTable
 
 SETTINGS = ("rank", "alpha", "rslora", "dropout", "init")
 
@@ -75,7 +85,7 @@ class NoOptions(Strict):
 class AdapterKind(nn.Module):
     kind: ClassVar[str]
     ops: ClassVar[tuple[str, ...]]
-    join: ClassVar[str] = "add"  # "add" | "output" | "input"
+    join: ClassVar[str] = "add"  # "add" | "output" | "input" | "graph"
     reads_weight: ClassVar[bool] = False
     reads_output: ClassVar[bool] = False
     needs_bias: ClassVar[bool] = False
@@ -84,6 +94,7 @@ class AdapterKind(nn.Module):
     Options: ClassVar[type[Strict]] = NoOptions
     inits: ClassVar[tuple[str, ...]] = ("zeros",)
     weight_inits: ClassVar[tuple[str, ...]] = ()
+    starts_as_identity: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False  # a kind that implements merge_into exactly says so
     resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
@@ -106,6 +117,19 @@ class AdapterKind(nn.Module):
         """(A [d_in, r], B [r, d_out]) with the scale folded into B: delta(x) = x A B (linear-layout sites)."""
         raise NotSupported(f"{self.kind} adapters are not low-rank; they cannot be switched in an unmerged export "
                            "(merge them, or use a low-rank kind such as lora)")
+
+    def graph_edits(self, gm: fx.GraphModule, site: Site) -> tuple[dict[str, str], dict[str, str]]:
+        """The graph inputs (placeholder names) and outputs (output keys: `logits`, `present.0.key`) this module
+        rewrites once it is wired at `site`, each {name: the `edit` key its call gets}: `wire` routes every user of
+        such an input, and each such output, through `module(value, edit=key)`. Raises ValueError (naming what does
+        not fit) for a graph it cannot serve, before anything is changed. Most kinds rewrite none."""
+        return {}, {}
+
+    @classmethod
+    def peft_owner(cls, gm: fx.GraphModule, table: SiteTable) -> str:
+        """The site owner that a PEFT directory's whole-model tensors (bare keys, read as module "": prompt
+        learning's `prompt_embeddings`) belong to in this graph."""
+        raise NotSupported(f"{cls.kind} adapters keep their PEFT tensors per module")
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """This module's tensors under PEFT's key suffixes, as views in PEFT's layout that write through; the

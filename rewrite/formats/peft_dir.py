@@ -15,6 +15,9 @@ the config holds besides the fields every tuner shares, is the tuner's own `Peft
   `save_embedding_layers="auto"`); those copies are returned apart, in `base_weights`, for the loader to check.
 - A tuner may keep tensors once per adapter rather than per module (VeRA's frozen projections): the format names
   them (`shared`), they are stored as `base_model.<name>` and returned apart, in `shared`.
+- Prompt-learning tuners keep their one tensor for the whole model under its bare name (`prompt_embeddings`): the
+  format names it (`bare`), and it is read as (and written from) the tensors of the module "" (the model itself),
+  which the adapter kind places on a site.
 """
 from __future__ import annotations
 
@@ -101,8 +104,9 @@ class PeftAdapter:
 class PeftFormat:
     """One PEFT tuner's directory: its `peft_type`, config model, the key-suffix sets (layouts) one module may
     carry, which configs of that peft_type it reads (`accepts`: e.g. LoRA leaves `use_dora` to DoRA), its own
-    agreement rules between config and tensors (`check`, raising AdapterFileError), and the tensors it keeps once
-    per adapter (`shared`, keys `base_model.<name>`)."""
+    agreement rules between config and tensors (`check`, raising AdapterFileError), the tensors it keeps once
+    per adapter (`shared`, keys `base_model.<name>`), and its whole-model tensors stored under their bare names
+    (`bare`: module "")."""
 
     peft_type: str
     config: type[PeftConfig]
@@ -110,6 +114,7 @@ class PeftFormat:
     check: Callable[[PeftAdapter], None] = lambda adapter: None
     accepts: Callable[[dict[str, Any]], bool] = lambda raw: True
     shared: tuple[str, ...] = ()
+    bare: tuple[str, ...] = ()
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -148,7 +153,7 @@ def pattern_value(module: str, patterns: Mapping[str, Any], default: Any) -> Any
 
 
 def tensor_key(module: str, suffix: str) -> str:
-    return f"{PREFIX}{module}.{suffix}"
+    return f"{PREFIX}{module}.{suffix}" if module else suffix
 
 
 def _split_key(key: str, peft_format: PeftFormat, where: Path) -> tuple[str, str]:
@@ -236,6 +241,9 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat]) -> PeftAdapter:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if name.endswith(BASE_COPY):
             base_weights[name[: -len(BASE_COPY)]] = tensor
+            continue
+        if key in peft_format.bare:
+            modules.setdefault("", {})[key] = tensor
             continue
         if key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX):] in peft_format.shared:
             shared[key[len(SHARED_PREFIX):]] = tensor
