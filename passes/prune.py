@@ -2,17 +2,26 @@
 
     [[pass]]
     name = "prune"
-    method = "magnitude"        # magnitude | random (rewrite.prune_scorers): the lowest-scored units go
+    method = "magnitude"        # magnitude | random | loraprune | light-peft (rewrite.prune_scorers): the
+                                # lowest-scored units go; loraprune and light-peft train the adapters on [data]
     heads = 0.25                # a fraction of each layer's heads (float in [0, 1)) or a count per layer (int)
     # kv_heads = 1              # instead of heads, GQA: whole KV heads, each with its query group
     ffn = 64                    # FFN neurons (plain or gated), likewise
     channels = 0.5              # conv output channels (with their BatchNorm entries and the next conv's inputs)
+    adapter_modules = 0.5       # LoRA modules dropped whole (fraction of them, or a count), lowest module score
+    adapter_ranks = 0.5         # LoRA rank components removed (per module with scope "layer", across all with
+                                # "global": a module that loses every rank is dropped), lowest component score
     scope = "layer"             # "layer": each group loses its share; "global": the lowest-scored units across all
                                 # groups of a structure go (a fraction of their total, or a count in total)
     layers = ["*.layers.1.*"]   # optional: only the groups that cut a site these selectors match
     exempt = ["*.layers.0.*"]   # groups that cut a site these selectors match are left whole
     seed = 0                    # method = "random"
-    report = "prune"            # <report>.json and <report>.md in the output directory; "" writes none
+    steps = 200                 # loraprune / light-peft: training steps (default: [data] steps)
+    extra_params = []           # loraprune / light-peft: base parameters trained too (a classifier head)
+    loraprune = { warmup = 0.1, cooldown = 0.1, every = 10, beta = 0.9 }   # the cubic schedule, the EMA
+    light_peft = { l1 = 1e-4 }  # the L1 weight on the masks
+    report = "prune"            # <report>.json, .md and .png (what each layer lost) in the output directory;
+                                # "" writes none
 
 Rules:
 1. Groups come from the coupling analysis (rewrite.coupling: channel labels traced through the graph): a unit is
@@ -33,26 +42,59 @@ Rules:
    capture baked in (view / reshape / expand sizes, split sizes, slice bounds): the pruned model equals the unpruned
    one with the same units' weights set to zero.
 5. Running the pass again with the same options leaves the graph alone (modified=False); a zero target is the
-   identity.
+   identity (except that loraprune / light-peft have trained the adapters).
+6. Adapter targets cut LoRA adapters at the sites `layers` / `exempt` leave (other kinds are left alone), after the
+   structural removal: `adapter_modules` drops the N = floor(f * modules) (or count) lowest-scored modules (never
+   all of them); `adapter_ranks` then removes rank components (LoRA.resize keeps the kept components and the scale
+   s). Scores: light-peft's measured importance, magnitude's norms, random draws; loraprune scores no adapters
+   (an error).
+7. Every request is checked before a scorer trains: an infeasible target, a data-driven method without [data], or
+   a method table for another method is a SpecError naming its key.
 """
 from __future__ import annotations
 
 import math
 from typing import Literal
 
+import torch
 import torch.fx as fx
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rewrite.adapters.base import NotSupported
 from rewrite.coupling import Group, analyze, remove
 from rewrite.errors import SpecError
+from rewrite.graph_edit import adapters_at, drop_adapter, unwire
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult, real_weights
 from rewrite.passes.prune_report import write_prune_report
+from rewrite.passes.training_allocation import options_key
 from rewrite.prune_scorers import SCORERS, PruneScoreContext, Scores, get_prune_scorer
+from rewrite.prune_scorers.selection import choose
 from rewrite.sites import check_selector_syntax, select
+from rewrite.state import state_of
 
 STRUCTURES = ("heads", "kv_heads", "ffn", "channels")  # targets; kv_heads cut "heads" groups by KV head
+ADAPTER_TARGETS = ("adapter_modules", "adapter_ranks")
 MARK = "rewrite.prune"  # gm.meta: the options of every prune already applied (rule 5)
+
+
+class LoRAPruneOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    warmup: float = Field(default=0.1, ge=0, lt=1)
+    cooldown: float = Field(default=0.1, ge=0, lt=1)
+    every: int = Field(default=10, ge=1)
+    beta: float = Field(default=0.9, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _span(self) -> "LoRAPruneOptions":
+        if self.warmup + self.cooldown >= 1:
+            raise ValueError(f"warmup + cooldown = {self.warmup + self.cooldown:g} leaves no steps to prune in "
+                             "(they are fractions of the steps; their sum must be < 1)")
+        return self
+
+
+class LightPEFTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    l1: float = Field(default=1e-4, ge=0)
 
 
 class PruneOptions(PassOptions):
@@ -61,19 +103,29 @@ class PruneOptions(PassOptions):
     kv_heads: float | int | None = None
     ffn: float | int | None = None
     channels: float | int | None = None
+    adapter_modules: float | int | None = None
+    adapter_ranks: float | int | None = None
     scope: Literal["layer", "global"] = "layer"
     layers: list[str] | None = Field(default=None, min_length=1)
     exempt: list[str] = []
     seed: int = 0
+    steps: int | None = Field(default=None, ge=1)
+    extra_params: list[str] = []
+    loraprune: LoRAPruneOptions | None = None
+    light_peft: LightPEFTOptions | None = None
     report: str = "prune"
 
     @model_validator(mode="after")
-    def _heads_or_kv_heads(self) -> "PruneOptions":
+    def _consistent(self) -> "PruneOptions":
         if self.heads and self.kv_heads:
             raise ValueError("give heads (query heads, evenly per KV head) or kv_heads (whole KV heads), not both")
+        for table, method in (("loraprune", "loraprune"), ("light_peft", "light-peft")):
+            if getattr(self, table) is not None and self.method != method:
+                raise ValueError(f"{table} = {{ ... }} sets options of method = {method!r}, but method = "
+                                 f"{self.method!r}")
         return self
 
-    @field_validator("heads", "kv_heads", "ffn", "channels")
+    @field_validator("heads", "kv_heads", "ffn", "channels", "adapter_modules", "adapter_ranks")
     @classmethod
     def _target(cls, value: float | int | None) -> float | int | None:
         if isinstance(value, float) and not 0 <= value < 1:
@@ -94,42 +146,178 @@ class PrunePass(GraphPass):
     Options = PruneOptions
 
     def writes(self) -> list[str]:
-        return [f"{self.options.report}.json", f"{self.options.report}.md"] if self.options.report else []
+        return [f"{self.options.report}.{ext}" for ext in ("json", "md", "png")] if self.options.report else []
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         o = self.options
         real_weights(gm, self.context.where, "prune reads and slices weights")
-        key = o.model_dump_json()
+        key = options_key(o, self.context.data if get_prune_scorer(o.method).needs_data else None)
         targets = {s: getattr(o, s) for s in STRUCTURES if getattr(o, s)}
-        if key in gm.meta.get(MARK, []) or not targets:
-            return PassResult(gm, False, {"note": "already pruned with these options" if targets else "no target"})
-        coupling = analyze(gm)
-        chosen = self._candidates(gm, coupling.groups, targets)
-        scores = get_prune_scorer(o.method)(PruneScoreContext(gm, [g for gs in chosen.values() for g in gs],
-                                                              seed=o.seed, data=self.context.data))
-        plan = {s: self._choose(s, groups, targets[s], scores) for s, groups in chosen.items()}
+        adapter_targets = {s: getattr(o, s) for s in ADAPTER_TARGETS if getattr(o, s)}
+        if key in gm.meta.get(MARK, []) or not (targets or adapter_targets):
+            return PassResult(gm, False, {"note": "already pruned with these options" if targets or adapter_targets
+                                          else "no target"})
+        coupling = analyze(gm) if targets else None
+        chosen = self._candidates(gm, coupling.groups, targets) if targets else {}
+        zero = Scores({g.name: torch.zeros(len(g.units)) for gs in chosen.values() for g in gs},
+                      {g.name: torch.zeros(len(g.blocks)) for gs in chosen.values() for g in gs})
+        for structure, groups in chosen.items():  # rule 7: infeasible targets fail before any training
+            choose(structure, groups, targets[structure], zero, o.scope, self.context.at(structure))
+        adapters = self._adapters(gm) if adapter_targets else {}
+        scorer = get_prune_scorer(o.method)
+        ctx = PruneScoreContext(gm, [g for gs in chosen.values() for g in gs], seed=o.seed,
+                                data=self._data(gm, scorer), options=self._method_options(), structures=chosen,
+                                targets=targets, scope=o.scope, adapters={p: m for p, (m, _) in adapters.items()},
+                                sites={p: site for p, (_, site) in adapters.items()}, at=self.context.at)
+        scores = scorer(ctx)
+        plan = {s: choose(s, groups, targets[s], scores, o.scope, self.context.at(s)) for s, groups in chosen.items()}
         atoms = {a for rows in plan.values() for row in rows for a in row["atoms"]}
-        if not atoms:
+        removal = None
+        if atoms:
+            try:
+                removal = remove(gm, coupling, atoms)
+            except NotSupported as err:
+                raise SpecError(f"{self.context.where}: {err}") from None
+        params_before = removal.params_before if removal else sum(p.numel() for p in gm.parameters())
+        adapter_rows = self._prune_adapters(gm, adapters, adapter_targets, scores) if adapter_targets else []
+        changed = bool(atoms) or any(r["rank_after"] != r["rank_before"] for r in adapter_rows)
+        if not changed and not scorer.needs_data:
             return PassResult(gm, False, {"note": "the targets round to nothing"})
-        try:
-            removal = remove(gm, coupling, atoms)
-        except NotSupported as err:
-            raise SpecError(f"{self.context.where}: {err}") from None
         gm.meta.setdefault(MARK, []).append(key)
         removed = {s: sum(len(r["removed"]) for r in rows) for s, rows in plan.items()}
-        report = dict(method=o.method, scope=o.scope, targets=targets, removed=removed,
-                      params_before=removal.params_before, params_after=removal.params_after,
-                      constants_rewritten=removal.constants,
-                      groups=[{k: v for k, v in row.items() if k != "atoms"} for rows in plan.values() for row in rows])
+        removed.update(self._adapter_counts(adapter_rows, adapter_targets))
+        params_after = sum(p.numel() for p in gm.parameters())
+        report = dict(method=o.method, scope=o.scope, targets={**targets, **adapter_targets}, removed=removed,
+                      params_before=params_before, params_after=params_after,
+                      constants_rewritten=removal.constants if removal else 0,
+                      groups=[{k: v for k, v in row.items() if k not in ("atoms", "index")}
+                              for rows in plan.values() for row in rows],
+                      adapters=adapter_rows, scorer=scores.info)
         files = []
-        if o.report:
+        if o.report and self.context.write:
             stem = self.context.output_path(o.report, "report")
             files = [p.name for p in write_prune_report(report, stem.parent, stem.name)]
-        return PassResult(gm, True, {"method": o.method, **{f"{s}_removed": n for s, n in removed.items()},
-                                     "params_before": removal.params_before, "params_after": removal.params_after,
-                                     "report": files})
+        stats = {"method": o.method, **{f"{s}_removed": n for s, n in removed.items()},
+                 "params_before": params_before, "params_after": params_after, "report": files}
+        if scores.info:
+            stats.update({k: scores.info[k] for k in ("steps", "train_seconds", "scoring_seconds", "loss_final")
+                          if k in scores.info})
+        return PassResult(gm, True, stats)
 
     # ------------------------------------------------------------------------------------------ steps
+
+    def _method_options(self) -> dict:
+        o = self.options
+        out = {"steps": o.steps, "extra_params": o.extra_params}
+        if o.loraprune is not None:
+            out["loraprune"] = o.loraprune.model_dump()
+        if o.light_peft is not None:
+            out["light_peft"] = o.light_peft.model_dump()
+        return out
+
+    def _data(self, gm: fx.GraphModule, scorer):
+        """Rule 7: the [data] a data-driven method trains on, as a DataSource (None for the others)."""
+        o = self.options
+        if o.method == "loraprune" and (o.adapter_modules or o.adapter_ranks):
+            key = "adapter_modules" if o.adapter_modules else "adapter_ranks"
+            raise SpecError(f"{self.context.at(key)}: method = 'loraprune' scores units, not adapter modules or "
+                            "ranks; use method = \"light-peft\" (measured importance) or \"magnitude\" for "
+                            f"{key}")
+        if not scorer.needs_data:
+            return None
+        if self.context.data is None:
+            raise SpecError(f"{self.context.at('method')}: method = {o.method!r} trains the adapters while it "
+                            "scores, and the spec has no [data] table: add [data] with path = \"file.safetensors\" "
+                            "(model inputs + labels) or factory = \"package.module:function\"")
+        names = dict(gm.named_parameters())
+        unknown = [n for n in o.extra_params if n not in names]
+        if unknown:
+            raise SpecError(f"{self.context.at('extra_params')}: no parameter named {unknown} in the model")
+        if not any(n.startswith("adapters.") for n in names):
+            raise SpecError(f"{self.context.at('method')}: method = {o.method!r} trains the adapters while it "
+                            "scores, and no adapter is attached: insert a LoRA before 'prune'")
+        from rewrite.data import DataSource
+
+        return DataSource(self.context.data, self.context.spec_dir, list(state_of(gm).inputs.kwargs))
+
+    def _adapters(self, gm: fx.GraphModule) -> dict:
+        """Rule 6: adapter path -> (LoRA module, its site) at the sites `layers` / `exempt` leave."""
+        o, table = self.options, state_of(gm).sites
+        named = {s.name for s in select(table, o.layers, self.context.at("layers"))} if o.layers else None
+        exempt = {s.name for s in select(table, o.exempt, self.context.at("exempt"))} if o.exempt else set()
+        out = {}
+        for site in table.values():
+            if site.name in exempt or (named is not None and site.name not in named):
+                continue
+            for name, module in adapters_at(gm, site.owner).items():
+                if module.kind == "lora":
+                    out.setdefault(f"adapters.{site.owner}.{name}", (module, site))
+        if not out:
+            key = "adapter_modules" if o.adapter_modules else "adapter_ranks"
+            kinds = sorted({m.kind for s in table.values() for m in adapters_at(gm, s.owner).values()})
+            raise SpecError(f"{self.context.at(key)}: {key} cuts LoRA adapters, and none is attached at the sites "
+                            f"this pass may touch (attached kinds: {', '.join(kinds) or 'none'})")
+        return out
+
+    def _prune_adapters(self, gm: fx.GraphModule, adapters: dict, targets: dict, scores: Scores) -> list[dict]:
+        """Rule 6: drop modules, then remove rank components; one report row per module."""
+        o = self.options
+        rows = {p: dict(adapter=p, rank_before=m.rank, rank_after=m.rank, module_score=round(scores.modules[p], 6),
+                        removed_ranks=[], rank_scores=[round(float(v), 6) for v in scores.ranks[p]])
+                for p, (m, _) in adapters.items()}
+        live = dict(adapters)
+        if "adapter_modules" in targets:
+            target = targets["adapter_modules"]
+            n = math.floor(target * len(live)) if isinstance(target, float) else target
+            if n >= len(live):
+                raise SpecError(f"{self.context.at('adapter_modules')}: drops {n} of the {len(live)} LoRA modules; "
+                                "at least one must stay")
+            for path in sorted(live, key=lambda p: (scores.modules[p], p))[:n]:
+                self._drop(gm, path, live.pop(path)[0], rows[path])
+        if "adapter_ranks" in targets:
+            target, where = targets["adapter_ranks"], self.context.at("adapter_ranks")
+            gone: dict[str, list[int]] = {}
+            if o.scope == "global":
+                total = sum(m.rank for m, _ in live.values())
+                n = math.floor(target * total) if isinstance(target, float) else target
+                if n >= total:
+                    raise SpecError(f"{where}: removes {n} of the {total} LoRA rank components; at least one must "
+                                    "stay")
+                ranked = sorted((float(scores.ranks[p][i]), p, i) for p, (m, _) in live.items() for i in range(m.rank))
+                for _, path, i in ranked[:n]:
+                    gone.setdefault(path, []).append(i)
+            else:
+                for path, (module, _) in live.items():
+                    n = math.floor(target * module.rank) if isinstance(target, float) else target
+                    if n >= module.rank:
+                        raise SpecError(f"{where}: removes {n} of the {module.rank} rank components of {path}; at "
+                                        "least one must stay (scope = \"global\" may drop a whole module)")
+                    gone[path] = sorted(range(module.rank), key=lambda i: (float(scores.ranks[path][i]), i))[:n]
+            for path, index in gone.items():
+                module, row = live[path][0], rows[path]
+                row["removed_ranks"] = sorted(index)
+                keep = [i for i in range(module.rank) if i not in set(index)]
+                if not keep:
+                    self._drop(gm, path, module, row)
+                elif index:
+                    module.resize(len(keep), keep=keep)
+                    row["rank_after"] = module.rank
+        return list(rows.values())
+
+    def _drop(self, gm: fx.GraphModule, path: str, module, row: dict) -> None:
+        owner, _, name = path[len("adapters."):].rpartition(".")
+        unwire(gm, name, owner)
+        drop_adapter(gm, owner, name)
+        row.update(rank_after=0, dropped=True)
+
+    @staticmethod
+    def _adapter_counts(rows: list[dict], targets: dict) -> dict:
+        out = {}
+        if "adapter_modules" in targets:
+            out["adapter_modules"] = sum(1 for r in rows if r.get("dropped"))
+        if "adapter_ranks" in targets:
+            out["adapter_ranks"] = sum(len(r["removed_ranks"]) for r in rows)
+        return out
 
     def _candidates(self, gm: fx.GraphModule, groups: list[Group], targets: dict) -> dict[str, list[Group]]:
         """Rules 1 and 3: each structure's groups, restricted by `layers`, without `exempt`, checked."""
@@ -141,7 +329,8 @@ class PrunePass(GraphPass):
             where = self.context.at(structure)
             kind = "heads" if structure == "kv_heads" else structure
             mine = [g for g in groups if g.structure == kind and not exempt & set(g.sites)
-                    and (named is None or named & set(g.sites)) and (structure != "kv_heads" or g.blocks)]
+                    and (named is None or named & set(g.sites))
+                    and (structure != "kv_heads" or g.blocks)]
             for g in mine:
                 if g.refused:
                     raise SpecError(f"{where}: {structure} of {g.name}: {g.refused}")
@@ -156,84 +345,3 @@ class PrunePass(GraphPass):
                                 f"pruned here (groups: {seen}); `rewrite inspect MODEL --groups` lists them")
             out[structure] = usable
         return out
-
-    def _choose(self, structure: str, groups: list[Group], target: float | int, scores: Scores) -> list[dict]:
-        """Rule 2: the units (kv_heads: the KV heads) each group loses."""
-        where, blocks = self.context.at(structure), structure == "kv_heads"
-        sizes = {g.name: len(g.blocks if blocks else g.units) for g in groups}
-        if self.options.scope == "global":
-            table = scores.blocks if blocks else scores.units
-            ranked = sorted((float(table[g.name][i]), gi, i) for gi, g in enumerate(groups)
-                            for i in (range(len(g.blocks)) if blocks else g.removable))
-            counts = self._global_counts(structure, groups, sizes, target, ranked)
-        else:
-            counts = {name: math.floor(target * size) if isinstance(target, float) else target
-                      for name, size in sizes.items()}
-        return [self._kv_row(g, counts[g.name], scores, where) if blocks else self._row(g, counts[g.name], scores, where)
-                for g in groups]
-
-    def _global_counts(self, structure: str, groups: list[Group], sizes: dict, target: float | int,
-                       ranked: list) -> dict:
-        total = sum(sizes.values())
-        wanted = math.floor(target * total) if isinstance(target, float) else target
-        counts, left = {g.name: 0 for g in groups}, dict(sizes)
-        for _, gi, _ in ranked:
-            if sum(counts.values()) == wanted:
-                break
-            g = groups[gi]
-            if left[g.name] > 1:
-                counts[g.name] += 1
-                left[g.name] -= 1
-        if sum(counts.values()) < wanted:
-            raise SpecError(f"{self.context.at(structure)}: {structure} = {target!r} asks for {wanted} of {total} "
-                            f"units, but only {sum(counts.values())} can go while every layer keeps one")
-        return counts
-
-    def _kv_row(self, g: Group, n: int, scores: Scores, where: str) -> dict:
-        if n >= len(g.blocks):
-            raise SpecError(f"{where}: removes {n} of the {len(g.blocks)} KV heads of {g.name}; at least one must stay")
-        chosen = sorted(sorted(range(len(g.blocks)), key=lambda b: (float(scores.blocks[g.name][b]), b))[:n])
-        blocked = [r for b in chosen for r in g.blocks[b].blocked]
-        if blocked:
-            raise SpecError(f"{where}: {g.name}: {blocked[0]}")
-        return dict(group=g.name, structure="kv_heads", units_before=len(g.blocks), units_after=len(g.blocks) - n,
-                    removed=[g.blocks[b].label for b in chosen], scores=[round(float(s), 6) for s in
-                                                                         scores.blocks[g.name]],
-                    sites=g.sites, adapters=sorted({a.adapter for a in g.adapters}),
-                    atoms=[a for b in chosen for a in g.blocks[b].atoms])
-
-    def _row(self, g: Group, n: int, scores: Scores, where: str) -> dict:
-        units, unit_scores = g.units, scores.units[g.name]
-        if n >= len(units):
-            raise SpecError(f"{where}: removes {n} of the {len(units)} {_noun(g)} of {g.name}; at least one must stay")
-        note = ""
-        if g.blocks:  # GQA: evenly per KV head
-            per_block = n // len(g.blocks)
-            if per_block * len(g.blocks) != n:
-                note = f"{n} rounded down to {per_block * len(g.blocks)}: query heads go evenly per KV head"
-            chosen = []
-            for b in range(len(g.blocks)):
-                mine = [i for i in g.removable if g.block_of[i] == b]
-                chosen += sorted(mine, key=lambda i: (float(unit_scores[i]), i))[:per_block]
-            if len(chosen) != per_block * len(g.blocks):
-                raise SpecError(f"{where}: {g.name} cannot lose {per_block} query heads from every KV head "
-                                "(some are blocked)")
-        else:
-            if n > len(g.removable):
-                raise SpecError(f"{where}: removes {n} {_noun(g)} of {g.name}, but only {len(g.removable)} of its "
-                                f"{len(units)} can go ({'; '.join(dict.fromkeys(r for u in units for r in u.blocked))})")
-            chosen = sorted(g.removable, key=lambda i: (float(unit_scores[i]), i))[:n]
-        chosen = sorted(chosen)
-        row = dict(group=g.name, structure=g.structure, units_before=len(units), units_after=len(units) - len(chosen),
-                   removed=[units[i].label for i in chosen], scores=[round(float(s), 6) for s in unit_scores],
-                   sites=g.sites, adapters=sorted({a.adapter for a in g.adapters}),
-                   atoms=[a for i in chosen for a in units[i].atoms])
-        if g.blocks:
-            row["kv_heads"] = len(g.blocks)
-        if note:
-            row["note"] = note
-        return row
-
-
-def _noun(g: Group) -> str:
-    return {"heads": "heads", "ffn": "neurons", "channels": "channels"}.get(g.structure, "units")

@@ -1,5 +1,6 @@
 """Tiny plain-torch models for the coupling and prune tests: a CNN with BatchNorm and residual adds (a ResNet basic
-block with an identity shortcut, one with a conv shortcut), and one plain multi-head attention block."""
+block with an identity shortcut, one with a conv shortcut), and one plain multi-head attention block; for the
+scorers that train, the attention block captured with a dynamic batch and a regression task written as [data]."""
 from __future__ import annotations
 
 import torch
@@ -72,3 +73,23 @@ class Attention(nn.Module):
 def attention(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return Attention().eval()
+
+
+def attention_task(root, steps: int = 24, batch_size: int = 16, lr: float = 1e-2, examples: int = 64):
+    """(the attention block captured with a dynamic batch, [data] options of an MSE task on `root`/data.safetensors:
+    inputs x [examples, 6, 32], labels the outputs of a differently seeded attention block (the teacher))."""
+    from safetensors.torch import save_file
+
+    from rewrite.capture import capture
+    from rewrite.inputs import ExampleInputs
+    from rewrite.load import LoadedModel
+    from rewrite.options import DataOptions
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(examples, 6, 32, generator=generator)
+    with torch.no_grad():
+        labels = attention(seed=1)(x)
+    save_file({"x": x, "labels": labels}, root / "data.safetensors")
+    gm, _ = capture(LoadedModel(attention(), None, "factory", "attention", None),
+                    ExampleInputs({"x": x[:2]}, {"x": ["batch", None, None]}))
+    return gm, DataOptions(path="data.safetensors", loss="mse", batch_size=batch_size, steps=steps, lr=lr)

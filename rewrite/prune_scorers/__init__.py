@@ -1,46 +1,30 @@
-"""Prune scorers: what each removable unit of each dependency group is worth (higher: keep it).
+"""Prune scorers: what each removable unit of each dependency group is worth (higher: keep it), and, for the adapter
+targets, what each LoRA module and each of its rank components is worth.
 
     name        data   score of a unit (a head, a neuron, a channel; a KV head for GQA blocks)
     magnitude   none   sqrt(sum of w^2 over every base parameter entry the unit removes): the L2 norm of its
-                       cuts (`Unit.cuts`; buffers such as BatchNorm statistics are not weights and are left out)
-    random      none   uniform draws from a generator seeded with `seed` (the baseline)
+                       cuts (`Unit.cuts`; buffers such as BatchNorm statistics are not weights and are left out);
+                       adapters: module ||s A B||_F / ||W||_F, rank component i ||s A[:, i] B[i, :]||_F =
+                       s ||A[:, i]|| ||B[i, :]||
+    random      none   uniform draws from a generator seeded with `seed` (the baseline), adapters too
+    loraprune   [data] LoRA-guided |G^ (.) (W + s B A)| with G^ from the LoRA gradients only, EMA, cubic schedule and
+                       iterative masks while the adapters train (loraprune.py)
+    light-peft  [data] trainable unit masks with an L1 term, trained with the adapters (masked early estimation);
+                       module and rank importance of the adapters measured on the way (light_peft.py)
 
 A scorer takes a `PruneScoreContext` and returns `Scores`: per group name, one score per unit (`Group.units` order)
-and, for GQA groups, one per KV head (`Group.blocks` order). The pass removes the lowest-scored units. A new scorer
-(LoRAPrune's |G (.) (W + s B A)|, Light-PEFT's masks) is one class here and one line in `SCORERS`.
+and, for GQA groups, one per KV head (`Group.blocks` order); per adapter module path (`adapters.<owner>.<name>`)
+one module score and one score per rank component. The pass removes the lowest-scored units, modules and ranks
+(selection.py). A new scorer is one class and one line in `SCORERS`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
 import torch
-import torch.fx as fx
 
-from rewrite.coupling.groups import Group, Unit
-
-
-@dataclass
-class PruneScoreContext:
-    gm: fx.GraphModule
-    groups: list[Group]
-    seed: int = 0
-    data: Any = None                                  # rewrite.data.DataSource, for data-driven scorers
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Scores:
-    units: dict[str, torch.Tensor]    # group name -> [len(group.units)]
-    blocks: dict[str, torch.Tensor]   # group name -> [len(group.blocks)]
-
-
-class PruneScorer:
-    name: ClassVar[str]
-    needs_data: ClassVar[bool] = False
-
-    def __call__(self, ctx: PruneScoreContext) -> Scores:
-        raise NotImplementedError
+from rewrite.coupling.groups import Unit
+from rewrite.prune_scorers.base import PruneScoreContext, PruneScorer, Scores
+from rewrite.prune_scorers.light_peft import LightPEFT
+from rewrite.prune_scorers.loraprune import LoRAPrune
 
 
 class Magnitude(PruneScorer):
@@ -63,8 +47,15 @@ class Magnitude(PruneScorer):
                 total += float(per_index[key][list(cut.index)].sum())
             return total ** 0.5
 
+        modules, ranks = {}, {}
+        for path, module in ctx.adapters.items():
+            a, b = (t.detach().double() for t in module._matrices())
+            weight = params[ctx.sites[path].weight].detach().double()
+            modules[path] = float(module.delta_weight().double().norm() / weight.norm().clamp(min=1e-12))
+            ranks[path] = module.scaling * a.norm(dim=0) * b.norm(dim=1)
         return Scores({g.name: torch.tensor([norm(u) for u in g.units], dtype=torch.float64) for g in ctx.groups},
-                      {g.name: torch.tensor([norm(b) for b in g.blocks], dtype=torch.float64) for g in ctx.groups})
+                      {g.name: torch.tensor([norm(b) for b in g.blocks], dtype=torch.float64) for g in ctx.groups},
+                      modules, ranks)
 
 
 class RandomScores(PruneScorer):
@@ -73,11 +64,13 @@ class RandomScores(PruneScorer):
     def __call__(self, ctx: PruneScoreContext) -> Scores:
         generator = torch.Generator().manual_seed(ctx.seed)
         units = {g.name: torch.rand(len(g.units), generator=generator, dtype=torch.float64) for g in ctx.groups}
-        return Scores(units, {g.name: torch.rand(len(g.blocks), generator=generator, dtype=torch.float64)
-                              for g in ctx.groups})
+        blocks = {g.name: torch.rand(len(g.blocks), generator=generator, dtype=torch.float64) for g in ctx.groups}
+        modules = {path: float(torch.rand(1, generator=generator, dtype=torch.float64)) for path in ctx.adapters}
+        ranks = {path: torch.rand(m.rank, generator=generator, dtype=torch.float64) for path, m in ctx.adapters.items()}
+        return Scores(units, blocks, modules, ranks)
 
 
-SCORERS: dict[str, type[PruneScorer]] = {s.name: s for s in (Magnitude, RandomScores)}
+SCORERS: dict[str, type[PruneScorer]] = {s.name: s for s in (Magnitude, RandomScores, LoRAPrune, LightPEFT)}
 
 
 def get_prune_scorer(name: str) -> PruneScorer:
