@@ -50,18 +50,10 @@ from rewrite.runtime.generate import generate
 from rewrite.runtime.session import AdapterSession
 from rewrite.spec import parse_spec
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_switching import _custom_op_available  # noqa: E402
+
 ADAPTERS = [f"tenant{i}" for i in range(8)]
-
-
-def _custom_op_available() -> bool:
-    try:
-        from rewrite.runtime.ops import library_path
-
-        library_path()
-        return True
-    except Exception as err:  # noqa: BLE001 - reported in the table instead
-        print(f"custom-op unavailable: {err}", file=sys.stderr)
-        return False
 
 
 def _export(model_dir: Path, out: Path, *, use_cache: bool, passes: str = "", export: str = "") -> Path:
