@@ -3,7 +3,9 @@
 Every site's chain of adapter branches is replaced by ONE module from the chosen lowering, computing the delta of
 the adapter selected at run time; the sites of a fused group (`fuse`) share one module where the lowering has a
 grouped form (bank: one A bank), and are lowered one by one otherwise. Scales are folded into B (B' = s B); the ranks of one site are zero-padded to
-the largest, so adapters of different ranks share one model.
+the largest, so adapters of different ranks share one model. Elementwise kinds (`rowwise`: (IA)^3, RoAd, BitFit)
+are switched per row by a gather from their own banks instead (`export/lowerings/rows.py`, bank and custom-op
+alike); a site may hold both, each row getting its own adapter's form and the identity from the other.
 
 `[export] reserve` keeps slots for adapters added while serving: the sites `reserve.targets` selects (Linear /
 Conv1D) are lowered too, with zero-filled slots, and with per-row switching every lowered site's rank is at least
@@ -29,6 +31,7 @@ from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.errors import ExportError
 from rewrite.export.lowerings import LOWERINGS
 from rewrite.export.lowerings.base import ROUTER, Lowering
+from rewrite.export.lowerings.rows import RowSite, lower_rows
 from rewrite.graph_edit import adapter_input, adapters_at, drop_adapter, fused_groups, fused_parts, unwire
 from rewrite.options import ExportOptions
 from rewrite.sites import Site, select
@@ -72,6 +75,7 @@ class Lowered:
     adapters: list[str]
     sites: list[SiteLowering]
     reserved: list[str] = field(default_factory=list)  # owners given a slot by `reserve.targets`
+    rows: list[RowSite] = field(default_factory=list)  # sites of elementwise kinds, switched by a gather
 
     @property
     def routed(self) -> bool:
@@ -139,14 +143,25 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     groups = [list(dict.fromkeys(state.sites[p.meta["rewrite"].site].owner for p in fused_parts(g)))
               for g in fused_groups(gm)]  # read before the adapters are detached (which unfuses them)
     banks = {}  # owner -> (its sites, rank, {adapter: padded A / B}) for every owner lowered
+    rows = []
     for owner, modules in live.items():
         chosen = {n: m for n, m in modules.items() if n in names}
         for name in list(modules):
             unwire(gm, name, owner)
             drop_adapter(gm, owner, name)
+        sites = [s for s in state.sites.values() if s.owner == owner]
+        rowwise = {n: m for n, m in chosen.items() if m.rowwise}
+        if rowwise:
+            if not lowering.routed:
+                kinds = sorted({m.kind for m in rowwise.values()})
+                raise ExportError(f"{owner}: {', '.join(kinds)} adapters are elementwise: they switch per batch row "
+                                  f"with switching = \"bank\" or \"custom-op\" ({lowering.name} switches low-rank "
+                                  "kinds only), or merge them")
+            nodes = [state.sites.node_of(gm, s.name) for s in sites]
+            rows += lower_rows(gm, sites, nodes, rowwise, names, slots)
+            chosen = {n: m for n, m in chosen.items() if n not in rowwise}
         if not chosen and owner not in reserved:
             continue
-        sites = [s for s in state.sites.values() if s.owner == owner]
         factors = {n: _factors(m, owner) for n, m in chosen.items()}
         # a site only `reserve.targets` selects gets the reserved rank (ort-adapters: its ONNX rank dim is symbolic)
         rank = max([a.shape[1] for a, _ in factors.values()] + [least_rank]) if factors else options.reserve.rank or 1
@@ -181,7 +196,7 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     gm.graph.lint()
     gm.recompile()
     root = RoutedModel(gm, list(state.inputs.kwargs)) if lowering.routed else gm
-    return Lowered(root, lowering, names, lowered_sites, reserved)
+    return Lowered(root, lowering, names, lowered_sites, reserved, rows)
 
 
 def _wire_lowered(gm: fx.GraphModule, base: fx.Node, site: Site, path: str, fused: bool, part: int | None = None

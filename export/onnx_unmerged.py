@@ -12,6 +12,9 @@ After `lowering.lower`, the model is exported with the dynamo exporter and post-
                   plain ONNX Runtime, which warns once per initializer that is also a graph input (the overridable
                   form ort-adapters cannot avoid: ONNX Runtime's adapter mechanism feeds graph inputs).
 
+Elementwise kinds ((IA)^3, RoAd, BitFit) in bank / custom-op exports: one bank [capacity + 1, width] per vector,
+its last row the identity, gathered per row (`export/lowerings/rows.py`); the manifest lists them as `row_sites`.
+
 `[export] reserve` adds zero-filled slots (export/lowering.py); the manifest records it (`reserve`).
 
 Outputs, cache inputs and axes are named as in merged exports (`export/io_names.py`). Stale `value_info` is
@@ -35,7 +38,7 @@ import torch.fx as fx
 from rewrite.errors import ExportError, RewriteError, describe, innermost
 from rewrite.export.io_names import export_shapes, graph_io, name_io
 from rewrite.export.lowering import Lowered, lower
-from rewrite.formats.manifest import ExportedAdapter, ReservedSlots, SwitchableSite, UnmergedExport
+from rewrite.formats.manifest import ExportedAdapter, ReservedSlots, RowSite, SwitchableSite, UnmergedExport
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.options import ExportOptions
 from rewrite.state import state_of
@@ -80,7 +83,7 @@ def _distinct_placeholders(lowered: Lowered) -> dict[str, np.ndarray]:
 
     The exporter's optimizer deduplicates equal initializers (freshly inserted adapters all have B = 0)
     and may fold constants, which would lose the names that make adapters switchable."""
-    names = {name for site in lowered.sites for name in site.tensors.values()}
+    names = {name for site in [*lowered.sites, *lowered.rows] for name in site.tensors.values()}
     prefix = "gm." if lowered.routed else ""
     generator = torch.Generator().manual_seed(0)
     real = {}
@@ -106,7 +109,7 @@ def _drop_root_prefix(model: onnx.ModelProto, prefix: str = "gm.") -> None:
 
 def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
     initializers = {init.name: init for init in model.graph.initializer}
-    wanted = [(site, key, name) for i, site in enumerate(lowered.sites) for key, name in site.tensors.items()]
+    wanted = [(site, key, name) for site in [*lowered.sites, *lowered.rows] for key, name in site.tensors.items()]
     missing = [name for _, _, name in wanted if name not in initializers]
     if missing:
         raise ExportError(f"ONNX export lost adapter tensor names {missing[:4]} (found initializers like "
@@ -171,6 +174,8 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, A_offset=s.a_offset,
                               **s.tensors)
                for s in lowered.sites],
+        row_sites=[RowSite(site=r.owner, kind=r.kind, op=r.op, join=r.join, width=r.width, banks=r.tensors,
+                           identity=r.identity) for r in lowered.rows],
         adapters=adapters,
         reserve=None if options.reserve is None else ReservedSlots(
             rank=options.reserve.rank, targets=options.reserve.targets, sites=lowered.reserved),

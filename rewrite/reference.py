@@ -88,12 +88,20 @@ def pass_page(name: str) -> str:
                       options_table(cls.Options), ""])
 
 
+def _switching(cls) -> str:
+    if cls.low_rank:
+        return "yes, low-rank: ort-adapters (per run), bank and custom-op (per row)"
+    if cls.rowwise:
+        return "yes, elementwise: bank and custom-op (per row, a gathered vector; no matmul)"
+    return "no (merge it, or keep it inline in a merged export)"
+
+
 def kind_page(kind: str) -> str:
     cls = KINDS[kind]
     facts = [f"- sites: {', '.join(cls.ops)}", f"- joins the base op by: {cls.join}",
              f"- insert settings it reads: {', '.join(cls.settings) or 'none'}", f"- inits: {', '.join(cls.inits)}",
              f"- mergeable: {'yes' if cls.mergeable else 'no'}", f"- rank allocation: {'yes' if cls.resizable else 'no'}",
-             f"- switchable unmerged (low-rank): {'yes' if cls.low_rank else 'no'}",
+             f"- switchable unmerged: {_switching(cls)}",
              f"- PEFT: {cls.peft_format.peft_type if cls.peft_format else 'no PEFT form'}"]
     return "\n".join([f"# adapter kind `{kind}`", "", "```", _module_doc(cls), "```", "", *facts, "",
                       "## options (`insert` `options = { ... }`)", "", options_table(cls.Options), ""])

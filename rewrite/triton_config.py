@@ -14,7 +14,6 @@ Rules (Triton's model configuration; the tests parse the text with Triton's own 
 """
 from __future__ import annotations
 
-import re
 import numpy as np
 
 from rewrite.errors import ExportError

@@ -12,6 +12,9 @@ Switching strategies (see export/onnx_unmerged.py):
   bank, custom-op  `adapter_ids` per row; adding an adapter fills a free slot of the bank, which the session makes
                 an overridable model input when it loads the model (the file keeps banks as plain initializers, quiet
                 in plain ONNX Runtime): the session feeds its own copy, the ONNX session is never rebuilt.
+                Elementwise kinds ((IA)^3, RoAd, BitFit: the manifest's `row_sites`) are gathered per row from
+                their own banks by the same ids; an added (LoRA) adapter's slot holds their identity. Adding an
+                elementwise adapter while serving is not supported: export it.
 Providers: without `providers=`, the CUDA EP first when onnxruntime offers it (onnxruntime-gpu), then the CPU EP; a
 custom-op export registers the CUDA build of its library with the CUDA EP, the CPU build otherwise
 (`rewrite.runtime.providers`). `session.providers` is what ONNX Runtime enabled, `session.library` the library.
@@ -114,6 +117,8 @@ class AdapterSession:
         capacity, out, width = self.entry.capacity, {}, {}
         for s in self.entry.sites:  # the sites of a fused group share one A: its width is the sum of theirs
             width[s.A] = width.get(s.A, 0) + s.rank
+        for r in self.entry.row_sites:
+            out.update({name: (capacity + 1, r.width) for name in r.banks.values()})
         for s in self.entry.sites:
             if self.switching == "ort-adapters":
                 out[s.A], out[s.B] = (s.d_in, None), (None, s.d_out)
@@ -130,6 +135,8 @@ class AdapterSession:
         inputs = {i.name: i.shape for i in args}
         where = {name: f".sites[{i}].{key}" for i, s in enumerate(self.entry.sites)
                  for key, name in (("A", s.A), ("B", s.B))}
+        where.update({name: f".row_sites[{i}].banks.{key}" for i, r in enumerate(self.entry.row_sites)
+                      for key, name in r.banks.items()})
         for name, shape in self._expected_shapes().items():
             if name not in inputs:
                 raise DeploymentError(f"{self._field}{where[name]}': {name!r} is not an input of {self.model_path}")
@@ -159,7 +166,7 @@ class AdapterSession:
     @functools.cached_property
     def _own_inputs(self) -> dict[str, tuple[type | None, list]]:
         """{input name: (numpy dtype, shape)} of the model's own inputs (not adapter_ids, not the adapter tensors)."""
-        internal = {self.entry.ids_input, *(n for s in self.entry.sites for n in (s.A, s.B))}
+        internal = {self.entry.ids_input, *self._bank_names()}
         return {i.name: (_ORT_TYPES.get(i.type), i.shape) for i in self._session.get_inputs() if i.name not in internal}
 
     # ---- serving -------------------------------------------------------------------------------
@@ -366,7 +373,7 @@ class AdapterSession:
             model = onnx.load(str(self.model_path), load_external_data=False)
         except Exception:  # noqa: BLE001 - protobuf's decode errors; ONNX Runtime reports the broken file below
             return str(self.model_path), None
-        names = {name for s in self.entry.sites for name in (s.A, s.B)}
+        names = self._bank_names()
         banks = {init.name: init for init in model.graph.initializer if init.name in names}
         declared = {value.name for value in model.graph.input}
         for name, init in banks.items():
@@ -377,8 +384,13 @@ class AdapterSession:
                                          str(self.model_path.parent))
         return model.SerializeToString(), banks
 
+    def _bank_names(self) -> set[str]:
+        """The model inputs holding adapters: A / B of low-rank sites, the banks of elementwise ones."""
+        return {*(n for s in self.entry.sites for n in (s.A, s.B)),
+                *(n for r in self.entry.row_sites for n in r.banks.values())}
+
     def _initial_banks(self, initializers: dict[str, onnx.TensorProto] | None) -> dict[str, np.ndarray]:
-        names = {name for s in self.entry.sites for name in (s.A, s.B)}
+        names = self._bank_names()
         banks = {name: onnx.numpy_helper.to_array(init, base_dir=str(self.model_path.parent)).copy()
                  for name, init in (initializers or {}).items()}
         missing = sorted(names - set(banks))
@@ -401,8 +413,13 @@ class AdapterSession:
         self._snapshot = replace(snap, slots=slots, bank=bank, bank_dirty=True)
 
     def _write_slot(self, bank: dict[str, np.ndarray], slot: int, factors) -> dict[str, np.ndarray]:
-        """A new bank dict with `slot` set to `factors` (zero-padded to the site rank) or cleared."""
+        """A new bank dict with `slot` set to `factors` (zero-padded to the site rank) or cleared; the slot of every
+        elementwise site holds the identity (an added adapter is low-rank: `read_factors`)."""
         out = dict(bank)
+        for row_site in self.entry.row_sites:
+            for name in row_site.banks.values():
+                out[name] = out[name].copy()
+            row_site.clear_slot(out, slot)
         for info in self.entry.sites:
             rank = info.rank
             a_pad = np.zeros((info.d_in, rank), np.float32)

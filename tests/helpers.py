@@ -105,15 +105,15 @@ def edit_json(path: Path, **fields) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
-def refusals(gm: fx.GraphModule, adapter: str, out: Path) -> tuple[str, str]:
-    """The messages with which an unmerged (bank) export and an `allocate` refuse `adapter` of a kind that is
-    neither low-rank nor resizable; each must fail."""
+def refusals(gm: fx.GraphModule, adapter: str, out: Path, switching: str = "bank") -> tuple[str, str]:
+    """The messages with which an unmerged export (`switching`) and an `allocate` refuse `adapter` of a kind that
+    is neither low-rank nor resizable; each must fail."""
     from rewrite.errors import RewriteError
     from rewrite.export.onnx_unmerged import export_unmerged
     from rewrite.options import ExportOptions
 
     messages = []
-    for attempt in (lambda: export_unmerged(gm, out, ExportOptions(mode="unmerged", switching="bank")),
+    for attempt in (lambda: export_unmerged(gm, out, ExportOptions(mode="unmerged", switching=switching)),
                     lambda: run_pass(gm, "allocate", adapter=adapter, scorer="spectrum", budget={"params": 10},
                                      report="")):
         try:

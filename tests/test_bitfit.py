@@ -175,8 +175,8 @@ def test_merge_equals_peft_merge_and_unload(captured):
 
 
 @pytest.mark.slow
-def test_merged_onnx_of_a_model_without_biases_equals_torch_and_unmerged_export_is_refused(captured, tmp_path):
-    check_onnx(beft("llama"), captured, tmp_path, "bitfit")
+def test_merged_onnx_of_a_model_without_biases_equals_torch(captured, tmp_path):
+    check_onnx(beft("llama"), captured, tmp_path, "bitfit", refused=False)  # per row: tests/test_rowwise_kinds.py
 
 
 def test_allocate_refuses_by_name(captured):
@@ -185,10 +185,10 @@ def test_allocate_refuses_by_name(captured):
 
 
 def test_refusals_name_the_kind(captured, tmp_path):
-    """No rank to allocate, no unmerged switching; PEFT's BEFT has no Conv1D layer; our adapter file holds LoRA."""
+    """No rank to allocate, no per-run (ort-adapters) switching; PEFT's BEFT has no Conv1D layer; our adapter file holds LoRA."""
     gm, _, _ = inserted(captured, "gpt2")
-    export, allocate = refusals(gm, "default", tmp_path / "unmerged")
-    assert "bitfit adapters are not low-rank; they cannot be switched in an unmerged export" in export
+    export, allocate = refusals(gm, "default", tmp_path / "unmerged", switching="ort-adapters")  # bank: per row
+    assert "bitfit adapters are elementwise: they switch per batch row with switching = \"bank\"" in export
     assert "which cannot be: it resizes lora" in allocate and "['bitfit']" in allocate
     with pytest.raises(AdapterFileError, match=r"format = 'peft': PEFT's BEFT adapts Linear layers only; a bitfit "
                                                r"adapter on a conv1d site has no PEFT form: merge it into the bias"):

@@ -138,7 +138,9 @@ def test_forward_equals_peft(hf_case, name):
     want = first_output(theirs, kwargs)
     assert _diff(want, first_output(build(name), kwargs)) > 1e-2  # the adapter matters
     calls = _dora_calls(gm)
-    assert len(calls) == sites and all(c.args[1].op == "get_attr" for c in calls)  # delta(x, W)
+    assert len(calls) == sites and all(c.args[1].op == "get_attr" for c in calls)  # delta(x, W, y0, b)
+    table = state_of(gm).sites  # the base op's own output is reused, not recomputed
+    assert all(c.args[2] is table.node_of(gm, c.meta["rewrite"].site) for c in calls)
     assert _record(f"{name} forward vs PEFT", _diff(first_output(gm, kwargs), want)) <= ATOL
 
 

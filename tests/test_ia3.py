@@ -80,8 +80,9 @@ def test_forward_merge_and_save_equal_peft(name, tmp_path):
 def test_unmerged_export_names_the_site_and_what_works(tmp_path):
     outputs, inputs = CASES["llama"]
     gm, _, _ = _ours("llama", outputs, inputs, _peft_model("llama", outputs, inputs))
-    with pytest.raises(RewriteError, match=r"k_proj: ia3 adapters are not low-rank.*merge them"):
-        export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="bank"))
+    with pytest.raises(RewriteError, match=r"k_proj: ia3 adapters are elementwise: they switch per batch "
+                                           r"row.*or merge them"):  # bank and custom-op: tests/test_rowwise_kinds.py
+        export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="ort-adapters"))
 
 
 def test_settings_it_does_not_read_are_refused():

@@ -117,8 +117,9 @@ def test_merged_onnx_equals_torch(tmp_path):
 
 def test_unmerged_export_and_allocate_refuse_it_by_name(tmp_path):
     gm, _ = _ours("llama", "road_1", _peft_model("llama", "road_1"))
-    export_error, allocate_error = refusals(gm, "tuned", tmp_path)
-    assert re.search(r"q_proj: road adapters are not low-rank.*merge them", export_error), export_error
+    export_error, allocate_error = refusals(gm, "tuned", tmp_path, switching="ort-adapters")  # bank: per row
+    assert re.search(r"q_proj: road adapters are elementwise: they switch per batch row with switching = \"bank\" "
+                     r"or \"custom-op\".*or merge them", export_error), export_error
     assert "adapter 'tuned' is ['road']" in allocate_error, allocate_error
 
 

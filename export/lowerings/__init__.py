@@ -4,6 +4,9 @@
     bank           one adapter per batch row, standard ONNX ops (one-hot bank)  bank.py
     custom-op      one adapter per batch row, rewrite::LoraDelta kernel          custom_op.py
 
+Elementwise kinds ((IA)^3, RoAd, BitFit) are switched per row by a gather from their own banks in both per-row modes
+(rows.py); ort-adapters refuses them.
+
 A new mode is one file here (a `Lowering` subclass, base.py) plus its test plus one line below.
 """
 from rewrite.export.lowerings.bank import Bank

@@ -39,13 +39,19 @@ What a kind declares (class attributes):
                 shrinks, under its training allocators)
     low_rank    whether `factors()` gives (A [d_in, r], B [r, d_out]) with delta(x) = x A B: what the unmerged
                 lowerings (ort-adapters, bank, custom-op) switch per run or per batch row
+    rowwise     whether `row_params()` gives the adapter as vectors over the last axis of the tensor its join
+                rewrites (x for "input", y otherwise), each with the value that is the identity, and the class-level
+                `apply_rows(t, params, **row_layout())` applies them: elementwise kinds ((IA)^3 t (.) l, RoAd
+                c1 (.) t + c2 (.) rot(t), BitFit t + b), which the per-row lowerings (bank, custom-op) switch by
+                gathering each row's vectors from a bank (no matmul)
     peft_format the PEFT directory format it reads and writes (rewrite.formats.peft_dir.PeftFormat: peft_type,
                 config model, key suffixes), or None when PEFT has no such tuner; kinds sharing a format share
                 `peft_config` and `peft_module` and may be saved as one PEFT adapter; the first kind registered
                 with a format reads its directories
 
 What a kind instance provides: `forward`, `merge_into(weight, bias)` / `unmerge_from(weight, bias)` (in place,
-in the base op's own layout), `resize(rank, keep)` where a rank exists, `factors()` for low-rank kinds, its PEFT
+in the base op's own layout), `resize(rank, keep)` where a rank exists, `factors()` for low-rank kinds, `row_params()`
+and `row_layout()` for elementwise (`rowwise`) ones, its PEFT
 tensors (`peft_state`, `peft_shapes`, `load_peft_state`), class-level `peft_config(modules)` (writing) and
 `peft_module(adapter, module)` (reading: which kind and settings a module of a PEFT directory gets), what `save`
 writes (`saved_form`, `adapter_file_entry`) and `load` reads back (`load_adapter_file_entry`), and
@@ -98,6 +104,7 @@ class AdapterKind(nn.Module):
     mergeable: ClassVar[bool] = False  # a kind that implements merge_into exactly says so
     resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
+    rowwise: ClassVar[bool] = False
     peft_format: ClassVar[PeftFormat | None] = None
 
     op: str
@@ -117,6 +124,20 @@ class AdapterKind(nn.Module):
         """(A [d_in, r], B [r, d_out]) with the scale folded into B: delta(x) = x A B (linear-layout sites)."""
         raise NotSupported(f"{self.kind} adapters are not low-rank; they cannot be switched in an unmerged export "
                            "(merge them, or use a low-rank kind such as lora)")
+
+    def row_params(self) -> dict[str, tuple[torch.Tensor, float]]:
+        """{name: (vector [width], identity value)} of a `rowwise` kind: `apply_rows` with every vector at its
+        identity returns t unchanged."""
+        raise NotSupported(f"{self.kind} adapters are not elementwise; they cannot be switched per row by a gather")
+
+    def row_layout(self) -> dict[str, Any]:
+        """The settings `apply_rows` needs besides the vectors; adapters of one kind share a bank where equal."""
+        return {}
+
+    @classmethod
+    def apply_rows(cls, t: torch.Tensor, params: Mapping[str, torch.Tensor], **layout: Any) -> torch.Tensor:
+        """t [..., width] rewritten by `row_params`-shaped vectors that broadcast against it (one per batch row)."""
+        raise NotSupported(f"{cls.kind} adapters are not elementwise; they cannot be switched per row by a gather")
 
     def graph_edits(self, gm: fx.GraphModule, site: Site) -> tuple[dict[str, str], dict[str, str]]:
         """The graph inputs (placeholder names) and outputs (output keys: `logits`, `present.0.key`) this module

@@ -10,7 +10,8 @@ so b + db is always there to write.
 PEFT (BEFT): key `base_model.model.<module>.beft_bias` [1, d_out] = db; config fields `target_modules`,
 `init_weights`. PEFT's BEFT adapts `nn.Linear` only: a Conv1D or conv2d BitFit has no PEFT form (save refuses it),
 and neither kind of site has a form in our LoRA adapter file. No rank; not low-rank (db does not depend on x, it is
-not x A B): allocate and unmerged exports refuse it.
+not x A B): allocate and ort-adapters refuse it. Elementwise (`rowwise`, vector "b", identity 0): bank / custom-op
+exports switch it per batch row on linear and Conv1D sites, y' = y + b[id].
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class BitFit(AdapterKind):
     settings = ()
     inits = ("zeros",)
     mergeable = True
+    rowwise = True
     peft_format = BEFT_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -58,6 +60,17 @@ class BitFit(AdapterKind):
         if self.op == "conv2d":
             return delta[:, None, None]
         return delta.expand(*x.shape[:-1], self.d_out)
+
+    def row_params(self) -> dict[str, tuple[torch.Tensor, float]]:
+        if self.op == "conv2d":
+            raise NotSupported("per-row switching of bitfit covers linear and Conv1D sites (channels last); a conv2d "
+                               "site must be merged")
+        return {"b": (self.bias_delta.detach(), 0.0)}
+
+    @classmethod
+    def apply_rows(cls, t: torch.Tensor, params, **layout) -> torch.Tensor:
+        """y' = y + b"""
+        return t + params["b"]
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:

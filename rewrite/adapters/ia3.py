@@ -8,7 +8,9 @@ Init l = 1 (the identity). Merge is exact and multiplicative, in the base op's o
     ia3_ff   linear  W <- W diag(l)   (b unchanged)     Conv1D                    W <- diag(l) W
 Unmerge divides (exact up to rounding while l has no zeros; `unmerge` restores the kept weights instead).
 PEFT: one `IA3` adapter holds both kinds; key `base_model.model.<module>.ia3_l`, shape [d_out, 1] for outputs and
-[1, d_in] for inputs; `feedforward_modules` names the input-scaled ones. Not low-rank: unmerged exports refuse it.
+[1, d_in] for inputs; `feedforward_modules` names the input-scaled ones.
+Unmerged: elementwise (`rowwise`, vector "l", identity 1): bank / custom-op exports switch it per batch row,
+t' = t (.) l[id] on the output (ia3) or the input (ia3_ff); not low-rank, so ort-adapters refuses it.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class IA3(AdapterKind):
     inits = ("ones",)
     mergeable = True
     peft_format = IA3_FORMAT
+    rowwise = True
     scales_input: ClassVar[bool] = False
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -68,6 +71,14 @@ class IA3(AdapterKind):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.ia3_l
+
+    def row_params(self) -> dict[str, tuple[torch.Tensor, float]]:
+        return {"l": (self.ia3_l.detach(), 1.0)}
+
+    @classmethod
+    def apply_rows(cls, t: torch.Tensor, params, **layout) -> torch.Tensor:
+        """t' = t (.) l"""
+        return t * params["l"]
 
     def _scale_weight(self) -> bool:
         """Whether l multiplies the weight's rows (dim 0) rather than its columns."""

@@ -14,7 +14,9 @@ Init `identity` (theta = 0, alpha = 1, PEFT's init_weights=True): c1 = 1, c2 = 0
 Merge (exact): R (W x + b) = (R W) x + R b, each column of W and b rotated like y (linear W [d_out, d_in]).
 Unmerge applies R^-1, again of this form: per pair, det = c1_i c1_j + c2_i c2_j, c1'_i = c1_j / det,
 c1'_j = c1_i / det, c2' = -c2 / det (a pair with det = 0 cannot be unmerged; `unmerge` restores kept weights).
-Elementwise but not low-rank: unmerged exports refuse it. No rank: allocate refuses it. d_out must be a multiple of
+Elementwise (`rowwise`: vectors c1 [d_out], identity 1, and c2, identity 0, layout group_size): bank / custom-op
+exports switch it per batch row, y' = c1[id] (.) y + c2[id] (.) rot(y); not low-rank, so ort-adapters refuses it.
+No rank: allocate refuses it. d_out must be a multiple of
 g (even).
 PEFT: keys `base_model.model.<module>.road_theta` and `.road_alpha`, in the layouts above; config `variant`,
 `group_size` (one each per adapter); PEFT's RoAd adapts Linear layers only.
@@ -104,6 +106,7 @@ class Road(AdapterKind):
     Options = RoadOptions
     inits = ("identity",)
     mergeable = True
+    rowwise = True
     peft_format = ROAD_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -141,7 +144,19 @@ class Road(AdapterKind):
         return _swap_halves(c1, self.group_size) / det, -c2 / det
 
     def _apply(self, t: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-        return t * c1 + _rotate_half(t, self.group_size) * c2
+        return self.apply_rows(t, {"c1": c1, "c2": c2}, group_size=self.group_size)
+
+    def row_params(self) -> dict[str, tuple[torch.Tensor, float]]:
+        c1, c2 = (c.detach() for c in self.coefficients())
+        return {"c1": (c1, 1.0), "c2": (c2, 0.0)}
+
+    def row_layout(self) -> dict:
+        return {"group_size": self.group_size}
+
+    @classmethod
+    def apply_rows(cls, t: torch.Tensor, params, *, group_size: int) -> torch.Tensor:
+        """y' = c1 (.) y + c2 (.) rot(y), rot pairing channel i with i + group_size / 2 in each group"""
+        return t * params["c1"] + _rotate_half(t, group_size) * params["c2"]
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self._apply(y, *self.coefficients())

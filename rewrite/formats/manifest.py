@@ -135,6 +135,30 @@ class SwitchableSite(_Strict):
             a_bank[:, o + slot * r:o + (slot + 1) * r], b_bank[slot * r:(slot + 1) * r] = a, b
 
 
+class RowSite(_Strict):
+    """One site of an elementwise kind ((IA)^3, RoAd, BitFit) in a bank / custom-op export: per vector of the kind a
+    bank input [capacity + 1, width] (`banks`: vector name -> input name), row k slot k, the last row the vector's
+    `identity` value, which ids outside the slots (-1) gather; it rewrites the base op's input or output (`join`)."""
+    site: str
+    kind: str
+    op: str
+    join: Literal["input", "output"]
+    width: Count
+    banks: dict[str, str]
+    identity: dict[str, float]
+
+    @model_validator(mode="after")
+    def _one_identity_per_bank(self) -> "RowSite":
+        if set(self.banks) != set(self.identity):
+            raise ValueError(f"banks {sorted(self.banks)} and identity {sorted(self.identity)} name other vectors")
+        return self
+
+    def clear_slot(self, banks: dict, slot: int) -> None:
+        """Set `slot` of every bank of this site (numpy arrays, in place) to the identity."""
+        for vector, name in self.banks.items():
+            banks[name][slot] = self.identity[vector]
+
+
 class ReservedSlots(_Strict):
     """`[export] reserve` as exported: `rank` (bank / custom-op: the least slot rank of every site, so an adapter
     added later may have any rank up to it), `targets` as written and the `sites` they selected, which have a slot
@@ -161,6 +185,7 @@ class UnmergedExport(_Strict):
     bank_dtype: Literal["float32", "float16"] | None
     ids_input: str | None
     sites: list[SwitchableSite]
+    row_sites: list[RowSite] = []  # bank / custom-op: elementwise kinds, switched by a gather
     adapters: dict[AdapterName, ExportedAdapter]
     reserve: ReservedSlots | None = None
     inputs: list[TensorInfo] | None = None  # optional, as in MergedExport
@@ -184,6 +209,8 @@ class UnmergedExport(_Strict):
                     raise ValueError(f"adapters.{name}.slot: {slot!r} is not a bank slot 0..{self.capacity - 1}")
             if len({slot for _, slot in slots}) < len(slots):
                 raise ValueError(f"two adapters share a bank slot: {dict(slots)}")
+        elif self.row_sites:
+            raise ValueError("row_sites: elementwise kinds switch per row; ort-adapters exports have none")
         else:
             missing = [name for name, info in self.adapters.items() if info.file is None]
             if missing:
