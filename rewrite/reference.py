@@ -46,7 +46,10 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         for match in re.finditer(r"^    (\w+):[^#\n]*#\s*(.+)$", source, re.M):
-            found[match.group(1)] = match.group(2).strip()
+            # a tool directive (`type: ignore[...]`, `noqa: ...`) explains nothing; what follows it may
+            comment = re.sub(r"^(type:\s*ignore(\[[^\]]*\])?|noqa(:\s*[\w,]+)?)\s*(#\s*)?", "", match.group(2))
+            if comment.strip():
+                found[match.group(1)] = comment.strip()
     return found
 
 
