@@ -16,11 +16,19 @@ over `--rounds` rounds in a new random order each round; each cell is the median
 thread (the default) torch and ONNX Runtime both compute in the calling thread, whose CPU time is measured: unlike
 wall time it does not count preemption by other load on a shared machine; with more threads, wall time. The
 ratio column is (unmerged - base) / (fused - base): how many times fewer adapter milliseconds fuse leaves.
+
+`--profile R`: also R interleaved rounds of ONNX Runtime's profiler (a fresh session each) on the unmerged and fused
+exports, summing the kernel time of the adapter nodes only (those reading `adapter_ids` or a `lora.*` bank, up to the
+Add that joins each delta to its base output). That figure leaves out the base GEMMs, whose time moves by as much as
+the adapters cost from one session of the same model to another (weight placement), so it is the steadier measure.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import json
+import os
 import random
 import statistics
 import sys
@@ -30,6 +38,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from rich.console import Console
@@ -87,6 +96,54 @@ def sessions(gms: dict, threads: int, work: Path) -> dict[str, ort.InferenceSess
             else:
                 export_unmerged(gm, folder, ExportOptions(mode="unmerged", switching="bank"))
         out[name] = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return out
+
+
+def adapter_nodes(path: Path) -> set[str]:
+    """Nodes fed (transitively) by `adapter_ids` or a bank; an Add stops the walk (it joins a delta to its base)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    marked = {"adapter_ids"} | {i.name for i in graph.initializer if i.name.startswith("lora.")}
+    nodes = set()
+    for node in graph.node:
+        if any(i in marked for i in node.input):
+            nodes.add(node.name)
+            if node.op_type != "Add":
+                marked.update(node.output)
+    return nodes
+
+
+def profile(work: Path, batches: list[int], rounds: int, threads: int, calls: int = 40) -> dict:
+    """Median over rounds of the adapter nodes' summed kernel us per run, and per op type, from ORT's profiler."""
+    nodes = {name: adapter_nodes(work / name / "model.onnx") for name in CONTENDERS[1:]}
+    out = {}
+    for batch in batches:
+        feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 1, D), np.float32),
+                 "adapter_ids": np.zeros(batch, np.int64)}
+        totals, ops = {n: [] for n in nodes}, {n: collections.defaultdict(list) for n in nodes}
+        for _ in range(rounds):
+            for name in random.sample(list(nodes), len(nodes)):
+                options = ort.SessionOptions()
+                options.intra_op_num_threads, options.log_severity_level = threads, 3
+                options.enable_profiling, options.profile_file_prefix = True, str(work / f"profile_{name}")
+                session = ort.InferenceSession(str(work / name / "model.onnx"), options,
+                                               providers=["CPUExecutionProvider"])
+                for _ in range(calls):
+                    session.run(None, feeds)
+                trace = session.end_profiling()
+                with open(trace) as f:
+                    events = json.load(f)
+                os.remove(trace)
+                per_op = collections.Counter()
+                for e in events:
+                    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and \
+                            e["name"][:-len("_kernel_time")] in nodes[name]:
+                        per_op[e["args"]["op_name"]] += e["dur"] / calls
+                totals[name].append(sum(per_op.values()))
+                for op in set(per_op) | set(ops[name]):
+                    ops[name][op].append(per_op[op])
+        for name, names in nodes.items():
+            out[(batch, name)] = (len(names), statistics.median(totals[name]),
+                                  {op: statistics.median(v) for op, v in ops[name].items()})
     return out
 
 
@@ -148,6 +205,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--profile", type=int, default=0, metavar="R",
+                        help="also R rounds of ORT's profiler: adapter nodes' kernel time, unmerged vs fused")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gms = graphs(args.layers)
@@ -157,8 +216,20 @@ def main() -> None:
         # one thread runs in the calling thread (torch and ORT alike): its CPU time ignores preemption by other load
         clock = time.thread_time if args.threads == 1 else time.perf_counter
         ms = measure(callers(gms, onnx, args.batches), args.rounds, args.block, clock)
+        profiled = profile(Path(work), args.batches, args.profile, args.threads) if args.profile else {}
     Console().print(table(ms, args.batches, args.threads, "CPU ms of the calling thread" if args.threads == 1 else
                           "wall ms"))
+    if profiled:
+        out = Table(title=f"ORT profiler, adapter nodes only: kernel us per run, median of {args.profile} rounds")
+        for column in ("batch", "export", "adapter nodes", "kernel us", "by op", "fewer adapter us"):
+            out.add_column(column, justify="right")
+        for batch in args.batches:
+            for name in CONTENDERS[1:]:
+                count, total, ops = profiled[(batch, name)]
+                by_op = ", ".join(f"{op} {us:.0f}" for op, us in sorted(ops.items(), key=lambda kv: -kv[1]))
+                ratio = profiled[(batch, "unmerged")][1] / total
+                out.add_row(str(batch), name, str(count), f"{total:.0f}", by_op, f"{ratio:.2f}x")
+        Console().print(out)
 
 
 if __name__ == "__main__":
