@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rewrite.report import _pyplot, _save, atomic_write
+from rewrite.report import atomic_write, pyplot, save_figure
 
 
 def render_prune_markdown(report: dict[str, Any]) -> str:
@@ -51,7 +51,7 @@ def _layer(name: str) -> str:
 def render_prune_picture(report: dict[str, Any], path: str | Path) -> Path | None:
     """One panel per structure (and one for LoRA ranks): per layer, a bar of what it kept and, stacked, what the
     pass removed."""
-    plt = _pyplot()
+    plt = pyplot()
     panels: dict[str, dict[str, list[int]]] = {}  # panel -> layer -> [kept, removed]
     for row in report["groups"]:
         cell = panels.setdefault(row["structure"], {}).setdefault(_layer(row["group"]), [0, 0])
@@ -76,7 +76,7 @@ def render_prune_picture(report: dict[str, Any], path: str | Path) -> Path | Non
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"prune ({report['method']}, scope {report['scope']})", fontsize=10)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def write_prune_report(report: dict[str, Any], directory: str | Path, stem: str = "prune") -> list[Path]:

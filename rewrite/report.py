@@ -246,7 +246,8 @@ def render_markdown(report: dict[str, Any], *, images: bool = True, stem: str = 
 # ---------------------------------------------------------------------------------------------- pictures
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or None without matplotlib."""
     try:
         import matplotlib
     except ImportError:  # pragma: no cover - matplotlib is a dependency; stay useful without it
@@ -278,7 +279,7 @@ def rank_grid(sites: list[dict[str, Any]]) -> tuple[list[str], list[str], list[l
 def render_heatmap(report: dict[str, Any], path: str | Path) -> Path | None:
     """Rank by layer (rows) x module type (columns); empty cells are blank, rank 0 is a dropped site."""
     sites = report.get("sites") or []
-    plt = _pyplot()
+    plt = pyplot()
     if not sites or plt is None:
         return None
     import numpy as np
@@ -302,10 +303,10 @@ def render_heatmap(report: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_title(f"rank per site ({scorer}, {budget.get('metric', '')} budget {_num(budget.get('value'))})",
                  fontsize=9)
     fig.colorbar(image, ax=ax, label="rank")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
-def _save(plt, fig, path: str | Path) -> Path:
+def save_figure(plt, fig, path: str | Path) -> Path:
     """Write the figure as PNG atomically: a symlink at `path` is replaced, never written through."""
     fig.tight_layout()
     path, png = Path(path), io.BytesIO()
@@ -318,7 +319,7 @@ def _save(plt, fig, path: str | Path) -> Path:
 def render_history(history: list[dict[str, Any]], path: str | Path) -> Path | None:
     """Training-time allocators: budget (and the total rank in use) over steps, and each site's rank over
     steps as a heatmap (sites x recorded steps). Each record: {step, budget, ranks: {site: rank}, ...}."""
-    plt = _pyplot()
+    plt = pyplot()
     if not history or plt is None:
         return None
     import numpy as np
@@ -347,7 +348,7 @@ def render_history(history: list[dict[str, Any]], path: str | Path) -> Path | No
         bottom.set_xlabel("step")
         bottom.set_title("rank per site", fontsize=9)
         fig.colorbar(image, ax=bottom, label="rank")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def rerender(json_path: str | Path, out_dir: str | Path | None = None, *, plot: bool = True) -> list[Path]:
