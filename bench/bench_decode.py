@@ -29,11 +29,9 @@ Usage: python bench/bench_decode.py [--threads 1] [--rounds 7] [--new 128] [--pr
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +50,7 @@ from rewrite.spec import parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_switching import _custom_op_available  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 ADAPTERS = [f"tenant{i}" for i in range(8)]
 
@@ -82,14 +81,7 @@ def _timed(calls: dict[str, Callable[[], list[list[int]]]], rounds: int
            ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, list[list[int]]]]:
     """(median seconds, per-round seconds, the tokens of the warm-up call) of every contender, interleaved."""
     tokens = {key: fn() for key, fn in calls.items()}
-    samples: dict[str, list[float]] = {key: [] for key in calls}
-    order, shuffle = list(calls), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            calls[key]()
-            samples[key].append(time.perf_counter() - start)
+    samples = interleaved(calls, rounds, warmup=0)
     return {k: statistics.median(v) for k, v in samples.items()}, samples, tokens
 
 

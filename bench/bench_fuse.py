@@ -45,8 +45,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fuse_models import Stack  # noqa: E402
+from timing import interleaved  # noqa: E402
 from rewrite.export.onnx_merged import export_merged  # noqa: E402
 from rewrite.export.onnx_unmerged import export_unmerged  # noqa: E402
 from rewrite.passes import REGISTRY  # noqa: E402
@@ -169,19 +171,8 @@ def check(gms: dict, onnx: dict) -> float:
 
 
 def measure(calls: dict, rounds: int, block: int, clock) -> dict:
-    samples = {key: [] for key in calls}
-    for call in calls.values():  # warm up
-        call()
-    for _ in range(rounds):
-        order = list(calls)
-        random.shuffle(order)
-        for key in order:
-            times = []
-            for _ in range(block):
-                start = clock()
-                calls[key]()
-                times.append(clock() - start)
-            samples[key].append(statistics.median(times))
+    """Median over rounds of each contender's median ms per call within a block."""
+    samples = interleaved(calls, rounds, block, clock=clock, within=statistics.median)
     return {key: 1e3 * statistics.median(values) for key, values in samples.items()}
 
 

@@ -38,7 +38,6 @@ import argparse
 import copy
 import gc
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -65,6 +64,9 @@ from rewrite.options import CaptureOptions, ExportOptions
 from rewrite.pass_infra import PassContext
 from rewrite.passes import REGISTRY, MergePass
 from rewrite.state import state_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved  # noqa: E402
 
 SIZES = {
     "default": dict(layers=2, hidden=256, inter=768, heads=4, kv_heads=2, vocab=2048, batch=2, seq=32,
@@ -146,24 +148,6 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((first(a).double() - first(b).double()).abs().max())
 
 
-def median_blocks(calls: dict, rounds: int, block: int, seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per call of each of `calls`, one sample per round (a block of `block` calls), random order per round."""
-    samples: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():  # warm-up
-        fn()
-        fn()
-    order, shuffle = list(calls), random.Random(seed).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for key in order:
-            fn = calls[key]
-            start = time.perf_counter()
-            for _ in range(block):
-                fn()
-            samples[key].append((time.perf_counter() - start) / block)
-    return samples
-
-
 def paired(samples: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
 
@@ -233,7 +217,7 @@ def eager_and_merge(kinds: list[str], size: dict, args, tmp: Path, console) -> t
                      "ours": lambda g=gm: g(**kwargs)}
             if theirs is not None:
                 calls["peft"] = lambda p=theirs: p(**kwargs)
-            samples = median_blocks(calls, args.rounds or size["rounds"], size["block"])
+            samples = interleaved(calls, args.rounds or size["rounds"], size["block"], warmup=2)
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         row = dict(kind=kind, note=setup.note, graph=med["graph"], hf=med["hf"], ours=med["ours"],
                    ours_base=paired(samples, "ours", "graph"), diff=d, moved=moved)
@@ -394,7 +378,7 @@ def ort_table(kinds: list[str], size: dict, args, tmp: Path, console) -> tuple[l
             sessions.append(session)
             calls[mode] = lambda s=session: s.run(feeds, adapter="default")
             checks[mode] = diff(torch.from_numpy(np.asarray(session.run(feeds, adapter="default")[0])), want)
-        samples = median_blocks(calls, args.rounds or size["ort_rounds"], size["ort_block"])
+        samples = interleaved(calls, args.rounds or size["ort_rounds"], size["ort_block"], warmup=2)
         row = dict(kind=kind, base=statistics.median(samples["base"]) * 1e6,
                    merged=paired(samples, "merged", "base"), inline=inline, check=max(checks.values()))
         for mode in MODES:

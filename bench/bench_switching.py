@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,9 @@ from rewrite.passes import InsertPass, MergePass
 from rewrite.options import CaptureOptions, ExportOptions
 from rewrite.runtime.session import AdapterSession
 from rewrite.state import state_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved  # noqa: E402
 
 STRATEGIES = ["ort-adapters", "bank", "custom-op"]
 
@@ -90,18 +92,7 @@ def _session(path: Path, threads: int, library: bool = False) -> ort.InferenceSe
 
 def _median_us(calls: dict[str, callable], rounds: int, block: int) -> tuple[dict[str, float], dict[str, float]]:
     """(median µs per call, paired ratio to the first call) over `rounds` interleaved blocks of `block` calls."""
-    samples: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        fn()
-    order, shuffle = list(calls), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for key in order:
-            fn = calls[key]
-            start = time.perf_counter()
-            for _ in range(block):
-                fn()
-            samples[key].append((time.perf_counter() - start) / block * 1e6)
+    samples = {k: [t * 1e6 for t in v] for k, v in interleaved(calls, rounds, block).items()}
     reference = samples[next(iter(calls))]
     paired = {k: statistics.median(a / b for a, b in zip(v, reference)) for k, v in samples.items()}
     return {k: statistics.median(v) for k, v in samples.items()}, paired
