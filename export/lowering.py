@@ -2,8 +2,8 @@
 
 Every site's chain of adapter branches is replaced by ONE module from the chosen lowering, computing the delta of
 the adapter selected at run time; the sites of a fused group (`fuse`) share one module where the lowering has a
-grouped form (bank: one A bank), and are lowered one by one otherwise. Scales are folded into B (B' = s B); the ranks of one site are zero-padded to
-the largest, so adapters of different ranks share one model. Elementwise kinds (`rowwise`: (IA)^3, RoAd, BitFit)
+grouped form (bank: one A bank), and are lowered one by one otherwise. Scales are folded into B (B' = s B); the
+ranks of one site are zero-padded to the largest, so adapters of different ranks share one model. Elementwise kinds (`rowwise`: (IA)^3, RoAd, BitFit)
 are switched per row by a gather from their own banks instead (`export/lowerings/rows.py`, bank and custom-op
 alike); a site may hold both, each row getting its own adapter's form and the identity from the other.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -66,6 +66,15 @@ class SiteLowering:
     tensors: dict[str, str]  # "A" / "B" -> module path of the parameter (its ONNX initializer name)
     per_adapter: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {"A", "B"} scaled
     a_offset: int = 0  # a fused group's site: the column where its block starts in the group's shared A
+
+
+class _OwnerBanks(NamedTuple):
+    """One owner's low-rank adapters, ready to lower: `padded` {adapter: A / B zero-padded to `rank`}, `filled` the
+    same or, for a site only `reserve.targets` gives a slot, zero A / B for every name."""
+    sites: list[Site]
+    rank: int
+    padded: dict[str, dict[str, torch.Tensor]]
+    filled: dict[str, dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -142,7 +151,7 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
     reserved, least_rank = _reserved(state, options, lowering.routed)
     groups = [list(dict.fromkeys(state.sites[p.meta["rewrite"].site].owner for p in fused_parts(g)))
               for g in fused_groups(gm)]  # read before the adapters are detached (which unfuses them)
-    banks = {}  # owner -> (its sites, rank, {adapter: padded A / B}) for every owner lowered
+    banks: dict[str, _OwnerBanks] = {}  # every owner with low-rank adapters to lower
     rows = []
     for owner, modules in live.items():
         chosen = {n: m for n, m in modules.items() if n in names}
@@ -169,10 +178,10 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
         # a reserved site no exported adapter touches: every slot zero (the base model until an adapter is added)
         weight = gm.get_parameter(sites[0].weight)
         empty = {"A": weight.new_zeros(sites[0].d_in, rank), "B": weight.new_zeros(rank, sites[0].d_out)}
-        banks[owner] = (sites, rank, padded, padded or {n: empty for n in names})
+        banks[owner] = _OwnerBanks(sites, rank, padded, padded or {n: empty for n in names})
     lowered_sites = []
     for group in filter(None, ([o for o in g if o in banks] for g in groups)):
-        made = lowering.group_module([(banks[o][3], banks[o][0][0]) for o in group], names, slots,
+        made = lowering.group_module([(banks[o].filled, banks[o].sites[0]) for o in group], names, slots,
                                      BANK_DTYPES[bank_dtype])
         if made is None:
             continue
