@@ -9,6 +9,9 @@ HTTP API (JSON):
     DELETE /v1/adapters/NAME    every replica drops it
     GET    /healthz             {"status": "ok", "replica": ..., "batches", "rows", "most_adapters_in_a_batch"}
 
+Python API (a `DeploymentHandle`: the one `serve.run` returns, or another deployment's), batched with the HTTP requests:
+    outputs = await handle.run.remote({"x": array}, "support")   # {output name: array}; RuntimeUseError if refused
+
 Rules:
   * Concurrent requests are gathered by `@serve.batch` (by rows: `max_batch_size` rows at most) and answered by
     `run_mixed`: one bank / custom-op run per input shape, one adapter per row. `serve.multiplexed` cannot do this:
@@ -98,21 +101,26 @@ class AdapterServer:
     async def _infer(self, requests: list[Request]):
         async with self.lock:
             await self._sync()
-            answers = await asyncio.to_thread(run_mixed, self.session, requests, self.output_names)
+            # on the event loop, not in a worker thread: requests that arrive during the run are read when it ends
+            # and form the next batch; with the loop free, batches stayed near 1.5 rows (bench_ray_serve: 0.36x)
+            answers = run_mixed(self.session, requests, self.output_names)
         self.stats["batches"] += 1
         self.stats["rows"] += sum(r.rows for r in requests)
         adapters = len({r.adapter for r in requests})
         self.stats["most_adapters_in_a_batch"] = max(self.stats["most_adapters_in_a_batch"], adapters)
         return answers
 
+    def _request(self, body: Any) -> Request:
+        adapter = request_adapter(body)  # first: it checks that the body is an object
+        request = Request(request_feeds(body, self.inputs), adapter)
+        if request.rows > self.max_rows:
+            raise RuntimeUseError(f"inputs: {request.rows} rows, at most {self.max_rows} per request")
+        return request
+
     @api.post("/v1/infer")
     async def infer(self, http: HttpRequest) -> JSONResponse:
         try:
-            body = await http.json()
-            adapter = request_adapter(body)
-            request = Request(request_feeds(body, self.inputs), adapter)
-            if request.rows > self.max_rows:
-                raise RuntimeUseError(f"inputs: {request.rows} rows, at most {self.max_rows} per request")
+            request = self._request(await http.json())
         except RuntimeUseError as err:
             return _error(400, err)
         except ValueError as err:  # the body is not JSON
@@ -120,8 +128,16 @@ class AdapterServer:
         answer = await self._infer(request)
         if answer.error is not None:
             return _error(404 if isinstance(answer.error, UnknownAdapter) else 400, answer.error, _replica())
-        return JSONResponse({"adapter": adapter, "outputs": {k: v.tolist() for k, v in answer.outputs.items()}},
-                            headers=_replica())
+        outputs = {k: v.tolist() for k, v in answer.outputs.items()}
+        return JSONResponse({"adapter": request.adapter, "outputs": outputs}, headers=_replica())
+
+    async def run(self, inputs: dict[str, Any], adapter: str | None = None) -> dict[str, Any]:
+        """One request from Python: the same checks as the HTTP route (a `RuntimeUseError` instead of a 4xx;
+        `UnknownAdapter` for a name not loaded), the same batches."""
+        answer = await self._infer(self._request({"inputs": inputs, "adapter": adapter}))
+        if answer.error is not None:
+            raise answer.error
+        return answer.outputs
 
     @api.get("/v1/adapters")
     async def adapters(self) -> dict:

@@ -7,7 +7,9 @@ tests/serving_setup.py (PEFT adapters `support` and `style`).
    from another adapter than asked; p50 / p99 latency and throughput printed.
 3. Bad input: a 4xx with a one-line reason (unknown adapter 404, taken name 409, shapes / dtypes / fields /
    rows / adapter files 400), and every replica still healthy after.
-4. Hot add and remove: an adapter added through one replica answers correctly from both; a removed one is a 404 from
+4. The Python API (`handle.run.remote`): concurrent calls with different adapters share batches with the right
+   answers; an unknown adapter or a wrong shape raises `RuntimeUseError` in the caller.
+5. Hot add and remove: an adapter added through one replica answers correctly from both; a removed one is a 404 from
    both; no restart.
 Ray starts several processes (a few seconds): the module is marked slow.
 """
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from rewrite.errors import RuntimeUseError
 from rewrite.runtime.session import AdapterSession
 
 from serving_setup import setup_fixture  # noqa: F401 - the `setup` fixture
@@ -135,6 +138,23 @@ def test_load_answers_every_request_with_its_own_adapter(server):
           f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, "
           f"{len(results) / elapsed:.0f} requests/s")
     assert len(results) == clients * per_client and wrong == 0
+
+
+def test_python_handle_calls_are_batched_and_checked(server):
+    _, out, made = server
+    handle = serve.get_app_handle("default")
+    xs = inputs(6, 3)
+    want = expected(out, xs, ADAPTERS)
+    jobs = [(i, ADAPTERS[i % 3]) for i in range(len(xs))] * 3
+    responses = [handle.run.remote({"x": xs[i]}, adapter) for i, adapter in jobs]
+    for (i, adapter), response in zip(jobs, responses):
+        y = next(iter(response.result(timeout_s=60).values()))
+        assert np.abs(y - want[(i, adapter)]).max() <= 1e-5
+        assert np.abs(y - made.peft(xs[i], adapter)).max() <= 1e-5
+    with pytest.raises(RuntimeUseError, match="unknown adapter 'nope'"):
+        handle.run.remote({"x": xs[0]}, "nope").result(timeout_s=60)
+    with pytest.raises(RuntimeUseError, match="axis 2 has size 63"):
+        handle.run.remote({"x": xs[0][..., :63]}, None).result(timeout_s=60)
 
 
 @pytest.mark.parametrize("body, status, reason", [
