@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
                 console.print(f"  seed {seed} {method:10s} {ratio:.2f}  acc {r['acc']:.3f}  "
                               f"pass {r['pass_seconds']:.1f}s  train {r['train_seconds']:.1f}s  "
                               f"params {r['params_after']:,}")
+                if args.json:  # after every run, so a run cut short by a deadline keeps what it measured
+                    Path(args.json).write_text(json.dumps({"partial": [
+                        dict(method=m, ratio=q, runs=[{k: v for k, v in x.items() if k != "gm"} for x in rs])
+                        for (m, q), rs in results.items()], "args": vars(args)}, indent=2, default=str))
     table = Table(title=f"prune at equal training steps: MiniLM-L6 (real weights), {bench.base.info['classes']} "
                         f"classes, {args.steps} steps, LoRA r{RANK} on 36 sites, seeds {args.seeds}")
     for col in ("method", "heads+FFN removed", "accuracy mean ± std", "min..max", "vs lora", "params (base)",

@@ -25,6 +25,7 @@ import torch
 
 DOMAIN = "rewrite"
 OP_TYPE = "LoraDelta"
+GROUP_OP_TYPE = "LoraDeltaGroup"
 VERSION = 1
 
 
@@ -96,12 +97,39 @@ def _backward(ctx, grad):
 lora_delta.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _lora_delta_group_impl(x: torch.Tensor, a_bank: torch.Tensor, idx: torch.Tensor, bases: list[torch.Tensor],
+                           b_banks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per member i: base_i + lora_delta(x, a_bank[..., o_i : o_i + r_i], b_banks[i], idx), o_i = r_1 + .. + r_(i-1)
+    (the op without `base` is the delta alone)."""
+    torch._check(len(bases) == len(b_banks) and len(bases) > 0,
+                 lambda: "LoraDeltaGroup: one base output per member B bank, at least one member")
+    torch._check(a_bank.dim() == 3 and sum(b.shape[1] for b in b_banks) == a_bank.shape[2],
+                 lambda: "LoraDeltaGroup: the members' ranks must add up to A_bank's [K, d_in, sum r_i]")
+    offsets = [sum(b.shape[1] for b in b_banks[:i]) for i in range(len(b_banks))]
+    return [_lora_delta_impl(x, a_bank[..., o:o + b.shape[1]], b, idx, base)
+            for o, b, base in zip(offsets, b_banks, bases)]
+
+
+@torch.library.custom_op("rewrite::lora_delta_group", mutates_args=())
+def lora_delta_group(x: torch.Tensor, a_bank: torch.Tensor, idx: torch.Tensor, bases: list[torch.Tensor],
+                     b_banks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The sites of a `fuse` group in one call (inference): a_bank [K, d_in, sum r_i] holds the members' A side by
+    side, so x @ A is computed once per row; member i's output is base_i + (x @ a_bank[k])[.., o_i : o_i + r_i]
+    @ b_banks[i][k], base_i where idx < 0."""
+    return _lora_delta_group_impl(x, a_bank, idx, bases, b_banks)
+
+
+@lora_delta_group.register_fake
+def _lora_delta_group_fake(x, a_bank, idx, bases, b_banks):
+    torch._check(len(bases) == len(b_banks) and len(bases) > 0,
+                 lambda: "LoraDeltaGroup: one base output per member B bank, at least one member")
+    return [base.new_empty(base.shape) for base in bases]
+
+
 def register_onnx_schema() -> None:
-    """Register the `rewrite::LoraDelta` (version 1) schema with onnx (idempotent)."""
+    """Register the `rewrite::LoraDelta` and `rewrite::LoraDeltaGroup` (version 1) schemas with onnx (idempotent)."""
     import onnx
 
-    if onnx.defs.has(OP_TYPE, DOMAIN):
-        return
     P = onnx.defs.OpSchema.FormalParameter
     Optional = onnx.defs.OpSchema.FormalParameterOption.Optional
     schema = onnx.defs.OpSchema(
@@ -122,7 +150,45 @@ def register_onnx_schema() -> None:
                           ("TB", ["tensor(float)", "tensor(float16)"], "adapter banks: float32, or float16 (half "
                            "the bytes, widened to float32 in the kernel)")],
     )
-    onnx.defs.register_schema(schema)
+    if not onnx.defs.has(OP_TYPE, DOMAIN):
+        onnx.defs.register_schema(schema)
+    if onnx.defs.has(GROUP_OP_TYPE, DOMAIN):
+        return
+    Variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    onnx.defs.register_schema(onnx.defs.OpSchema(
+        GROUP_OP_TYPE,
+        DOMAIN,
+        VERSION,
+        doc="The sites of a fuse group: y_i = base_i + (x @ A_bank[k])[:, o_i : o_i + r_i] @ B_i[k] (k = idx of the "
+        "row's block; base_i where k < 0), A_bank = [A_1 | .. | A_m], o_i = r_1 + .. + r_(i-1).",
+        inputs=[
+            P("x", "T", "rows to adapt, [..., d_in]"),
+            P("A_bank", "TB", "[K, d_in, sum r_i]: the members' A side by side"),
+            P("idx", "tensor(int64)", "[B] adapter per row block, < 0 = none"),
+            P("bases_then_B", "V", "base_1 .. base_m ([..., d_out_i] float32), then B_1 .. B_m ([K, r_i, d_out_i], "
+              "the type of A_bank)", param_option=Variadic, is_homogeneous=False),
+        ],
+        outputs=[P("y", "T", "y_1 .. y_m: base_i + delta_i", param_option=Variadic, is_homogeneous=True)],
+        type_constraints=[("T", ["tensor(float)"], "float32 activations"),
+                          ("TB", ["tensor(float)", "tensor(float16)"], "adapter banks"),
+                          ("V", ["tensor(float)", "tensor(float16)"], "bases (float32) and B banks (the type of "
+                           "A_bank)")],
+    ))
+
+
+def _group_schema(members: int):
+    """LoraDeltaGroup's schema with its variadic inputs and outputs spelled out for `members` members (not
+    registered: it only tells the exporter how many outputs one node has)."""
+    import onnx
+
+    P = onnx.defs.OpSchema.FormalParameter
+    return onnx.defs.OpSchema(
+        GROUP_OP_TYPE, DOMAIN, VERSION,
+        inputs=[P("x", "T"), P("A_bank", "TB"), P("idx", "tensor(int64)")]
+        + [P(f"base_{i}", "T") for i in range(members)] + [P(f"B_{i}", "TB") for i in range(members)],
+        outputs=[P(f"y_{i}", "T") for i in range(members)],
+        type_constraints=[("T", ["tensor(float)"], ""), ("TB", ["tensor(float)", "tensor(float16)"], "")],
+    )
 
 
 def onnx_translation_table() -> dict:
@@ -137,4 +203,10 @@ def onnx_translation_table() -> dict:
             return rewrite_opset.LoraDelta(x, a_bank, b_bank, idx)
         return rewrite_opset.LoraDelta(x, a_bank, b_bank, idx, base)
 
-    return {torch.ops.rewrite.lora_delta.default: lora_delta_onnx}
+    def lora_delta_group_onnx(x, a_bank, idx, bases, b_banks):
+        # the exporter gives a variadic output one value: call the op through a fixed-arity copy of its schema
+        op = onnxscript.values.Op(rewrite_opset, GROUP_OP_TYPE, _group_schema(len(bases)))
+        return op(x, a_bank, idx, *bases, *b_banks)
+
+    return {torch.ops.rewrite.lora_delta.default: lora_delta_onnx,
+            torch.ops.rewrite.lora_delta_group.default: lora_delta_group_onnx}

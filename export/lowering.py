@@ -3,9 +3,12 @@
 Every site's chain of adapter branches is replaced by ONE module from the chosen lowering, computing the delta of
 the adapter selected at run time; the sites of a fused group (`fuse`) share one module where the lowering has a
 grouped form (bank: one A bank), and are lowered one by one otherwise. Scales are folded into B (B' = s B); the
-ranks of one site are zero-padded to the largest, so adapters of different ranks share one model. Elementwise kinds (`rowwise`: (IA)^3, RoAd, BitFit)
-are switched per row by a gather from their own banks instead (`export/lowerings/rows.py`, bank and custom-op
-alike); a site may hold both, each row getting its own adapter's form and the identity from the other.
+ranks of one site are zero-padded to the largest, so adapters of different ranks share one model. Elementwise kinds
+(`rowwise`: (IA)^3, RoAd, BitFit, OFT, HRA) get their own modules instead (`export/lowerings/rows.py`): gathered per
+row from banks (bank, custom-op) or fed per run (ort-adapters); a site may hold both, each row getting its own
+adapter's form and the identity from the other. A `parted` kind (DoRA, BOFT) is split into both forms
+(`unmerged_parts`): its factors join the site's low-rank module, each row module its own `lower_rows` call (input
+side before the base op, output side after base + delta: y' = rows_out(base(rows_in(x)) + x A B)).
 
 `[export] reserve` keeps slots for adapters added while serving: the sites `reserve.targets` selects (Linear /
 Conv1D) are lowered too, with zero-filled slots, and with per-row switching every lowered site's rank is at least
@@ -107,6 +110,16 @@ def _factors(module: AdapterKind, owner: str) -> tuple[torch.Tensor, torch.Tenso
         raise ExportError(f"{owner}: {err}") from None
 
 
+def _parts(gm: fx.GraphModule, module: AdapterKind, site: Site
+           ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, list[AdapterKind]]:
+    """A `parted` adapter's low-rank factors and row modules at `site`, from the base weight and bias exported."""
+    bias = gm.get_parameter(site.bias) if site.bias else None
+    try:
+        return module.unmerged_parts(gm.get_parameter(site.weight), bias)
+    except NotSupported as err:
+        raise ExportError(f"{site.owner}: {err}") from None
+
+
 def _pad(t: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
     pad = [0, 0] * t.dim()
     pad[2 * (t.dim() - 1 - axis) + 1] = rank - t.shape[axis]
@@ -159,19 +172,21 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
             unwire(gm, name, owner)
             drop_adapter(gm, owner, name)
         sites = [s for s in state.sites.values() if s.owner == owner]
-        rowwise = {n: m for n, m in chosen.items() if m.rowwise}
-        if rowwise:
-            if not lowering.routed:
-                kinds = sorted({m.kind for m in rowwise.values()})
-                raise ExportError(f"{owner}: {', '.join(kinds)} adapters are elementwise: they switch per batch row "
-                                  f"with switching = \"bank\" or \"custom-op\" ({lowering.name} switches low-rank "
-                                  "kinds only), or merge them")
-            nodes = [state.sites.node_of(gm, s.name) for s in sites]
-            rows += lower_rows(gm, sites, nodes, rowwise, names, slots)
-            chosen = {n: m for n, m in chosen.items() if n not in rowwise}
-        if not chosen and owner not in reserved:
+        parts = {n: _parts(gm, m, sites[0]) for n, m in chosen.items() if m.parted}
+        row_sets = [{n: m for n, m in chosen.items() if m.rowwise}]  # one module per adapter in each call
+        for name, (_, row_parts) in parts.items():
+            for index, part in enumerate(row_parts):
+                row_sets += [{} for _ in range(index + 2 - len(row_sets))]
+                row_sets[index + 1][name] = part
+        nodes = [state.sites.node_of(gm, s.name) for s in sites]
+        made = len(rows)
+        for row_set in filter(None, row_sets):
+            rows += lower_rows(gm, sites, nodes, row_set, names, slots, lowering.routed, BANK_DTYPES[bank_dtype],
+                               start=len(rows) - made)
+        factors = {n: _factors(m, owner) for n, m in chosen.items() if not (m.rowwise or m.parted)}
+        factors |= {n: low for n, (low, _) in parts.items() if low is not None}
+        if not factors and owner not in reserved:
             continue
-        factors = {n: _factors(m, owner) for n, m in chosen.items()}
         # a site only `reserve.targets` selects gets the reserved rank (ort-adapters: its ONNX rank dim is symbolic)
         rank = max([a.shape[1] for a, _ in factors.values()] + [least_rank]) if factors else options.reserve.rank or 1
         padded = {n: {"A": _pad(a, rank, 1), "B": _pad(b, rank, 0)} for n, (a, b) in factors.items()}
@@ -188,9 +203,13 @@ def lower(gm: fx.GraphModule, options: ExportOptions) -> Lowered:
         module, tensors, offsets = made
         path = f"lora.{group[0]}"
         gm.add_submodule(path, module)
+        if lowering.fused:  # the group module adds every member's base output itself: one call after them all
+            lowering.wire_group(gm, [(state.sites.node_of(gm, banks[o].sites[0].name), banks[o].sites[0])
+                                     for o in group], path)
         for index, owner in enumerate(group):
             sites, rank, padded, _ = banks.pop(owner)
-            _wire_lowered(gm, state.sites.node_of(gm, sites[0].name), sites[0], path, fused=False, part=index)
+            if not lowering.fused:
+                _wire_lowered(gm, state.sites.node_of(gm, sites[0].name), sites[0], path, fused=False, part=index)
             lowered_sites.append(SiteLowering(owner, sites[0].op, sites[0].d_in, sites[0].d_out, rank,
                                               {k: f"{path}.{v}" for k, v in tensors[index].items()}, padded,
                                               offsets[index]))

@@ -12,8 +12,11 @@ After `lowering.lower`, the model is exported with the dynamo exporter and post-
                   plain ONNX Runtime, which warns once per initializer that is also a graph input (the overridable
                   form ort-adapters cannot avoid: ONNX Runtime's adapter mechanism feeds graph inputs).
 
-Elementwise kinds ((IA)^3, RoAd, BitFit) in bank / custom-op exports: one bank [capacity + 1, width] per vector,
-its last row the identity, gathered per row (`export/lowerings/rows.py`); the manifest lists them as `row_sites`.
+Elementwise kinds ((IA)^3, RoAd, BitFit; `export/lowerings/rows.py`), listed in the manifest as `row_sites`: in bank /
+custom-op one bank [capacity + 1, width] per vector (of `bank_dtype` when the model is float32), its last row the
+identity, gathered per row; in ort-adapters one input [1, 1, width] per vector whose initializer is the identity,
+which an adapter's .onnx_adapter file (holding its vectors beside its A / B) replaces per run (such exports skip the
+exporter's optimizer, see `_export`; ONNX Runtime optimizes at load).
 
 `[export] reserve` adds zero-filled slots (export/lowering.py); the manifest records it (`reserve`).
 
@@ -49,7 +52,8 @@ IDS_INPUT = "adapter_ids"
 
 def model_signature(lowered: Lowered) -> int:
     """A 31-bit integer from the adapter tensor names and shapes; stored as the adapter files' model version."""
-    text = json.dumps([(s.tensors, s.d_in, s.d_out) for s in lowered.sites], sort_keys=True)
+    text = json.dumps([(s.tensors, s.d_in, s.d_out) for s in lowered.sites]
+                      + [(r.tensors, r.width) for r in lowered.rows], sort_keys=True)
     return int(hashlib.sha256(text.encode()).hexdigest()[:7], 16)
 
 
@@ -63,8 +67,12 @@ def _export(lowered: Lowered, gm: fx.GraphModule, config: Any, opset: int | None
     state = state_of(gm)
     inputs = state.inputs
     shapes = export_shapes(inputs, config)
+    # ort-adapters' row vectors are fed as they are: the exporter's optimizer would fold a kind's ops on them alone
+    # (a reshape, a normalisation) into initializers no adapter file names; ONNX Runtime optimizes at load instead,
+    # leaving overridable initializers alone
     common = dict(dynamo=True, verbose=False, opset_version=opset,
-                  custom_translation_table=lowered.lowering.translation_table())
+                  custom_translation_table=lowered.lowering.translation_table(),
+                  optimize=lowered.routed or not lowered.rows)
     if not lowered.routed:
         return torch.onnx.export(lowered.module, (), kwargs=inputs.kwargs, dynamic_shapes=shapes, **common)
     names = list(inputs.kwargs)
@@ -119,6 +127,10 @@ def _make_inputs(model: onnx.ModelProto, lowered: Lowered) -> None:
             init = initializers[name]
             shape = lowered.lowering.adapter_input(init, key, index)
             model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, shape))
+    for row in lowered.rows if not lowered.routed else []:  # identity defaults, fixed widths
+        for name in row.tensors.values():
+            init = initializers[name]
+            model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
     # Changed input dims make the exporter's shapes stale. Otherwise they stay: ONNX shape inference has no rule
     # for LoraDelta, and ONNX Runtime runs the op in place only when it sees its output shape.
     if not lowered.lowering.keeps_shapes:
@@ -164,6 +176,8 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         for name, info in adapters.items():
             tensors = {s.tensors[k]: to_numpy(s.per_adapter[name][k]) for s in lowered.sites
                        if name in s.per_adapter for k in ("A", "B")}
+            tensors.update({r.tensors[p]: to_numpy(v).reshape(1, 1, -1) for r in lowered.rows if name in r.per_adapter
+                            for p, v in r.per_adapter[name].items()})
             write_onnx_adapter(out_dir / info.file, tensors, version)
     return UnmergedExport(
         file=filename, switching=options.switching, model_version=version, nodes=len(model.graph.node),
@@ -175,7 +189,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
                               **s.tensors)
                for s in lowered.sites],
         row_sites=[RowSite(site=r.owner, kind=r.kind, op=r.op, join=r.join, width=r.width, banks=r.tensors,
-                           identity=r.identity) for r in lowered.rows],
+                           identity=r.identity, layout=r.layout) for r in lowered.rows],
         adapters=adapters,
         reserve=None if options.reserve is None else ReservedSlots(
             rank=options.reserve.rank, targets=options.reserve.targets, sites=lowered.reserved),

@@ -95,7 +95,9 @@ def _switching(cls) -> str:
     if cls.low_rank:
         return "yes, low-rank: ort-adapters (per run), bank and custom-op (per row)"
     if cls.rowwise:
-        return "yes, elementwise: bank and custom-op (per row, a gathered vector; no matmul)"
+        return "yes, row vectors: bank and custom-op (per row, gathered from a bank), ort-adapters (per run)"
+    if cls.parted:
+        return "yes, as low-rank factors and / or row vectors (`unmerged_parts`): ort-adapters, bank and custom-op"
     return "no (merge it, or keep it inline in a merged export)"
 
 

@@ -8,13 +8,17 @@
 
 Switching strategies (see export/onnx_unmerged.py):
   ort-adapters  each adapter is an `onnxruntime.LoraAdapter` (mmap'd .onnx_adapter) with a RunOptions
-                built once, so switching costs a dictionary lookup.
+                built once, so switching costs a dictionary lookup. The file holds the adapter's A / B and, for
+                elementwise kinds ((IA)^3, RoAd, BitFit: the manifest's `row_sites`), its vectors; every input it
+                does not name keeps the model's default (empty A / B, identity vectors: the base model).
   bank, custom-op  `adapter_ids` per row; adding an adapter fills a free slot of the bank, which the session makes
                 an overridable model input when it loads the model (the file keeps banks as plain initializers, quiet
                 in plain ONNX Runtime): the session feeds its own copy, the ONNX session is never rebuilt.
-                Elementwise kinds ((IA)^3, RoAd, BitFit: the manifest's `row_sites`) are gathered per row from
-                their own banks by the same ids; an added (LoRA) adapter's slot holds their identity. Adding an
-                elementwise adapter while serving is not supported: export it.
+                Elementwise kinds are gathered per row from their own banks by the same ids; a slot holds the
+                identity in every row bank its adapter has no vectors for.
+Adding an adapter while serving (`add_adapter`): LoRA from any source (`rewrite.runtime.adapter_source`), an
+elementwise kind from a PEFT directory (IA3, ROAD, BEFT) or an .onnx_adapter, at sites where the export holds a row
+site of the same kind and layout (`AdapterSlotError` otherwise, naming what the export holds there).
 Providers: without `providers=`, the CUDA EP first when onnxruntime offers it (onnxruntime-gpu), then the CPU EP; a
 custom-op export registers the CUDA build of its library with the CUDA EP, the CPU build otherwise
 (`rewrite.runtime.providers`). `session.providers` is what ONNX Runtime enabled, `session.library` the library.
@@ -45,7 +49,7 @@ from rewrite.errors import AdapterFileError, DeploymentError, RuntimeUseError, d
 from rewrite.formats.manifest import MANIFEST, read_manifest
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.names import check_adapter_name
-from rewrite.runtime.adapter_source import read_factors
+from rewrite.runtime.adapter_source import AdapterTensors, read_adapter
 from rewrite.runtime.providers import choose as choose_providers
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -118,7 +122,8 @@ class AdapterSession:
         for s in self.entry.sites:  # the sites of a fused group share one A: its width is the sum of theirs
             width[s.A] = width.get(s.A, 0) + s.rank
         for r in self.entry.row_sites:
-            out.update({name: (capacity + 1, r.width) for name in r.banks.values()})
+            shape = (capacity + 1, r.width) if self.entry.routed else (1, 1, r.width)
+            out.update({name: shape for name in r.banks.values()})
         for s in self.entry.sites:
             if self.switching == "ort-adapters":
                 out[s.A], out[s.B] = (s.d_in, None), (None, s.d_out)
@@ -317,22 +322,27 @@ class AdapterSession:
         """Add (or with replace_existing, replace) an adapter from a PEFT dir, our file, .onnx_adapter or dict.
         `name` is an identifier (rewrite.names): it also names a file in the session's temporary directory."""
         check_adapter_name(name, "add_adapter")
-        factors = read_factors(source, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype,
-                               reserve=self.entry.reserve)
+        tensors = self._read(source)
         with self._lock:
             if name in self.adapters and not replace_existing:
                 raise AdapterFileError(f"adapter {name!r} is already loaded (remove it first or pass "
                                        "replace_existing=True)")
             if self.switching == "ort-adapters":
                 file = self._tmp / f"{name}.onnx_adapter"
-                tensors = {self._sites[s][k]: t for s, (a, b) in factors.items() for k, t in (("A", a), ("B", b))}
-                write_onnx_adapter(file, tensors, self.entry.model_version)
+                inputs = {self._sites[s][k]: t for s, (a, b) in tensors.factors.items()
+                          for k, t in (("A", a), ("B", b))}
+                vectors = {n: v.reshape(1, 1, -1) for n, v in tensors.rows.items()}  # the model's input shape
+                write_onnx_adapter(file, {**inputs, **vectors}, self.entry.model_version)
                 try:
                     self._add_file(name, file)
                 finally:
                     file.unlink()  # loaded (mapped) already: nothing accumulates on disk
             else:
-                self._add_to_bank(name, factors)
+                self._add_to_bank(name, tensors)
+
+    def _read(self, source: Any) -> AdapterTensors:
+        return read_adapter(source, self._sites, self.entry.row_sites, model_version=self.entry.model_version,
+                            dtype=self.bank_dtype, reserve=self.entry.reserve)
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
@@ -351,8 +361,7 @@ class AdapterSession:
     def _add_file(self, name: str, file: Path) -> None:
         """Activate an .onnx_adapter (validated: model version, names, shapes, dtype); the caller holds the lock
         or is __init__."""
-        read_factors(file, self._sites, model_version=self.entry.model_version, dtype=self.bank_dtype,
-                     reserve=self.entry.reserve)
+        self._read(file)
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()
@@ -399,7 +408,7 @@ class AdapterSession:
                                   "adapters); the model does not fit its manifest")
         return banks
 
-    def _add_to_bank(self, name: str, factors) -> None:
+    def _add_to_bank(self, name: str, tensors: AdapterTensors) -> None:
         snap = self._snapshot
         slots = dict(snap.slots)
         old = slots.pop(name, None)
@@ -408,18 +417,22 @@ class AdapterSession:
         if free is None:
             raise AdapterFileError(f"the bank is full ({self.entry.capacity} slots); remove an adapter or "
                                    "export with a larger [export] capacity")
-        bank = self._write_slot(snap.bank, free, factors)
+        bank = self._write_slot(snap.bank, free, tensors)
         slots[name] = free
         self._snapshot = replace(snap, slots=slots, bank=bank, bank_dirty=True)
 
-    def _write_slot(self, bank: dict[str, np.ndarray], slot: int, factors) -> dict[str, np.ndarray]:
-        """A new bank dict with `slot` set to `factors` (zero-padded to the site rank) or cleared; the slot of every
-        elementwise site holds the identity (an added adapter is low-rank: `read_factors`)."""
+    def _write_slot(self, bank: dict[str, np.ndarray], slot: int,
+                    tensors: AdapterTensors | None) -> dict[str, np.ndarray]:
+        """A new bank dict with `slot` set to the adapter's tensors (factors zero-padded to the site rank, vectors in
+        their row banks, the identity in every other row bank) or cleared (None)."""
         out = dict(bank)
         for row_site in self.entry.row_sites:
             for name in row_site.banks.values():
                 out[name] = out[name].copy()
             row_site.clear_slot(out, slot)
+        for name, vector in (tensors.rows if tensors else {}).items():
+            out[name][slot] = vector  # cast to the bank's dtype (float16 banks round here, as at export)
+        factors = tensors.factors if tensors else None
         for info in self.entry.sites:
             rank = info.rank
             a_pad = np.zeros((info.d_in, rank), np.float32)

@@ -93,3 +93,20 @@ def attention_task(root, steps: int = 24, batch_size: int = 16, lr: float = 1e-2
     gm, _ = capture(LoadedModel(attention(), None, "factory", "attention", None),
                     ExampleInputs({"x": x[:2]}, {"x": ["batch", None, None]}))
     return gm, DataOptions(path="data.safetensors", loss="mse", batch_size=batch_size, steps=steps, lr=lr)
+
+
+def fused_decoder(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny real transformers decoder (seeded random weights, no download), eval mode: `qwen2` (GQA, q/k/v
+    biases), `phi3` (GQA through a fused qkv_proj, gate and up fused in gate_up_proj), `gpt_neox` (a fused
+    query_key_value laid out per head: [q_h, k_h, v_h] side by side, partial rotary)."""
+    import transformers
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                 max_position_embeddings=64, intermediate_size=128, use_cache=False)
+    config = {"qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, **small),
+              "phi3": lambda: transformers.Phi3Config(num_key_value_heads=2, pad_token_id=0, eos_token_id=2, **small),
+              "gpt_neox": lambda: transformers.GPTNeoXConfig(**small)}[name]()
+    cls = {"qwen2": transformers.Qwen2ForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+           "gpt_neox": transformers.GPTNeoXForCausalLM}[name]
+    torch.manual_seed(seed)
+    return cls(config).eval()

@@ -5,7 +5,8 @@ On a tiny LLaMA (linear sites) and a tiny GPT-2 (Conv1D sites), for each kind an
   2. with perturbed adapter parameters the outputs move, and the graph has one adapter call per site;
   3. mergeable kinds: merge (keep_original) gives the same outputs with no adapter left in the graph, and
      unmerge restores every weight and bias bit for bit with the same outputs again;
-  4. low-rank kinds: `factors()` reproduce the module's own delta, x A B = adapter(x);
+  4. low-rank kinds, and dense ones the unmerged exports factor exactly: `factors()` reproduce the module's own
+     delta, x A B = adapter(x);
   5. what a kind cannot do raises `NotSupported` (never a silent answer).
 Each kind's own file has its own test against its oracle (PEFT, a hand-written forward).
 """
@@ -27,6 +28,7 @@ from helpers import run_pass as run
 
 MODELS = {"linear": ("llama", ["q_proj", "v_proj", "down_proj"]), "conv1d": ("gpt2", ["c_attn", "c_proj"])}
 CASES = [(name, op) for name, kind in KINDS.items() for op in ("linear", "conv1d") if op in kind.ops]
+EXPORT_FACTORS = {"lokr", "fourierft"}  # not low-rank, but given exact factors for unmerged export
 SMALL_OPTIONS = {"road": {"group_size": 16}}  # kind options that fit these tiny layers (32 outputs and up)
 
 
@@ -70,7 +72,7 @@ def test_identity_merge_unmerge_and_factors(captured, kind, op):
     adapted = logits(gm, inputs)
     assert (adapted - base).abs().max() > 1e-3
     cls = KINDS[kind]
-    if cls.low_rank:
+    if cls.low_rank or kind in EXPORT_FACTORS:
         for owner in owners:
             module = adapters_at(gm, owner)["default"]
             a, b = module.factors()

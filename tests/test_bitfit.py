@@ -16,10 +16,10 @@ from torch import nn
 from rewrite.adapters import KINDS
 from rewrite.adapters.base import NotSupported
 from rewrite.adapters.bitfit import BitFit
-from rewrite.errors import AdapterFileError
+from rewrite.errors import AdapterFileError, RewriteError
 from rewrite.graph_edit import adapters_at
 
-from helpers import capture_module, fill_adapter, first_output, merged_onnx_output, refusals
+from helpers import capture_module, fill_adapter, first_output, merged_onnx_output
 from helpers import run_pass as run
 from models import build
 from test_oft import TARGETS, Oracle, assert_close, check_allocate_refuses, check_forward, check_onnx, \
@@ -176,7 +176,7 @@ def test_merge_equals_peft_merge_and_unload(captured):
 
 @pytest.mark.slow
 def test_merged_onnx_of_a_model_without_biases_equals_torch(captured, tmp_path):
-    check_onnx(beft("llama"), captured, tmp_path, "bitfit", refused=False)  # per row: tests/test_rowwise_kinds.py
+    check_onnx(beft("llama"), captured, tmp_path, "bitfit")  # per row: tests/test_rowwise_kinds.py
 
 
 def test_allocate_refuses_by_name(captured):
@@ -185,11 +185,11 @@ def test_allocate_refuses_by_name(captured):
 
 
 def test_refusals_name_the_kind(captured, tmp_path):
-    """No rank to allocate, no per-run (ort-adapters) switching; PEFT's BEFT has no Conv1D layer; our adapter file holds LoRA."""
+    """No rank to allocate; PEFT's BEFT has no Conv1D layer; our adapter file holds LoRA (unmerged exports switch it:
+    tests/test_rowwise_*.py)."""
     gm, _, _ = inserted(captured, "gpt2")
-    export, allocate = refusals(gm, "default", tmp_path / "unmerged", switching="ort-adapters")  # bank: per row
-    assert "bitfit adapters are elementwise: they switch per batch row with switching = \"bank\"" in export
-    assert "which cannot be: it resizes lora" in allocate and "['bitfit']" in allocate
+    with pytest.raises(RewriteError, match=r"is \['bitfit'\] at .*which cannot be: it resizes lora"):
+        run(gm, "allocate", adapter="default", scorer="spectrum", budget={"params": 10}, report="")
     with pytest.raises(AdapterFileError, match=r"format = 'peft': PEFT's BEFT adapts Linear layers only; a bitfit "
                                                r"adapter on a conv1d site has no PEFT form: merge it into the bias"):
         run(gm, "save", root=tmp_path, path="peft")

@@ -85,7 +85,7 @@ def test_merge_equals_merge_and_unload_and_unmerge_restores(captured, name, vari
     check_merge(boft(name, variant), captured, name, f"boft {variant} {name}")
 
 
-def test_merged_onnx_equals_torch_and_unmerged_export_is_refused(captured, tmp_path):
+def test_merged_onnx_equals_torch(captured, tmp_path):
     check_onnx(boft("llama", "2_factors"), captured, tmp_path, "boft")
 
 

@@ -5,7 +5,7 @@ magnitude vectors scaled away from ||W||_c, so no part of the adapter is the ide
 tensors. Models: a tiny LLaMA (GQA decoder) and BERT (encoder) on linear sites, GPT-2 on Conv1D, and a small CNN
 (conv2d, embedding, linear). Checked: the forward and its gradients (norm detached as PEFT does), `save` to a
 directory PEFT loads, `load` of a directory PEFT saved (twice: no-op), `merge` against `merge_and_unload` and the
-exact `unmerge_from`, a merged ONNX export run by ONNX Runtime, the refusals (unmerged export, our LoRA file, a LoRA
+exact `unmerge_from`, a merged ONNX export run by ONNX Runtime, the refusals (our LoRA file, a LoRA
 adapter mixed in, config options not implemented) and `allocate` resizing with m kept.
 Run with `-s` to see the measured max abs differences.
 """
@@ -22,9 +22,8 @@ import torch
 from rewrite.adapters.base import NotSupported
 from rewrite.adapters.dora import MAGNITUDE
 from rewrite.capture import flat_outputs
-from rewrite.errors import AdapterFileError, RewriteError
+from rewrite.errors import AdapterFileError
 from rewrite.export.onnx_merged import export_merged
-from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.graph_edit import adapters_at
 from rewrite.options import ExportOptions
 from rewrite.state import state_of
@@ -267,10 +266,9 @@ def test_merged_onnx_equals_torch(hf_case, tmp_path):
 
 # --------------------------------------------------------------------------------------------- refusals
 
-def test_unmerged_export_and_our_adapter_file_refuse_it_by_name(hf_case, tmp_path):
+def test_our_adapter_file_refuses_it_by_name(hf_case, tmp_path):
+    """(Unmerged exports switch DoRA as LoRA factors and an output scale: tests/test_multiplicative_unmerged.py.)"""
     _, gm, _, _ = hf_case("llama")
-    with pytest.raises(RewriteError, match=r"q_proj: dora adapters are not low-rank.*merge them"):
-        export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="bank"))
     with pytest.raises(AdapterFileError, match=r"our adapter file holds LoRA adapters; save dora as PEFT"):
         run(gm, "save", root=tmp_path, path="ours.safetensors", format="rewrite")
 

@@ -7,7 +7,6 @@ One module per model gets another n_frequency (PEFT's `n_frequency_pattern`; two
 """
 from __future__ import annotations
 
-import re
 import json
 import math
 
@@ -21,7 +20,7 @@ from rewrite.graph_edit import adapters_at
 from rewrite.passes import REGISTRY
 
 from helpers import edit_json, fill_adapter, first_output, fresh_capture, max_param_diff, merged_onnx_output, \
-    peft_reloaded, refusals
+    peft_reloaded
 from helpers import run_pass as run
 from models import build
 
@@ -126,11 +125,11 @@ def test_merged_onnx_equals_torch(tmp_path):
     assert (merged_onnx_output(gm, kwargs, tmp_path / "merged.onnx") - want).abs().max() <= 1e-4
 
 
-def test_unmerged_export_and_allocate_refuse_it_by_name(tmp_path):
+def test_allocate_refuses_it_by_name():
+    """It has no rank to allocate; unmerged exports switch it through exact factors (test_dense_delta_unmerged.py)."""
     gm, _ = _ours("llama", _peft_model("llama"))
-    export_error, allocate_error = refusals(gm, "tuned", tmp_path)
-    assert re.search(r"q_proj: fourierft adapters are not low-rank.*merge them", export_error), export_error
-    assert "adapter 'tuned' is ['fourierft']" in allocate_error, allocate_error
+    with pytest.raises(SpecError, match=r"adapter 'tuned' is \['fourierft'\]"):
+        run(gm, "allocate", adapter="tuned", scorer="spectrum", budget={"params": 10}, report="")
 
 
 def test_insert_checks_its_options_against_each_site():

@@ -75,7 +75,7 @@ def test_gram_schmidt_merge_equals_merge_and_unload(captured, tmp_path):
 
 
 @pytest.mark.slow
-def test_merged_onnx_equals_torch_and_unmerged_export_is_refused(captured, tmp_path):
+def test_merged_onnx_equals_torch(captured, tmp_path):
     check_onnx(hra("llama"), captured, tmp_path, "hra")
 
 

@@ -11,10 +11,7 @@ import warnings
 import pytest
 import torch
 
-from rewrite.errors import RewriteError
-from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.graph_edit import adapters_at
-from rewrite.options import ExportOptions
 from rewrite.passes import REGISTRY
 from rewrite.state import state_of
 
@@ -75,14 +72,6 @@ def test_forward_merge_and_save_equal_peft(name, tmp_path):
     for param_name, param in folded.named_parameters():
         torch.testing.assert_close(ours[param_name], param, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits(merged, kwargs), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_unmerged_export_names_the_site_and_what_works(tmp_path):
-    outputs, inputs = CASES["llama"]
-    gm, _, _ = _ours("llama", outputs, inputs, _peft_model("llama", outputs, inputs))
-    with pytest.raises(RewriteError, match=r"k_proj: ia3 adapters are elementwise: they switch per batch "
-                                           r"row.*or merge them"):  # bank and custom-op: tests/test_rowwise_kinds.py
-        export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="ort-adapters"))
 
 
 def test_settings_it_does_not_read_are_refused():

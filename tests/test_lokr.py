@@ -6,7 +6,7 @@ Cases cover every factor layout PEFT builds: on the tiny LLaMA, decompose_both w
 w2 split) and an alpha_pattern; on BERT, decompose_factor = 4 (w2 full on 64 x 64, split on 64 -> 128); on a conv2d
 site (`factories.TinyCNN`), w2 split ([b, r] [r, e kh kw]) and full ([b, e, kh, kw]). Checked: forward, `save`
 (PEFT loads it), `load` (of what PEFT saved), merge (= merge_and_unload, and unmerge restores), merged ONNX; the
-split rule itself against PEFT's `factorization`; what LoKr cannot do (unmerged export, allocate) and PEFT options
+split rule itself against PEFT's `factorization`; what LoKr cannot do (unmerged export of conv2d, allocate) and PEFT options
 we do not implement, refused by name.
 """
 from __future__ import annotations
@@ -68,14 +68,16 @@ def test_split_is_peft_factorization():
     assert [kron_split(d, f) for d, f in pairs] == [factorization(d, f) for d, f in pairs]
 
 
-def test_unmerged_export_and_allocate_refuse_lokr_by_name(pair, tmp_path):
+def test_unmerged_export_of_conv2d_and_allocate_refuse_lokr_by_name(pair, tmp_path):
+    """Linear sites export unmerged through exact factors (tests/test_dense_delta_unmerged.py)."""
     from rewrite.export.onnx_unmerged import export_unmerged
     from rewrite.options import ExportOptions
 
+    cnn, _, _ = pair("cnn_split")
+    with pytest.raises(ExportError, match=r"conv: unmerged export supports lokr on linear sites; conv2d sites must be "
+                                          r"merged"):
+        export_unmerged(cnn, tmp_path, ExportOptions(mode="unmerged", switching="bank", external_data="never"))
     gm, _, _ = pair("llama")
-    with pytest.raises(ExportError, match=r"q_proj: lokr adapters are not low-rank; .*\(merge them, or use a "
-                                          r"low-rank kind"):
-        export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="bank", external_data="never"))
     with pytest.raises(SpecError, match=r"allocate resizes adapters freely; adapter 'tuned' is \['lokr'\]"):
         run(gm, "allocate", adapter=ADAPTER, budget={"fraction": 0.5}, report="")
 

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from rewrite.adapters import KINDS
-from rewrite.errors import AdapterFileError, RewriteError, SpecError
+from rewrite.errors import AdapterFileError, SpecError
 from rewrite.export.onnx_merged import export_merged
-from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.graph_edit import adapters_at
 from rewrite.options import ExportOptions
 from rewrite.state import state_of
@@ -181,17 +180,13 @@ def owners(gm) -> list[str]:
     return list(dict.fromkeys(s.owner for s in state_of(gm).sites.values()))
 
 
-def check_onnx(oracle: Oracle, captured, tmp_path, label: str, refused: bool = True) -> None:
-    """Merged ONNX run by ONNX Runtime equals torch (and PEFT); with `refused`, the unmerged (bank) export refuses
-    the kind (elementwise kinds switch per row there instead: tests/test_rowwise_kinds.py)."""
+def check_onnx(oracle: Oracle, captured, tmp_path, label: str) -> None:
+    """Merged ONNX run by ONNX Runtime equals torch (and PEFT). Unmerged exports switch these kinds per row:
+    tests/test_multiplicative_unmerged.py (OFT, BOFT, HRA), tests/test_rowwise_kinds.py (the elementwise kinds)."""
     import onnxruntime as ort
 
     theirs = oracle.peft_model("llama")
     gm, kwargs = oracle.ours(captured, "llama", theirs)
-    if refused:
-        with pytest.raises(RewriteError, match=rf"q_proj: {oracle.kind} adapters are not low-rank; they cannot be "
-                                               r"switched in an unmerged export \(merge them"):
-            export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="bank"))
     run(gm, "merge")
     export_merged(gm, tmp_path / "merged.onnx", ExportOptions(), None)
     session = ort.InferenceSession(str(tmp_path / "merged.onnx"), providers=["CPUExecutionProvider"])
@@ -271,7 +266,7 @@ def test_merge_equals_merge_and_unload_and_unmerge_restores(captured, name):
     check_merge(oft(name), captured, name, f"oft {name}")
 
 
-def test_merged_onnx_equals_torch_and_unmerged_export_is_refused(captured, tmp_path):
+def test_merged_onnx_equals_torch(captured, tmp_path):
     check_onnx(oft("llama", "block_16"), captured, tmp_path, "oft")
 
 

@@ -14,12 +14,12 @@ import torch
 
 from rewrite.adapters.base import NotSupported
 from rewrite.adapters.road import ALPHA, THETA
-from rewrite.errors import AdapterFileError, SpecError
+from rewrite.errors import AdapterFileError, RewriteError, SpecError
 from rewrite.graph_edit import adapters_at
 from rewrite.passes import REGISTRY
 
 from helpers import edit_json, fill_adapter, first_output, fresh_capture, max_param_diff, merged_onnx_output, \
-    peft_reloaded, refusals
+    peft_reloaded
 from helpers import run_pass as run
 from models import build
 
@@ -115,12 +115,10 @@ def test_merged_onnx_equals_torch(tmp_path):
     assert (merged_onnx_output(gm, kwargs, tmp_path / "merged.onnx") - want).abs().max() <= 1e-4
 
 
-def test_unmerged_export_and_allocate_refuse_it_by_name(tmp_path):
+def test_allocate_refuses_it_by_name():  # unmerged exports switch it: tests/test_rowwise_*.py
     gm, _ = _ours("llama", "road_1", _peft_model("llama", "road_1"))
-    export_error, allocate_error = refusals(gm, "tuned", tmp_path, switching="ort-adapters")  # bank: per row
-    assert re.search(r"q_proj: road adapters are elementwise: they switch per batch row with switching = \"bank\" "
-                     r"or \"custom-op\".*or merge them", export_error), export_error
-    assert "adapter 'tuned' is ['road']" in allocate_error, allocate_error
+    with pytest.raises(RewriteError, match=re.escape("adapter 'tuned' is ['road']")):
+        run(gm, "allocate", adapter="tuned", scorer="spectrum", budget={"params": 10}, report="")
 
 
 def test_insert_checks_its_options_against_each_site():

@@ -4,8 +4,8 @@
     bank           one adapter per batch row, standard ONNX ops (one-hot bank)  bank.py
     custom-op      one adapter per batch row, rewrite::LoraDelta kernel          custom_op.py
 
-Elementwise kinds ((IA)^3, RoAd, BitFit) are switched per row by a gather from their own banks in both per-row modes
-(rows.py); ort-adapters refuses them.
+Elementwise kinds ((IA)^3, RoAd, BitFit) get their own modules (rows.py): a gather from their own banks in both
+per-row modes, vector inputs at the identity that an adapter's .onnx_adapter replaces per run in ort-adapters.
 
 A new mode is one file here (a `Lowering` subclass, base.py) plus its test plus one line below.
 """

@@ -1,10 +1,14 @@
 """ort-adapters: one adapter per run, through ONNX Runtime's own adapter mechanism.
 
-    delta = x A B,  A [d_in, r], B [r, d_out]
+    low-rank     delta = x A B,  A [d_in, r], B [r, d_out]                        (`SwitchableLora`)
+    elementwise  t' = kind.apply_rows(t, p), p [1, 1, width] each vector of the kind  (`RunRows`: (IA)^3, RoAd, BitFit)
 
-Every A / B becomes a graph input named like the parameter, whose default is an EMPTY initializer ([d_in, 0] /
-[0, d_out]): the model alone is the base model, and an `.onnx_adapter` file feeds one adapter's tensors per run.
-Each site gets its own symbolic rank dim `rank_<i>` (one shared dim breaks per-layer ranks in ORT's buffer planner).
+Every A / B and every vector p becomes a graph input named like the parameter, with a default that makes the model
+alone the base model: an EMPTY initializer for A / B ([d_in, 0] / [0, d_out]), the kind's identity value for p. An
+adapter's `.onnx_adapter` file feeds its own tensors per run; inputs it does not name keep their defaults.
+Each low-rank site gets its own symbolic rank dim `rank_<i>` (one shared dim breaks per-layer ranks in ORT's buffer
+planner); a vector's input keeps its fixed shape. Exports with elementwise kinds skip the exporter's optimizer
+(`export_unmerged`): it would fold a kind's ops on a vector alone into initializers no adapter file names.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import onnx
 import torch
 from torch import nn
 
+from rewrite.adapters.base import AdapterKind
 from rewrite.export.lowerings.base import Lowering
 
 
@@ -28,6 +33,21 @@ class SwitchableLora(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.A @ self.B
+
+
+class RunRows(nn.Module):
+    """The vectors of one elementwise kind and layout at a site, at the identity; replaced per run by adapter inputs."""
+
+    def __init__(self, formula: type[AdapterKind], layout: dict[str, Any], identities: dict[str, torch.Tensor]):
+        super().__init__()
+        self.formula, self.layout = formula, layout
+        # held as [1, 1, width], apply_rows' [rows, 1, width] for the run's one "row"
+        self.vectors = nn.ParameterDict({p: nn.Parameter(v.reshape(1, 1, -1).clone(), requires_grad=False)
+                                         for p, v in identities.items()})
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        rows = t.reshape(1, -1, t.shape[-1])  # [B, T, d] and GPT-2's flattened [B*T, d] alike
+        return self.formula.apply_rows(rows, dict(self.vectors.items()), **self.layout).reshape(t.shape)
 
 
 class OrtAdapters(Lowering):

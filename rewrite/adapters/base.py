@@ -43,7 +43,14 @@ What a kind declares (class attributes):
                 rewrites (x for "input", y otherwise), each with the value that is the identity, and the class-level
                 `apply_rows(t, params, **row_layout())` applies them: elementwise kinds ((IA)^3 t (.) l, RoAd
                 c1 (.) t + c2 (.) rot(t), BitFit t + b), which the per-row lowerings (bank, custom-op) switch by
-                gathering each row's vectors from a bank (no matmul)
+                gathering each row's vectors from a bank (no matmul); rotations of the input are row vectors too
+                when flattened (OFT's blocks R - I, HRA's unit vectors: a per-row batched matmul, identity 0)
+    parted      whether the adapter, neither `low_rank` nor `rowwise` as a whole, is exactly a low-rank delta and/or
+                `rowwise` modules at its site: `unmerged_parts(W, b)` (the site's base weight and bias, as the
+                export holds them) gives (factors or None, row modules), composed as
+                    y' = rows_out(base(rows_in(x)) + x A B)        x A B reading the site's own x
+                (DoRA: LoRA factors and an output scale; BOFT: an input rotation and an output scale), each part
+                switched by the unmerged lowerings as a low-rank or `rowwise` adapter is
     peft_format the PEFT directory format it reads and writes (rewrite.formats.peft_dir.PeftFormat: peft_type,
                 config model, key suffixes), or None when PEFT has no such tuner; kinds sharing a format share
                 `peft_config` and `peft_module` and may be saved as one PEFT adapter; the first kind registered
@@ -51,7 +58,7 @@ What a kind declares (class attributes):
 
 What a kind instance provides: `forward`, `merge_into(weight, bias)` / `unmerge_from(weight, bias)` (in place,
 in the base op's own layout), `resize(rank, keep)` where a rank exists, `factors()` for low-rank kinds, `row_params()`
-and `row_layout()` for elementwise (`rowwise`) ones, its PEFT
+and `row_layout()` for elementwise (`rowwise`) ones, `unmerged_parts(weight, bias)` for `parted` ones, its PEFT
 tensors (`peft_state`, `peft_shapes`, `load_peft_state`), class-level `peft_config(modules)` (writing) and
 `peft_module(adapter, module)` (reading: which kind and settings a module of a PEFT directory gets), what `save`
 writes (`saved_form`, `adapter_file_entry`) and `load` reads back (`load_adapter_file_entry`), and
@@ -105,6 +112,7 @@ class AdapterKind(nn.Module):
     resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
     rowwise: ClassVar[bool] = False
+    parted: ClassVar[bool] = False
     peft_format: ClassVar[PeftFormat | None] = None
 
     op: str
@@ -138,6 +146,12 @@ class AdapterKind(nn.Module):
     def apply_rows(cls, t: torch.Tensor, params: Mapping[str, torch.Tensor], **layout: Any) -> torch.Tensor:
         """t [..., width] rewritten by `row_params`-shaped vectors that broadcast against it (one per batch row)."""
         raise NotSupported(f"{cls.kind} adapters are not elementwise; they cannot be switched per row by a gather")
+
+    def unmerged_parts(self, weight: torch.Tensor, bias: torch.Tensor | None
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, list["AdapterKind"]]:
+        """(A [d_in, r], B [r, d_out] with the scale folded in, or None; the `rowwise` modules, at most one per join)
+        of a `parted` kind at a site with base weight `weight` and bias `bias` (None without one)."""
+        raise NotSupported(f"{self.kind} adapters cannot be switched in an unmerged export (merge them)")
 
     def graph_edits(self, gm: fx.GraphModule, site: Site) -> tuple[dict[str, str], dict[str, str]]:
         """The graph inputs (placeholder names) and outputs (output keys: `logits`, `present.0.key`) this module

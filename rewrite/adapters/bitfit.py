@@ -10,32 +10,18 @@ so b + db is always there to write.
 PEFT (BEFT): key `base_model.model.<module>.beft_bias` [1, d_out] = db; config fields `target_modules`,
 `init_weights`. PEFT's BEFT adapts `nn.Linear` only: a Conv1D or conv2d BitFit has no PEFT form (save refuses it),
 and neither kind of site has a form in our LoRA adapter file. No rank; not low-rank (db does not depend on x, it is
-not x A B): allocate and ort-adapters refuse it. Elementwise (`rowwise`, vector "b", identity 0): bank / custom-op
-exports switch it per batch row on linear and Conv1D sites, y' = y + b[id].
+not x A B): allocate refuses it. Elementwise (`rowwise`, vector "b", identity 0): bank / custom-op exports switch it
+per batch row on linear and Conv1D sites, y' = y + b[id]; ort-adapters feeds b per run (identity default). The format,
+and its tensors read as b without torch: rewrite/formats/peft_rows.py.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
-from pydantic import StrictBool, StrictStr
 from torch import nn
 
 from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.adapters.oft import PEFT_VERSION
-from rewrite.formats.peft_dir import PeftConfig, PeftFormat
-
-BEFT_KEY = "beft_bias"
-
-
-class BeftPeftConfig(PeftConfig):
-    expected: ClassVar[dict[str, str]] = {**PeftConfig.expected, "init_weights": "true or false"}
-
-    peft_type: StrictStr = "BEFT"
-    init_weights: StrictBool = True  # how PEFT starts training; the saved tensors are what counts
-
-
-BEFT_FORMAT = PeftFormat("BEFT", BeftPeftConfig, ((BEFT_KEY,),))
+from rewrite.formats.peft_rows import BEFT_FORMAT, BEFT_KEY
 
 
 class BitFit(AdapterKind):

@@ -16,8 +16,12 @@ random and replaces int(p nd) random blocks of it by I.
 PEFT: keys `base_model.model.<module>.boft_R` [m, nd, b, b] and `.boft_s` [d_out, 1]; config `boft_block_size` (or
 `boft_block_num` = nd), `boft_n_butterfly_factor`, `boft_dropout`. m is read from boft_R: PEFT without its CUDA
 extension (any CPU) builds and saves one factor whatever the config says, and then cannot load m > 1 itself.
-Refused: a `bias` other than "none". Linear sites (PEFT's Conv2d BOFT is not implemented). Not low-rank: unmerged
-exports refuse it.
+Refused: a `bias` other than "none". Linear sites (PEFT's Conv2d BOFT is not implemented).
+Unmerged (`parted`: y' = s (.) (base(x M) - b) + b, m + 1 row modules): the input rotation x -> x M, one module per
+butterfly factor (`BoftRotation`, join "input", layout block_size and level i), wired so that factor m-1 meets x first:
+    x <- v[..., p_i],  v = rotate_blocks(x[..., p_i^-1], q_i)      q_i = flatten(R_i - I) [nd b b], identity 0
+(oft.rotate_blocks: v + blocks(v) @ (R_i - I); level 0 has no permutation), then the output scale (`BoftScale`:
+g = s, h = (1 - s) (.) b; output_scale.py).
 """
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ from pydantic import Field, StrictInt, StrictStr
 from torch import nn
 
 from rewrite.adapters.base import AdapterKind, NotSupported
-from rewrite.adapters.oft import BLOCKS, PEFT_VERSION, OrthogonalPeftConfig, check_blocks, exact_cayley, shared_setting
+from rewrite.adapters.oft import (BLOCKS, PEFT_VERSION, OrthogonalPeftConfig, check_blocks, exact_cayley,
+                                 rotate_blocks, shared_setting)
+from rewrite.adapters.output_scale import OutputScale
 from rewrite.errors import AdapterFileError
 from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, PeftFormat
 from rewrite.options import Strict
@@ -73,6 +79,41 @@ def butterfly_permutation(size: int, block_size: int, level: int) -> torch.Tenso
     return (torch.arange(0, size, group)[:, None] + order).flatten()
 
 
+class BoftScale(OutputScale):
+    """BOFT's output part in unmerged exports: g = s (module docstring)."""
+
+    kind = "boft"
+
+
+class BoftRotation(AdapterKind):
+    """One butterfly factor of BOFT's input rotation in unmerged exports (module docstring)."""
+
+    kind = "boft"
+    ops = ("linear",)
+    join = "input"
+    rowwise = True
+
+    def __init__(self, op: str, d_in: int, d_out: int, level: int, q: torch.Tensor):
+        """q = R_level - I [nd, b, b]."""
+        super().__init__()
+        self.op, self.d_in, self.d_out, self.level, self.block_size = op, d_in, d_out, level, q.shape[-1]
+        self.register_buffer("q", q.flatten())
+
+    def row_params(self) -> dict[str, tuple[torch.Tensor, float]]:
+        return {"q": (self.q, 0.0)}
+
+    def row_layout(self) -> dict:
+        return {"block_size": self.block_size, "level": self.level}
+
+    @classmethod
+    def apply_rows(cls, t: torch.Tensor, params, *, block_size: int, level: int) -> torch.Tensor:
+        """x' = P_i-gather(rotate_blocks(x[..., p_i^-1], q_i))"""
+        if level == 0:
+            return rotate_blocks(t, params["q"], block_size)
+        order = butterfly_permutation(t.shape[-1], block_size, level).to(t.device)
+        return rotate_blocks(t[..., order.argsort()], params["q"], block_size)[..., order]
+
+
 class BOFTOptions(Strict):
     block_size: int = Field(default=4, ge=1)
     n_butterfly_factor: int = Field(default=1, ge=1)
@@ -86,6 +127,7 @@ class BOFT(AdapterKind):
     Options = BOFTOptions
     inits = ("zeros",)
     mergeable = True
+    parted = True
     peft_format = BOFT_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -139,6 +181,16 @@ class BOFT(AdapterKind):
         rotations = self._dropped(self.rotations()).to(weight.dtype)
         adapted = self.boft_s.to(weight.dtype) * self._butterfly(weight, rotations)
         return F.linear(x, adapted - weight)
+
+    @torch.no_grad()
+    def unmerged_parts(self, weight: torch.Tensor, bias: torch.Tensor | None
+                       ) -> tuple[None, list[AdapterKind]]:
+        """No factors; the input rotation x M and the output scale s (module docstring)."""
+        q = self.rotations(torch.float64) - torch.eye(self.block_size, dtype=torch.float64, device=self.boft_R.device)
+        q = q.to(self.boft_R.dtype)
+        return None, [*(BoftRotation(self.op, self.d_in, self.d_out, i, q[i])
+                        for i in reversed(range(self.n_butterfly_factor))),
+                      BoftScale(self.op, self.d_in, self.boft_s.detach()[:, 0], bias)]
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:

@@ -21,7 +21,14 @@ base op, in its own weight layout:
 Merge (exact): W <- (m / n) (.) (W + s B A), the bias unchanged. The merged weight's own norm is m, so the n of the
 unmerged W cannot be read back from it: `merge_into` keeps n (PEFT caches it as well) and `unmerge_from` restores
 W <- W / (m / n) - s B A. The norm is the base weight's: DoRA merges alone at its site, or before other adapters there.
-Not low-rank (delta(x) is not x A B): unmerged exports refuse it; our LoRA adapter file has no magnitude: save as PEFT.
+Not low-rank (delta(x) is not x A B), but `parted`: with g = m / n a constant vector once trained,
+
+    y' = g (.) (y0 - b + s x A B) + b = g (.) (y0 + x A (s B)) + (1 - g) (.) b
+
+so unmerged exports (linear and Conv1D sites) switch it as LoRA factors (A, s B), added to the base output, and an
+output scale (`DoraScale`: g, identity 1, and h = (1 - g) (.) b, identity 0) applied to that sum; n is the norm of
+the exported base weight. Embedding and conv2d sites must be merged. Our LoRA adapter file has no magnitude: save
+as PEFT.
 Resizing (allocate) changes A and B as LoRA's and keeps m.
 
 PEFT: a LORA directory with `use_dora = true`; per module LoRA's `lora_A.weight` [r, d_in], `lora_B.weight`
@@ -39,6 +46,7 @@ from torch import nn
 
 from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.adapters.lora import IDENTITY_INITS, LoRA
+from rewrite.adapters.output_scale import OutputScale
 from rewrite.formats.peft_dir import PeftFormat
 from rewrite.formats.peft_lora import EMBEDDING_KEYS, LINEAR_KEYS, LORA_FORMAT, LoraPeftConfig
 
@@ -58,6 +66,12 @@ DORA_FORMAT = PeftFormat("LORA", DoraPeftConfig, ((*LINEAR_KEYS, MAGNITUDE), (*E
                          check=LORA_FORMAT.check, accepts=lambda raw: raw.get("use_dora") is True)
 
 
+class DoraScale(OutputScale):
+    """DoRA's output part in unmerged exports: g = m / n (module docstring)."""
+
+    kind = "dora"
+
+
 class DoRA(LoRA):
     kind = "dora"
     reads_weight = True
@@ -65,6 +79,7 @@ class DoRA(LoRA):
     inits = IDENTITY_INITS  # LoRA's inits that rewrite the base weight (PiSSA, OLoRA) are not DoRA's
     weight_inits = ()
     low_rank = False
+    parted = True
     peft_format = DORA_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, weight: torch.Tensor,
@@ -115,6 +130,16 @@ class DoRA(LoRA):
         else:
             base = base_output if bias is None else base_output - (bias[:, None, None] if self.op == "conv2d" else bias)
         return (scale - 1) * base + scale * self.branch(x)
+
+    @torch.no_grad()
+    def unmerged_parts(self, weight: torch.Tensor, bias: torch.Tensor | None
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[AdapterKind]]:
+        """LoRA factors (A, s B) and the output scale g = m / ||W + s B A||_c (module docstring)."""
+        if self.op not in ("linear", "conv1d"):
+            raise NotSupported(f"unmerged export switches {self.kind} on linear and Conv1D sites (LoRA factors and an "
+                               f"output scale); its magnitude on {self.op} sites must be merged")
+        scale = self.magnitude.double() / self.column_norm(weight.double())
+        return LoRA.factors(self), [DoraScale(self.op, self.d_in, scale.to(self.magnitude.dtype), bias)]
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None = None, sign: float = 1.0) -> None:

@@ -13,8 +13,14 @@ the same way.
 Init `zeros` (c = 0, PEFT's init_weights=True) starts as the identity. PEFT's default init_weights=False draws
 c ~ N(0, 1), which does not start as the base model; insert does not offer it.
 Merge (exact, additive, in the base op's layout): linear W <- W + dW, Conv1D W [d_in, d_out] <- W + dW^T; unmerge
-subtracts. Not low-rank as the unmerged exports need it (its rank is up to 2n, on fixed cosine / sine bases): they
-refuse it. No rank either (n_frequency is its size): allocate refuses it.
+subtracts. Unmerged exports switch it through exact factors of dW^T at its numerical rank (float64 SVD;
+rewrite/adapters/dense_factors.py). The rank: with F_m the inverse DFT matrix (symmetric, conj(F_m) = F_m P_m, P_m the
+index reversal k -> -k mod m), Re(F_out S F_in) = (F_out (S + P_out S P_in) F_in) / 2, so
+    rank dW = rank(S + S~),   S~[p, q] = S[-p mod d_out, -q mod d_in]      <= min(2 rank S, d_out, d_in) <= min(2n, d)
+(a frequency alone: cos a_u cos b_v - sin a_u sin b_v, rank 2; rank 1 where p is 0 or d_out / 2, or q is 0 or
+d_in / 2, as its mirror is then in its own row or column; frequencies sharing a row share that row's pair). n above
+min(d_in, d_out) / 4 can reach half the width, which warns (merging is then cheaper). The factors are an export
+view: FourierFT is not `low_rank`, and has no rank to allocate (n_frequency is its size): allocate refuses it.
 PEFT: key `base_model.model.<module>.fourierft_spectrum` [n]; config `n_frequency` (per module `n_frequency_pattern`),
 `scaling`, `random_loc_seed` (one each per adapter), `fan_in_fan_out` (PEFT sets it from the layer type itself),
 `init_weights` (only how PEFT starts); `bias` other than "none" is refused.
@@ -32,6 +38,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictF
 from torch import nn
 
 from rewrite.adapters.base import AdapterKind, NotSupported
+from rewrite.adapters.dense_factors import dense_factors
 from rewrite.errors import AdapterFileError
 from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, PeftConfig, PeftFormat, compiled, tensor_key
 from rewrite.options import Strict
@@ -127,12 +134,20 @@ class FourierFT(AdapterKind):
                    else _positions(d_out, d_in, n_frequency, random_loc_seed).to(device, copy=True))
         self.register_buffer("indices", indices, persistent=False)
 
-    def delta_weight(self) -> torch.Tensor:
-        """dW [d_out, d_in] in the spectrum's dtype, computed in float32 (ifft2 has no half-precision kernels)."""
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dW [d_out, d_in] in `dtype` (default: the spectrum's), computed in float64 for float64 and in float32
+        otherwise (ifft2 has no half-precision kernels)."""
         spectrum = self.fourierft_spectrum
-        dense = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=spectrum.device)
-        dense[self.indices[0], self.indices[1]] = spectrum.float()
-        return (torch.fft.ifft2(dense).real * self.scaling).to(spectrum.dtype)
+        dtype = dtype or spectrum.dtype
+        dense = torch.zeros(self.d_out, self.d_in, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                            device=spectrum.device)
+        dense[self.indices[0], self.indices[1]] = spectrum.to(dense.dtype)
+        return (torch.fft.ifft2(dense).real * self.scaling).to(dtype)
+
+    @torch.no_grad()
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [d_in, k], B [k, d_out]) with A B = dW^T, k its numerical rank (module docstring), scaling included."""
+        return dense_factors(self.kind, self.delta_weight(torch.float64).T, self.fourierft_spectrum.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.delta_weight()

@@ -15,7 +15,13 @@ Merge (linear W [d_out, d_in], in float64): W <- W R; unmerge W <- W R^T (R orth
 PEFT: key `base_model.model.<module>.hra_u` [d_in, r] = U; config `r` (one for every module), `apply_GS`.
 Refused: a `bias` other than "none", an odd r. Linear sites (PEFT's Conv2d HRA rotates unfolded patches, which an
 input join cannot: not implemented). Not low-rank, no resize (the reflections are a product, not a sum of
-components): unmerged exports and allocate refuse it.
+components): allocate refuses it.
+Unmerged (`rowwise`, join "input"): the r reflections at once (compact form). With v_0 .. v_(r-1) the unit vectors in
+the order x meets them (u_(r-1) first), x_(k+1) = x_k - 2 c_k v_k where c_k = x_k . v_k = x . v_k - 2 sum_(j<k) c_j
+(v_j . v_k), so c = (x V^T) M with M = (I + 2 N)^-1, N_jk = v_j . v_k for j < k (unit triangular: always invertible):
+    x' = x - 2 ((x V^T) M) V          row vectors v = flatten(V) [r d_in] and m = flatten(M) [r r], both identity 0
+(v = 0 gives x' = x whatever m); apply_GS is the same form with V = Q^T and M = I. Layout: reflections = r. Per row
+three batched MatMuls; per run (ort-adapters) the same sums as products of v and m with a spread x.
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ class HRA(AdapterKind):
     settings = ("rank",)
     inits = ("paired",)
     mergeable = True
+    rowwise = True
     peft_format = HRA_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 8, alpha: float = 0.0, *, rslora: bool = False,
@@ -107,6 +114,37 @@ class HRA(AdapterKind):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._reflect(x, transposed=True)
+
+    @torch.no_grad()
+    def row_params(self) -> dict[str, tuple[torch.Tensor, float]]:
+        units = self._unit_vectors(torch.float64).T  # [r, d_in]
+        eye = torch.eye(self.rank, dtype=torch.float64, device=units.device)
+        if self.apply_GS:
+            compact = eye
+        else:
+            units = units.flip(0)  # V: H_(r-1) meets x first
+            compact = torch.linalg.inv(eye + 2 * torch.triu(units @ units.T, 1))
+        return {"v": (units.flatten().to(self.hra_u.dtype), 0.0), "m": (compact.flatten().to(self.hra_u.dtype), 0.0)}
+
+    def row_layout(self) -> dict:
+        return {"reflections": self.rank}
+
+    @classmethod
+    def apply_rows(cls, t: torch.Tensor, params, *, reflections: int) -> torch.Tensor:
+        """x' = x - 2 ((x V^T) M) V: v [rows or 1, 1, r d_in], m [rows or 1, 1, r r] against t [rows, tokens, d_in],
+        or v [r d_in], m [r r] against t [..., d_in] (ort-adapters: products with spread activations only, so they stay
+        the graph inputs an adapter file feeds; see oft.rotate_blocks)"""
+        v, m, width = params["v"], params["m"], t.shape[-1]
+        if v.dim() == 1:
+            dots = (t.unsqueeze(-2).expand(*[-1] * (t.dim() - 1), reflections, width).flatten(-2) * v)
+            dots = dots.unflatten(-1, (reflections, width)).sum(-1)  # x V^T [..., r]
+            c = (dots.unsqueeze(-1).expand(*[-1] * dots.dim(), reflections).flatten(-2) * m)
+            c = c.unflatten(-1, (reflections, reflections)).sum(-2)  # (x V^T) M
+            spread = c.unsqueeze(-1).expand(*[-1] * c.dim(), width).flatten(-2) * v
+            return t - 2 * spread.unflatten(-1, (reflections, width)).sum(-2)
+        units = v[:, 0].unflatten(-1, (reflections, width))  # [rows, r, d_in]
+        compact = m[:, 0].unflatten(-1, (reflections, reflections))
+        return t - 2 * ((t @ units.transpose(-1, -2)) @ compact) @ units
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:

@@ -10,45 +10,18 @@ Unmerge divides (exact up to rounding while l has no zeros; `unmerge` restores t
 PEFT: one `IA3` adapter holds both kinds; key `base_model.model.<module>.ia3_l`, shape [d_out, 1] for outputs and
 [1, d_in] for inputs; `feedforward_modules` names the input-scaled ones.
 Unmerged: elementwise (`rowwise`, vector "l", identity 1): bank / custom-op exports switch it per batch row,
-t' = t (.) l[id] on the output (ia3) or the input (ia3_ff); not low-rank, so ort-adapters refuses it.
+t' = t (.) l[id] on the output (ia3) or the input (ia3_ff); ort-adapters feeds l per run (identity default).
+Its PEFT format and row-vector reading: rewrite/formats/peft_rows.py.
 """
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 import torch
-from pydantic import StrictStr, field_validator
 from torch import nn
 
 from rewrite.adapters.base import AdapterKind
-from rewrite.formats.peft_dir import PeftConfig, PeftFormat, compiled
-
-
-class IA3PeftConfig(PeftConfig):
-    """`adapter_config.json` of an IA3 adapter: `feedforward_modules` (a subset of the targets) scale inputs."""
-
-    expected: ClassVar[dict[str, str]] = {**PeftConfig.expected,
-                                          "feedforward_modules": "a list of module names or a regex string"}
-
-    peft_type: StrictStr = "IA3"
-    feedforward_modules: list[StrictStr] | StrictStr | None = None
-
-    @field_validator("feedforward_modules")
-    @classmethod
-    def _regexes(cls, value):
-        return compiled(value)
-
-    def scales_input(self, module: str) -> bool:
-        """PEFT's rule (`_check_target_module_feedforward`): a regex string matched in full, else any list entry
-        the module path ends with (a plain string suffix, not a dotted one)."""
-        names = self.feedforward_modules
-        if isinstance(names, str):
-            return re.fullmatch(names, module) is not None
-        return any(module.endswith(n) for n in names or [])
-
-
-IA3_FORMAT = PeftFormat("IA3", IA3PeftConfig, (("ia3_l",),))
+from rewrite.formats.peft_rows import IA3_FORMAT
 
 
 class IA3(AdapterKind):

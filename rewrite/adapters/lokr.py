@@ -13,9 +13,16 @@ merge, PEFT config). Init (PEFT's default, init_weights = true): lokr_w1 (or lok
 kaiming-uniform (U(+-1/sqrt(fan_in of the tensor))), so delta W = 0 at insert. Merge (exact): W += delta W.
 Options (insert's `options`, PEFT's config fields of the same names): decompose_both, decompose_factor; one value
 of each per saved adapter (PEFT has no per-module pattern for them).
-Not low-rank (rank w1 x rank w2, up to full rank): unmerged exports refuse it. Not resizable: the rank only sets
-which factors are split and at what rank, and a site's parameter count is flat in it once w2 is full, so
-`allocate` (which prices rank r at r (d_in + d_out)) cannot allocate it.
+Unmerged exports (linear sites) switch it through exact factors (rewrite/adapters/dense_factors.py), from the
+structure rather than an SVD of delta W: rank(kron(w1, w2)) = rank(w1) rank(w2), and with w1^T = A1 B1, w2^T = A2 B2
+at their numerical ranks (float64 SVDs of the small factors),
+    delta W^T = s kron(w1^T, w2^T) = kron(A1, A2) (s kron(B1, B2))       A [d_in, k1 k2], B [k1 k2, d_out]
+so the rank is k1 k2 <= min(a, c) min(b, e) (r or less for a split factor). Each factor's own tolerance drops only
+products sigma_i(w1) sigma_j(w2) below delta W's (dense_factors.py) and may keep a product of two small ones that
+delta W's would drop: exact either way, k1 k2 at least delta W's numerical rank. Up to full rank, which warns past
+min(d_in, d_out) / 2 (merging is then cheaper). Conv2d sites must be merged. The factors are an export view: LoKr is
+not `low_rank`. Not resizable: the rank only sets which factors are split and at what rank, and a site's parameter
+count is flat in it once w2 is full, so `allocate` (which prices rank r at r (d_in + d_out)) cannot allocate it.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from pydantic import StrictBool, StrictInt
 from torch import nn
 
 from rewrite.adapters.base import NotSupported
+from rewrite.adapters.dense_factors import export_factors, rank_factors
 from rewrite.adapters.lycoris import LycorisDelta, LycorisPeftConfig, lycoris_config, module_settings
 from rewrite.formats.peft_dir import PeftFormat
 from rewrite.options import Strict
@@ -41,6 +49,11 @@ def kron_split(dimension: int, factor: int) -> tuple[int, int]:
     bound = dimension if factor == -1 else max(factor, 1)
     m = max(d for d in range(1, math.isqrt(dimension) + 1) if dimension % d == 0 and d <= bound)
     return m, dimension // m
+
+
+def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """kron(x, y) of matrices; torch.kron fails on a rank-1 factor whose size-1 axis has a stride it cannot view."""
+    return (x[:, None, :, None] * y[None, :, None, :]).reshape(x.shape[0] * y.shape[0], x.shape[1] * y.shape[1])
 
 
 class LoKrPeftConfig(LycorisPeftConfig):
@@ -96,15 +109,24 @@ class LoKr(LycorisDelta):
             else:
                 nn.init.kaiming_uniform_(param, a=math.sqrt(5))
 
-    def _w1(self) -> torch.Tensor:
-        return self.lokr_w1 if "lokr_w1" in self.factor_names else self.lokr_w1_a @ self.lokr_w1_b
-
-    def _w2(self) -> torch.Tensor:
-        """w2 as a matrix [b, e kh kw]."""
-        return self.lokr_w2.flatten(1) if "lokr_w2" in self.factor_names else self.lokr_w2_a @ self.lokr_w2_b
+    def _matrix(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """w1 [a, c] or w2 [b, e kh kw] (`name` "lokr_w1" / "lokr_w2"), computed in `dtype` (default: the factors')."""
+        split = name not in self.factor_names
+        parts = [p.flatten(1).to(dtype or p.dtype) for p in
+                 ([getattr(self, f"{name}_a"), getattr(self, f"{name}_b")] if split else [getattr(self, name)])]
+        return parts[0] @ parts[1] if split else parts[0]
 
     def delta_matrix(self) -> torch.Tensor:
-        return torch.kron(self._w1(), self._w2())
+        return torch.kron(self._matrix("lokr_w1"), self._matrix("lokr_w2"))
+
+    @torch.no_grad()
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kron(A1, A2) [d_in, k1 k2], s kron(B1, B2) [k1 k2, d_out]): the module docstring's exact factors."""
+        if self.op != "linear":
+            raise NotSupported(f"unmerged export supports lokr on linear sites; {self.op} sites must be merged")
+        a1, b1 = rank_factors(self._matrix("lokr_w1", torch.float64).T)
+        a2, b2 = rank_factors(self._matrix("lokr_w2", torch.float64).T)
+        return export_factors(self.kind, _kron(a1, a2), _kron(b1, b2) * self.scaling, next(self.parameters()).dtype)
 
     @classmethod
     def peft_config(cls, modules) -> dict:

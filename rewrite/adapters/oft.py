@@ -17,7 +17,11 @@ PEFT: key `base_model.model.<module>.oft_R.weight` = `oft_R`; config `oft_block_
 `use_cayley_neumann`, `num_cayley_neumann_terms`. PEFT 0.21 builds `module_dropout` but never applies it: it changes
 nothing there and nothing here. Refused: `coft` (constrained OFT), a `bias` other than "none", OFT of PEFT < 0.14 (no
 `oft_block_size`) and Cayley-Neumann OFT of PEFT < 0.18 (another series). Linear sites (PEFT's Conv2d and Embedding
-OFT are not implemented). Not low-rank: unmerged exports refuse it.
+OFT are not implemented).
+Unmerged (`rowwise`, join "input"): the trained R is a constant, stored as the row vector q = flatten(R_1 - I .. R_nb - I)
+[nb b b] (identity 0, so a row without the adapter keeps x) with layout block_size, and applied as
+    x' = x + blocks(x) @ Q        (`rotate_blocks`: per row, blocks(x) [nb, tokens, b] @ Q [nb, b, b], a batched MatMul;
+                                   per run (ort-adapters), the same sums as products of q with a spread x)
 """
 from __future__ import annotations
 
@@ -137,6 +141,19 @@ def neumann_cayley(q: torch.Tensor, terms: int) -> torch.Tensor:
     return rotation + power @ q
 
 
+def rotate_blocks(t: torch.Tensor, q: torch.Tensor, block_size: int) -> torch.Tensor:
+    """t + blocks(t) @ Q, Q [nb, b, b] flattened into q: q [rows or 1, 1, nb b b] against t [rows, tokens, d] (one
+    batched MatMul), or one q [nb b b] against t [..., d] (ort-adapters: q must stay the graph input an adapter file
+    feeds, and the exporter folds any op on it alone into a new initializer, so it only multiplies t spread to
+    [..., nb, b, b], t[j, k] at (j, k, c))"""
+    blocks = t.unflatten(-1, (t.shape[-1] // block_size, block_size))
+    if q.dim() == 1:
+        spread = blocks.unsqueeze(-1).expand(*[-1] * blocks.dim(), block_size).flatten(-3)
+        return t + (spread * q).unflatten(-1, blocks.shape[-2:] + (block_size,)).sum(-2).flatten(-2)
+    q = q[:, 0].unflatten(-1, blocks.shape[-2:] + (block_size,))
+    return t + (blocks.transpose(1, 2) @ q).transpose(1, 2).flatten(-2)
+
+
 def exact_cayley(q: torch.Tensor) -> torch.Tensor:
     """(I - q)(I + q)^-1 for a batch of skew-symmetric q [n, b, b]."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
@@ -158,6 +175,7 @@ class OFT(AdapterKind):
     Options = OFTOptions
     inits = ("zeros",)
     mergeable = True
+    rowwise = True
     peft_format = OFT_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -190,6 +208,19 @@ class OFT(AdapterKind):
         blocks = x.reshape(*x.shape[:-1], self.blocks, self.block_size)
         rotated = torch.einsum("...rk,rkc->...rc", blocks, self.rotations().to(x.dtype))
         return rotated.reshape(x.shape)
+
+    @torch.no_grad()
+    def row_params(self) -> dict[str, tuple[torch.Tensor, float]]:
+        eye = torch.eye(self.block_size, dtype=torch.float64, device=self.oft_R.device)
+        return {"q": ((self.rotations(torch.float64) - eye).flatten().to(self.oft_R.dtype), 0.0)}
+
+    def row_layout(self) -> dict:
+        return {"block_size": self.block_size}
+
+    @classmethod
+    def apply_rows(cls, t: torch.Tensor, params, *, block_size: int) -> torch.Tensor:
+        """x' = x + blocks(x) @ (R - I)"""
+        return rotate_blocks(t, params["q"], block_size)
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:

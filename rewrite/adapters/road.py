@@ -15,38 +15,23 @@ Merge (exact): R (W x + b) = (R W) x + R b, each column of W and b rotated like 
 Unmerge applies R^-1, again of this form: per pair, det = c1_i c1_j + c2_i c2_j, c1'_i = c1_j / det,
 c1'_j = c1_i / det, c2' = -c2 / det (a pair with det = 0 cannot be unmerged; `unmerge` restores kept weights).
 Elementwise (`rowwise`: vectors c1 [d_out], identity 1, and c2, identity 0, layout group_size): bank / custom-op
-exports switch it per batch row, y' = c1[id] (.) y + c2[id] (.) rot(y); not low-rank, so ort-adapters refuses it.
-No rank: allocate refuses it. d_out must be a multiple of
+exports switch it per batch row, y' = c1[id] (.) y + c2[id] (.) rot(y); ort-adapters feeds c1, c2 per run (identity
+default). No rank: allocate refuses it. d_out must be a multiple of
 g (even).
 PEFT: keys `base_model.model.<module>.road_theta` and `.road_alpha`, in the layouts above; config `variant`,
-`group_size` (one each per adapter); PEFT's RoAd adapts Linear layers only.
+`group_size` (one each per adapter); PEFT's RoAd adapts Linear layers only. The format, and its tensors read as c1, c2
+without torch: rewrite/formats/peft_rows.py.
 """
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
-
 import torch
-from pydantic import AfterValidator, Field, StrictBool, StrictInt, StrictStr
 from torch import nn
 
 from rewrite.adapters.base import AdapterKind, NotSupported
-from rewrite.errors import AdapterFileError
-from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, PeftConfig, PeftFormat, tensor_key
+from rewrite.formats.peft_rows import ALPHA, PARAMS_PER_CHANNEL, ROAD_FORMAT, THETA, GroupSize, Variant
 from rewrite.options import Strict
 
-THETA, ALPHA = "road_theta", "road_alpha"
-VARIANTS = ("road_1", "road_2", "road_4")
-Variant = Literal[VARIANTS]  # type: ignore[valid-type]
-PARAMS_PER_CHANNEL = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # entries of theta (and of alpha) per output channel
-
-
-def _even(group_size: int) -> int:
-    if group_size % 2:
-        raise ValueError(f"group_size = {group_size}; it must be even (channel i pairs with i + group_size / 2)")
-    return group_size
-
-
-GroupSize = Annotated[StrictInt, Field(ge=2), AfterValidator(_even)]
+__all__ = ["ALPHA", "THETA", "Road", "RoadOptions"]
 
 
 class RoadOptions(Strict):
@@ -54,38 +39,6 @@ class RoadOptions(Strict):
 
     variant: Variant = "road_1"
     group_size: GroupSize = 64
-
-
-class RoadPeftConfig(PeftConfig):
-    """`adapter_config.json` of a RoAd adapter. PEFT's RoadConfig has no exclude_modules, layers_to_transform or
-    layers_pattern (it ignores them when present), so a config that sets one is refused rather than read."""
-
-    expected: ClassVar[dict[str, str]] = {**PeftConfig.expected, "variant": f"one of {', '.join(VARIANTS)}",
-                                          "group_size": "an even whole number >= 2", "init_weights": "true or false"}
-    unsupported: ClassVar[dict[str, str]] = {
-        **PeftConfig.unsupported, **{key: f"{key} (not a RoadConfig field: PEFT ignores it)"
-                                     for key in ("exclude_modules", "layers_to_transform", "layers_pattern")}}
-
-    peft_type: StrictStr = "ROAD"
-    variant: Variant = "road_1"
-    group_size: GroupSize = 64
-    init_weights: StrictBool = True
-
-
-def _check_sizes(adapter: PeftAdapter) -> None:
-    """theta and alpha: one vector each, of one length, whose output width is whole groups."""
-    config: RoadPeftConfig = adapter.config  # type: ignore[assignment]
-    per_channel, group = PARAMS_PER_CHANNEL[config.variant], config.group_size
-    for module, parts in adapter.modules.items():
-        theta, alpha = parts[THETA], parts[ALPHA]
-        if theta.ndim != 1 or theta.shape != alpha.shape or theta.shape[0] % (group * per_channel):
-            raise AdapterFileError(f"{adapter.path / WEIGHTS}: module {module!r}: {THETA} has shape "
-                                   f"{tuple(theta.shape)} and {ALPHA} {tuple(alpha.shape)}; {CONFIG} says variant "
-                                   f"{config.variant!r}, group_size {group}: expected two vectors of {per_channel:g} "
-                                   f"x d_out entries, d_out a multiple of {group} (see {tensor_key(module, THETA)!r})")
-
-
-ROAD_FORMAT = PeftFormat("ROAD", RoadPeftConfig, ((THETA, ALPHA),), check=_check_sizes)
 
 
 def _rotate_half(t: torch.Tensor, group_size: int) -> torch.Tensor:

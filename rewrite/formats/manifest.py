@@ -17,7 +17,8 @@ import math
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, model_validator)
 
 from rewrite.errors import DeploymentError
 from rewrite.names import ADAPTER_NAME, RULE
@@ -136,9 +137,13 @@ class SwitchableSite(_Strict):
 
 
 class RowSite(_Strict):
-    """One site of an elementwise kind ((IA)^3, RoAd, BitFit) in a bank / custom-op export: per vector of the kind a
-    bank input [capacity + 1, width] (`banks`: vector name -> input name), row k slot k, the last row the vector's
-    `identity` value, which ids outside the slots (-1) gather; it rewrites the base op's input or output (`join`)."""
+    """One site of an elementwise kind ((IA)^3, RoAd, BitFit) and layout (`layout`: the kind's `row_layout()`, e.g.
+    RoAd's group_size). Per vector of the kind an adapter input (`banks`: vector name -> input name) rewriting the
+    base op's input or output (`join`):
+        bank / custom-op  [capacity + 1, width]: row k slot k, the last row the vector's `identity` value, which ids
+                          outside the slots (-1) gather
+        ort-adapters      [1, 1, width], defaulting to the identity (the base model); an adapter's file feeds it per
+                          run"""
     site: str
     kind: str
     op: str
@@ -146,6 +151,7 @@ class RowSite(_Strict):
     width: Count
     banks: dict[str, str]
     identity: dict[str, float]
+    layout: dict[str, StrictInt | StrictFloat | StrictStr | StrictBool] = {}
 
     @model_validator(mode="after")
     def _one_identity_per_bank(self) -> "RowSite":
@@ -157,6 +163,11 @@ class RowSite(_Strict):
         """Set `slot` of every bank of this site (numpy arrays, in place) to the identity."""
         for vector, name in self.banks.items():
             banks[name][slot] = self.identity[vector]
+
+    def describe(self) -> str:
+        """What this site holds, for errors: `ia3 on the output (width 32)`, `road on the output (group_size 8)`."""
+        layout = ", ".join(f"{k} {v}" for k, v in sorted(self.layout.items()))
+        return f"{self.kind} on the {self.join} ({layout or f'width {self.width}'})"
 
 
 class ReservedSlots(_Strict):
@@ -185,7 +196,7 @@ class UnmergedExport(_Strict):
     bank_dtype: Literal["float32", "float16"] | None
     ids_input: str | None
     sites: list[SwitchableSite]
-    row_sites: list[RowSite] = []  # bank / custom-op: elementwise kinds, switched by a gather
+    row_sites: list[RowSite] = []  # elementwise kinds: gathered per row (bank / custom-op), fed per run
     adapters: dict[AdapterName, ExportedAdapter]
     reserve: ReservedSlots | None = None
     inputs: list[TensorInfo] | None = None  # optional, as in MergedExport
@@ -209,8 +220,6 @@ class UnmergedExport(_Strict):
                     raise ValueError(f"adapters.{name}.slot: {slot!r} is not a bank slot 0..{self.capacity - 1}")
             if len({slot for _, slot in slots}) < len(slots):
                 raise ValueError(f"two adapters share a bank slot: {dict(slots)}")
-        elif self.row_sites:
-            raise ValueError("row_sites: elementwise kinds switch per row; ort-adapters exports have none")
         else:
             missing = [name for name, info in self.adapters.items() if info.file is None]
             if missing:

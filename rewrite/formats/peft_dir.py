@@ -3,7 +3,8 @@
 Keys look like `base_model.model.<module path>.<suffix>`; PEFT strips the adapter name of its saved adapter (a key
 saved with it, `<module path>.<stem>.<name>[.weight]`, is read too). Which suffixes a module may carry, and what
 the config holds besides the fields every tuner shares, is the tuner's own `PeftFormat` (LoRA's is in
-`peft_lora.py`; other tuners declare theirs in their adapter kind). This module owns the rules every tuner shares:
+`peft_lora.py`, IA3 / ROAD / BEFT in `peft_rows.py`; other tuners declare theirs in their adapter kind). This module
+owns the rules every tuner shares:
 - Only safetensors weights are read: `adapter_model.bin` is a pickle and is refused.
 - The config is a JSON object with nothing anywhere NaN / Infinity; its `peft_type` picks the format, and the
   format's pydantic model validates it strictly (PEFT's many other fields are kept as they are).

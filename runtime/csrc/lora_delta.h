@@ -17,6 +17,16 @@
 
 namespace rewrite_lora {
 
+// One output of a call: y = base + (x @ A_bank[k])[:, off : off + r] @ B_bank[k]. The single op has one (off 0, r the
+// rank of A_bank); the grouped op LoraDeltaGroup (the sites of a `fuse` group: A_bank holds their A side by side)
+// has one per member, so x @ A_bank[k] is computed once per row for all of them.
+struct Member {
+  const void* b = nullptr;      // [K, r, dout], the type of A_bank
+  const float* base = nullptr;  // [N, dout] or null (delta only); may equal y (in place)
+  float* y = nullptr;           // [N, dout]
+  int64_t off = 0, r = 0, dout = 0;
+};
+
 struct Problem {
   const float* x = nullptr;      // [N, din]
   const void* a = nullptr;       // [K, din, r]  float, or IEEE half bits (uint16_t) when half_banks
@@ -26,6 +36,8 @@ struct Problem {
   const float* base = nullptr;   // [N, dout] or null (delta only); may equal y (in place)
   float* y = nullptr;            // [N, dout]
   int64_t n = 0, nb = 1, din = 0, r = 0, dout = 0, k = 0;
+  const Member* members = nullptr;  // CPU only: the grouped op's outputs (b, base, y, dout above unused); null: one
+  int64_t n_members = 0;
 };
 
 // IEEE half (bits) -> float, exact for every value (normals, subnormals, zeros, infinities, NaN).
@@ -58,6 +70,11 @@ std::string check_shapes(const int64_t* x_shape, size_t x_rank, const int64_t* a
                          const int64_t* b_shape, size_t b_rank, const int64_t* idx_shape, size_t idx_rank,
                          Problem& p);
 
+// The grouped op's extra checks: members' B banks [K, r_i, dout_i] with sum r_i = the rank of A_bank, bases
+// [..., dout_i]. Returns "" or the message.
+std::string check_member(const int64_t* b_shape, size_t b_rank, const int64_t* base_shape, size_t base_rank,
+                         const int64_t* x_shape, size_t x_rank, int64_t k, size_t index);
+
 // Every idx[i] < K (negative means "no adapter"). Returns "" or the message.
 std::string check_indices(const int64_t* idx, int64_t nb, int64_t k);
 
@@ -80,11 +97,14 @@ const char* cpu_isa();
 // Threads from REWRITE_LORA_THREADS (>= 1), default std::thread::hardware_concurrency().
 int env_threads();
 
+// One work item: rows[0:m] (all using `adapter`), columns [c0, c1) of the members' outputs laid side by side.
 namespace generic {
-void run_item(const Problem& p, const int64_t* rows, int64_t m, int64_t adapter, int64_t c0, int64_t c1);
+void run_item(const Problem& p, const Member* members, int64_t n_members, const int64_t* rows, int64_t m,
+              int64_t adapter, int64_t c0, int64_t c1);
 }
 namespace avx2 {
-void run_item(const Problem& p, const int64_t* rows, int64_t m, int64_t adapter, int64_t c0, int64_t c1);
+void run_item(const Problem& p, const Member* members, int64_t n_members, const int64_t* rows, int64_t m,
+              int64_t adapter, int64_t c0, int64_t c1);
 }
 
 #ifdef REWRITE_LORA_CUDA

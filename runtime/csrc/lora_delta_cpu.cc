@@ -50,6 +50,21 @@ std::string check_shapes(const int64_t* xs, size_t xr, const int64_t* as, size_t
   return "";
 }
 
+std::string check_member(const int64_t* bs, size_t br, const int64_t* ys, size_t yr, const int64_t* xs, size_t xr,
+                         int64_t k, size_t index) {
+  const std::string which = "LoraDeltaGroup: member " + std::to_string(index);
+  if (br != 3) return which + ": B_bank must be [K, r, d_out]";
+  if (bs[0] != k)
+    return which + ": B_bank holds " + std::to_string(bs[0]) + " adapters, A_bank " + std::to_string(k);
+  if (yr != xr) return which + ": base must have the shape of x with the last dim d_out";
+  for (size_t i = 0; i + 1 < xr; ++i)
+    if (ys[i] != xs[i]) return which + ": base must have the shape of x with the last dim d_out";
+  if (ys[yr - 1] != bs[2])
+    return which + ": base's last dim (" + std::to_string(ys[yr - 1]) + ") must equal B_bank's d_out (" +
+           std::to_string(bs[2]) + ")";
+  return "";
+}
+
 std::string check_indices(const int64_t* idx, int64_t nb, int64_t k) {
   for (int64_t i = 0; i < nb; ++i)
     if (idx[i] >= k) return "LoraDelta: adapter index out of range";
@@ -92,6 +107,8 @@ struct Item {
 
 struct Job {
   const Problem* p;
+  const Member* members;
+  int64_t n_members;
   const int64_t* rows;
   const Item* items;
   bool avx2;
@@ -101,9 +118,9 @@ void run_one(void* data, size_t i) {
   const Job& j = *static_cast<const Job*>(data);
   const Item& it = j.items[i];
   if (j.avx2)
-    avx2::run_item(*j.p, j.rows + it.row0, it.m, it.adapter, it.c0, it.c1);
+    avx2::run_item(*j.p, j.members, j.n_members, j.rows + it.row0, it.m, it.adapter, it.c0, it.c1);
   else
-    generic::run_item(*j.p, j.rows + it.row0, it.m, it.adapter, it.c0, it.c1);
+    generic::run_item(*j.p, j.members, j.n_members, j.rows + it.row0, it.m, it.adapter, it.c0, it.c1);
 }
 
 // Below this many multiply-adds per call the kernel runs in the calling thread (a parallel dispatch costs a few
@@ -115,12 +132,23 @@ constexpr int64_t kParallelMinMacs = 1 << 17;
 const char* cpu_isa() { return use_avx2() ? "avx2" : "generic"; }
 
 void lora_delta_cpu(const Problem& p, const Executor& ex) {
-  if (p.n == 0 || p.dout == 0) return;
+  const Member single{p.b, p.base, p.y, 0, p.r, p.dout};
+  const Member* members = p.members ? p.members : &single;
+  const int64_t n_members = p.members ? p.n_members : 1;
+  int64_t cols = 0, expand_macs = 0;  // the members' outputs side by side
+  for (int64_t i = 0; i < n_members; ++i) {
+    cols += members[i].dout;
+    expand_macs += members[i].r * members[i].dout;
+  }
+  if (p.n == 0 || cols == 0) return;
   const int64_t L = p.n / p.nb;
   // 1. y starts as the base output (copied unless in place), or blocks without adapter get a zero delta.
-  if (p.base && p.base != p.y) std::memcpy(p.y, p.base, sizeof(float) * static_cast<size_t>(p.n * p.dout));
-  for (int64_t b = 0; b < p.nb && !p.base; ++b)
-    if (p.idx[b] < 0) std::memset(p.y + b * L * p.dout, 0, sizeof(float) * static_cast<size_t>(L * p.dout));
+  for (int64_t i = 0; i < n_members; ++i) {
+    const Member& o = members[i];
+    if (o.base && o.base != o.y) std::memcpy(o.y, o.base, sizeof(float) * static_cast<size_t>(p.n * o.dout));
+    for (int64_t b = 0; b < p.nb && !o.base; ++b)
+      if (p.idx[b] < 0) std::memset(o.y + b * L * o.dout, 0, sizeof(float) * static_cast<size_t>(L * o.dout));
+  }
   // 2. bucket blocks by adapter -> sorted row list.
   thread_local std::vector<int64_t> count, rows;
   thread_local std::vector<Item> items;
@@ -145,7 +173,7 @@ void lora_delta_cpu(const Problem& p, const Executor& ex) {
   }
   // After the loop next[k] is the end slot of adapter k, and next[k - 1] (or 0) its start.
   // 3. work items.
-  const int64_t macs = m_total * p.r * (p.din + p.dout);
+  const int64_t macs = m_total * (p.r * p.din + expand_macs);
   const int threads = (ex.run && ex.threads > 1 && macs >= kParallelMinMacs) ? ex.threads : 1;
   auto count_items = [&](int64_t mt) {
     int64_t total = 0, start = 0;
@@ -162,7 +190,7 @@ void lora_delta_cpu(const Problem& p, const Executor& ex) {
   int64_t col_split = 1;
   if (n_row_items < threads) {
     col_split = (threads + n_row_items - 1) / n_row_items;
-    col_split = std::max<int64_t>(1, std::min<int64_t>(col_split, p.dout / 64));
+    col_split = std::max<int64_t>(1, std::min<int64_t>(col_split, cols / 64));
   }
   items.clear();
   {
@@ -174,15 +202,15 @@ void lora_delta_cpu(const Problem& p, const Executor& ex) {
         const int64_t m = std::min(mt, r1 - s);
         for (int64_t c = 0; c < col_split; ++c) {
           // column cuts on multiples of 16
-          const int64_t c0 = (p.dout * c / col_split) / 16 * 16;
-          const int64_t c1 = c + 1 == col_split ? p.dout : (p.dout * (c + 1) / col_split) / 16 * 16;
+          const int64_t c0 = (cols * c / col_split) / 16 * 16;
+          const int64_t c1 = c + 1 == col_split ? cols : (cols * (c + 1) / col_split) / 16 * 16;
           if (c1 > c0) items.push_back(Item{k, s, m, c0, c1});
         }
       }
     }
   }
   // 4. run.
-  Job job{&p, rows.data(), items.data(), use_avx2()};
+  Job job{&p, members, n_members, rows.data(), items.data(), use_avx2()};
   const size_t n_items = items.size();
   if (threads <= 1 || n_items <= 1) {
     for (size_t i = 0; i < n_items; ++i) run_one(&job, i);
