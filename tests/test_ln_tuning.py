@@ -23,8 +23,7 @@ from rewrite.load import LoadedModel
 from rewrite.options import CaptureOptions
 from rewrite.state import state_of
 
-from helpers import edit_json, fill_adapter, first_output, max_param_diff, merged_onnx_output, peft_reloaded, \
-    refusals
+from helpers import edit_json, fill_adapter, first_output, max_param_diff, merged_onnx_output, peft_reloaded
 from helpers import run_pass as run
 from models import build
 
@@ -144,11 +143,66 @@ def test_merged_onnx_equals_torch(tmp_path):
     assert (merged_onnx_output(gm, kwargs, tmp_path / "merged.onnx") - want).abs().max() <= 1e-4
 
 
-def test_unmerged_export_and_allocate_refuse_it_by_name(tmp_path):
+def test_allocate_refuses_it_by_name():
     gm, _ = _ours("llama", _peft_model("llama"))
-    export_error, allocate_error = refusals(gm, "tuned", tmp_path)
-    assert re.search(r"input_layernorm: ln_tuning adapters are not low-rank.*merge them", export_error), export_error
-    assert "adapter 'tuned' is ['ln_tuning']" in allocate_error, allocate_error
+    with pytest.raises(SpecError, match=re.escape("adapter 'tuned' is ['ln_tuning']")):
+        run(gm, "allocate", adapter="tuned", scorer="spectrum", budget={"params": 10}, report="")
+
+
+@pytest.mark.parametrize("name, switching", [("llama", "bank"), ("gpt2", "bank"), ("bert", "ort-adapters")])
+def test_unmerged_export_equals_peft_row_by_row(name, switching, tmp_path):
+    """Two LN tuning adapters (PEFT's, and a copy with other tuned norms) and the base model: per row in one batch
+    (bank), or one per run through each adapter's .onnx_adapter file (ort-adapters), equal PEFT's forward with that
+    adapter (and the base model) under ONNX Runtime."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from rewrite.export.onnx_unmerged import export_unmerged
+    from rewrite.options import ExportOptions
+
+    theirs = _peft_model(name).eval()
+    other = fill_adapter(_peft_model(name), TUNED, seed=11).eval()
+    gm, kwargs = _ours(name, theirs)
+    run(gm, "insert", kind="ln_tuning", targets=TARGETS[name], adapter="other")
+    for owner, tensors in _tuned(other).items():
+        adapters_at(gm, owner)["other"].load_peft_state(tensors)
+    feeds = {k: v[:1].expand(3, *v.shape[1:]).contiguous() for k, v in kwargs.items()}
+    with torch.no_grad():
+        want = {"tuned": first_output(theirs, feeds), "other": first_output(other, feeds)}
+        with theirs.disable_adapter():
+            want[None] = first_output(theirs, feeds)
+    assert (want["tuned"] - want[None]).abs().max() > 1e-2 and (want["other"] - want["tuned"]).abs().max() > 1e-2
+    entry = export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching=switching))
+    assert {r.kind for r in entry.row_sites} == {"ln_tuning"}
+    session = ort.InferenceSession(str(tmp_path / entry.file), providers=["CPUExecutionProvider"])
+    inputs = {k: v.numpy() for k, v in feeds.items()}
+    if switching == "bank":
+        names = ["tuned", None, "other"]
+        ids = np.array([entry.adapters[n].slot if n else -1 for n in names], np.int64)
+        got = session.run(None, {**inputs, "adapter_ids": ids})[0]
+        for row, n in enumerate(names):
+            assert np.abs(got[row] - want[n][row].numpy()).max() <= 1e-4, n
+        return
+    assert np.abs(session.run(None, inputs)[0] - want[None].numpy()).max() <= 1e-4
+    for n in ("tuned", "other"):
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(tmp_path / entry.adapters[n].file))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        assert np.abs(session.run(None, inputs, options)[0] - want[n].numpy()).max() <= 1e-4, n
+
+
+def test_a_base_weight_at_zero_is_refused_unmerged(tmp_path):
+    from rewrite.errors import RewriteError
+    from rewrite.export.onnx_unmerged import export_unmerged
+    from rewrite.options import ExportOptions
+
+    gm, _ = _ours("llama", _peft_model("llama"))
+    with torch.no_grad():
+        gm.get_parameter(state_of(gm).sites["model.norm"].weight)[3] = 0.0
+    with pytest.raises(RewriteError, match=r"model\.norm: ln_tuning switches unmerged .* 1 of its base weights are "
+                                           r"0.*merge it"):
+        export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching="bank"))
 
 
 def test_norm_sites_are_found_and_only_norm_kinds_select_them():

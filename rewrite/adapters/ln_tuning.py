@@ -8,7 +8,15 @@ weights (and biases) for the targeted norm layers, kept here as deltas on the si
                                         the norm has no bias)
 
 which is the norm with weight W + dW and bias b + db. Init dW = db = 0 (the identity). Merge (exact, additive):
-W <- W + dW, b <- b + db; unmerge subtracts. Not low-rank and no rank: unmerged exports and allocate refuse it.
+W <- W + dW, b <- b + db; unmerge subtracts. No rank: allocate refuses it.
+
+Unmerged exports switch it as an output scale of the base norm (`parted`: rewrite/adapters/output_scale.py), per row
+(bank, custom-op) or per run (ort-adapters), with no second normalisation: n = (y - b) / W, so
+
+    y' = g (.) y + h,     g = (W + dW) / W,     h = (1 - g) (.) b + db        (g computed in float64)
+
+Exact where every W_i != 0; the float32 rounding of y is multiplied by g, so a site where max |g| > 100 (a base
+weight near 0 that tuning moved) is refused (merge it): below that the served error stays under 100 eps32 |y|.
 
 PEFT (`LN_TUNING`) trains a copy of the whole layer, so a directory holds the TUNED tensors, not deltas:
 `base_model.model.<module>.ln_tuning_layers.weight` [d] = W + dW (and `.bias` [d] = b + db where the norm has one).
@@ -25,7 +33,8 @@ import torch.nn.functional as F
 from pydantic import StrictStr
 from torch import nn
 
-from rewrite.adapters.base import AdapterKind
+from rewrite.adapters.base import AdapterKind, NotSupported
+from rewrite.adapters.output_scale import OutputScale
 from rewrite.formats.peft_dir import PeftConfig, PeftFormat
 
 WEIGHT, BIAS = "ln_tuning_layers.weight", "ln_tuning_layers.bias"
@@ -45,12 +54,23 @@ class LnTuningPeftConfig(PeftConfig):
 LN_TUNING_FORMAT = PeftFormat("LN_TUNING", LnTuningPeftConfig, ((WEIGHT,), (WEIGHT, BIAS)))
 
 
+MAX_SCALE = 100.0  # the largest |g| an unmerged export accepts (module docstring)
+
+
+class LnTuningScale(OutputScale):
+    """LN tuning's unmerged form: g = (W + dW) / W, h = (1 - g) (.) b + db (module docstring)."""
+
+    kind = "ln_tuning"
+    ops = ("layernorm", "rmsnorm")
+
+
 class LnTuning(AdapterKind):
     kind = "ln_tuning"
     ops = ("layernorm", "rmsnorm")
     settings = ()
     built_with_base = True
     mergeable = True
+    parted = True
     peft_format = LN_TUNING_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -78,6 +98,19 @@ class LnTuning(AdapterKind):
         weight.add_(self.weight_delta.to(weight.dtype), alpha=sign)
         if self.bias_delta is not None:
             bias.add_(self.bias_delta.to(bias.dtype), alpha=sign)
+
+    @torch.no_grad()
+    def unmerged_parts(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[None, list[AdapterKind]]:
+        """No factors; the output scale g = (W + dW) / W with h = (1 - g) (.) b + db (module docstring)."""
+        base = weight.double()
+        scale = (base + self.weight_delta.double()) / base
+        zero = int((base == 0).sum())
+        if zero or scale.abs().max() > MAX_SCALE:
+            why = (f"{zero} of its base weights are 0" if zero else
+                   f"its tuned weights are up to {float(scale.abs().max()):.3g}x the base ones (> {MAX_SCALE:g}x)")
+            raise NotSupported(f"ln_tuning switches unmerged as a scale of the base norm's output, and {why}: the "
+                               "scale would be inexact or amplify rounding; merge it")
+        return None, [LnTuningScale(self.op, self.d_in, scale.to(self.weight_delta.dtype), bias, self.bias_delta)]
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         tuned = {WEIGHT: self.base_weight + self.weight_delta}

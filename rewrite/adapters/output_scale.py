@@ -1,7 +1,7 @@
-"""`OutputScale`: the output part of a `parted` kind (DoRA, BOFT) in unmerged exports, a per-output scale g [d_out]
-of the base op's output that leaves its bias b alone:
+"""`OutputScale`: the output part of a `parted` kind (DoRA, BOFT, LN tuning) in unmerged exports, a per-output scale
+g [d_out] of the base op's output that leaves its bias b alone, plus an optional offset c:
 
-    y' = g (.) (y - b) + b = g (.) y + h,        h = (1 - g) (.) b   (0 without a bias)
+    y' = g (.) (y - b) + b + c = g (.) y + h,        h = (1 - g) (.) b + c   (b, c: 0 where absent)
 
 Row vectors (`rowwise`, join "output"): g (identity 1) and h (identity 0), so a row without the adapter gathers
 y' = y. Each kind subclasses it under its own name, so the manifest and its banks say whose scale it is.
@@ -18,10 +18,13 @@ class OutputScale(AdapterKind):
     join = "output"
     rowwise = True
 
-    def __init__(self, op: str, d_in: int, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, op: str, d_in: int, scale: torch.Tensor, bias: torch.Tensor | None,
+                 offset: torch.Tensor | None = None):
         super().__init__()
         self.op, self.d_in, self.d_out = op, d_in, scale.shape[0]
         shift = torch.zeros_like(scale) if bias is None else (1 - scale) * bias.to(scale.dtype)
+        if offset is not None:
+            shift = shift + offset.to(scale.dtype)
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
 
