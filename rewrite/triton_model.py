@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rewrite.errors import DeploymentError
 from rewrite.formats.manifest import UnmergedExport
+from rewrite.runtime.adapter_source import AdapterTensors
 
 LOADED = "rewrite.triton.loaded_slots"
 GUARD = "adapter_ids_check: an adapter id is neither -1 (the base model) nor a slot holding an adapter"
@@ -72,21 +73,36 @@ def drop_weight_inputs(model: onnx.ModelProto) -> None:
     model.graph.input.extend(kept)
 
 
-def write_slot(model: onnx.ModelProto, entry: UnmergedExport, slot: int,
-               factors: dict[str, tuple[np.ndarray, np.ndarray]] | None, base_dir: Path) -> None:
-    """Set `slot` of every bank to `factors` ({site: (A, B scaled)}, zero-padded to the bank rank) or clear it."""
+def write_slot(model: onnx.ModelProto, entry: UnmergedExport, slot: int, tensors: AdapterTensors | None,
+               base_dir: Path) -> None:
+    """Set `slot` of every bank to the adapter's `tensors` (factors zero-padded to the bank rank; row vectors in their
+    row banks, the identity in every other row bank) or clear it (None)."""
     inits = {init.name: init for init in model.graph.initializer}
+
+    def read(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name], base_dir=str(base_dir)).copy()
+
+    def put(name: str, array: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    for row_site in entry.row_sites:
+        banks = {name: read(name) for name in row_site.banks.values()}
+        row_site.clear_slot(banks, slot)
+        for name, bank in banks.items():
+            if tensors and name in tensors.rows:
+                bank[slot] = tensors.rows[name]  # cast to the bank's dtype (float16 banks round here, as at export)
+            put(name, bank)
+    factors = tensors.factors if tensors else {}
     for site in entry.sites:
         a_pad = np.zeros((site.d_in, site.rank), np.float32)
         b_pad = np.zeros((site.rank, site.d_out), np.float32)
-        if factors and site.site in factors:
+        if site.site in factors:
             a, b = factors[site.site]
             a_pad[:, : a.shape[1]], b_pad[: b.shape[0]] = a, b
-        a_bank = numpy_helper.to_array(inits[site.A], base_dir=str(base_dir)).copy()
-        b_bank = numpy_helper.to_array(inits[site.B], base_dir=str(base_dir)).copy()
+        a_bank, b_bank = read(site.A), read(site.B)
         site.put_slot(a_bank, b_bank, slot, a_pad, b_pad, entry.switching)
-        inits[site.A].CopyFrom(numpy_helper.from_array(a_bank, site.A))
-        inits[site.B].CopyFrom(numpy_helper.from_array(b_bank, site.B))
+        put(site.A, a_bank)
+        put(site.B, b_bank)
 
 
 def set_loaded(model: onnx.ModelProto, capacity: int, slots: set[int]) -> None:

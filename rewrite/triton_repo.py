@@ -35,7 +35,7 @@ from rewrite.errors import AdapterFileError, DeploymentError, ExportError, Outpu
 from rewrite.formats.manifest import MANIFEST, ExportedAdapter, Manifest, UnmergedExport, read_manifest, write_manifest
 from rewrite.names import check_adapter_name
 from rewrite.options import TritonOptions
-from rewrite.runtime.adapter_source import read_factors
+from rewrite.runtime.adapter_source import read_adapter
 from rewrite.runtime.model_io import TensorSpec, read_io
 from rewrite.triton_config import config_text, replace_adapter_table
 from rewrite.triton_model import add_guard, drop_weight_inputs, save, set_loaded, write_slot
@@ -160,8 +160,8 @@ def add_version(model_dir: str | Path, add: dict[str, Any] | None = None, remove
         slots = {name: info.slot for name, info in entry.adapters.items()}
         changes = _plan(entry, slots, add, remove, latest)
         model = onnx.load(str(latest / "model.onnx"), load_external_data=False)
-        for slot, factors in changes:
-            write_slot(model, entry, slot, factors, latest)
+        for slot, tensors in changes:
+            write_slot(model, entry, slot, tensors, latest)
         set_loaded(model, entry.capacity, set(slots.values()))
         version = found[-1] + 1
         tmp = Path(tempfile.mkdtemp(prefix=f".rewrite-version-{version}-", dir=model_dir))
@@ -182,7 +182,7 @@ def add_version(model_dir: str | Path, add: dict[str, Any] | None = None, remove
 
 def _plan(entry: UnmergedExport, slots: dict[str, int], add: dict[str, Any], remove: list[str],
           where: Path) -> list[tuple[int, Any]]:
-    """[(slot, factors or None to clear)], updating `slots`; every problem is raised before anything is written."""
+    """[(slot, AdapterTensors or None to clear)], updating `slots`; every problem is raised before anything is written."""
     changes = []
     for name in remove:
         if name not in slots:
@@ -198,8 +198,8 @@ def _plan(entry: UnmergedExport, slots: dict[str, int], add: dict[str, Any], rem
         if free is None:
             raise AdapterFileError(f"--add {name}: the bank is full ({entry.capacity} slots); remove an adapter or "
                                    "export with a larger [export] capacity")
-        factors = read_factors(source, sites, model_version=entry.model_version, dtype=entry.bank_dtype,
-                               reserve=entry.reserve)
+        tensors = read_adapter(source, sites, entry.row_sites, model_version=entry.model_version,
+                               dtype=entry.bank_dtype, reserve=entry.reserve)
         slots[name] = free
-        changes.append((free, factors))
+        changes.append((free, tensors))
     return changes

@@ -51,7 +51,10 @@ def read_adapter(source: Any, sites: dict[str, dict[str, Any]], row_sites: Seque
     is what the export reserved, named when an adapter needs a slot the model does not have (`AdapterSlotError`).
     """
     rows: dict[str, np.ndarray] = {}
-    if isinstance(source, dict):
+    if isinstance(source, AdapterTensors):  # read before (one replica read it for all): checked again here
+        factors, rows = dict(source.factors), dict(source.rows)
+        where = "<adapter tensors>"
+    elif isinstance(source, dict):
         factors = _from_dict(source)
         where = "<adapter dict>"
     elif not isinstance(source, (str, os.PathLike)):

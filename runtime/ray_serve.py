@@ -17,9 +17,10 @@ Rules:
     `run_mixed`: one bank / custom-op run per input shape, one adapter per row. `serve.multiplexed` cannot do this:
     it routes by model id and splits batches per id, so here the adapter is ordinary request data.
   * Adding or removing an adapter goes to one replica, which validates it (a bad adapter is a 4xx, nothing changes)
-    and records it, with its factors, in `AdapterRegistry`, a small actor. Every replica brings its session up to
-    the registry before each batch and each change, under one lock, so a request sent after a change was answered
-    is served with it by any replica, and no run sees a change half applied (AdapterSession's snapshots).
+    and records it, with its tensors (factors, row vectors), in `AdapterRegistry`, a small actor. Every replica
+    brings its session up to the registry before each batch and each change, under one lock, so a request sent after
+    a change was answered is served with it by any replica, and no run sees a change half applied (AdapterSession's
+    snapshots).
   * Bad input is a 4xx with a one-line reason, never a crashed replica: 404 for an unknown adapter, 409 for a name
     already loaded, 400 for anything else the request got wrong (shape, dtype, rows, fields, adapter files).
   * Shutdown is graceful: replicas get `graceful_shutdown_timeout_s` to finish the requests they hold.
@@ -37,7 +38,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from rewrite.errors import DeploymentError, RewriteError, RuntimeUseError, first_line
-from rewrite.runtime.adapter_source import read_factors
+from rewrite.runtime.adapter_source import read_adapter
 from rewrite.runtime.json_feeds import request_adapter, request_feeds
 from rewrite.runtime.mixed_batch import Request, UnknownAdapter, run_mixed
 from rewrite.runtime.model_io import read_io
@@ -48,18 +49,20 @@ api = FastAPI(title="rewrite adapters")
 
 @ray.remote(num_cpus=0)
 class AdapterRegistry:
-    """The adapter changes made while serving: {name: (stamp, factors or None for removed)}, stamps increasing."""
+    """The adapter changes made while serving: {name: (stamp, AdapterTensors or None for removed)}, stamps
+    increasing."""
 
     def __init__(self):
         self.stamp, self.entries = 0, {}
 
     def since(self, stamp: int) -> tuple[int, list[tuple[int, str, Any]]]:
-        changes = sorted((s, name, factors) for name, (s, factors) in self.entries.items() if s > stamp)
+        changes = sorted(((s, name, tensors) for name, (s, tensors) in self.entries.items() if s > stamp),
+                         key=lambda change: change[0])
         return self.stamp, changes
 
-    def record(self, name: str, factors: Any) -> int:
+    def record(self, name: str, tensors: Any) -> int:
         self.stamp += 1
-        self.entries[name] = (self.stamp, factors)
+        self.entries[name] = (self.stamp, tensors)
         return self.stamp
 
 
@@ -89,12 +92,12 @@ class AdapterServer:
     async def _sync(self) -> None:
         """Apply the registry's changes since the last sync (the caller holds the lock)."""
         stamp, changes = await self.registry.since.remote(self.seen)
-        for _, name, factors in changes:
-            if factors is None:
+        for _, name, tensors in changes:
+            if tensors is None:
                 if name in self.session.adapters:
                     self.session.remove_adapter(name)
             else:
-                self.session.add_adapter(name, factors, replace_existing=True)
+                self.session.add_adapter(name, tensors, replace_existing=True)
         self.seen = stamp
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=lambda items: sum(r.rows for r in items))
@@ -163,12 +166,12 @@ class AdapterServer:
             try:
                 entry = self.session.entry
                 sites = {s.site: dict(s.model_dump(), rank_limit=s.rank if entry.routed else None) for s in entry.sites}
-                factors = read_factors(str(body["path"]), sites, model_version=entry.model_version,
+                tensors = read_adapter(str(body["path"]), sites, entry.row_sites, model_version=entry.model_version,
                                        dtype=self.session.bank_dtype, reserve=entry.reserve)
-                self.session.add_adapter(name, factors)
+                self.session.add_adapter(name, tensors)
             except RewriteError as err:
                 return _error(400, err)
-            self.seen = await self.registry.record.remote(name, factors)  # nothing else changed: we were in sync
+            self.seen = await self.registry.record.remote(name, tensors)  # nothing else changed: we were in sync
             return JSONResponse({"added": name, "adapters": self.session.adapters}, status_code=201)
 
     @api.delete("/v1/adapters/{name}")

@@ -6,8 +6,9 @@
 2. `AdapterSession.add_adapter` of PEFT-made adapters into a bank / custom-op export (free slots and a replaced one)
    and an ort-adapters export: each row / run equals `PeftModel` with that adapter (<= 1e-5); a replaced adapter's
    slot no longer answers with it.
-3. An .onnx_adapter vector of the wrong width is an `AdapterFileError` naming the site and what the export takes.
-4. An adapter the export has no row site for (another kind at the site, another RoAd group size, (IA)^3 on the input
+3. A Triton repository version adding (IA)^3 and RoAd adapters (`add_version`) answers each request as PEFT.
+4. An .onnx_adapter vector of the wrong width is an `AdapterFileError` naming the site and what the export takes.
+5. An adapter the export has no row site for (another kind at the site, another RoAd group size, (IA)^3 on the input
    where the export scales the output, a site with no elementwise kind) is an `AdapterSlotError` naming the site, the
    kind and what the export holds there.
 """
@@ -160,3 +161,25 @@ def test_a_vector_of_the_wrong_width_is_named(served, tmp_path):
                rf"\(width {width}\) takes \[{width}\]")
     with AdapterSession(out) as session, pytest.raises(AdapterFileError, match=message):
         session.add_adapter("wide", path)
+
+
+def test_a_triton_version_adds_elementwise_adapters(served, tmp_path):
+    """`add_version` fills the row banks of a Triton repository's new version (as `add_adapter` does in a session):
+    each request, batched as Triton's batcher would, equals PeftModel with its adapter."""
+    pytest.importorskip("tritonclient.grpc")
+    from rewrite.options import TritonOptions
+    from rewrite.triton_repo import add_version, write_repository
+    from test_triton import table_of
+    from triton_batcher import TritonLike
+
+    out = served.tiny.export("bank", capacity=len(NAMES) + 2)
+    model_dir = write_repository(out, tmp_path / "repo", TritonOptions(name="tiny")).model_dir
+    add_version(model_dir, add={"ia3_new": served.dirs["ia3_new"], "road_new": served.dirs["road_new"]})
+    triton = TritonLike(model_dir)
+    table = table_of(triton.config)
+    rows = ["road_new", "ia3_new", "road_new", "ia3_new", "ia3_new"]
+    requests = [{**{k: v[i:i + 1] for k, v in served.feeds.items()},
+                 "adapter_ids": np.array([[table[name]]], np.int64)} for i, name in enumerate(rows)]
+    for i, (name, answer) in enumerate(zip(rows, triton.run(requests))):
+        (y,) = answer.values()
+        assert np.abs(y[0] - served.oracle(name, i)).max() <= 1e-5, name
