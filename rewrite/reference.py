@@ -94,6 +94,9 @@ def pass_page(name: str) -> str:
 def _switching(cls) -> str:
     if cls.low_rank:
         return "yes, low-rank: ort-adapters (per run), bank and custom-op (per row)"
+    if cls.factored:
+        return ("yes, as exact factors at the update's numerical rank: ort-adapters (per run), bank and custom-op "
+                "(per row)")
     if cls.rowwise:
         return "yes, row vectors: bank and custom-op (per row, gathered from a bank), ort-adapters (per run)"
     if cls.parted:

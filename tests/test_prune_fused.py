@@ -14,7 +14,6 @@ import copy
 import functools
 
 import pytest
-import torch
 
 from helpers import run_pass
 from prune_models import fused_decoder
@@ -87,3 +86,25 @@ def test_removal_equals_masking_and_exports(tmp_path, name):
 
     onnx_out = merged_onnx_output(gm, kwargs, tmp_path / "model.onnx")
     assert onnx_out.shape == got.shape and (onnx_out - got).abs().max() <= 1e-4
+
+
+def test_phi3_kv_head_takes_its_query_group_through_the_fused_qkv(tmp_path):
+    gm, kwargs, config = captured("phi3")
+    with_lora(gm, LAYOUT["phi3"][0])
+    masked = copy.deepcopy(gm)
+    result = run_pass(gm, "prune", tmp_path, kv_heads=1, ffn=0.25, method="random", seed=2)
+    assert result.stats["kv_heads_removed"] == config.num_hidden_layers
+    dh, group = head_dim(config), config.num_attention_heads // config.num_key_value_heads
+    for layer, (kv,) in removed(tmp_path, "kv_heads").items():  # the query heads of KV head kv read it
+        silence(masked, f"{layer}.o_proj.weight", 1, list(range(kv * group * dh, (kv + 1) * group * dh)))
+    silence_ffn(masked, tmp_path)
+    got = outputs(gm, kwargs)
+    assert (got - outputs(masked, kwargs)).abs().max() <= ATOL
+    # one KV head left: its query group (2 heads), its k and its v, in qkv_proj's q | k | v order
+    assert gm.get_parameter("model.layers.0.self_attn.qkv_proj.weight").shape == ((group + 2) * dh, 64)
+    assert gm.get_parameter("model.layers.0.mlp.gate_up_proj.weight").shape == (2 * 96, 64)
+    assert gm.get_submodule("adapters.model.layers.0.self_attn.qkv_proj.a").lora_B.shape == (2, (group + 2) * dh)
+
+    from helpers import merged_onnx_output
+
+    assert (merged_onnx_output(gm, kwargs, tmp_path / "model.onnx") - got).abs().max() <= 1e-4

@@ -39,6 +39,9 @@ What a kind declares (class attributes):
                 shrinks, under its training allocators)
     low_rank    whether `factors()` gives (A [d_in, r], B [r, d_out]) with delta(x) = x A B: what the unmerged
                 lowerings (ort-adapters, bank, custom-op) switch per run or per batch row
+    factored    whether `factors()` gives that view of an update that is not low-rank by construction (LoKr,
+                FourierFT: exact factors at the update's numerical rank, rewrite/adapters/dense_factors.py); such a
+                kind is switched like a low-rank one, but `allocate`, `fuse` and `combine` do not treat it as LoRA
     rowwise     whether `row_params()` gives the adapter as vectors over the last axis of the tensor its join
                 rewrites (x for "input", y otherwise), each with the value that is the identity, and the class-level
                 `apply_rows(t, params, **row_layout())` applies them: elementwise kinds ((IA)^3 t (.) l, RoAd
@@ -111,6 +114,7 @@ class AdapterKind(nn.Module):
     mergeable: ClassVar[bool] = False  # a kind that implements merge_into exactly says so
     resizable: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
+    factored: ClassVar[bool] = False
     rowwise: ClassVar[bool] = False
     parted: ClassVar[bool] = False
     peft_format: ClassVar[PeftFormat | None] = None

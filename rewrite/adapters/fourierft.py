@@ -112,6 +112,7 @@ def _positions(d_out: int, d_in: int, n_frequency: int, seed: int) -> torch.Tens
 
 class FourierFT(AdapterKind):
     kind = "fourierft"
+    factored = True
     ops = ("linear", "conv1d")
     settings = ("init",)
     Options = FourierFTOptions

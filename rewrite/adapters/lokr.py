@@ -82,6 +82,7 @@ class LoKrOptions(Strict):
 
 class LoKr(LycorisDelta):
     kind = "lokr"
+    factored = True
     Options = LoKrOptions
     inits = ("zeros",)
     peft_format = LOKR_FORMAT
