@@ -53,7 +53,7 @@ IDS_INPUT = "adapter_ids"
 def model_signature(lowered: Lowered) -> int:
     """A 31-bit integer from the adapter tensor names and shapes; stored as the adapter files' model version."""
     text = json.dumps([(s.tensors, s.d_in, s.d_out) for s in lowered.sites]
-                      + [(r.tensors, r.width) for r in lowered.rows], sort_keys=True)
+                      + [(r.tensors, r.widths) for r in lowered.rows], sort_keys=True)
     return int(hashlib.sha256(text.encode()).hexdigest()[:7], 16)
 
 
@@ -188,7 +188,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, A_offset=s.a_offset,
                               **s.tensors)
                for s in lowered.sites],
-        row_sites=[RowSite(site=r.owner, kind=r.kind, op=r.op, join=r.join, width=r.width, banks=r.tensors,
+        row_sites=[RowSite(site=r.owner, kind=r.kind, op=r.op, join=r.join, widths=r.widths, banks=r.tensors,
                            identity=r.identity, layout=r.layout) for r in lowered.rows],
         adapters=adapters,
         reserve=None if options.reserve is None else ReservedSlots(

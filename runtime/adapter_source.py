@@ -223,7 +223,8 @@ def _validate_rows(rows: dict[str, np.ndarray], row_sites: Sequence[RowSite], wh
         if vector.dtype not in (np.float32, dtype):
             raise AdapterFileError(f"{where}: site {row_site.site!r}: {row_site.kind} vector {p} has dtype "
                                    f"{vector.dtype}, the model takes {dtype}")
-        if vector.shape not in ((row_site.width,), (1, 1, row_site.width)):
+        width = row_site.widths[p]
+        if vector.shape not in ((width,), (1, 1, width)):
             raise AdapterFileError(f"{where}: site {row_site.site!r}: {row_site.kind} vector {p} has shape "
-                                   f"{vector.shape}; the export's {row_site.describe()} takes [{row_site.width}]")
+                                   f"{vector.shape}; the export's {row_site.describe()} takes [{width}]")
         check_tensors({name: vector}, f"{where}: site {row_site.site!r}", AdapterFileError)

@@ -122,8 +122,8 @@ class AdapterSession:
         for s in self.entry.sites:  # the sites of a fused group share one A: its width is the sum of theirs
             width[s.A] = width.get(s.A, 0) + s.rank
         for r in self.entry.row_sites:
-            shape = (capacity + 1, r.width) if self.entry.routed else (1, 1, r.width)
-            out.update({name: shape for name in r.banks.values()})
+            out.update({name: (capacity + 1, r.widths[p]) if self.entry.routed else (1, 1, r.widths[p])
+                        for p, name in r.banks.items()})
         for s in self.entry.sites:
             if self.switching == "ort-adapters":
                 out[s.A], out[s.B] = (s.d_in, None), (None, s.d_out)

@@ -251,3 +251,26 @@ def test_gpt2_conv1d_dora_rows_equal_torch(tmp_path):
         name = names[slot] if slot >= 0 else None
         assert np.abs(got[row] - want[name]).max() <= TOLERANCE, name
         assert name is None or np.abs(want[name] - want[None]).max() > 1e-2, name
+
+
+@pytest.mark.parametrize("switching", ["bank", "ort-adapters"])
+def test_an_adapter_session_serves_vectors_of_several_widths(switching, tmp_path):
+    """HRA's row vectors differ in width (V [r d], M [r r]): the manifest records each, and AdapterSession opens the
+    export and serves the adapter equal to torch."""
+    from rewrite.runtime.session import AdapterSession
+
+    gm, kwargs = fresh_capture("llama")
+    run(gm, "insert", kind="hra", targets=["q_proj"], adapter="a", rank=4)
+    _perturb(gm.get_submodule("adapters"), 5)
+    entry = export_unmerged(gm, tmp_path, ExportOptions(mode="unmerged", switching=switching))
+    (row_site, *_) = entry.row_sites
+    assert len(set(row_site.widths.values())) == 2, row_site.widths
+    from rewrite.formats.manifest import MANIFEST, write_manifest
+    from rewrite.export.manifest import build_manifest
+
+    write_manifest(tmp_path / MANIFEST, build_manifest(gm, source="llama", exports=[entry]))
+    with torch.no_grad():
+        want = first_output(gm, kwargs).numpy()
+    with AdapterSession(tmp_path) as session:
+        got = session.run({k: v.numpy() for k, v in kwargs.items()}, adapter="a")[0]
+    assert np.abs(got - want).max() <= TOLERANCE

@@ -134,10 +134,10 @@ def test_a_row_site_the_export_does_not_hold_is_named(served, tmp_path, switchin
                     r"export, which holds road on the output \(group_size 8\) there"),
         "ia3_input": (lambda: peft.IA3Config(target_modules=["v_proj"], feedforward_modules=["v_proj"]),
                       r"site 'model.layers.0.self_attn.v_proj': this ia3_ff adapter has no slot in this export, which "
-                      r"holds ia3 on the output \(width 32\) there"),
+                      r"holds ia3 on the output \(widths l 32\) there"),
         "beft_k": (lambda: peft.BeftConfig(target_modules=["k_proj"]),
                    r"site 'model.layers.0.self_attn.k_proj': this bitfit adapter has no slot in this export, which holds "
-                   r"ia3 on the output \(width 32\) there"),
+                   r"ia3 on the output \(widths l 32\) there"),
         "beft_o": (lambda: peft.BeftConfig(target_modules=["o_proj"]),
                    r"site 'model.layers.0.self_attn.o_proj': this bitfit adapter has no slot in this export, which holds "
                    r"no elementwise adapter there \(sites with row vectors: "),
@@ -155,10 +155,10 @@ def test_a_vector_of_the_wrong_width_is_named(served, tmp_path):
     entry = read_manifest(out).exports[0]
     row_site = next(r for r in entry.row_sites if r.kind == "ia3")
     path = tmp_path / "wide.onnx_adapter"
-    write_onnx_adapter(path, {row_site.banks["l"]: np.ones(row_site.width + 1, np.float32)}, entry.model_version)
-    width = row_site.width
+    write_onnx_adapter(path, {row_site.banks["l"]: np.ones(row_site.widths["l"] + 1, np.float32)}, entry.model_version)
+    width = row_site.widths["l"]
     message = (rf"site '{row_site.site}': ia3 vector l has shape \({width + 1},\); the export's ia3 on the output "
-               rf"\(width {width}\) takes \[{width}\]")
+               rf"\(widths l {width}\) takes \[{width}\]")
     with AdapterSession(out) as session, pytest.raises(AdapterFileError, match=message):
         session.add_adapter("wide", path)
 

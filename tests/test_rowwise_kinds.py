@@ -173,9 +173,12 @@ def test_row_formulas_at_identity_and_not():
 
 
 def test_manifest_row_sites_are_checked():
-    site = dict(site="s", kind="ia3", op="linear", join="output", width=4, banks={"l": "x"}, identity={"l": 1.0})
-    with pytest.raises(ValueError, match=r"banks \['l'\] and identity \['b'\] name other vectors"):
+    site = dict(site="s", kind="ia3", op="linear", join="output", widths={"l": 4}, banks={"l": "x"},
+                identity={"l": 1.0})
+    with pytest.raises(ValueError, match=r"banks \['l'\], identity \['b'\] and widths \['l'\] name other vectors"):
         RowSite(**{**site, "identity": {"b": 0.0}})
+    with pytest.raises(ValueError, match=r"and widths \['m'\] name other vectors"):
+        RowSite(**{**site, "widths": {"m": 4}})
     entry = dict(file="m.onnx", switching="ort-adapters", model_version=1, nodes=1, op_types=[], external_data=False,
                  capacity=None, bank_dtype=None, ids_input=None, sites=[], row_sites=[site], adapters={})
     assert UnmergedExport(**entry).row_sites[0].layout == {}  # ort-adapters: vectors fed per run

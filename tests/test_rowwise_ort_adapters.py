@@ -83,8 +83,8 @@ def test_vector_inputs_default_to_the_identity(tiny):
     for row_site in entry["row_sites"]:
         assert row_site["layout"] == ({"group_size": 8} if row_site["kind"] == "road" else {})
         for vector, name in row_site["banks"].items():
-            assert inputs[name] == [1, 1, row_site["width"]]
-            identity = np.full((1, 1, row_site["width"]), row_site["identity"][vector], np.float32)
+            assert inputs[name] == [1, 1, row_site["widths"][vector]]
+            identity = np.full((1, 1, row_site["widths"][vector]), row_site["identity"][vector], np.float32)
             assert np.array_equal(defaults[name], identity)
 
 

@@ -66,7 +66,7 @@ class RowSite:
     kind: str
     op: str
     join: str  # "input" | "output": the tensor it rewrites
-    width: int
+    widths: dict[str, int]  # vector name -> its width
     tensors: dict[str, str]  # vector name -> module path of its bank / vector (its ONNX initializer name)
     identity: dict[str, float]
     layout: dict[str, Any]
@@ -107,8 +107,8 @@ def lower_rows(gm: fx.GraphModule, sites: list[Site], nodes: list[fx.Node], modu
         join = "input" if first.join == "input" else "output"
         for site, node in zip(sites, nodes):
             _wire(gm, node, site, path, join, first.kind)
-        width = next(iter(declared.values()))[0].shape[0]
-        lowered.append(RowSite(owner, first.kind, sites[0].op, join, width,
+        widths = {p: vector.shape[0] for p, (vector, _) in declared.items()}
+        lowered.append(RowSite(owner, first.kind, sites[0].op, join, widths,
                                {p: f"{path}.vectors.{p}" for p in declared}, {p: i for p, (_, i) in declared.items()},
                                first.row_layout(),
                                {n: {p: v for p, (v, _) in params.items()} for n, params in per_adapter.items()}))

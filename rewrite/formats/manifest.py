@@ -137,7 +137,7 @@ class SwitchableSite(_Strict):
 
 
 class RowSite(_Strict):
-    """One site of an elementwise kind ((IA)^3, RoAd, BitFit) and layout (`layout`: the kind's `row_layout()`, e.g.
+    """One site of a row-switched kind ((IA)^3, RoAd, BitFit, OFT, HRA, LN tuning, DoRA's / BOFT's parts) and layout (`layout`: the kind's `row_layout()`, e.g.
     RoAd's group_size). Per vector of the kind an adapter input (`banks`: vector name -> input name) rewriting the
     base op's input or output (`join`):
         bank / custom-op  [capacity + 1, width]: row k slot k, the last row the vector's `identity` value, which ids
@@ -148,15 +148,16 @@ class RowSite(_Strict):
     kind: str
     op: str
     join: Literal["input", "output"]
-    width: Count
+    widths: dict[str, Count]  # vector name -> its width (HRA's vectors differ: V [r d], M [r r])
     banks: dict[str, str]
     identity: dict[str, float]
     layout: dict[str, StrictInt | StrictFloat | StrictStr | StrictBool] = {}
 
     @model_validator(mode="after")
     def _one_identity_per_bank(self) -> "RowSite":
-        if set(self.banks) != set(self.identity):
-            raise ValueError(f"banks {sorted(self.banks)} and identity {sorted(self.identity)} name other vectors")
+        if not set(self.banks) == set(self.identity) == set(self.widths):
+            raise ValueError(f"banks {sorted(self.banks)}, identity {sorted(self.identity)} and widths "
+                             f"{sorted(self.widths)} name other vectors")
         return self
 
     def clear_slot(self, banks: dict, slot: int) -> None:
@@ -165,9 +166,10 @@ class RowSite(_Strict):
             banks[name][slot] = self.identity[vector]
 
     def describe(self) -> str:
-        """What this site holds, for errors: `ia3 on the output (width 32)`, `road on the output (group_size 8)`."""
+        """What this site holds, for errors: `ia3 on the output (widths l 32)`, `road on the output (group_size 8)`."""
         layout = ", ".join(f"{k} {v}" for k, v in sorted(self.layout.items()))
-        return f"{self.kind} on the {self.join} ({layout or f'width {self.width}'})"
+        widths = ", ".join(f"{k} {v}" for k, v in sorted(self.widths.items()))
+        return f"{self.kind} on the {self.join} ({layout or f'widths {widths}'})"
 
 
 class ReservedSlots(_Strict):
