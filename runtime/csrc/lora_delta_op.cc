@@ -81,17 +81,20 @@ Ort::Status run_kernel(OrtKernelContext* context, const Tensor<float>& x, const 
   }
 }
 
+// The CPU kernel on ORT's intra-op thread pool.
+Ort::Status run_on_cpu(const Problem& p, const Ort::KernelContext& kctx) {
+  Executor ex;
+  ex.run = ort_parallel_for;
+  ex.ctx = const_cast<Ort::KernelContext*>(&kctx);
+  ex.threads = env_threads();
+  lora_delta_cpu(p, ex);
+  return Ort::Status{nullptr};
+}
+
 template <typename TB>
 Ort::Status LoraDeltaCpu(OrtKernelContext* context, const Tensor<float>& x, const Tensor<TB>& a, const Tensor<TB>& b,
                          const Tensor<int64_t>& idx, OptionalBase base, Tensor<float>& y) {
-  return run_kernel(context, x, a, b, idx, base, y, [](const Problem& p, const Ort::KernelContext& kctx) {
-    Executor ex;
-    ex.run = ort_parallel_for;
-    ex.ctx = const_cast<Ort::KernelContext*>(&kctx);
-    ex.threads = env_threads();
-    lora_delta_cpu(p, ex);
-    return Ort::Status{nullptr};
-  });
+  return run_kernel(context, x, a, b, idx, base, y, run_on_cpu);
 }
 
 // rewrite::LoraDeltaGroup (CPU): the sites of a `fuse` group, one call. Inputs x, A_bank [K, d_in, sum r_i] (the
@@ -153,12 +156,7 @@ Ort::Status LoraDeltaGroupCpu(OrtKernelContext* context, const Tensor<float>& x,
                   std::to_string(p.r));
     p.members = members.data();
     p.n_members = static_cast<int64_t>(m);
-    Executor ex;
-    ex.run = ort_parallel_for;
-    ex.ctx = const_cast<Ort::KernelContext*>(&kctx);
-    ex.threads = env_threads();
-    lora_delta_cpu(p, ex);
-    return Ort::Status{nullptr};
+    return run_on_cpu(p, kctx);
   } catch (const Ort::Exception& e) {
     return fail(e.what(), e.GetOrtErrorCode());
   } catch (const std::exception& e) {
