@@ -1,7 +1,7 @@
 """ort-adapters: one adapter per run, through ONNX Runtime's own adapter mechanism.
 
     low-rank     delta = x A B,  A [d_in, r], B [r, d_out]                        (`SwitchableLora`)
-    elementwise  t' = kind.apply_rows(t, p), p [1, 1, width] each vector of the kind  (`RunRows`: (IA)^3, RoAd, BitFit)
+    row kinds    t' = kind.apply_rows(t, p), p [1, 1, width] each vector of the kind  (`RunRows`: rows.py)
 
 Every A / B and every vector p becomes a graph input named like the parameter, with a default that makes the model
 alone the base model: an EMPTY initializer for A / B ([d_in, 0] / [0, d_out]), the kind's identity value for p. An

@@ -1,9 +1,10 @@
-"""Elementwise kinds (`AdapterKind.rowwise`: (IA)^3, RoAd, BitFit) in unmerged exports, one module per kind and layout
-at a site, with no matmul.
+"""Row-switched kinds (`AdapterKind.rowwise`: (IA)^3, RoAd, BitFit, OFT, HRA, and the row parts of `parted` kinds:
+DoRA, BOFT, LN tuning) in unmerged exports, one module per kind and layout at a site.
 
 A kind declares its vectors (`row_params`: p [width] and its identity value) and how they rewrite the tensor its join
 touches (`apply_rows`): the base op's input x ("input": (IA)^3 on feed-forward inputs) or its output y (every other
-join):  (IA)^3 t (.) l, RoAd c1 (.) t + c2 (.) rot(t), BitFit t + b. Per-row lowerings (bank, custom-op) hold a bank
+join):  (IA)^3 t (.) l, RoAd c1 (.) t + c2 (.) rot(t), BitFit t + b (no matmul); OFT, HRA and BOFT rotate x by
+vectors holding R - I or unit reflections (a small batched matmul). Per-row lowerings (bank, custom-op) hold a bank
 
     P [C + 1, width]   row k: adapter k's p (slot order); free slots and the last row: the identity
 
@@ -17,8 +18,8 @@ the activation dtype). ort-adapters holds ONE vector per p instead (`RunRows`, o
 [1, 1, width] (one row for `apply_rows`) defaulting to the identity, which an adapter's `.onnx_adapter` file replaces
 per run. Both name it `rows.<site>.<i>.vectors.<p>`, so one `.onnx_adapter` fits either. Adapters of one kind and
 layout at a site share one module; another kind or layout at the same site gets its own, applied in turn (a row or
-run has one adapter: every other module gives it the identity). A LoRA-shaped adapter's slot holds the identity here, and its own
-module (bank.py, custom_op.py, ort_adapters.py) adds its delta.
+run has one adapter: every other module gives it the identity). A LoRA-shaped adapter's slot holds the identity
+here, and its own module (bank.py, custom_op.py, ort_adapters.py) adds its delta.
 """
 from __future__ import annotations
 
