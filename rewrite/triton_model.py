@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rewrite.errors import DeploymentError
 from rewrite.formats.manifest import UnmergedExport
 from rewrite.runtime.adapter_source import AdapterTensors
+from rewrite.runtime.bank_slot import bank_names, fill_slot
 
 LOADED = "rewrite.triton.loaded_slots"
 GUARD = "adapter_ids_check: an adapter id is neither -1 (the base model) nor a slot holding an adapter"
@@ -75,34 +76,12 @@ def drop_weight_inputs(model: onnx.ModelProto) -> None:
 
 def write_slot(model: onnx.ModelProto, entry: UnmergedExport, slot: int, tensors: AdapterTensors | None,
                base_dir: Path) -> None:
-    """Set `slot` of every bank to the adapter's `tensors` (factors zero-padded to the bank rank; row vectors in their
-    row banks, the identity in every other row bank) or clear it (None)."""
+    """Set `slot` of every bank initializer to the adapter's `tensors` or clear it (None): `fill_slot`."""
     inits = {init.name: init for init in model.graph.initializer}
-
-    def read(name: str) -> np.ndarray:
-        return numpy_helper.to_array(inits[name], base_dir=str(base_dir)).copy()
-
-    def put(name: str, array: np.ndarray) -> None:
+    banks = {name: numpy_helper.to_array(inits[name], base_dir=str(base_dir)).copy() for name in bank_names(entry)}
+    fill_slot(entry, banks, slot, tensors)
+    for name, array in banks.items():
         inits[name].CopyFrom(numpy_helper.from_array(array, name))
-
-    for row_site in entry.row_sites:
-        banks = {name: read(name) for name in row_site.banks.values()}
-        row_site.clear_slot(banks, slot)
-        for name, bank in banks.items():
-            if tensors and name in tensors.rows:
-                bank[slot] = tensors.rows[name]  # cast to the bank's dtype (float16 banks round here, as at export)
-            put(name, bank)
-    factors = tensors.factors if tensors else {}
-    for site in entry.sites:
-        a_pad = np.zeros((site.d_in, site.rank), np.float32)
-        b_pad = np.zeros((site.rank, site.d_out), np.float32)
-        if site.site in factors:
-            a, b = factors[site.site]
-            a_pad[:, : a.shape[1]], b_pad[: b.shape[0]] = a, b
-        a_bank, b_bank = read(site.A), read(site.B)
-        site.put_slot(a_bank, b_bank, slot, a_pad, b_pad, entry.switching)
-        put(site.A, a_bank)
-        put(site.B, b_bank)
 
 
 def set_loaded(model: onnx.ModelProto, capacity: int, slots: set[int]) -> None:

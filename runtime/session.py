@@ -50,6 +50,7 @@ from rewrite.formats.manifest import MANIFEST, read_manifest
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.names import check_adapter_name
 from rewrite.runtime.adapter_source import AdapterTensors, read_adapter
+from rewrite.runtime.bank_slot import bank_names, fill_slot
 from rewrite.runtime.providers import choose as choose_providers
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -423,26 +424,11 @@ class AdapterSession:
 
     def _write_slot(self, bank: dict[str, np.ndarray], slot: int,
                     tensors: AdapterTensors | None) -> dict[str, np.ndarray]:
-        """A new bank dict with `slot` set to the adapter's tensors (factors zero-padded to the site rank, vectors in
-        their row banks, the identity in every other row bank) or cleared (None)."""
+        """A new bank dict with `slot` set to the adapter's tensors or cleared (None): `fill_slot` on copies, so a
+        run holding the old snapshot keeps its banks."""
         out = dict(bank)
-        for row_site in self.entry.row_sites:
-            for name in row_site.banks.values():
-                out[name] = out[name].copy()
-            row_site.clear_slot(out, slot)
-        for name, vector in (tensors.rows if tensors else {}).items():
-            out[name][slot] = vector  # cast to the bank's dtype (float16 banks round here, as at export)
-        factors = tensors.factors if tensors else None
-        for info in self.entry.sites:
-            rank = info.rank
-            a_pad = np.zeros((info.d_in, rank), np.float32)
-            b_pad = np.zeros((rank, info.d_out), np.float32)
-            if factors and info.site in factors:
-                a, b = factors[info.site]
-                a_pad[:, : a.shape[1]], b_pad[: b.shape[0]] = a, b
-            a_bank, b_bank = out[info.A].copy(), out[info.B].copy()  # out: the sites of a fused group share an A
-            info.put_slot(a_bank, b_bank, slot, a_pad, b_pad, self.switching)
-            out[info.A], out[info.B] = a_bank, b_bank
+        out.update({name: bank[name].copy() for name in bank_names(self.entry)})
+        fill_slot(self.entry, out, slot, tensors)
         return out
 
     def close(self) -> None:
