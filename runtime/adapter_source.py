@@ -2,7 +2,8 @@
 
 Sources: a PEFT directory (LoRA, or an elementwise tuner: IA3, ROAD, BEFT), our `.safetensors` adapter file, an
 `.onnx_adapter` file, or a dict {site: (A [d_in, r], B [r, d_out])} of float arrays whose B is already scaled
-(integer, bool and object arrays are refused, not cast). Factors have the scale folded into B (B' = s B); an
+(integer, bool and object arrays are refused, not cast), or an `AdapterTensors` read before (checked again: Ray Serve
+broadcasts what one replica read). Factors have the scale folded into B (B' = s B); an
 elementwise adapter's vectors (`rewrite.formats.peft_rows.row_vectors`) go to the manifest's row site of the same
 site, kind and layout, keyed by that site's input name. Validation against the model (site names, d_in, d_out, rank
 limits, row-site kind / layout / width, dtype, finite values) happens here, before anything reaches ONNX Runtime,
@@ -32,12 +33,6 @@ Factors = dict[str, tuple[np.ndarray, np.ndarray]]
 class AdapterTensors(NamedTuple):
     factors: Factors                # site -> (A [d_in, r], B scaled [r, d_out]), float32
     rows: dict[str, np.ndarray]    # row-site input name -> vector [width], float32
-
-
-def read_factors(source: Any, sites: dict[str, dict[str, Any]], *, model_version: int | None = None,
-                 dtype: str = "float32", reserve: ReservedSlots | None = None) -> Factors:
-    """The factors of a low-rank adapter (`read_adapter` for a model without row sites)."""
-    return read_adapter(source, sites, (), model_version=model_version, dtype=dtype, reserve=reserve).factors
 
 
 def read_adapter(source: Any, sites: dict[str, dict[str, Any]], row_sites: Sequence[RowSite] = (), *,

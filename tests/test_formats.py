@@ -3,7 +3,7 @@ and written through one typed, torch-free definition.
 
 Oracles: PEFT itself (a bfloat16 adapter PEFT saved reads back and loads bit for bit; the one we save again
 loads into PEFT bit for bit), safetensors' torch reader, and scales written out by hand. Every corrupt file is an
-AdapterFileError naming the file, through each format's reader and through the runtime's `read_factors`.
+AdapterFileError naming the file, through each format's reader and through the runtime's `read_adapter`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from rewrite.formats.peft_lora import LoraSettings, alpha_for_scale, lora_config
 from rewrite.graph_edit import adapters_at
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
-from rewrite.runtime.adapter_source import read_factors
+from rewrite.runtime.adapter_source import read_adapter
 from rewrite.tensors import from_numpy
 
 import factories
@@ -177,7 +177,7 @@ def test_corrupt_file_names_the_file(fmt, how, tmp_path):
         READERS[fmt](source)
     assert str(err.value).startswith(expected), str(err.value)
     with pytest.raises(AdapterFileError) as err:  # the runtime reads every format through the same reader
-        read_factors(source, {})
+        read_adapter(source, {})
     assert str(err.value).startswith(expected), str(err.value)
 
 
