@@ -35,7 +35,8 @@ import torch.fx as fx
 from rewrite.adapters.base import NotSupported
 from rewrite.coupling.adapter_axes import adapter_axes
 from rewrite.coupling.components import components
-from rewrite.coupling.labels import Labels, Space, trace_labels
+from rewrite.coupling.label_records import Labels, Space
+from rewrite.coupling.labels import trace_labels
 from rewrite.graph_edit import adapters_at
 from rewrite.state import state_of
 

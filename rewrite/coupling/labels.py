@@ -30,100 +30,18 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 
+from rewrite.coupling.aten_ops import (ALONG, BATCH_NORMS, CONVS, ELEMENTWISE, FOLLOW_TO_WEIGHT, IDENTITY, JOINS,
+                                       MATMULS, MOVES, QUIET, REDUCTIONS, RESHAPES, SUMS)
+from rewrite.coupling.label_records import Copy, Labels, Space, Ties
 from rewrite.state import AdapterTag
 
 aten = torch.ops.aten
-
-IDENTITY = {aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
-            aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-            aten.dropout.default, aten.feature_dropout.default, aten.type_as.default}
-RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
-            aten.unflatten.int}
-MOVES = RESHAPES | {aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
-                    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.slice.Tensor, aten.select.int,
-                    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
-                    aten.narrow.default, aten.movedim.int}
-JOINS = {aten.cat.default, aten.stack.default}
-ELEMENTWISE = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.div.Tensor_mode, aten.rsub.Scalar,
-    aten.add.Scalar, aten.mul.Scalar, aten.sub.Scalar, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
-    aten.maximum.default, aten.minimum.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
-    aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.relu.default, aten.gelu.default, aten.silu.default,
-    aten.tanh.default, aten.sigmoid.default, aten.neg.default, aten.exp.default, aten.rsqrt.default,
-    aten.sqrt.default, aten.abs.default, aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default,
-    aten.clamp_max.default, aten.erf.default, aten.log.default, aten.softplus.default, aten.leaky_relu.default,
-    aten.elu.default, aten.hardswish.default, aten.hardsigmoid.default, aten.mish.default, aten.sin.default,
-    aten.cos.default, aten.reciprocal.default, aten.relu6.default, aten.square.default,
-    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar, aten.gt.Scalar, aten.le.Scalar,
-    aten.ge.Scalar, aten.logical_not.default}
-SUMS = {aten.sum.dim_IntList, aten.sum.default}
-REDUCTIONS = {aten.mean.dim, aten.mean.default, aten.amax.default, aten.amin.default, aten.var.correction,
-              aten.var.dim, aten.std.correction, aten.logsumexp.default, aten.linalg_vector_norm.default,
-              aten.norm.ScalarOpt_dim}
-ALONG = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-         aten.cumsum.default}
-MATMULS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
-CONVS = {aten.conv1d.default: 6, aten.conv2d.default: 6, aten.conv3d.default: 6}  # op -> index of `groups`
-BATCH_NORMS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
-QUIET = {aten.sym_size.int, aten._assert_tensor_metadata.default}  # read labelled tensors, produce none
-_FOLLOW = {aten.t.default, aten.transpose.int, aten.permute.default, aten._to_copy.default, aten.to.dtype,
-           aten.alias.default, aten.detach.default, aten.contiguous.default}
-
-
-@dataclass(frozen=True)
-class Space:
-    """Ids start .. start + prod(shape): one per index of `dim` of `tensor` (a parameter or buffer FQN), one per
-    element (`dim` None: 1-D parameters and statistics), or one per broadcast copy (`tensor` "copy:<node>")."""
-    tensor: str
-    dim: int | None
-    start: int
-    shape: tuple[int, ...]
-    role: str  # "out" (a weight op's output channels) | "in" | "elem" | "copy"
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class Copy:
-    """The broadcast copies an expand made: copy c of sources[s] has id start + s * count + c."""
-    node: str
-    start: int
-    sources: torch.Tensor
-    count: int
-
-
-@dataclass(frozen=True)
-class Ties:
-    node: str
-    kind: str  # "add" (add / sub: a residual when it joins two weights' outputs) | "tie"
-    a: torch.Tensor
-    b: torch.Tensor
-
-
-@dataclass
-class Labels:
-    n: int = 0
-    spaces: list[Space] = field(default_factory=list)
-    nodes: dict[str, Any] = field(default_factory=dict)  # node name -> label tensor (or tuple) of its value
-    ties: list[Ties] = field(default_factory=list)
-    copies: list[Copy] = field(default_factory=list)
-    pinned: list[tuple[str, int, str]] = field(default_factory=list)  # (node, dim, why its size must stay)
-    blocked: list[tuple[torch.Tensor, str]] = field(default_factory=list)  # ids never removed, and why
-    split: list[torch.Tensor] = field(default_factory=list)  # ids tied inside a split dim (heads)
-    weight_ops: dict[str, str] = field(default_factory=dict)  # weight FQN -> "linear" | "conv1d" | "conv" | ...
-    aliases: dict[str, list[str]] = field(default_factory=dict)  # FQN -> the other names of the same tensor
-
-    def space_of(self, tensor: str, dim: int | None) -> Space | None:
-        return next((s for s in self.spaces if s.tensor == tensor and s.dim == dim), None)
 
 
 def flat_inputs(gm: fx.GraphModule, kwargs: dict[str, torch.Tensor]) -> list[Any]:
@@ -251,7 +169,7 @@ class _Tracer(fx.Interpreter):
                 if fqn not in self.params:
                     return None
                 return fqn, perm if perm is not None else list(range(self.params[fqn].dim()))
-            if arg.op != "call_function" or arg.target not in _FOLLOW:
+            if arg.op != "call_function" or arg.target not in FOLLOW_TO_WEIGHT:
                 return None
             ndim = self.env[arg].dim()
             step = list(range(ndim))
