@@ -9,7 +9,8 @@
     REDUCTIONS        reductions that pin a labelled dim they reduce over (removal would change the statistic)
     ALONG             ops that run along one dim (softmax, cumsum): it is pinned, the labels pass through
     MATMULS           contracted dims of both operands tied, batch dims too (mm / matmul of a parameter: a weight op)
-    CONVS             conv op -> the index of its `groups` argument (a grouped conv ties its channels by group)
+    CONVS             conv op -> the index of its `groups` argument (depthwise: input tied to output channels; other
+                      grouped convs are blocked)
     BATCH_NORMS       the channel dim is tied to the elements of weight, bias and running statistics
     QUIET             read labelled tensors, produce none (neither blocked nor labelled)
     FOLLOW_TO_WEIGHT  transposes and casts walked back through from a weight op's operand to the parameter it reads
