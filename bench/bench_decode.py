@@ -46,6 +46,7 @@ from rich.table import Table
 from rewrite.pipeline import apply
 from rewrite.runtime.generate import generate
 from rewrite.runtime.session import AdapterSession
+from rewrite.runtime.providers import disabled_optimizers
 from rewrite.spec import parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,7 +66,8 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],  # as AdapterSession's
+                                disabled_optimizers=disabled_optimizers(["CPUExecutionProvider"]))
 
 
 def _no_cache_generate(session: ort.InferenceSession, prompts: np.ndarray, new: int) -> list[list[int]]:

@@ -321,11 +321,14 @@ def custom_op_available() -> str | None:
 def ort_session(path: Path, threads: int):
     import onnxruntime as ort
 
+    from rewrite.runtime.providers import disabled_optimizers
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],  # as AdapterSession's
+                                disabled_optimizers=disabled_optimizers(["CPUExecutionProvider"]))
 
 
 def ort_table(kinds: list[str], size: dict, args, tmp: Path, console) -> tuple[list, dict[str, str]]:

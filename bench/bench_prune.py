@@ -17,7 +17,9 @@ Each at 25% and 50% of the heads and of the FFN neurons of every layer (scope "l
 mean ± std (min..max).
 
 Also: the merged ONNX export of the model pruned at each ratio vs the unpruned one (ONNX Runtime, CPU, 1 thread,
-batch 16 x seq 24, median of --ort-runs runs, interleaved): parameter count ratio and latency ratio; and the cost of
+batch 16 x seq 24, median of --ort-runs runs, interleaved; under ONNX Runtime's default session options and under the
+runtime's CPU options, which leave the slow SkipLayerNormFusion off): parameter count ratio and latency ratio
+(`--steps 0 --methods lora magnitude --seeds 0` measures only these: shapes, not training, set them); and the cost of
 the pruning pass against the training it rides on (wall seconds of the pass, of which training and scoring).
 
 Usage: python bench/bench_prune.py [--steps 60] [--seeds 0 1] [--threads 1] [--json out.json]
@@ -102,14 +104,17 @@ class PruneBench:
                     params_after=after, gm=gm if seed == a.seeds[0] and method in ("lora", "magnitude") else None)
 
     def latency(self, models: dict[str, object]) -> dict[str, dict]:
-        """Merged ONNX of each model: parameters (initializer elements) and median ORT latency, interleaved."""
+        """Merged ONNX of each model: parameters (initializer elements) and median ORT latency, interleaved, under
+        ONNX Runtime's defaults and under the runtime's CPU options (`disabled_optimizers`: SkipLayerNormFusion off)."""
         import numpy as np
         import onnx
         import onnxruntime as ort
 
         from rewrite.export.onnx_merged import export_merged
         from rewrite.options import ExportOptions
+        from rewrite.runtime.providers import disabled_optimizers
 
+        configs = {"ort defaults": [], "runtime CPU options": disabled_optimizers(["CPUExecutionProvider"])}
         sessions, out = {}, {}
         feed = {k: self.base.test_t[k][:self.args.batch].numpy() for k in ("input_ids", "attention_mask")}
         for name, gm in models.items():
@@ -119,19 +124,22 @@ class PruneBench:
             export_merged(merged, path, ExportOptions(), None)
             model = onnx.load(str(path))
             params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = options.inter_op_num_threads = 1
-            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            inputs = {i.name: feed[i.name] for i in sessions[name].get_inputs()}
-            out[name] = {"params": params, "inputs": inputs, "ms": []}
-        for session in sessions.values():  # warm-up
-            session.run(None, out[next(iter(out))]["inputs"])
+            for config, disabled in configs.items():
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = options.inter_op_num_threads = 1
+                key = (name, config)
+                sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                     disabled_optimizers=disabled)
+                inputs = {i.name: feed[i.name] for i in sessions[key].get_inputs()}
+                out[key] = {"params": params, "inputs": inputs, "ms": []}
+        for key, session in sessions.items():  # warm-up
+            session.run(None, out[key]["inputs"])
         for _ in range(self.args.ort_runs):
-            for name, session in sessions.items():
+            for key, session in sessions.items():
                 start = time.perf_counter()
-                session.run(None, out[name]["inputs"])
-                out[name]["ms"].append((time.perf_counter() - start) * 1000)
-        return {name: {"params": v["params"], "ms": statistics.median(v["ms"])} for name, v in out.items()}
+                session.run(None, out[key]["inputs"])
+                out[key]["ms"].append((time.perf_counter() - start) * 1000)
+        return {key: {"params": v["params"], "ms": statistics.median(v["ms"])} for key, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -199,11 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
             models[f"pruned {ratio:.0%}"] = results[key][0]["gm"]
     if "unpruned" in models and len(models) > 1:
         lat = bench.latency(models)
-        base = lat["unpruned"]
-        for name, v in lat.items():
+        for (name, config), v in lat.items():
+            base = lat[("unpruned", config)]
             console.print(f"merged ONNX {name:12s} params {v['params']:>11,} ({v['params'] / base['params']:.2f}x)  "
-                          f"ORT {v['ms']:.2f} ms ({v['ms'] / base['ms']:.2f}x)")
-        summary["ort"] = lat
+                          f"ORT ({config}) {v['ms']:.2f} ms ({v['ms'] / base['ms']:.3f}x)")
+        summary["ort"] = {f"{name} / {config}": v for (name, config), v in lat.items()}
     summary["wall_seconds"] = time.perf_counter() - wall
     summary["args"] = vars(args)
     console.print(f"total {summary['wall_seconds']:.0f}s")

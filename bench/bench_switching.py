@@ -43,6 +43,7 @@ from rewrite.load import LoadedModel, load_model
 from rewrite.passes import InsertPass, MergePass
 from rewrite.options import CaptureOptions, ExportOptions
 from rewrite.runtime.session import AdapterSession
+from rewrite.runtime.providers import disabled_optimizers
 from rewrite.state import state_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,7 +88,8 @@ def _session(path: Path, threads: int, library: bool = False) -> ort.InferenceSe
         from rewrite.runtime.ops import library_path
 
         options.register_custom_ops_library(str(library_path()))
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],  # as AdapterSession's
+                                disabled_optimizers=disabled_optimizers(["CPUExecutionProvider"]))
 
 
 def _median_us(calls: dict[str, callable], rounds: int, block: int) -> tuple[dict[str, float], dict[str, float]]:

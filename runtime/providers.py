@@ -7,6 +7,11 @@ export registers the CUDA build of the LoraDelta library (CPU and CUDA kernels i
 CUDA EP, the CPU build otherwise. ONNX Runtime may still drop the CUDA EP when it cannot start it (no GPU, CUDA or cuDNN
 libraries missing): `AdapterSession.providers` reports what the session really runs on.
 
+On the CPU EP alone, ONNX Runtime's SkipLayerNormFusion is left off (`disabled_optimizers`): ONNX Runtime 1.32's CPU
+kernels of the SkipLayerNormalization / SkipSimplifiedLayerNormalization it writes measured 4-7x / 1.4-2.1x slower
+than the Add + (Simplified)LayerNormalization pair they replace (bench/README.md, "ONNX Runtime's skip-LayerNorm
+fusion on the CPU"); the CUDA EP keeps it.
+
 The CPU wheel `onnxruntime` and the GPU wheel `onnxruntime-gpu` install the same `onnxruntime` package; with both
 installed, the files of the one installed last win (partly, when their versions differ), so `check_wheels` warns.
 """
@@ -21,6 +26,7 @@ from typing import Any
 import onnxruntime as ort
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+SLOW_ON_CPU = ("SkipLayerNormFusion",)  # ONNX Runtime ignores unknown names: tests/test_cpu_fusions.py
 
 
 def default_providers() -> list[str]:
@@ -38,6 +44,12 @@ def choose(providers: Sequence[Any] | None) -> tuple[list[Any], bool]:
     check_wheels()
     chosen = list(providers) if providers else default_providers()
     return chosen, CUDA in provider_names(chosen)
+
+
+def disabled_optimizers(providers: Sequence[Any]) -> list[str]:
+    """The ONNX Runtime graph optimizers to leave off for a session on these providers: SLOW_ON_CPU on the CPU EP
+    alone (module docstring), none otherwise."""
+    return list(SLOW_ON_CPU) if provider_names(providers) == [CPU] else []
 
 
 @functools.cache

@@ -52,6 +52,7 @@ from rewrite.names import check_adapter_name
 from rewrite.runtime.adapter_source import AdapterTensors, read_adapter
 from rewrite.runtime.bank_slot import bank_names, fill_slot
 from rewrite.runtime.providers import choose as choose_providers
+from rewrite.runtime.providers import disabled_optimizers
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -93,7 +94,8 @@ class AdapterSession:
             options.register_custom_ops_library(str(self.library))
         model, banks = self._with_bank_inputs(options) if entry.routed else (str(self.model_path), None)
         try:
-            self._session = ort.InferenceSession(model, options, providers=providers)
+            self._session = ort.InferenceSession(model, options, providers=providers,
+                                                 disabled_optimizers=disabled_optimizers(providers))
         except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types; a broken file is bad input
             raise DeploymentError(f"{self.model_path}: ONNX Runtime cannot load this model: {first_line(err)}"
                                   ) from None
