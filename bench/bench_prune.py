@@ -11,15 +11,15 @@ Rows, each with T optimizer steps of adapter (and head) training in total:
   random        prune at step 0 by seeded random scores, then T steps
   loraprune     the prune pass with method = "loraprune": T steps of training with LoRA-guided importance, the cubic
                 schedule and iterative masks (warm-up 10%, cool-down 20%, a mask event every T/20 steps); removal
-  light-peft    the prune pass with method = "light-peft": T/4 steps of masked early estimation (L1 1e-4), removal,
-                then the remaining 3T/4 steps
+  light-peft    the prune pass with method = "light-peft": e T steps of masked early estimation (L1 1e-4; e =
+                --estimate, 0.25), removal, then the remaining (1 - e) T steps
 Each at 25% and 50% of the heads and of the FFN neurons of every layer (scope "layer"), over seeds: test accuracy
 mean ± std (min..max).
 
 Also: the merged ONNX export of the model pruned at each ratio vs the unpruned one (ONNX Runtime, CPU, 1 thread,
 batch 16 x seq 24, median of --ort-runs runs, interleaved; under ONNX Runtime's default session options and under the
 runtime's CPU options, which leave the slow SkipLayerNormFusion off): parameter count ratio and latency ratio
-(`--steps 0 --methods lora magnitude --seeds 0` measures only these: shapes, not training, set them); and the cost of
+(`--latency-only` measures only these: shapes, not training, set them); and the cost of
 the pruning pass against the training it rides on (wall seconds of the pass, of which training and scoring).
 
 Usage: python bench/bench_prune.py [--steps 60] [--seeds 0 1] [--threads 1] [--json out.json]
@@ -86,7 +86,7 @@ class PruneBench:
             run_pass(gm, "prune", self.tmp, seed=seed, **prune)
             pass_seconds = time.perf_counter() - start
         elif method in ("loraprune", "light-peft"):
-            steps = a.steps if method == "loraprune" else max(1, a.steps // 4)
+            steps = a.steps if method == "loraprune" else max(1, round(a.steps * a.estimate))
             extra = {"loraprune": {"warmup": 0.1, "cooldown": 0.2, "every": max(1, a.steps // 20)}} \
                 if method == "loraprune" else {"light_peft": {"l1": 1e-4}}
             seed_everything(seed)
@@ -142,6 +142,15 @@ class PruneBench:
         return {key: {"params": v["params"], "ms": statistics.median(v["ms"])} for key, v in out.items()}
 
 
+def report_latency(bench: PruneBench, models: dict, console: Console) -> dict:
+    lat = bench.latency(models)
+    for (name, config), v in lat.items():
+        base = lat[("unpruned", config)]
+        console.print(f"merged ONNX {name:12s} params {v['params']:>11,} ({v['params'] / base['params']:.2f}x)  "
+                      f"ORT ({config}) {v['ms']:.2f} ms ({v['ms'] / base['ms']:.3f}x)")
+    return {f"{name} / {config}": v for (name, config), v in lat.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -154,6 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ort-runs", type=int, default=30)
+    parser.add_argument("--latency-only", action="store_true", help="only the merged-export latency and parameter "
+                        "ratios, on untrained magnitude-pruned models (shapes, not training, set them)")
+    parser.add_argument("--estimate", type=float, default=0.25, help="light-peft: the fraction of the steps spent in "
+                        "masked early estimation (inside the pass); the rest retrain the pruned model")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,6 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter()
     bench = PruneBench(args)
     console.print(f"setup {bench.base.setup_seconds:.1f}s: {bench.base.info}")
+    if args.latency_only:  # shapes, not training, set the latency: untrained models, magnitude-pruned
+        models = {"unpruned": bench.fresh(args.seeds[0])}
+        for ratio in args.ratios:
+            models[f"pruned {ratio:.0%}"] = gm = bench.fresh(args.seeds[0])
+            run_pass(gm, "prune", bench.tmp, heads=ratio, ffn=ratio, method="magnitude", report="",
+                     exempt=["*pooler*"])
+        return {"ort": report_latency(bench, models, console), "args": vars(args)}
     results: dict[tuple[str, float], list[dict]] = {}
     for seed in args.seeds:  # interleaved: machine-load drift hits every method alike
         for method in args.methods:
@@ -206,12 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         if key:
             models[f"pruned {ratio:.0%}"] = results[key][0]["gm"]
     if "unpruned" in models and len(models) > 1:
-        lat = bench.latency(models)
-        for (name, config), v in lat.items():
-            base = lat[("unpruned", config)]
-            console.print(f"merged ONNX {name:12s} params {v['params']:>11,} ({v['params'] / base['params']:.2f}x)  "
-                          f"ORT ({config}) {v['ms']:.2f} ms ({v['ms'] / base['ms']:.3f}x)")
-        summary["ort"] = {f"{name} / {config}": v for (name, config), v in lat.items()}
+        summary["ort"] = report_latency(bench, models, console)
     summary["wall_seconds"] = time.perf_counter() - wall
     summary["args"] = vars(args)
     console.print(f"total {summary['wall_seconds']:.0f}s")
