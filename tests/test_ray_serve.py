@@ -11,6 +11,9 @@ tests/serving_setup.py (PEFT adapters `support` and `style`).
    answers; an unknown adapter or a wrong shape raises `RuntimeUseError` in the caller.
 5. Hot add and remove: an adapter added through one replica answers correctly from both; a removed one is a 404 from
    both; no restart.
+6. Binary bodies (runtime/tensor_body.py): a safetensors request with `?adapter=` gets a safetensors answer equal to
+   the JSON answer and to PEFT's; a body that is no safetensors file, wrong names / dtypes / shapes and an adapter
+   parameter on a JSON body get a 400 with the reason, an unknown adapter a 404.
 Ray starts several processes (a few seconds): the module is marked slow.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from safetensors.numpy import load, save
 
 from rewrite.errors import RuntimeUseError
 from rewrite.runtime.session import AdapterSession
@@ -60,6 +64,15 @@ class Client:
 
     def infer(self, x: np.ndarray, adapter: str | None):
         return self.call("POST", "/v1/infer", {"adapter": adapter, "inputs": {"x": x.tolist()}})
+
+    def binary(self, body: bytes, query: str = "") -> tuple[int, bytes, dict]:
+        request = urllib.request.Request(f"{self.base}/v1/infer{query}", data=body, method="POST",
+                                         headers={"content-type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), dict(err.headers)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +224,42 @@ def test_hot_add_and_remove_reach_every_replica(server):
     assert refused == replicas  # both replicas dropped it
     listed = [client.call("GET", "/v1/adapters")[1]["adapters"] for _ in range(6)]
     assert all(names == ["support", "tenant"] for names in listed)
+
+
+def test_binary_bodies_answer_as_json_does(server):
+    client, out, made = server
+    xs = inputs(4, 5)
+    want = expected(out, xs, ADAPTERS)
+    for i, x in enumerate(xs):
+        for adapter in ADAPTERS:
+            status, raw, headers = client.binary(save({"x": x}), "" if adapter is None else f"?adapter={adapter}")
+            assert status == 200 and headers["content-type"] == "application/octet-stream", raw[:200]
+            (name, y), = load(raw).items()
+            _, body, _ = client.infer(x, adapter)
+            assert y.dtype == np.float32 and np.array_equal(y, np.array(body["outputs"][name], np.float32))
+            assert np.abs(y - want[(i, adapter)]).max() <= 1e-5
+            assert np.abs(y - made.peft(x, adapter)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("body, query, status, reason", [
+    (b"{not safetensors", "", 400, "request: not a safetensors body"),
+    (b"", "", 400, "request: an empty body"),
+    ("y", "", 400, "inputs: unknown 'y'"),
+    ("bool", "", 400, "inputs.x: 'b' values"),
+    ("short", "", 400, "axis 2 has size 63, the model takes 64"),
+    ("x", "?adapter=nope", 404, "unknown adapter 'nope'"),
+    ("x", "?adapter=", 400, "adapter: an empty name"),
+])
+def test_bad_binary_requests_get_a_4xx_with_the_reason(server, body, query, status, reason):
+    client = server[0]
+    x = np.zeros((1, 3, 64), np.float32)
+    bodies = {"y": save({"y": x}), "bool": save({"x": x > 0}), "short": save({"x": x[..., :63]}), "x": save({"x": x})}
+    got, raw, _ = client.binary(bodies.get(body, body), query)
+    answer = json.loads(raw)
+    assert got == status and reason in answer["error"] and "\n" not in answer["error"]
+
+
+def test_an_adapter_parameter_on_a_json_body_is_refused(server):
+    client = server[0]
+    got, answer, _ = client.call("POST", "/v1/infer?adapter=support", {"inputs": {"x": [[[0.0] * 64] * 3]}})
+    assert got == 400 and "the query parameter is for application/octet-stream bodies" in answer["error"]
