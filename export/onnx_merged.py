@@ -19,6 +19,7 @@ import torch.fx as fx
 from rewrite.errors import ExportError, describe, innermost
 from rewrite.formats.manifest import MergedExport
 from rewrite.options import ExportOptions
+from rewrite.export.grouped_mm import grouped_mm_translations
 from rewrite.export.io_names import export_shapes, graph_io, name_io
 from rewrite.state import state_of
 
@@ -44,7 +45,8 @@ def export_merged(gm: fx.GraphModule, path: Path, options: ExportOptions, config
         try:
             program = torch.onnx.export(gm, (), kwargs=inputs.kwargs, dynamo=True, verbose=False,
                                         dynamic_shapes=export_shapes(inputs, config),
-                                        opset_version=options.opset)
+                                        opset_version=options.opset,
+                                        custom_translation_table=grouped_mm_translations())
             name_io(program.model, gm, inputs)
             program.save(str(path), external_data=external)
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw

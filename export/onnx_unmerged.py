@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.errors import ExportError, RewriteError, describe, innermost
+from rewrite.export.grouped_mm import grouped_mm_translations
 from rewrite.export.io_names import export_shapes, graph_io, name_io
 from rewrite.export.lowering import Lowered, lower
 from rewrite.formats.manifest import ExportedAdapter, ReservedSlots, RowSite, SwitchableSite, UnmergedExport
@@ -71,7 +72,8 @@ def _export(lowered: Lowered, gm: fx.GraphModule, config: Any, opset: int | None
     # (a reshape, a normalisation) into initializers no adapter file names; ONNX Runtime optimizes at load instead,
     # leaving overridable initializers alone
     common = dict(dynamo=True, verbose=False, opset_version=opset,
-                  custom_translation_table=lowered.lowering.translation_table(),
+                  custom_translation_table={**grouped_mm_translations(),
+                                            **(lowered.lowering.translation_table() or {})},
                   optimize=lowered.routed or not lowered.rows)
     if not lowered.routed:
         return torch.onnx.export(lowered.module, (), kwargs=inputs.kwargs, dynamic_shapes=shapes, **common)

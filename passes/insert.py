@@ -8,7 +8,9 @@ Rules:
 1. `targets` select sites (glob, `re:`, `class:`, exact or dotted-suffix name); each must match a site.
 2. `rank_pattern` / `alpha_pattern` override rank and alpha per site with the selector precedence
    exact > first glob/regex > class > the global `rank` / `alpha`.
-3. One adapter module per weight owner: every call of that module gets a branch from the same adapter.
+3. One adapter module per weight owner: every call of that module gets a branch from the same adapter. A selection
+   that reaches some calls of a module but not all (`X@1`, ALBERT's shared layer) is an error: merge, PiSSA /
+   OLoRA inits and PEFT directories act on the module's weight, so they would change the other calls too.
 4. A site that already has an adapter of this name is left alone (a second run reports modified=False).
 5. New parameters take the base weight's dtype and device (meta stays meta: no memory is allocated).
 6. The kind decides (rewrite/adapters/base.py): the site ops it adapts (`svd_lora`: linear, Conv1D, conv2d), the
@@ -118,6 +120,17 @@ class InsertPass(GraphPass):
                             "has one set of settings per site: give this one another name")
         return origin
 
+    def _check_whole_modules(self, table, sites: list[Site]) -> None:
+        """Rule 3: every call of a selected module is selected."""
+        chosen = {s.name for s in sites}
+        for site in sites:
+            rest = [s.name for s in table.values() if s.owner == site.owner and s.name not in chosen]
+            if rest:
+                raise SpecError(f"{self.context.at('targets')}: site {site.name} is one call of {site.owner}, and "
+                                f"the calls {', '.join(rest)} use the same weight; an adapter belongs to the module "
+                                "(merging it, a PiSSA / OLoRA init or a PEFT directory would change every call): "
+                                f"select {site.owner!r} to adapt all of its calls")
+
     def _check_ranks(self, gm: fx.GraphModule, sites: list[Site]) -> None:
         """Rule 7, before anything is created."""
         o = self.options
@@ -155,6 +168,7 @@ class InsertPass(GraphPass):
         table = state_of(gm).sites
         kind = KINDS[o.kind]
         sites = select(table, o.targets, self.context.at("targets"), ops=selectable_ops(kind.ops))
+        self._check_whole_modules(table, sites)
         origin = self._check_maker(gm, sites)
         check_mapping(table, o.rank_pattern, f"{self.context.at('rank_pattern')} rank_pattern")
         check_mapping(table, o.alpha_pattern, f"{self.context.at('alpha_pattern')} alpha_pattern")

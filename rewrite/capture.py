@@ -6,6 +6,8 @@ Opt-in `fx`: `torch.fx.symbolic_trace` for plain torch models. Transformers mode
 attention before capture (`[capture] attn_implementation`): with SDPA, re-exporting the captured graph
 to ONNX fails in torch's decompositions on T5 ("Cannot view a tensor ... strides"); eager exports everywhere. Dynamic axes are declared with
 `torch.export.Dim` (samples must be >= 2 there: export specialises sizes 0 and 1).
+A linear written out as `x @ W.T (+ b)` (Falcon) becomes `aten.linear` (`sites.canonical_linears`), so it is a site.
+Data-dependent control flow (a branch on a tensor's values) cannot be captured: the error names the model's line.
 
 `stamp` (`[capture] stamp`, on by default): a model whose layer stack holds identical blocks is exported with two
 blocks per stack and the others are stamped as renamed copies (`rewrite.stamp`), so capture time grows with the
@@ -18,8 +20,10 @@ import contextlib
 import io
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +33,7 @@ from torch.utils import _pytree as pytree
 from rewrite.errors import CaptureError, first_line
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
-from rewrite.sites import find_sites
+from rewrite.sites import canonical_linears, find_sites
 from rewrite.stamp import stamped_export
 from rewrite.state import RewriteState
 
@@ -94,13 +98,28 @@ def _export(model: torch.nn.Module, inputs: ExampleInputs, config: Any) -> fx.Gr
     except Exception as err:  # noqa: BLE001 - every export failure is reported the same way
         text = str(err)
         hint = ""
-        if "Cache" in text:
+        if "data-dependent" in text:
+            hint = (f" The model branches on the values of a tensor{_model_line(err)}: torch.export cannot capture "
+                    "data-dependent control flow at any input size. Write that step with tensor ops (torch.where, "
+                    "a mask) or torch.cond, or load the model in a form that avoids it.")
+        elif "Cache" in text:
             hint = " Hint: decoder models must be captured without KV cache (use_cache = false)."
         elif "dynamic" in text.lower() or "specializ" in text.lower() or "constraint" in text.lower():
             hint = " Hint: try [capture] dynamic = false, or fix the dims of [[capture.inputs]]."
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{first_line(err)}.{hint}") from None
     return program.module()
+
+
+def _model_line(err: BaseException) -> str:
+    """` (file:line in function: code)` of the innermost traceback frame outside torch and this package: the model's
+    line that failed; empty when there is none."""
+    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(skip)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" ({Path(f.filename).name}:{f.lineno} in {f.name}: {(f.line or '').strip()})"
 
 
 def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
@@ -141,6 +160,7 @@ def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "expo
             gm = _export(loaded.module, inputs, loaded.config)
     else:
         gm = _export(loaded.module, inputs, loaded.config)
+    canonical_linears(gm)
     seconds = time.perf_counter() - start
     diff = None
     if check_replay and device != "meta" and loaded.module is not None:

@@ -5,6 +5,7 @@ A site is one call of a weight-carrying base op, named by the module path of the
 
     op          graph node (export front-end)            weight layout      d_in, d_out
     linear      aten.linear(x, W, b)                     W [d_out, d_in]    W.shape[1], W.shape[0]
+                (x @ W.T + b written out: `canonical_linears` makes it aten.linear at capture)
     conv1d      aten.addmm(b, x2d, W)   (HF GPT-2 Conv1D) W [d_in, d_out]    W.shape[0], W.shape[1]
     conv2d      aten.conv2d(x, W, b, ...)                W [c_out, c_in/g, kh, kw]
     embedding   aten.embedding(W, ids)                   W [V, d]           V, d
@@ -167,6 +168,65 @@ def find_sites(gm: fx.GraphModule) -> SiteTable:
                 bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
                 add(node, op, node.target, f"{node.target}.weight", bias, tuple(module.weight.shape))
     return SiteTable(found)
+
+
+def canonical_linears(gm: fx.GraphModule) -> int:
+    """Rewrite each linear written out by hand as the one op that makes it a site, in place; returns how many.
+
+        matmul(x, T(W))            -> aten.linear(x, W)       T: W.T, W.t(), W.transpose(0, 1), W.permute(1, 0)
+        add(matmul(x, T(W)), b)    -> aten.linear(x, W, b)    b the parameter `bias` of W's module, [d_out]
+        (mm in place of matmul)
+
+    W is a 2-D parameter (Falcon's `FalconLinear.forward` is `x @ self.weight.T + self.bias`). Both sides compute
+    x Wᵀ + b; without this the weight is no site and a selector naming the module matches nothing."""
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target in (aten.matmul.default, aten.mm.default)
+                and len(node.args) == 2 and not node.kwargs):
+            continue
+        transposed = node.args[1]
+        weight = _transposed_param(gm, transposed)
+        if weight is None:
+            continue
+        end, bias = node, None
+        user = next(iter(node.users)) if len(node.users) == 1 else None
+        if user is not None and user.target == aten.add.Tensor and not user.kwargs and len(user.args) == 2:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            param = _param(gm, other.target) if isinstance(other, fx.Node) and other.op == "get_attr" else None
+            w = _param(gm, weight.target)
+            if (other.target == f"{weight.target.rpartition('.')[0]}.bias".lstrip(".")
+                    and isinstance(param, nn.Parameter) and param.shape == w.shape[:1] and param.dtype == w.dtype):
+                end, bias = user, other
+        with graph.inserting_before(end):
+            linear = graph.call_function(aten.linear.default, (node.args[0], weight) + ((bias,) if bias else ()))
+        linear.meta = dict(end.meta)
+        end.replace_all_uses_with(linear)
+        for dead in dict.fromkeys((end, node, transposed)):
+            if not dead.users:
+                graph.erase_node(dead)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _transposed_param(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The get_attr node of a 2-D parameter W when `node` is W with its two dims swapped, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    source = node.args[0] if node.args else None
+    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        return None
+    param = _param(gm, source.target)
+    if not isinstance(param, nn.Parameter) or param.dim() != 2:
+        return None
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return source
+    if node.target == aten.transpose.int and {node.args[1] % 2, node.args[2] % 2} == {0, 1}:
+        return source
+    if node.target == aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0]:
+        return source
+    return None
 
 
 def _rmsnorm_weight(gm: fx.GraphModule, node: fx.Node) -> str | None:
