@@ -170,6 +170,10 @@ def find_sites(gm: fx.GraphModule) -> SiteTable:
     return SiteTable(found)
 
 
+_OTHER_WEIGHT_OPS = {aten.embedding.default}  # weight first
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}  # weight second
+
+
 def canonical_linears(gm: fx.GraphModule) -> int:
     """Rewrite each linear written out by hand as the one op that makes it a site, in place; returns how many.
 
@@ -178,15 +182,21 @@ def canonical_linears(gm: fx.GraphModule) -> int:
         (mm in place of matmul)
 
     W is a 2-D parameter (Falcon's `FalconLinear.forward` is `x @ self.weight.T + self.bias`). Both sides compute
-    x Wᵀ + b; without this the weight is no site and a selector naming the module matches nothing."""
+    x Wᵀ + b; without this the weight is no site and a selector naming the module matches nothing. A W that another
+    kind of op also reads (an embedding table used as the output projection, `h @ wte.weight.T`) is left alone: its
+    module would own sites of two ops, and one adapter module per owner cannot adapt both."""
     graph, count = gm.graph, 0
+    other_ops = {n.args[0].target for n in graph.nodes if n.op == "call_function" and n.target in _OTHER_WEIGHT_OPS
+                 and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"}
+    other_ops |= {n.args[1].target for n in graph.nodes if n.op == "call_function" and n.target in _CONVS
+                  and len(n.args) > 1 and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"}
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target in (aten.matmul.default, aten.mm.default)
                 and len(node.args) == 2 and not node.kwargs):
             continue
         transposed = node.args[1]
         weight = _transposed_param(gm, transposed)
-        if weight is None:
+        if weight is None or weight.target in other_ops:
             continue
         end, bias = node, None
         user = next(iter(node.users)) if len(node.users) == 1 else None

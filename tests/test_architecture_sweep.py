@@ -261,6 +261,35 @@ def test_written_out_linears_take_peft_lora(tmp_path):
     assert diff(merged_onnx_output(gm, {"x": x}, tmp_path / "m.onnx"), want) <= 1e-5
 
 
+class TiedOutput(nn.Module):
+    """An embedding table also used, written out, as the output projection: logits = h @ emb.weight.T."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(50, 16), nn.Linear(16, 16)
+
+    def forward(self, ids):
+        return self.mid(self.emb(ids)) @ self.emb.weight.T
+
+
+def test_an_embedding_table_read_as_a_projection_stays_an_embedding_site(tmp_path):
+    """Its module cannot own an embedding site and a linear site (one adapter module per owner): the written-out
+    projection is left a matmul, and a LoRA on `emb` adapts the lookup only, as PEFT's does."""
+    torch.manual_seed(0)
+    model, ids = TiedOutput().eval(), torch.randint(0, 50, (2, 5))
+    gm = capture_module(model, {"ids": ids})
+    assert [(s.name, s.op) for s in gm.meta["rewrite"].sites.values()] == [("emb", "embedding"), ("mid", "linear")]
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["emb"],
+                                                                  init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    run_pass(gm, "load", path=str(tmp_path / "peft"), adapter="a")
+    with torch.no_grad():
+        want = pm(ids)
+        assert diff(want, model(ids)) > 1e-2
+        assert diff(gm(ids=ids), want) <= 1e-6
+
+
 # ---------------------------------------------------------------------------- 3. grouped products (MoE experts)
 
 
