@@ -8,8 +8,10 @@
    (another batch and length, a right-padded mask), so dynamic axes and data-dependent paths (MoE routing, CLIP's
    pooled EOS token) run on new values. The adapter must move the output by > 1e-3, or the check proves nothing.
 2. A linear written out as `x @ W.T + b` (Falcon's `FalconLinear`) is a linear site (`sites.canonical_linears`):
-   sites, graph and PEFT oracle on a plain module; a square weight used untransposed stays a matmul.
-3. Grouped matrix products (MoE experts: transformers' `grouped_mm_fallback`) export to ONNX (`export/grouped_mm.py`): ONNX Runtime equals a per-expert loop, empty experts included.
+   sites, graph and PEFT oracle on a plain module; a square weight used untransposed stays a matmul, and so does an
+   embedding table read as the output projection (`h @ emb.weight.T`: a LoRA on `emb` adapts the lookup, as PEFT's).
+3. Grouped matrix products (MoE experts: transformers' `grouped_mm_fallback`) export to ONNX (`export/grouped_mm.py`):
+   ONNX Runtime equals a per-expert loop, empty experts included.
 4. Refused by name with exit code 2: LoRA on a grouped conv (ConvNext's depthwise conv), an unmerged LoRA on a conv2d
    site (a ResNet has no other), an adapter on one call of a module whose weight other calls share (ALBERT's one
    layer, run twice); on all of its calls a PiSSA init (which rewrites the shared weight) and its merge keep the
