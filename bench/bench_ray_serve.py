@@ -4,9 +4,10 @@ Same model, adapters, replicas and traffic for both: a 4-Linear stack 1024 -> H 
 default 8192: 576 MB of fp32 weights, so a run is bound by reading its weights from memory, as a decoder step is, while
 a request carries only 1024 floats each way), 8 LoRA adapters of rank 16 on all four, exported per row (custom-op when
 its library builds, else bank); uniform random adapters; `--clients` concurrent HTTP clients on loopback, each sending
-`--requests` single-row requests per round, through HTTP (`--via http`: JSON on loopback through Serve's proxy) or
-Python handles (`--via handle`: `DeploymentHandle` calls from asyncio tasks, what another deployment in the same Ray
-app would do; no proxy, no JSON). Both contenders are deployed at once (route prefixes /ours and /mux) and measured in
+`--requests` single-row requests per round, through HTTP (`--via http`: JSON on loopback through Serve's proxy;
+`--via binary`: the same with safetensors bodies, rewrite.runtime.tensor_body, for both contenders) or Python
+handles (`--via handle`: `DeploymentHandle` calls from asyncio tasks, what another deployment in the same Ray app
+would do; no proxy, no JSON). Both contenders are deployed at once (route prefixes /ours and /mux) and measured in
 alternating rounds (`--rounds`), so a change in the machine's load falls on both; medians are quoted.
 Contenders:
   ours         runtime/ray_serve.py: `@serve.batch` gathers requests of any adapters, one run per batch, an id per row;
@@ -14,7 +15,7 @@ Contenders:
                which splits every batch by model id: one run per adapter present, on the same AdapterSession.
 Every answer is checked against the request's adapter (one AdapterSession run alone). Goal (issue 13): ours >= 2x the
 multiplexed throughput at equal p99.
-Usage: python bench/bench_ray_serve.py [--via http handle] [--hidden 8192] [--clients 32] [--requests 50]
+Usage: python bench/bench_ray_serve.py [--via http binary handle] [--hidden 8192] [--clients 32] [--requests 50]
                                       [--rounds 3] [--replicas 1] [--max-batch 32]
 """
 from __future__ import annotations
@@ -37,7 +38,10 @@ import torch
 from ray import serve
 from rich.console import Console
 from rich.table import Table
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save
 from starlette.requests import Request as HttpRequest
+from starlette.responses import Response
 
 from rewrite.export.manifest import build_manifest
 from rewrite.export.onnx_unmerged import export_unmerged
@@ -45,6 +49,7 @@ from rewrite.formats.manifest import MANIFEST, write_manifest
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
 from rewrite.options import ExportOptions
+from rewrite.runtime import tensor_body
 from rewrite.runtime.json_feeds import request_feeds
 from rewrite.runtime.model_io import read_io
 from rewrite.runtime.ray_serve import build_app
@@ -97,9 +102,12 @@ class Multiplexed:
     async def rows(self, x: np.ndarray) -> np.ndarray:
         return await self.infer(x)
 
-    async def __call__(self, http: HttpRequest) -> dict:
-        body = await http.json()
-        feeds = request_feeds(body, self.inputs)
+    async def __call__(self, http: HttpRequest):
+        if http.headers.get("content-type") == tensor_body.MEDIA_TYPE:  # as ours: safetensors in and out
+            feeds = request_feeds(tensor_body.read_request(await http.body(), None), self.inputs)
+            return Response(tensor_body.write_answer({self.output: await self.infer(feeds["input"])}),
+                            media_type=tensor_body.MEDIA_TYPE)
+        feeds = request_feeds(await http.json(), self.inputs)
         return {"outputs": {self.output: (await self.infer(feeds["input"])).tolist()}}
 
 
@@ -131,23 +139,31 @@ def load_handles(handle, multiplexed: bool, xs: np.ndarray, want: dict, clients:
     return summary(results, time.perf_counter() - start)
 
 
-def load(port: int, multiplexed: bool, xs: np.ndarray, want: dict, clients: int, requests: int) -> dict:
-    """One round through HTTP: `clients` threads, each sending `requests` single-row requests with random adapters."""
+def load(port: int, multiplexed: bool, binary: bool, xs: np.ndarray, want: dict, clients: int,
+         requests: int) -> dict:
+    """One round through HTTP: `clients` threads, each sending `requests` single-row requests with random adapters;
+    JSON bodies, or safetensors ones (`binary`)."""
     def one(seed: int) -> list[tuple[float, bool]]:
         rng, done = random.Random(seed), []
         for _ in range(requests):
             i, adapter = rng.randrange(len(xs)), rng.choice(NAMES)
-            headers = {"content-type": "application/json"}
+            headers = {"content-type": tensor_body.MEDIA_TYPE if binary else "application/json"}
+            url = f"http://127.0.0.1:{port}/" + ("mux" if multiplexed else "ours/v1/infer")
             if multiplexed:
                 headers["serve_multiplexed_model_id"] = adapter
-            data = json.dumps({"adapter": adapter, "inputs": {"input": xs[i:i + 1].tolist()}} if not multiplexed
-                              else {"inputs": {"input": xs[i:i + 1].tolist()}}).encode()
+            elif binary:
+                url += f"?adapter={adapter}"
+            if binary:
+                data = save({"input": xs[i:i + 1]})
+            else:
+                data = json.dumps({"inputs": {"input": xs[i:i + 1].tolist()}, "adapter": adapter}
+                                  if not multiplexed else {"inputs": {"input": xs[i:i + 1].tolist()}}).encode()
             start = time.perf_counter()
-            url = f"http://127.0.0.1:{port}/" + ("mux" if multiplexed else "ours/v1/infer")
             with urllib.request.urlopen(urllib.request.Request(url, data, headers)) as r:
-                body = json.loads(r.read())
+                raw = r.read()
+            y = next(iter(load_tensors(raw).values())) if binary \
+                else np.array(next(iter(json.loads(raw)["outputs"].values())), np.float32)
             seconds = time.perf_counter() - start
-            y = np.array(next(iter(body["outputs"].values())), np.float32)
             done.append((seconds, float(np.abs(y - want[(i, adapter)]).max()) <= 1e-4))
         return done
 
@@ -159,7 +175,8 @@ def load(port: int, multiplexed: bool, xs: np.ndarray, want: dict, clients: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--via", nargs="+", choices=["http", "handle"], default=["http", "handle"])
+    parser.add_argument("--via", nargs="+", choices=["http", "binary", "handle"],
+                        default=["http", "binary", "handle"])
     parser.add_argument("--hidden", type=int, default=8192)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=50)
@@ -188,8 +205,8 @@ def main() -> None:
                            str(out), args.max_batch), name="multiplexed", route_prefix="/mux")}
 
             def one_round(via: str, name: str, requests: int) -> dict:
-                if via == "http":
-                    return load(port, name == "multiplexed", xs, want, args.clients, requests)
+                if via in ("http", "binary"):
+                    return load(port, name == "multiplexed", via == "binary", xs, want, args.clients, requests)
                 return load_handles(handles[name], name == "multiplexed", xs, want, args.clients, requests)
 
             for via, name in rounds:
