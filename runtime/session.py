@@ -78,7 +78,6 @@ class AdapterSession:
         index, entry = found
         self.directory, self.entry, self.switching = directory, entry, entry.switching
         self._field = f"{directory / MANIFEST}: 'exports[{index}]"  # + ".key': ..." names a field in errors
-        self.bank_dtype = entry.bank_dtype or "float32"
         self.model_path = self._named_file(entry.file, ".file")
         self._sites = {s.site: dict(s.model_dump(), rank_limit=s.rank if entry.routed else None) for s in entry.sites}
         options = ort.SessionOptions()
@@ -101,6 +100,9 @@ class AdapterSession:
                                   ) from None
         del model
         self._check_model_inputs()
+        # the model's, not the option's: a float16 model has float16 banks and A / B inputs
+        self._dtypes = self._adapter_dtypes()
+        self.bank_dtype = "float16" if np.float16 in self._dtypes.values() else "float32"  # what adapters may hold
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="rewrite-adapters-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
@@ -156,6 +158,20 @@ class AdapterSession:
         if self.entry.routed and self.entry.ids_input not in inputs:
             raise DeploymentError(f"{self._field}.ids_input': {self.entry.ids_input!r} is not an input of "
                                   f"{self.model_path}")
+
+    def _adapter_dtypes(self) -> dict[str, np.dtype]:
+        """{A / B / row-bank input name: the float type the model takes there} (a float16 model: float16)."""
+        args = [*self._session.get_inputs(), *self._session.get_overridable_initializers()]
+        types = {i.name: i.type for i in args}
+        names = [n for s in self.entry.sites for n in (s.A, s.B)] + [n for r in self.entry.row_sites
+                                                                      for n in r.banks.values()]
+        out = {n: np.dtype(_ORT_TYPES.get(types[n], object)) for n in names}
+        odd = {n: types[n] for n, t in out.items() if t not in (np.float32, np.float16)}
+        if odd:
+            name, kind = next(iter(odd.items()))
+            raise DeploymentError(f"{self.model_path}: adapter input {name!r} takes {kind}; adapters are float32 "
+                                  "or float16")
+        return out
 
     @property
     def adapters(self) -> list[str]:
@@ -334,8 +350,9 @@ class AdapterSession:
                 file = self._tmp / f"{name}.onnx_adapter"
                 inputs = {self._sites[s][k]: t for s, (a, b) in tensors.factors.items()
                           for k, t in (("A", a), ("B", b))}
-                vectors = {n: v.reshape(1, 1, -1) for n, v in tensors.rows.items()}  # the model's input shape
-                write_onnx_adapter(file, {**inputs, **vectors}, self.entry.model_version)
+                inputs.update({n: v.reshape(1, 1, -1) for n, v in tensors.rows.items()})  # the model's input shape
+                inputs = {n: t.astype(self._dtypes[n], copy=False) for n, t in inputs.items()}
+                write_onnx_adapter(file, inputs, self.entry.model_version)
                 try:
                     self._add_file(name, file)
                 finally:
