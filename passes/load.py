@@ -19,6 +19,9 @@ Rules:
    file) is refused; both name the two spec locations. The same entry run again is a no-op (rule 4).
 8. A kind whose sites share state ties it before anything changes (`share`): VeRA's frozen projections, from the
    directory's `base_model.vera_A` / `vera_B` or drawn again from its `projection_prng_key`.
+9. A PEFT directory with `adapter_model.bin` (a pickle, which can run code) and no safetensors is read only with
+   `trust_pickle = true` (tensors only: `torch.load(weights_only=True)`); otherwise it is refused, saying how to
+   convert it.
 """
 from __future__ import annotations
 
@@ -44,8 +47,9 @@ from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
 from rewrite.sites import Site, SiteTable
 from rewrite.state import AdapterOrigin, state_of
-from rewrite.tensors import from_numpy
+from rewrite.tensors import from_numpy, to_numpy
 
+PICKLE = "adapter_model.bin"
 PEFT_READERS: dict[PeftFormat, type[AdapterKind]] = {}
 for _kind in KINDS.values():
     if _kind.peft_format is not None:
@@ -56,6 +60,7 @@ class LoadOptions(PassOptions):
     path: str
     adapter: str = Field(default="default", pattern=ADAPTER_NAME)
     format: Literal["auto", "peft", "rewrite"] = "auto"
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -79,6 +84,18 @@ class Entry:
 
 def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {key: from_numpy(array) for key, array in arrays.items()}
+
+
+def _unpickled(path: Path) -> dict[str, np.ndarray]:
+    """Rule 9: the tensors of a trusted `adapter_model.bin` ({key: tensor} and nothing else)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a corrupt or non-tensor pickle is bad input
+        raise AdapterFileError(f"{path}: not a readable tensor pickle: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise AdapterFileError(f"{path}: expected a dict of named tensors (PEFT's state dict)")
+    return {key: to_numpy(tensor) for key, tensor in state.items()}
 
 
 def _owners(table: SiteTable) -> dict[str, list[Site]]:
@@ -152,7 +169,7 @@ class LoadPass(GraphPass):
             fmt = "peft" if path.is_dir() else "rewrite"
         table = state_of(gm).sites
         if fmt == "peft":
-            entries, base_copies, shared = self._peft_entries(path, gm, table)
+            entries, base_copies, shared = self._peft_entries(path, gm, table, self.options.trust_pickle)
         else:
             entries, base_copies, shared = self._rewrite_entries(path), {}, {}
         self._check_known(path, table, [*entries, *base_copies])
@@ -164,9 +181,18 @@ class LoadPass(GraphPass):
         return result
 
     @staticmethod
-    def _peft_entries(path: Path, gm: fx.GraphModule, table: SiteTable) -> tuple[
+    def _peft_entries(path: Path, gm: fx.GraphModule, table: SiteTable, trust_pickle: bool) -> tuple[
             dict[str, Entry], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        adapter = read_peft_dir(path, list(PEFT_READERS))
+        pickled = path / PICKLE
+        if (path / WEIGHTS).is_file() or not pickled.is_file() or not (path / CONFIG).is_file():
+            adapter = read_peft_dir(path, list(PEFT_READERS))
+        elif trust_pickle:
+            adapter = read_peft_dir(path, list(PEFT_READERS), _unpickled(pickled), pickled)
+        else:
+            raise AdapterFileError(f"{path}: no {WEIGHTS} ({PICKLE} is a pickle and is never loaded unless trusted: "
+                                   "it can run code); for a file you trust set trust_pickle = true on this load pass, "
+                                   f"or convert it once: safetensors.torch.save_file(torch.load('{PICKLE}'), "
+                                   f"'{WEIGHTS}')")
         _check_targets(adapter, table)
         reader = PEFT_READERS[adapter.format]
         entries = {}

@@ -323,7 +323,7 @@ def _peft_dir(root: Path, *, config: dict | None = None, tensors: dict | None = 
 
 PEFT_CASES = {
     "missing_adapter_config": (dict(config=False), ["not a PEFT adapter directory (no adapter_config.json)"]),
-    "unsupported_tuner": (dict(config={"peft_type": "POLY"}), ["peft_type is 'POLY'; the adapters that can be loaded are LORA, IA3"]),
+    "unsupported_tuner": (dict(config={"peft_type": "POLY"}), ["peft_type is 'POLY'; the adapters that can be loaded are LORA, ADALORA, IA3"]),
     "key_matches_no_site": (dict(config={"target_modules": ["q_prj"]},
                                  tensors={"base_model.model.q_prj.lora_A.weight": torch.randn(2, 8),
                                           "base_model.model.q_prj.lora_B.weight": torch.randn(8, 2)}),

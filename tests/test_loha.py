@@ -148,8 +148,7 @@ def test_allocate_resizes_loha_physically(pair):
     assert max_diff(outputs(fresh, kwargs), before) == 0.0
 
 
-@pytest.mark.parametrize("option,value", [("rank_dropout", 0.1), ("module_dropout", 0.2),
-                                          ("use_effective_conv2d", True)])
+@pytest.mark.parametrize("option,value", [("rank_dropout", 0.1), ("module_dropout", 0.2)])
 def test_peft_options_we_do_not_implement_are_refused(pair, option, value, tmp_path):
     check_option_refused(pair, "llama", option, value, tmp_path)
 

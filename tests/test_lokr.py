@@ -83,7 +83,7 @@ def test_unmerged_export_of_conv2d_and_allocate_refuse_lokr_by_name(pair, tmp_pa
 
 
 @pytest.mark.parametrize("option,value", [("rank_dropout", 0.1), ("module_dropout", 0.2),
-                                          ("use_effective_conv2d", True), ("rank_dropout_scale", True)])
+                                          ("rank_dropout_scale", True)])
 def test_peft_options_we_do_not_implement_are_refused(pair, option, value, tmp_path):
     check_option_refused(pair, "llama", option, value, tmp_path)
 

@@ -32,11 +32,12 @@ from torch import nn
 
 from rewrite.adapters.base import LowRank
 from rewrite.adapters.lora import kept_components, orthogonal_factors
-from rewrite.adapters.lycoris import LycorisDelta, LycorisPeftConfig, lycoris_config
+from rewrite.adapters.lycoris import LycorisDelta, LycorisPeftConfig, lycoris_config, refuse_tucker
 from rewrite.formats.peft_dir import PeftFormat
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-LOHA_FORMAT = PeftFormat("LOHA", LycorisPeftConfig, (FACTORS,))
+LOHA_FORMAT = PeftFormat("LOHA", LycorisPeftConfig, (FACTORS, (*FACTORS, "hada_t1", "hada_t2")),
+                         check=refuse_tucker)
 
 
 class LoHa(LycorisDelta, LowRank):

@@ -35,7 +35,7 @@ from torch import nn
 
 from rewrite.adapters.base import NotSupported
 from rewrite.adapters.dense_factors import export_factors, rank_factors
-from rewrite.adapters.lycoris import LycorisDelta, LycorisPeftConfig, lycoris_config, module_settings
+from rewrite.adapters.lycoris import LycorisDelta, LycorisPeftConfig, lycoris_config, module_settings, refuse_tucker
 from rewrite.formats.peft_dir import PeftFormat
 from rewrite.options import Strict
 
@@ -71,7 +71,9 @@ class LoKrPeftConfig(LycorisPeftConfig):
 
 W1_LAYOUTS = (("lokr_w1",), ("lokr_w1_a", "lokr_w1_b"))
 W2_LAYOUTS = (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))
-LOKR_FORMAT = PeftFormat("LOKR", LoKrPeftConfig, tuple(w1 + w2 for w1 in W1_LAYOUTS for w2 in W2_LAYOUTS))
+LOKR_FORMAT = PeftFormat("LOKR", LoKrPeftConfig, tuple(w1 + w2 for w1 in W1_LAYOUTS
+                                                          for w2 in (*W2_LAYOUTS, (*W2_LAYOUTS[1], "lokr_t2"))),
+                         check=refuse_tucker)
 ZERO_AT_INIT = ("lokr_w1", "lokr_w1_a")
 
 

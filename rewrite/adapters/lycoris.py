@@ -13,8 +13,10 @@ Sites: linear and conv2d (PEFT's LyCORIS layers are torch Linear, Conv1d and Con
 PEFT config (`LycorisPeftConfig`: the fields LoHaConfig and LoKrConfig share): r, alpha, rank_pattern and
 alpha_pattern give each module's rank and alpha (pattern keys matched as PEFT's `(.*\\.)?key$` regexes). Refused,
 naming the field: rank_dropout and module_dropout other than 0 (training-time dropout of rows of delta W / of the
-whole adapter), use_effective_conv2d (Tucker-factored conv kernels) and modules_to_save. init_weights only picks
-an init, which loaded weights replace: every value PEFT allows is read.
+whole adapter) and modules_to_save. use_effective_conv2d only changes conv2d modules whose kernel is larger than 1x1
+(PEFT saves them Tucker-factored, with `hada_t1` / `hada_t2` / `lokr_t2`): its linear and 1x1 modules are read,
+a module holding Tucker tensors is refused by name (`refuse_tucker`). init_weights only picks an init, which loaded
+weights replace: every value PEFT allows is read.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from pydantic import StrictBool, field_validator
 from torch import nn
 
 from rewrite.adapters.base import AdapterKind
-from rewrite.formats.peft_dir import PeftAdapter, PeftConfig, compiled, pattern_value
+from rewrite.errors import AdapterFileError
+from rewrite.formats.peft_dir import CONFIG, PeftAdapter, PeftConfig, compiled, pattern_value
 from rewrite.formats.peft_lora import PATTERN_VALUES, PATTERNS_EXPECTED, Number, Rank
 
 
@@ -43,8 +46,7 @@ class LycorisPeftConfig(PeftConfig):
     pattern_values: ClassVar[dict[str, str]] = PATTERN_VALUES
     unsupported: ClassVar[dict[str, str]] = {
         **PeftConfig.unsupported, "rank_dropout": "rank_dropout (training-time dropout of rows of delta W)",
-        "module_dropout": "module_dropout (training-time dropout of the whole adapter)",
-        "use_effective_conv2d": "use_effective_conv2d (Tucker-factored conv kernels)"}
+        "module_dropout": "module_dropout (training-time dropout of the whole adapter)"}
 
     r: Rank = 8
     alpha: Number = 8
@@ -59,6 +61,20 @@ class LycorisPeftConfig(PeftConfig):
     @classmethod
     def _patterns(cls, value: Any) -> Any:
         return compiled({} if value is None else value)
+
+
+TUCKER_KEYS = ("hada_t1", "hada_t2", "lokr_t2")  # use_effective_conv2d's core tensors (conv kernels above 1x1)
+
+
+def refuse_tucker(adapter: PeftAdapter) -> None:
+    """A module saved Tucker-factored (use_effective_conv2d on a conv2d kernel above 1x1) is not read."""
+    for module, parts in adapter.modules.items():
+        tucker = [key for key in TUCKER_KEYS if key in parts]
+        if tucker:
+            raise AdapterFileError(f"{adapter.path / CONFIG}: 'use_effective_conv2d' = true saved module {module!r} "
+                                   f"Tucker-factored ({', '.join(tucker)}); use_effective_conv2d (Tucker-factored conv "
+                                   f"kernels) is not supported for {adapter.format.peft_type} adapters: train it with "
+                                   "use_effective_conv2d = false (its linear and 1x1 conv modules are read either way)")
 
 
 def module_settings(adapter: PeftAdapter, module: str) -> dict[str, Any]:

@@ -26,18 +26,81 @@ and what the `save` pass writes. `lora_A` / `lora_B` (read-only) are the same fa
 Embedding sites are not supported (PEFT's AdaLoRA does not support them either).
 
 `insert` with `kind = "svd_lora"` puts this module in from a spec (PEFT's AdaLoRA init, identity at start).
+
+`load` reads PEFT's AdaLoRA directories (`peft_type = "ADALORA"`, keys `lora_A` / `lora_E` / `lora_B`, no `.weight`):
+the rank is the tensors' (PEFT saves each module cut to the triplets its `rank_pattern` mask keeps), and
+c = lora_alpha / (init_r + 1e-5), as PEFT's reload keeps `ranknum` at `init_r` after that cut.
 """
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
+from pydantic import StrictBool, field_validator
 from torch import nn
 
 from rewrite.adapters.base import LowRank
 from rewrite.adapters.lora import LoRA
+from rewrite.errors import AdapterFileError
+from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, PeftFormat, tensor_key
+from rewrite.formats.peft_lora import LoraPeftConfig, Rank
 
 SVD_INITS = ("zeros", "gaussian", "adalora")
 INIT_STD = 0.02
+ADALORA_KEYS = ("lora_A", "lora_E", "lora_B")
+
+
+class AdaLoraPeftConfig(LoraPeftConfig):
+    """`adapter_config.json` of an AdaLoRA adapter: LoRA's fields (the same variants refused), `init_r` the rank it
+    was made with, `rank_pattern` {saved name of lora_E: the mask of the triplets kept} after its budget steps."""
+
+    expected: ClassVar[dict[str, str]] = {**LoraPeftConfig.expected, "init_r": "a whole number >= 1",
+                                          "rank_pattern": "an object of module -> list of true / false"}
+    pattern_values: ClassVar[dict[str, str]] = {"alpha_pattern": "a number", "rank_pattern": "a list of true / false"}
+
+    peft_type: str = "ADALORA"
+    init_r: Rank = 12
+    rank_pattern: dict[str, list[StrictBool]] = {}
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _pattern_regexes(cls, value: Any) -> Any:  # LoRA's regex keys; AdaLoRA's are saved parameter names
+        return value
+
+
+def _kept(adapter: PeftAdapter, module: str) -> list[bool] | None:
+    """The `rank_pattern` mask of `module` (PEFT names it by its lora_E parameter, with or without the adapter's
+    name), or None."""
+    for name, mask in adapter.config.rank_pattern.items():
+        if name.removeprefix("base_model.model.").split(".lora_E")[0] == module:
+            return mask
+    return None
+
+
+def _check_adalora(adapter: PeftAdapter) -> None:
+    """Q [r, d_in], lam [r, 1], P [d_out, r] of one rank r per module: `init_r`, or the mask's count of kept
+    triplets where `rank_pattern` names the module."""
+    weights_file = adapter.path / WEIGHTS
+    for module, parts in adapter.modules.items():
+        q, e, p = (parts[key] for key in ADALORA_KEYS)
+        r = q.shape[0]
+        if q.ndim != 2 or e.shape != (r, 1) or p.ndim != 2 or p.shape[1] != r:
+            raise AdapterFileError(f"{weights_file}: module {module!r}: lora_A {q.shape}, lora_E {e.shape}, lora_B "
+                                   f"{p.shape}; expected Q [r, d_in], lam [r, 1] and P [d_out, r] of one rank r")
+        mask = _kept(adapter, module)
+        expected = adapter.config.init_r if mask is None else sum(mask)
+        if r != expected:
+            said = f"'init_r' = {expected}" if mask is None else f"'rank_pattern' keeps {expected} triplets"
+            raise AdapterFileError(f"{weights_file}: tensor {tensor_key(module, 'lora_A')!r} has rank {r}, but "
+                                   f"{CONFIG} says {said} for {module!r}; the config does not describe these tensors")
+        if r == 0:
+            raise AdapterFileError(f"{weights_file}: module {module!r}: AdaLoRA's budget kept none of its triplets "
+                                   "(rank 0, a no-op); rank-0 modules are not loaded: drop its tensors and its "
+                                   "target_modules entry, or load the adapter before that budget step")
+
+
+ADALORA_FORMAT = PeftFormat("ADALORA", AdaLoraPeftConfig, (ADALORA_KEYS,), check=_check_adalora)
 
 
 class SvdLoRA(LowRank):
@@ -45,10 +108,11 @@ class SvdLoRA(LowRank):
     ops = ("linear", "conv1d", "conv2d")
     settings = ("rank", "alpha", "dropout", "init")
     inits = ("zeros",)  # from a spec: PEFT's AdaLoRA init (lam = 0); the allocators use the others
+    peft_format = ADALORA_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", ranknum: float | None = None):
         super().__init__()
         if op not in ("linear", "conv1d", "conv2d"):
             raise ValueError(f"SVD-form LoRA supports linear, Conv1D and conv2d sites, not {op!r}")
@@ -62,7 +126,7 @@ class SvdLoRA(LowRank):
         self.rslora, self.init = False, init
         self.conv = dict(conv or {})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.ranknum = float(rank)
+        self.ranknum = float(rank if ranknum is None else ranknum)
         self.reserve = 0
         self.track_product_grad = False        # IncreLoRA: materialise c P diag(lam) Q and keep dL/d(that)
         self.product_grad: torch.Tensor | None = None
@@ -87,6 +151,12 @@ class SvdLoRA(LowRank):
     def rank(self) -> int:
         """Triplets that count (reserves excluded); AdaLoRA's masked triplets still count until resized."""
         return self.slots - self.reserve
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        """`load` sets each setting it reads; the rank follows the triplets held (`resize` changes it)."""
+        if value != self.rank:
+            raise ValueError(f"SVD-form LoRA holds {self.rank} triplets; resize it to change its rank to {value}")
 
     @property
     def scaling(self) -> float:
@@ -251,6 +321,13 @@ class SvdLoRA(LowRank):
         self.E = nn.ParameterList([nn.Parameter(e.detach().to(dtype).clone())])
         self.P = nn.ParameterList([nn.Parameter(p.detach().to(dtype).clone())])
         self.reserve = 0
+
+    @classmethod
+    def peft_module(cls, adapter: PeftAdapter, module: str) -> tuple[type[SvdLoRA], dict]:
+        """PEFT's AdaLoRA reads `lora_alpha` alone (no alpha_pattern, no rsLoRA)."""
+        config: AdaLoraPeftConfig = adapter.config  # type: ignore[assignment]
+        return cls, dict(rank=int(adapter.modules[module]["lora_A"].shape[0]), alpha=float(config.lora_alpha),
+                         ranknum=float(config.init_r))
 
     def extra_repr(self) -> str:
         return (f"op={self.op}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, reserve={self.reserve}, "

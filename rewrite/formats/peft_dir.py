@@ -5,7 +5,8 @@ saved with it, `<module path>.<stem>.<name>[.weight]`, is read too). Which suffi
 the config holds besides the fields every tuner shares, is the tuner's own `PeftFormat` (LoRA's is in
 `peft_lora.py`, IA3 / ROAD / BEFT in `peft_rows.py`; other tuners declare theirs in their adapter kind). This module
 owns the rules every tuner shares:
-- Only safetensors weights are read: `adapter_model.bin` is a pickle and is refused.
+- Only safetensors weights are read: `adapter_model.bin` is a pickle and is refused (a caller that the user
+  told to trust it reads it and passes its tensors).
 - The config is a JSON object with nothing anywhere NaN / Infinity; its `peft_type` picks the format, and the
   format's pydantic model validates it strictly (PEFT's many other fields are kept as they are).
 - `targets`: PEFT's `check_target_module_exists` — a `target_modules` regex string matched in full, else a list of
@@ -33,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
 
 from rewrite.errors import AdapterFileError
-from rewrite.finite import nonfinite_key
+from rewrite.finite import check_tensors, nonfinite_key
 from rewrite.formats.safetensors_file import read_safetensors, write_safetensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -52,6 +53,10 @@ class PeftConfig(BaseModel):
         "exclude_modules": "a list of module names or a regex string",
         "layers_to_transform": "a layer index or a list of them", "layers_pattern": "a name or a list of names"}
     unsupported: ClassVar[dict[str, str]] = {"modules_to_save": "modules_to_save (trained full modules)"}
+    remedies: ClassVar[dict[str, str]] = {  # what works instead, for a refused key of `unsupported`
+        "modules_to_save": "their saved weights replace the base model's, which an adapter never does; to serve it, "
+                           "merge it in PEFT (PeftModel.from_pretrained(base, dir).merge_and_unload()), save that "
+                           "model and export it without an adapter"}
 
     peft_type: StrictStr
     modules_to_save: list[str] | None = None
@@ -215,26 +220,34 @@ def _validated(raw: dict[str, Any], peft_format: PeftFormat, config_file: Path) 
     except ValidationError as err:
         raise _config_error(err, config_file, model) from None
     for key, what in model.unsupported.items():
-        if getattr(config, key):
+        if value := getattr(config, key):
+            remedy = model.remedies.get(key, "")
             raise AdapterFileError(f"{config_file}: '{key}' is set; {what} is not supported for "
-                                   f"{peft_format.peft_type} adapters")
+                                   f"{peft_format.peft_type} adapters ({key} = {value!r}){remedy and ': ' + remedy}")
     if not peft_format.accepts(raw):
         raise AdapterFileError(f"{config_file}: this {peft_format.peft_type} configuration is not supported")
     return config
 
 
-def read_peft_dir(path: Path, formats: Sequence[PeftFormat]) -> PeftAdapter:
-    """Read and check a PEFT directory of one of `formats`."""
-    config_file, weights_file = path / CONFIG, path / WEIGHTS
+def read_peft_dir(path: Path, formats: Sequence[PeftFormat], tensors: Mapping[str, np.ndarray] | None = None,
+                  weights_file: Path | None = None) -> PeftAdapter:
+    """Read and check a PEFT directory of one of `formats`; `tensors` (read by the caller from `weights_file`, e.g. a
+    trusted pickle) stand for its adapter_model.safetensors."""
+    config_file, weights_file = path / CONFIG, weights_file or path / WEIGHTS
     if not config_file.is_file():
         raise AdapterFileError(f"{path}: not a PEFT adapter directory (no {CONFIG})")
     raw = _raw_config(config_file)
     peft_format = _pick_format(raw, formats, config_file)
     config = _validated(raw, peft_format, config_file)
-    if not weights_file.is_file():
-        extra = " (adapter_model.bin is a pickle and is never loaded)" if (path / "adapter_model.bin").exists() else ""
+    if tensors is not None:
+        check_tensors(tensors, str(weights_file), AdapterFileError)
+    elif not weights_file.is_file():
+        extra = (" (adapter_model.bin is a pickle and is never loaded: it can run code; convert it once where you "
+                 "trust it: safetensors.torch.save_file(torch.load('adapter_model.bin'), 'adapter_model.safetensors'))"
+                 if (path / "adapter_model.bin").exists() else "")
         raise AdapterFileError(f"{path}: no {WEIGHTS}{extra}")
-    tensors, _ = read_safetensors(weights_file)
+    else:
+        tensors, _ = read_safetensors(weights_file)
     modules: dict[str, dict[str, np.ndarray]] = {}
     base_weights: dict[str, np.ndarray] = {}
     shared: dict[str, np.ndarray] = {}
