@@ -273,7 +273,7 @@ class AllocatePass(GraphPass):
 
             if not scorer.needs_labels:  # inputs only: a calibration file needs no labels
                 data = data.model_copy(update={"loss": "model"})
-            source = DataSource(data, self.context.spec_dir, list(state_of(gm).inputs.kwargs))
+            source = DataSource(data, self.context.spec_dir, state_of(gm))
             loss = make_loss(data)
         options = {"normalize": o.normalize, "whiten": o.whiten, "damping": o.damping, "probe_steps": o.probe_steps}
         ctx = ScoreContext(gm, targets, source, loss, o.batches, options)

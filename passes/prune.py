@@ -238,7 +238,7 @@ class PrunePass(GraphPass):
                             "scores, and no adapter is attached: insert a LoRA before 'prune'")
         from rewrite.data import DataSource
 
-        return DataSource(self.context.data, self.context.spec_dir, list(state_of(gm).inputs.kwargs))
+        return DataSource(self.context.data, self.context.spec_dir, state_of(gm))
 
     def _adapters(self, gm: fx.GraphModule) -> dict:
         """Rule 6: adapter path -> (LoRA module, its site) at the sites `layers` / `exempt` leave."""

@@ -112,7 +112,7 @@ class TrainPass(GraphPass):
         modules = adapter_modules(gm, o.adapters)
         if modules and all(getattr(m, MARK, None) == key for m in modules.values()):
             return PassResult(gm, False, {"note": "already trained with these options"})
-        source = DataSource(data, self.context.spec_dir, list(state.inputs.kwargs))
+        source = DataSource(data, self.context.spec_dir, state)
         result = train(gm, source, steps=o.steps, adapters=o.adapters, **settings)
         for module in adapter_modules(gm, o.adapters).values():
             setattr(module, MARK, key)

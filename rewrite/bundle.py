@@ -12,6 +12,7 @@ slots kept for adapters added while serving (`AdapterSession.add_adapter`).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,8 @@ def combine_spec(adapters: list[str], weights: str, *, into: str, method: str, o
     parsed = _named_adapters(adapters, "combine")
     try:
         numbers = [float(w) for w in weights.split(",")]
+        if not all(map(math.isfinite, numbers)):
+            raise ValueError
     except ValueError:
         raise SpecError(f"rewrite combine: --weights {weights!r}: give one number per --adapter, comma-separated "
                         "(e.g. 0.7,0.3)") from None

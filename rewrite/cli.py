@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import sys
 import time
 import warnings
@@ -28,6 +29,38 @@ import rewrite
 from rewrite.console import LiveProgress
 from rewrite.errors import RewriteError, describe
 from rewrite.progress import reporting
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number >= low (a bad one is a usage error naming the flag, exit code 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: expected a whole number >= {low}")
+        return value
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (nan / inf are refused here, not deep inside a pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite number")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value}: expected a port number 1..65535")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,10 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="a PEFT adapter directory (repeat for each adapter)")
     bundle.add_argument("--switching", choices=["ort-adapters", "bank", "custom-op"], default="bank",
                         help="ort-adapters: one adapter per run; bank / custom-op: one adapter per batch row")
-    bundle.add_argument("--capacity", type=int, help="bank slots (default: the number of adapters)")
+    bundle.add_argument("--capacity", type=_at_least(1), help="bank slots (default: the number of adapters)")
     bundle.add_argument("--bank-dtype", choices=["float32", "float16"], default="float32",
                         help="custom-op banks in float16: half the bytes per call, adapters rounded to half")
-    bundle.add_argument("--reserve-rank", type=int, metavar="N",
+    bundle.add_argument("--reserve-rank", type=_at_least(1), metavar="N",
                         help="keep bank slots of rank >= N at every adapter site and --reserve-target site, for "
                              "adapters added while serving (bank / custom-op; ort-adapters takes any rank)")
     bundle.add_argument("--reserve-target", action="append", default=[], metavar="SELECTOR",
@@ -73,11 +106,11 @@ def _parser() -> argparse.ArgumentParser:
                               "dare_linear_svd | dare_ties_svd | magnitude_prune_svd")
     combine.add_argument("--into", default="combined",
                          help="the new adapter, written to OUT/<into>/ (default: combined)")
-    combine.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune*: the share of entries kept")
+    combine.add_argument("--density", type=_finite, help="ties, dare_*, magnitude_prune*: the share of entries kept")
     combine.add_argument("--majority-sign-method", choices=["total", "frequency"],
                          help="ties*, dare_ties* (default total)")
-    combine.add_argument("--rank", type=int, help="*svd: the rank kept at every site (default: the largest input rank)")
-    combine.add_argument("--energy", type=float,
+    combine.add_argument("--rank", type=_at_least(1), help="*svd: the rank kept at every site (default: the largest input rank)")
+    combine.add_argument("--energy", type=_finite,
                          help="*svd: each site keeps the least rank holding this share of the merged update")
     combine.add_argument("--seed", type=int, help="dare_*: the masks' seed (default 0)")
     combine.add_argument("-o", "--output", default="out", help="output directory (default: out)")
@@ -123,12 +156,13 @@ def _parser() -> argparse.ArgumentParser:
     version.add_argument("--remove", action="append", default=[], metavar="NAME", help="an adapter to remove (repeat)")
     serve = sub.add_parser("serve", help="serve an unmerged export with Ray Serve (pip install rewrite-adapters[serve])")
     serve.add_argument("export_dir", metavar="OUT", help="output directory of an unmerged export")
-    serve.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
-    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument("--replicas", type=_at_least(1), default=1, help="replicas (default: 1)")
+    serve.add_argument("--port", type=_port, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="rows per batch, at most (default: 32)")
-    serve.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (default: 2)")
-    serve.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per replica (default: 1)")
+    serve.add_argument("--max-batch-size", type=_at_least(1), default=32, help="rows per batch, at most (default: 32)")
+    serve.add_argument("--batch-wait-ms", type=_finite, default=2.0, help="how long a batch waits to fill (default: 2)")
+    serve.add_argument("--threads", type=_at_least(1), default=1,
+                       help="ONNX Runtime intra-op threads per replica (default: 1)")
     for p in (triton, version, serve, merge):
         p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")

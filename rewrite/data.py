@@ -16,6 +16,7 @@ the index among the flattened outputs):
 from __future__ import annotations
 
 import itertools
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from rewrite.errors import DataError, SpecError, describe, first_line
+from rewrite.errors import DataError, SpecError, describe, first_line, plain
 from rewrite.factory import USER_FAILURES, call_factory, import_callable
 from rewrite.finite import check_tensors
+from rewrite.inputs import ExampleInputs
+from rewrite.load import weights_only_reason
 from rewrite.options import DataOptions
+from rewrite.state import RewriteState
 
 Batch = dict[str, torch.Tensor]
 
@@ -51,12 +55,17 @@ def _read_file(path: Path) -> Batch:
                             "or .pt)")
     except SpecError:
         raise
+    except pickle.UnpicklingError as err:
+        raise DataError(f"[data] path: {path}: holds Python objects besides tensors, which are never unpickled (a "
+                        f"data file holds named tensors only): {weights_only_reason(plain(str(err)))}") from None
     except Exception as err:  # noqa: BLE001 - an unreadable data file is bad input
         raise DataError(f"[data] path: {path}: cannot read tensors: {first_line(err)}") from None
     _check_batch(tensors, f"[data] path: {path}")
     sizes = {k: v.shape[0] if v.dim() else None for k, v in tensors.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
         raise DataError(f"[data] path: {path}: every tensor needs the same number of examples (dim 0); got {sizes}")
+    if not tensors or 0 in sizes.values():
+        raise DataError(f"[data] path: {path}: holds no examples (tensors: {sizes})")
     check_tensors(tensors, f"[data] path: {path}", DataError)
     return tensors
 
@@ -107,17 +116,47 @@ def check_data_file(options: DataOptions | None, spec_dir: Path) -> None:
     _check_labels(options, set(tensors), f"[data] path {options.path}")
 
 
-class DataSource:
-    """Batches for one model: validated once against its forward inputs."""
+def _check_fit(batch: Batch, examples: ExampleInputs, where: str, rows: int | None = None) -> None:
+    """Each model input in `batch` has the rank and dtype it was captured with, and the captured size on every
+    static axis (`rows`: the batch size a file's batches will have, in place of its dim 0). A mismatch would fail
+    inside the graph, far from the data."""
+    for name, example in examples.kwargs.items():
+        got, dims = batch[name], examples.dims[name]
+        shape = (rows, *got.shape[1:]) if rows is not None and got.dim() else tuple(got.shape)
+        integer = [not t.is_floating_point() and t.dtype != torch.bool for t in (got, example)]
+        if got.dtype != example.dtype and not all(integer):  # int32 ids for int64 ones index the same
+            raise DataError(f"{where}: tensor {name!r} is {str(got.dtype).removeprefix('torch.')}; the model was "
+                            f"captured with {str(example.dtype).removeprefix('torch.')}")
+        if len(shape) != example.dim():
+            raise DataError(f"{where}: tensor {name!r} has {len(shape)} axes (shape {tuple(got.shape)}); the model "
+                            f"was captured with {example.dim()} (shape {tuple(example.shape)})")
+        for axis, (size, want, dim) in enumerate(zip(shape, example.shape, dims)):
+            if dim is None and size != want:
+                what = f"batches of {size}" if rows is not None and axis == 0 else f"size {size}"
+                raise DataError(f"{where}: tensor {name!r}: {what} on axis {axis}, which the model was captured with "
+                                f"as a static size {want} (shape {tuple(example.shape)}); name the axis in that "
+                                f"input's [[capture.inputs]] dims to make it dynamic")
 
-    def __init__(self, options: DataOptions, spec_dir: Path, input_names: list[str]):
-        self.options, self.input_names = options, input_names
+
+class DataSource:
+    """Batches for one model: validated once against its forward inputs: their names, and, for a graph torch.export
+    captured (the state of a captured graph given), each input's rank, dtype and static sizes, which its guards
+    check."""
+
+    def __init__(self, options: DataOptions, spec_dir: Path, inputs: list[str] | RewriteState):
+        captured = inputs if isinstance(inputs, RewriteState) else None
+        self.options, self.input_names = options, list(captured.inputs.kwargs) if captured else list(inputs)
+        self.examples = examples = captured.inputs if captured and captured.frontend == "export" else None
         self._tensors: Batch | None = None
         self._factory: Callable[[], Any] | None = None
         if options.path is not None:
             path = Path(options.path)
             self._tensors = _read_file(path if path.is_absolute() else spec_dir / path)
             self._check_names(set(self._tensors), f"[data] path {options.path}")
+            if examples is not None:  # the batch sizes `batches` cuts: full ones, and an epoch's last one
+                count, size = next(iter(self._tensors.values())).shape[0], options.batch_size
+                for rows in sorted({min(size, count), count % size if count > size else 0} - {0}, reverse=True):
+                    _check_fit(self._tensors, examples, f"[data] path {options.path}", rows)
         else:
             self._factory = import_callable(options.factory, SpecError, "[data] factory")
 
@@ -153,8 +192,9 @@ class DataSource:
             for index, batch in enumerate(_user_batches(self._factory, where)):
                 empty = False
                 _check_batch(batch, f"{where}: batch {index}")
-                if produced == 0:
-                    self._check_names(set(batch), where)
+                self._check_names(set(batch), f"{where}: batch {index}")
+                if self.examples is not None:
+                    _check_fit(batch, self.examples, f"{where}: batch {index}")
                 check_tensors(batch, f"{where}: batch {index}", DataError)
                 yield batch
                 produced += 1
@@ -181,6 +221,23 @@ def select_output(outputs: Any, key: str | int) -> torch.Tensor:
     return leaves[key]
 
 
+IGNORE_INDEX = -100  # F.cross_entropy's default: a label that counts for nothing (padding, prompt tokens)
+
+
+def _class_labels(labels: torch.Tensor, classes: int, loss: str) -> torch.Tensor:
+    """Labels as class indices: whole numbers in [0, classes), or IGNORE_INDEX. A fraction would be truncated
+    and an index out of range fails inside the loss, so both are refused naming the value."""
+    if labels.is_floating_point() and bool((labels != labels.round()).any()):
+        bad = labels[labels != labels.round()].flatten()[0].item()
+        raise DataError(f"[data] loss = {loss!r}: labels are class indices; got the fraction {bad:g}")
+    labels = labels.long()
+    outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= classes))
+    if bool(outside.any()):
+        raise DataError(f"[data] loss = {loss!r}: label {labels[outside].flatten()[0].item()} is not a class index "
+                        f"of the output's {classes} classes (expected 0..{classes - 1}, or {IGNORE_INDEX} to ignore)")
+    return labels
+
+
 def make_loss(options: DataOptions) -> Callable[[Any, Batch], torch.Tensor]:
     """loss(outputs, batch) -> scalar; shape problems are reported as DataError naming [data]."""
 
@@ -188,16 +245,20 @@ def make_loss(options: DataOptions) -> Callable[[Any, Batch], torch.Tensor]:
         if options.loss == "model":
             return select_output(outputs, "loss")
         out = select_output(outputs, options.output)
+        labels = batch.get("labels", batch.get("input_ids") if options.loss == "causal_lm" else None)
+        if labels is None:
+            raise DataError(f"[data] loss = {options.loss!r}: the batch has no 'labels'"
+                            + (" (nor 'input_ids')" if options.loss == "causal_lm" else ""))
         try:
             if options.loss == "causal_lm":
-                labels = batch.get("labels", batch.get("input_ids"))
+                labels = _class_labels(labels, out.shape[-1], options.loss)
                 return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]).float(), labels[:, 1:].reshape(-1))
-            labels = batch["labels"]
             if options.loss == "mse":
                 return F.mse_loss(out.float(), labels.float().reshape(out.shape))
-            return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1).long())
+            labels = _class_labels(labels, out.shape[-1], options.loss)
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1))
         except (RuntimeError, ValueError) as err:
-            raise DataError(f"[data] loss = {options.loss!r}: labels of shape {tuple(batch['labels'].shape)} do "
+            raise DataError(f"[data] loss = {options.loss!r}: labels of shape {tuple(labels.shape)} do "
                             f"not fit the output of shape {tuple(out.shape)}: {first_line(err)}") from None
 
     return loss

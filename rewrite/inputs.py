@@ -81,9 +81,6 @@ def example_inputs(model: nn.Module | None, config: Any, options: CaptureOptions
     generator = torch.Generator().manual_seed(seed)
     kwargs, dims = {}, {}
     for spec in specs:
-        if spec.dims is not None and len(spec.dims) != len(spec.shape):
-            raise SpecError(f"{where}: input {spec.name!r}: dims has {len(spec.dims)} entries for a shape of "
-                            f"rank {len(spec.shape)}")
         kwargs[spec.name] = _draw(spec, generator)
         dims[spec.name] = [d or None for d in spec.dims] if spec.dims and options.dynamic_axes else [None] * len(spec.shape)
     if model is not None:

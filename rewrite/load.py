@@ -24,6 +24,7 @@ from torch import nn
 
 from rewrite.errors import ModelLoadError, did_you_mean, first_line, plain
 from rewrite.factory import call_factory, import_callable
+from rewrite.finite import check_tensors
 from rewrite.pt2_archive import load_archive
 
 
@@ -101,13 +102,17 @@ def _from_pretrained(cls: Any, path: Path, config: Any) -> tuple[Any, dict]:
 
 def _load_hf(path: Path, hf_class: str | None, device: str) -> LoadedModel:
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.utils.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{path}: not a loadable Hugging Face model directory: {err}") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
+        # StrictDataclassError: a config.json value of the wrong type (hidden_size = "64"), said on its second line
+        lines = [line.strip() for line in plain(str(err)).splitlines() if line.strip()] or [type(err).__name__]
+        reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+        raise ModelLoadError(f"{path}/config.json: not a loadable Hugging Face model config: {reason}") from None
     config.use_cache = False
     cls = _hf_class(config, hf_class, str(path))
     if device == "meta":
@@ -132,8 +137,12 @@ def _load_factory(text: str, device: str) -> LoadedModel:
     return LoadedModel(model.eval(), None, "factory", text, getattr(model, "config", None))
 
 
-def _weights_only_reason(detail: str) -> str:
-    """The useful line of torch's weights_only error ('Unsupported operand 103'), not its advice."""
+def weights_only_reason(detail: str) -> str:
+    """The useful line of torch's weights_only error ('Unsupported operand 103'), not its advice (which tells how to
+    unpickle the file anyway)."""
+    objects = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    if objects:
+        return f"it needs {objects.group(1)}"
     lines = [line.strip() for line in detail.splitlines() if line.strip()]
     for i, line in enumerate(lines):
         if "WeightsUnpickler error" in line:
@@ -150,7 +159,7 @@ def _load_pickle(path: Path, trust: bool) -> LoadedModel:
         objects = re.search(r"Unsupported global: (GLOBAL \S+)", detail)
         if not trust and objects is None:
             raise ModelLoadError(f"{path}: not a readable PyTorch file (corrupt, or not written by torch.save): "
-                                 f"{_weights_only_reason(detail)}") from None
+                                 f"{weights_only_reason(detail)}") from None
         if not trust:
             raise ModelLoadError(
                 f"{path}: this pickle holds Python objects (not just tensors), and unpickling it would run "
@@ -173,9 +182,22 @@ def _load_pickle(path: Path, trust: bool) -> LoadedModel:
     return LoadedModel(obj.eval(), None, "pickle", str(path), getattr(obj, "config", None))
 
 
+def _check_finite(loaded: LoadedModel) -> LoadedModel:
+    """A weight holding NaN / Inf makes every output NaN, silently: refused, naming the parameter."""
+    module = loaded.module if loaded.module is not None else loaded.program
+    params = dict(module.named_parameters()) if module is not None else {}
+    check_tensors({k: v.detach() for k, v in params.items() if not v.is_meta}, loaded.source, ModelLoadError)
+    return loaded
+
+
 def load_model(source: str, *, trust_pickle: bool = False, hf_class: str | None = None,
                device: str = "cpu") -> LoadedModel:
-    """Load MODEL; never modifies the source. Raises `ModelLoadError` with the reason and what to do."""
+    """Load MODEL; never modifies the source. Raises `ModelLoadError` with the reason and what to do, also for a
+    weight holding NaN / Inf."""
+    return _check_finite(_load(source, trust_pickle, hf_class, device))
+
+
+def _load(source: str, trust_pickle: bool, hf_class: str | None, device: str) -> LoadedModel:
     path = Path(source)
     if path.is_dir():
         if not (path / "config.json").is_file():

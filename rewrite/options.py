@@ -11,10 +11,13 @@ export) take these objects whole; `rewrite.spec` parses the file into them and n
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_EXAMPLE_ELEMENTS = 2**31  # 8 GiB of float32: beyond, drawing the example input itself fails
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
@@ -42,7 +45,22 @@ class InputSpec(Strict):
     def _positive(cls, shape: list[int]) -> list[int]:
         if any(s < 1 for s in shape):
             raise ValueError("every size must be >= 1")
+        if math.prod(shape) > MAX_EXAMPLE_ELEMENTS:
+            raise ValueError(f"{math.prod(shape)} elements; an example input only has to be traced, keep it under "
+                             f"{MAX_EXAMPLE_ELEMENTS} (name an axis in dims to keep it dynamic)")
         return shape
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InputSpec":
+        if self.dims is not None and len(self.dims) != len(self.shape):
+            raise ValueError(f"input {self.name!r}: dims has {len(self.dims)} entries for shape {self.shape} (one "
+                             "per axis: a name makes the axis dynamic, \"\" keeps it static)")
+        # integers are drawn from [low, high): the range must hold one
+        empty = self.low >= self.high if self.dtype.startswith("int") else self.low > self.high
+        if empty:
+            raise ValueError(f"input {self.name!r}: low = {self.low} and high = {self.high} leave no values to draw "
+                             f"(expected low {'<' if self.dtype.startswith('int') else '<='} high)")
+        return self
 
 
 class CaptureOptions(Strict):
@@ -59,6 +77,25 @@ class CaptureOptions(Strict):
     batch: int = Field(default=2, ge=2)
     seq: int = Field(default=16, ge=2)
     inputs: list[InputSpec] = []
+
+    @field_validator("inputs")
+    @classmethod
+    def _one_size_per_name(cls, inputs: list[InputSpec]) -> list[InputSpec]:
+        """Input names are unique, and a dynamic dim name stands for one size wherever it appears (torch.export
+        would refuse the example inputs with a guard on the model's code)."""
+        names = [spec.name for spec in inputs]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"input name(s) {repeated} given more than once")
+        sizes: dict[str, tuple[str, int, int]] = {}
+        for spec in inputs:
+            for axis, (dim, size) in enumerate(zip(spec.dims or (), spec.shape)):
+                first = sizes.setdefault(dim, (spec.name, axis, size)) if dim else None
+                if first and first[2] != size:
+                    raise ValueError(f"dim {dim!r} is {first[2]} on axis {first[1]} of input {first[0]!r} but {size} "
+                                     f"on axis {axis} of input {spec.name!r}; one name is one size (use another name "
+                                     "for an independent axis)")
+        return inputs
 
 
 class Reserve(Strict):
@@ -159,6 +196,14 @@ class ExportOptions(Strict):
                              "'.'); it is written into the output directory")
         return name
 
+    @field_validator("adapters")
+    @classmethod
+    def _each_once(cls, adapters: list[str] | None) -> list[str] | None:
+        repeated = sorted({a for a in adapters or () if adapters.count(a) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} listed more than once; each adapter is exported once")
+        return adapters
+
     @model_validator(mode="after")
     def _half_banks_need_the_custom_op(self) -> "ExportOptions":
         if self.bank_dtype == "float16" and (self.mode, self.switching) != ("unmerged", "custom-op"):
@@ -212,6 +257,13 @@ class DataOptions(Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
     seed: int = 0
+
+    @field_validator("output")
+    @classmethod
+    def _output_index(cls, output: str | int) -> str | int:
+        if isinstance(output, int) and output < 0:
+            raise ValueError(f"{output}: an output index counts from 0 (the first tensor output), or give its name")
+        return output
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataOptions":

@@ -13,6 +13,7 @@ nearly matched. Nothing is written before the whole spec has validated.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -93,13 +94,43 @@ def _raise_validation(err: ValidationError, prefix: tuple, located: _Located, kn
             lines.append(f"{where}: unknown key '{_key_path(loc)}'.{hint}{valid_txt}")
         else:
             got = problem.get("input")
-            got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+            tables = isinstance(got, dict) or isinstance(got, list) and any(isinstance(g, dict) for g in got)
+            got_txt = "" if tables else f" (got {got!r})"
             lines.append(f"{where}: '{_key_path(loc)}': {problem['msg']}{got_txt}")
     raise SpecError("invalid spec:\n  " + "\n  ".join(lines))
 
 
 def _fields(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _check_writes(passes: list[PassEntry], export: ExportOptions, located: _Located) -> None:
+    """A pass writing one of the export's files (manifest.json, the model, its .data, adapters/*.onnx_adapter,
+    triton/), or two kinds of pass, or saves of two adapters, writing one path: the later would silently replace what
+    the other wrote. The same pass on the same adapter may write a path again (a re-run, another format of it)."""
+    from rewrite.formats.manifest import MANIFEST
+    from rewrite.passes import REGISTRY
+
+    onnx = export.format == "onnx"
+    exported = {MANIFEST} | ({export.filename, f"{export.filename}.data"} if onnx else set())
+    first: dict[str, PassEntry] = {}
+    for entry in passes:
+        where = located.where(("pass", entry.index))
+        for name in REGISTRY[entry.name](entry.options).writes():
+            norm = Path(os.path.normpath(name))
+            if norm.is_absolute() or norm == Path("."):  # the pass itself refuses "" and checks outside paths
+                continue
+            ort_adapters = onnx and (export.mode, export.switching) == ("unmerged", "ort-adapters")
+            if (norm.parts[0] in exported or norm.parts[0] == "triton" and onnx and export.target == "triton"
+                    or norm.parts[0] == "adapters" and norm.suffix == ".onnx_adapter" and ort_adapters):
+                raise SpecError(f"{where}: pass '{entry.name}' writes {name!r}, where the export writes "
+                                f"{norm.parts[0]!r}; choose another name")
+            earlier = first.setdefault(str(norm), entry)
+            if (earlier.name, getattr(earlier.options, "adapter", None)) != \
+                    (entry.name, getattr(entry.options, "adapter", None)):
+                raise SpecError(f"{where}: pass '{entry.name}' writes {name!r}, which pass '{earlier.name}' "
+                                f"({located.where(('pass', earlier.index))}) writes too; the second would replace "
+                                "the first: choose another name")
 
 
 def parse_spec(text: str, path: Path | None = None) -> Spec:
@@ -149,6 +180,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
         except ValidationError as err:
             _raise_validation(err, ("pass", index), located, {("pass",): ["name", *_fields(options_type)]})
         passes.append(PassEntry(pass_name, parsed, index))
+    _check_writes(passes, top.export, located)
     return Spec(path=path, digest=hashlib.sha256(text.encode()).hexdigest(), model=top.model,
                 capture=top.capture, export=top.export, passes=passes, data=top.data, text=text)
 
@@ -158,7 +190,7 @@ def load_spec(path: str | Path) -> Spec:
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not TOML
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: cannot read the spec: {err}") from None
     return parse_spec(text, path)

@@ -30,6 +30,7 @@ class TomlLocator:
                     index = counts.get(name, 0)
                     counts[name] = index + 1
                     table = (*name.split("."), index)
+                    self._lines.setdefault(table[:-1], lineno)  # the array as a whole: its first element
                 else:
                     table = tuple(self._index_parents(name.split("."), counts))
                 self._lines.setdefault(table, lineno)
