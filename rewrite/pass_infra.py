@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rewrite.capture import max_abs_diff
 from rewrite.distributed import is_main
@@ -47,8 +47,8 @@ class PassOptions(BaseModel):
 
 
 class AdapterChoice(PassOptions):
-    """`adapters`: the adapters a pass acts on (default: every attached one)."""
-    adapters: list[str] | None = None
+    """`adapters`: the adapters a pass acts on (default: every attached one; an empty list would act on none)."""
+    adapters: list[str] | None = Field(default=None, min_length=1)
 
     def chosen(self, names: Iterable[str]) -> list[str]:
         """The names in `names` the pass acts on: all of them, or those listed in `adapters`."""

@@ -94,6 +94,8 @@ SPEC_CASES = {
     "a save onto an exported adapter": ('version = 1\n[export]\nmode = "unmerged"\n' + INPUT + TWO
                                         + SAVE.format("a", "adapters/a.onnx_adapter"),
                                         ["spec.toml:15", "where the export writes 'adapters'"]),
+    "a merge of no adapters": (HEAD + INPUT + TWO + '[[pass]]\nname = "merge"\nadapters = []\n',
+                               ["spec.toml:17", "'pass[2].adapters'", "at least 1 item"]),
 }
 
 
