@@ -333,22 +333,19 @@ def saved(tmp_path):
     return save
 
 
-def test_lora_on_a_grouped_conv_is_refused(saved, tmp_path, capsys):
+@pytest.mark.parametrize("model, target, export, reason", [
+    ("convnext", "dwconv", "", "site encoder.stages.0.layers.0.dwconv is a grouped conv (groups=16)"),
+    ("resnet", "convolution", '[export]\nmode = "unmerged"\nswitching = "bank"\n',
+     "embedder.embedder.convolution"),
+])
+def test_lora_on_a_conv_it_cannot_serve_is_refused(saved, tmp_path, capsys, model, target, export, reason):
+    """A grouped conv takes no LoRA; a conv2d site cannot switch unmerged (it must be merged)."""
     spec = tmp_path / "spec.toml"
     spec.write_text('version = 1\n[[pass]]\nname = "insert"\nadapter = "a"\nkind = "lora"\nrank = 4\n'
-                    'targets = ["dwconv"]\n')
-    code, err = cli(capsys, "apply", spec, saved("convnext"), "-o", tmp_path / "out", "-q")
+                    f'targets = ["{target}"]\n{export}')
+    code, err = cli(capsys, "apply", spec, saved(model), "-o", tmp_path / "out", "-q")
     assert code == 2 and "Traceback" not in err
-    assert "site encoder.stages.0.layers.0.dwconv is a grouped conv (groups=16)" in err
-
-
-def test_unmerged_lora_on_conv2d_is_refused(saved, tmp_path, capsys):
-    spec = tmp_path / "spec.toml"
-    spec.write_text('version = 1\n[[pass]]\nname = "insert"\nadapter = "a"\nkind = "lora"\nrank = 4\n'
-                    'targets = ["convolution"]\n[export]\nmode = "unmerged"\nswitching = "bank"\n')
-    code, err = cli(capsys, "apply", spec, saved("resnet"), "-o", tmp_path / "out", "-q")
-    assert code == 2 and "Traceback" not in err
-    assert "embedder.embedder.convolution" in err and "conv2d sites must be merged" in err
+    assert reason in err and (not export or "conv2d sites must be merged" in err)
     assert not (tmp_path / "out").exists()
 
 
