@@ -113,6 +113,7 @@ def _check_writes(passes: list[PassEntry], export: ExportOptions, located: _Loca
 
     onnx = export.format == "onnx"
     exported = {MANIFEST} | ({export.filename, f"{export.filename}.data"} if onnx else set())
+    ort_adapters = onnx and (export.mode, export.switching) == ("unmerged", "ort-adapters")
     first: dict[str, PassEntry] = {}
     for entry in passes:
         where = located.where(("pass", entry.index))
@@ -120,7 +121,6 @@ def _check_writes(passes: list[PassEntry], export: ExportOptions, located: _Loca
             norm = Path(os.path.normpath(name))
             if norm.is_absolute() or norm == Path("."):  # the pass itself refuses "" and checks outside paths
                 continue
-            ort_adapters = onnx and (export.mode, export.switching) == ("unmerged", "ort-adapters")
             if (norm.parts[0] in exported or norm.parts[0] == "triton" and onnx and export.target == "triton"
                     or norm.parts[0] == "adapters" and norm.suffix == ".onnx_adapter" and ort_adapters):
                 raise SpecError(f"{where}: pass '{entry.name}' writes {name!r}, where the export writes "
