@@ -11,10 +11,11 @@ Rows, each with T optimizer steps of adapter (and head) training in total:
   random        prune at step 0 by seeded random scores, then T steps
   loraprune     the prune pass with method = "loraprune": T steps of training with LoRA-guided importance, the cubic
                 schedule and iterative masks (warm-up 10%, cool-down 20%, a mask event every T/20 steps); removal
-  light-peft    the prune pass with method = "light-peft": e T steps of masked early estimation (L1 1e-4; e =
+  light-peft    the prune pass with method = "light-peft": e T steps of masked early estimation (L1 --l1, 1e-4; e =
                 --estimate, 0.25), removal, then the remaining (1 - e) T steps
 Each at 25% and 50% of the heads and of the FFN neurons of every layer (scope "layer"), over seeds: test accuracy
-mean ± std (min..max).
+mean ± std (min..max); with --dev F, accuracy on a held-out fraction F of the training set instead (to choose
+hyperparameters such as --l1 without the test set).
 
 Also: the merged ONNX export of the model pruned at each ratio vs the unpruned one (ONNX Runtime, CPU, 1 thread,
 batch 16 x seq 24, median of --ort-runs runs, interleaved; under ONNX Runtime's default session options and under the
@@ -67,6 +68,21 @@ class PruneBench:
         self.base = Bench(argparse.Namespace(per_class=args.per_class, seq=args.seq, batch=args.batch, lr=args.lr,
                                              steps=args.steps))
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_prune_"))
+        if args.dev:
+            self._hold_out(args.dev)
+
+    def _hold_out(self, fraction: float) -> None:
+        """Evaluate on every k-th training example (k = 1 / fraction) and train on the rest; the test set is unused:
+        for choosing hyperparameters without looking at the test set."""
+        from safetensors.torch import save_file
+
+        train = self.base.train_t
+        every = max(2, round(1 / fraction))
+        dev = torch.arange(len(train["labels"])) % every == 0
+        self.base.test_t = {k: v[dev] for k, v in train.items()}
+        self.base.train_t = {k: v[~dev].contiguous() for k, v in train.items()}
+        save_file(self.base.train_t, self.base.tmp / "train.safetensors")
+        self.base.info.update(train=int((~dev).sum()), test=0, dev=int(dev.sum()))
 
     def fresh(self, seed: int):
         gm = copy.deepcopy(self.base.gm)
@@ -88,7 +104,7 @@ class PruneBench:
         elif method in ("loraprune", "light-peft"):
             steps = a.steps if method == "loraprune" else max(1, round(a.steps * a.estimate))
             extra = {"loraprune": {"warmup": 0.1, "cooldown": 0.2, "every": max(1, a.steps // 20)}} \
-                if method == "loraprune" else {"light_peft": {"l1": 1e-4}}
+                if method == "loraprune" else {"light_peft": {"l1": a.l1}}
             seed_everything(seed)
             start = time.perf_counter()
             result = run_pass(gm, "prune", self.tmp, data=data.options, steps=steps, extra_params=HEAD, **prune,
@@ -167,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "ratios, on untrained magnitude-pruned models (shapes, not training, set them)")
     parser.add_argument("--estimate", type=float, default=0.25, help="light-peft: the fraction of the steps spent in "
                         "masked early estimation (inside the pass); the rest retrain the pruned model")
+    parser.add_argument("--l1", type=float, default=1e-4, help="light-peft: the L1 weight on the masks")
+    parser.add_argument("--dev", type=float, default=0.0, help="hold out this fraction of the training set and "
+                        "report accuracy on it instead of the test set (to choose hyperparameters)")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
