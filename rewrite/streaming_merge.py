@@ -1,4 +1,4 @@
-"""Streaming merge: fold a PEFT LoRA adapter into a Hugging Face safetensors checkpoint, one tensor at a time.
+"""Streaming merge: fold a PEFT LoRA or DoRA adapter into a Hugging Face safetensors checkpoint, one tensor at a time.
 
     merge_checkpoint(MODEL_DIR, ADAPTER_DIR, OUT_DIR, force=False)     (CLI: rewrite merge)
 
@@ -21,6 +21,11 @@
    is cast back to the tensor's dtype once: bf16 / fp16 checkpoints stay so and equal PEFT's fp32 merge cast to
    their dtype. A merged value that is NaN or beyond the dtype's largest finite one (fp16: 65504) is an error.
    Conv2d LoRA is refused.
+   DoRA (`use_dora = true`; m = `lora_magnitude_vector`), PEFT's DoRA merge:
+       W' = (m / n) (.) (W + delta)    n = the L2 norm of each output's weights in W + delta
+   Linear: n and m per row of W [out, in], so a block of rows is merged alone. Conv1D (W [in, out]) and Embedding
+   (W [V, d], n over V as PEFT takes it): per column, so the tensor is read twice in blocks, first for n (the sum
+   of squares of W + delta, accumulated in the arithmetic's dtype), then to write W'.
 4. PEFT's saved copy of a targeted embedding's base weight (`<M>.base_layer.weight`) must equal the checkpoint's
    tensor: anything else is a retrained embedding, not an adapter.
 5. Output: shards of the same names, each the input's header byte for byte (same names, dtypes, shapes and
@@ -57,9 +62,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from rewrite.adapters.dora import DORA_FORMAT, MAGNITUDE
 from rewrite.errors import AdapterFileError, ModelLoadError, OutputError, nearest
-from rewrite.formats.peft_dir import PeftAdapter
-from rewrite.formats.peft_lora import EMBEDDING_KEYS, LINEAR_KEYS, read_lora_dir, scale_of
+from rewrite.formats.peft_dir import PeftAdapter, read_peft_dir
+from rewrite.formats.peft_lora import EMBEDDING_KEYS, LINEAR_KEYS, LORA_FORMAT, scale_of
 from rewrite.progress import tracked
 from rewrite.publish import Refusal, Staging
 
@@ -89,13 +95,15 @@ class Shard:
 
 @dataclass(frozen=True)
 class Fold:
-    """W += s (B A), transposed for Conv1D and Embedding: PEFT's `transpose(B @ A, fan_in_fan_out) * scaling`."""
+    """W += s (B A), transposed for Conv1D and Embedding: PEFT's `transpose(B @ A, fan_in_fan_out) * scaling`;
+    with a DoRA magnitude m, then W *= m / n per output (rule 3)."""
 
     module: str
     a: torch.Tensor
     b: torch.Tensor
     scale: float
     transposed: bool
+    magnitude: torch.Tensor | None = None
 
     def updates(self, dtype: torch.dtype, rows: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """(a block of `rows` rows of W, their update) for the whole of W: the block's rows of `(B @ A) * s`
@@ -123,11 +131,11 @@ class MergeSummary:
 
 def merge_checkpoint(model_dir: Path | str, adapter_dir: Path | str, out_dir: Path | str, *,
                      force: bool = False) -> MergeSummary:
-    """Write MODEL_DIR's checkpoint with ADAPTER_DIR's LoRA folded in to OUT_DIR (rules: the module docstring)."""
+    """Write MODEL_DIR's checkpoint with ADAPTER_DIR's LoRA or DoRA folded in to OUT_DIR (rules: the module docstring)."""
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
     _check_apart(out_dir, model_dir, adapter_dir)
     shards = read_checkpoint(model_dir)
-    adapter = read_lora_dir(adapter_dir)
+    adapter = read_peft_dir(adapter_dir, [LORA_FORMAT, DORA_FORMAT])
     tensors = {key: (shard, tensor) for shard in shards for key, tensor in shard.tensors.items()}
     folds, copies = plan(adapter, tensors)
     copied, left_out = _other_files(model_dir, {shard.name for shard in shards})
@@ -262,7 +270,14 @@ def _fold(adapter: PeftAdapter, module: str, key: str, shard: Shard, tensor: Ten
         raise AdapterFileError(f"{where}: A {tuple(a.shape)} and B {tuple(b.shape)} make an update of shape "
                                f"{flipped if embedding else plain}, but the tensor has shape {tensor.shape}")
     transposed = fits[0] if len(fits) == 1 else getattr(adapter.config, "fan_in_fan_out", False) is True
-    return Fold(module, _as_torch(a), _as_torch(b), scale_of(adapter, module), transposed)
+    magnitude = parts.get(MAGNITUDE)
+    if magnitude is not None:
+        outputs = tensor.shape[1 if transposed else 0]
+        if magnitude.size != outputs:
+            raise AdapterFileError(f"{where}: {MAGNITUDE} has {magnitude.size} entries; the weight has {outputs} "
+                                   "outputs")
+        magnitude = _as_torch(magnitude).reshape(-1)
+    return Fold(module, _as_torch(a), _as_torch(b), scale_of(adapter, module), transposed, magnitude)
 
 
 # ------------------------------------------------------------------------------------------ the output
@@ -364,15 +379,30 @@ def merged(raw: np.ndarray, key: str, tensor: Tensor, fold: Fold | None,
         return raw
     limit = torch.finfo(weight.dtype).max
     rows = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
-    for block, update in fold.updates(torch.promote_types(weight.dtype, torch.float32), rows):
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    columns = _column_factor(weight, fold, dtype, rows) if fold.magnitude is not None and fold.transposed else None
+    for block, update in fold.updates(dtype, rows):
         part = weight[block]
         update += part  # fp32(W) + s (B A): PEFT's fp32 sum
+        if columns is not None:
+            update *= columns
+        elif fold.magnitude is not None:  # rows are the outputs: n of this block's rows alone
+            update *= (fold.magnitude[block].to(dtype) / torch.linalg.norm(update, dim=1)).unsqueeze(1)
         low, high = (float(v) for v in torch.aminmax(update))
         if not (-limit <= low and high <= limit):  # NaN fails both
             raise AdapterFileError(f"module {fold.module!r}: the merged {key} is not finite in {tensor.dtype} (the "
                                    f"update overflows the checkpoint's dtype: values {low:.6g} .. {high:.6g})")
         part.copy_(update)  # the one rounding, into `raw`
     return raw
+
+
+def _column_factor(weight: torch.Tensor, fold: Fold, dtype: torch.dtype, rows: int) -> torch.Tensor:
+    """DoRA's m / n for a weight whose outputs are its columns: n from a first pass over W + delta in row blocks."""
+    squares = torch.zeros(weight.shape[1], dtype=dtype)
+    for block, update in fold.updates(dtype, rows):
+        update += weight[block]
+        squares += update.square().sum(0)
+    return fold.magnitude.to(dtype) / squares.sqrt()
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, count: int, path: Path, writer: Writer) -> None:

@@ -8,7 +8,9 @@ with transformers `from_pretrained` and equals PEFT's merged model:
   the two fp32 values differ by fp32 rounding, the bf16 neighbour: |ours - ref| <= one bf16 ulp of ref, i.e.
   2^(floor(log2 |ref|) - 7); the measured number of differing elements is printed (0: the same fp32 GEMM and add);
 - GPT-2 (a single model.safetensors, Conv1D with fan_in_fan_out, a square c_proj, rsLoRA, the tied wte);
-- an adapter trained on `LlamaModel` (module paths without `model.`) into the `LlamaForCausalLM` checkpoint.
+- an adapter trained on `LlamaModel` (module paths without `model.`) into the `LlamaForCausalLM` checkpoint;
+- DoRA (magnitudes moved off their init) on LLaMA (Linear, embedding, lm_head) and GPT-2 (Conv1D, wte): every
+  weight equal to fp32 rounding; into the bf16 LLaMA: within one bf16 ulp of PEFT's fp32 merge.
 Refusals: a module missing from the checkpoint (its name and the nearest), a shape that does not fit, an existing
 output without force (and a non-model directory even with it), both model.safetensors and an index, an fp16
 overflow; an interrupted run or a full disk leaves no output and no temporary beside it (and an earlier output as
@@ -140,6 +142,78 @@ def test_gpt2_conv1d_rslora_single_file(tmp_path):
     weights, logits = max_diff(ours, ref), logits_diff(ours, ref)
     print(f"\n[streaming-merge] gpt2: weights {weights:.3g}, logits {logits:.3g}")
     assert weights <= ATOL and logits <= ATOL
+
+
+def save_dora(model: torch.nn.Module, path: Path, **lora) -> Path:
+    """A PEFT DoRA whose magnitudes are moved off their init (||W + s B A|| per output, which would make m / n = 1)."""
+    torch.manual_seed(2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True, **lora)
+    dora = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in dora.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(save_embedding_layers|fan_in_fan_out).*")
+        dora.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name, cls, lora", [
+    ("llama", transformers.LlamaForCausalLM, dict(target_modules=[*LLAMA_LIKE, "embed_tokens", "lm_head"])),
+    ("gpt2", transformers.GPT2LMHeadModel, dict(target_modules=["c_attn", "c_proj", "c_fc", "wte"],
+                                                fan_in_fan_out=True))])
+def test_dora_equals_peft_merge(name, cls, lora, tmp_path):
+    """Linear rows (norm per row, merged block by block) and Conv1D / Embedding columns (norm over the rows: the
+    tensor read twice); the column norms are summed in another order than PEFT's, so equal to fp32 rounding of the
+    value (rtol), not bit for bit."""
+    build(name).save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    adapter = save_dora(build(name), tmp_path / "dora", **lora)
+    summary = merge_checkpoint(tmp_path / "base", adapter, tmp_path / "out")
+    assert len(summary.merged) == (2 * 7 + 2 if name == "llama" else 2 * 4 + 1)
+    ours = cls.from_pretrained(tmp_path / "out").eval()
+    ref = peft_merged(cls.from_pretrained(tmp_path / "base"), adapter)
+    unchanged = cls.from_pretrained(tmp_path / "base").state_dict()
+    theirs = ref.state_dict()
+    for key, got in ours.state_dict().items():
+        assert torch.allclose(got, theirs[key], rtol=1e-6, atol=ATOL), key
+        if key.endswith(("q_proj.weight", "c_attn.weight", "wte.weight", "embed_tokens.weight")):
+            assert not torch.allclose(got, unchanged[key], atol=1e-3), key  # the adapter did change it
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = ours(ids).logits, ref(ids).logits
+    print(f"\n[streaming-merge] {name} DoRA: weights {max_diff(ours, ref):.3g}, logits "
+          f"{float((got - want).abs().max()):.3g} of {float(want.abs().max()):.3g}")
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())  # GPT-2's tied logits reach ~400
+
+
+def test_dora_into_bf16_is_peft_fp32_merge_rounded(llama, tmp_path):
+    upcast = transformers.LlamaForCausalLM.from_pretrained(llama / "bf16", dtype=torch.float32)
+    adapter = save_dora(upcast, tmp_path / "dora", target_modules=LLAMA_LIKE)
+    merge_checkpoint(llama / "bf16", adapter, tmp_path / "out")
+    ours = header(tmp_path / "out")
+    ref = peft_merged(transformers.LlamaForCausalLM.from_pretrained(llama / "bf16", dtype=torch.float32),
+                      adapter).state_dict()
+    assert {dtype for dtype, _ in ours.values()} == {"BF16"}
+    for key, (_, got) in ours.items():
+        want = ref[key].to(torch.bfloat16)
+        ulp = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(1e-30))) - 7)
+        assert bool(((got.float() - want.float()).abs() <= ulp).all()), key
+
+
+def test_a_dora_magnitude_that_does_not_fit_the_weight_is_refused(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = save_dora(build("llama"), tmp_path / "dora", target_modules=["q_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.lora_magnitude_vector"))
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, weights)
+    with pytest.raises(AdapterFileError, match=r"module 'model.layers.0.self_attn.q_proj'.*lora_magnitude_vector has "
+                                               r"63 entries; the weight has 64 outputs"):
+        merge_checkpoint(llama / "fp32", adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_adapter_of_the_bare_model_folds_into_the_causal_lm_checkpoint(llama, tmp_path):
