@@ -24,8 +24,8 @@
    DoRA (`use_dora = true`; m = `lora_magnitude_vector`), PEFT's DoRA merge:
        W' = (m / n) (.) (W + delta)    n = the L2 norm of each output's weights in W + delta
    Linear: n and m per row of W [out, in], so a block of rows is merged alone. Conv1D (W [in, out]) and Embedding
-   (W [V, d], n over V as PEFT takes it): per column, so the tensor is read twice in blocks, first for n (the sum
-   of squares of W + delta, accumulated in the arithmetic's dtype), then to write W'.
+   (W [V, d], n over V as PEFT takes it): per column, so the update is computed twice over the tensor (read from
+   disk once), first for n (the sum of squares of W + delta, in the arithmetic's dtype), then to write W'.
 4. PEFT's saved copy of a targeted embedding's base weight (`<M>.base_layer.weight`) must equal the checkpoint's
    tensor: anything else is a retrained embedding, not an adapter.
 5. Output: shards of the same names, each the input's header byte for byte (same names, dtypes, shapes and
