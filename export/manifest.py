@@ -8,10 +8,13 @@ The typed definition, shared with the runtime, is `rewrite.formats.manifest`; th
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Iterable
 
+import onnx
 import torch.fx as fx
 
 import rewrite
+from rewrite.errors import ExportError
 from rewrite.formats.manifest import (ExportEntry, HistoryEntry, InputInfo, LiveAdapter, Manifest, MergedAdapter,
                                       SiteInfo, Source)
 from rewrite.graph_edit import adapters_at
@@ -23,6 +26,17 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def bank_dtype_held(model: onnx.ModelProto, banks: Iterable[str], option: str) -> str:
+    """`bank_dtype` as the model's bank initializers hold it: a float16 model's banks are float16 whatever
+    `[export] bank_dtype` says (the option only rounds a float32 model's banks); `option` when there are none."""
+    types = {init.name: init.data_type for init in model.graph.initializer}
+    held = {onnx.helper.tensor_dtype_to_np_dtype(types[name]).name for name in banks if name in types}
+    if len(held) > 1:
+        raise ExportError(f"the adapter banks of this export hold several float types ({', '.join(sorted(held))}); "
+                          "a bank / custom-op export keeps them in one")
+    return held.pop() if held else option
 
 
 def build_manifest(gm: fx.GraphModule, *, source: str, exports: list[ExportEntry]) -> Manifest:

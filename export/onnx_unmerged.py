@@ -42,6 +42,7 @@ from rewrite.errors import ExportError, RewriteError, describe, innermost
 from rewrite.export.grouped_mm import grouped_mm_translations
 from rewrite.export.io_names import export_shapes, graph_io, name_io
 from rewrite.export.lowering import Lowered, lower
+from rewrite.export.manifest import bank_dtype_held
 from rewrite.formats.manifest import ExportedAdapter, ReservedSlots, RowSite, SwitchableSite, UnmergedExport
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.options import ExportOptions
@@ -144,7 +145,10 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
     out_dir; returns its manifest entry."""
     if state_of(gm).device == "meta":
         raise ExportError("cannot export ONNX from a meta-device capture (it has no weights)")
-    lowered = lower(gm, options)
+    try:
+        lowered = lower(gm, options)
+    except ExportError as err:  # what cannot switch names the switching asked for, beside its site and kind
+        raise ExportError(f"switching = {options.switching!r}: {err}") from None
     real = _distinct_placeholders(lowered)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -185,7 +189,9 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         file=filename, switching=options.switching, model_version=version, nodes=len(model.graph.node),
         op_types=sorted({n.op_type for n in model.graph.node}), external_data=big,
         capacity=options.capacity or len(lowered.adapters) if lowered.routed else None,
-        bank_dtype=options.bank_dtype if lowered.routed else None,
+        bank_dtype=bank_dtype_held(model, [*(t for s in lowered.sites for t in s.tensors.values()),
+                                           *(t for r in lowered.rows for t in r.tensors.values())],
+                                   options.bank_dtype) if lowered.routed else None,
         ids_input=IDS_INPUT if lowered.routed else None,
         sites=[SwitchableSite(site=s.owner, op=s.op, d_in=s.d_in, d_out=s.d_out, rank=s.rank, A_offset=s.a_offset,
                               **s.tensors)

@@ -190,7 +190,8 @@ class LoadPass(GraphPass):
             adapter = read_peft_dir(path, list(PEFT_READERS), _unpickled(pickled), pickled)
         else:
             raise AdapterFileError(f"{path}: no {WEIGHTS} ({PICKLE} is a pickle and is never loaded unless trusted: "
-                                   "it can run code); for a file you trust set trust_pickle = true on this load pass, "
+                                   "it can run code); for a file you trust set trust_pickle = true on this load pass "
+                                   "(rewrite bundle / combine: --trust-pickle), "
                                    f"or convert it once: safetensors.torch.save_file(torch.load('{PICKLE}'), "
                                    f"'{WEIGHTS}')")
         _check_targets(adapter, table)

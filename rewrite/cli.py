@@ -114,11 +114,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="*svd: each site keeps the least rank holding this share of the merged update")
     combine.add_argument("--seed", type=int, help="dare_*: the masks' seed (default 0)")
     combine.add_argument("-o", "--output", default="out", help="output directory (default: out)")
-    merge = sub.add_parser("merge", help="fold a PEFT LoRA adapter into a safetensors checkpoint, shard by shard "
-                                          "(memory: about the adapter plus a few tensors, never the model)")
+    merge = sub.add_parser("merge", help="fold a PEFT LoRA or DoRA adapter into a safetensors checkpoint, shard by "
+                                          "shard (memory: about the adapter plus a few tensors, never the model)")
     merge.add_argument("model_dir", metavar="MODEL_DIR",
                        help="a Hugging Face model directory: model.safetensors or model.safetensors.index.json + shards")
-    merge.add_argument("--adapter", required=True, metavar="DIR", help="a PEFT LoRA adapter directory")
+    merge.add_argument("--adapter", required=True, metavar="DIR", help="a PEFT LoRA (or DoRA) adapter directory")
     merge.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output model directory")
     merge.add_argument("--force", action="store_true", help="replace OUT_DIR when it already holds a model")
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")
@@ -171,8 +171,10 @@ def _parser() -> argparse.ArgumentParser:
     docs.add_argument("--json", action="store_true", help="print a JSON result to stdout")
     docs.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     for p in (apply, bundle, inspect, combine):
+        adapters = "; also read --adapter directories holding only adapter_model.bin (tensors only)" \
+            if p in (bundle, combine) else ""
         p.add_argument("--trust-pickle", action="store_true",
-                       help="allow unpickling a .pt model with code execution (only for files you trust)")
+                       help=f"allow unpickling a .pt model with code execution (only for files you trust){adapters}")
         p.add_argument("--json", action="store_true", help="print a JSON result to stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
         p.add_argument("-v", "--verbose", action="store_true",
@@ -190,14 +192,15 @@ def _cmd_apply(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
         spec = bundle_spec(args.adapter, switching=args.switching, capacity=args.capacity, check=args.check,
                            bank_dtype=args.bank_dtype, reserve_rank=args.reserve_rank,
-                           reserve_targets=args.reserve_target)
+                           reserve_targets=args.reserve_target, trust_pickle=args.trust_pickle)
         args.verify = False
     elif args.command == "combine":
         from rewrite.bundle import combine_spec
 
         spec = combine_spec(args.adapter, args.weights, into=args.into, method=args.method,
                             options=dict(density=args.density, majority_sign_method=args.majority_sign_method,
-                                         rank=args.rank, energy=args.energy, seed=args.seed))
+                                         rank=args.rank, energy=args.energy, seed=args.seed),
+                            trust_pickle=args.trust_pickle)
         args.verify = args.check = False
     else:
         args.doing = f"reading the spec {args.spec}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from rewrite.capture import CaptureReport, capture
@@ -182,6 +183,7 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
 
     check_data_file(spec.data, spec.base_dir)
     gm, loaded, report = load_and_capture(model, spec, trust_pickle=trust_pickle, on_stage=on_stage)
+    _check_custom_op_dtype(gm, spec)
     summary.sites_total = report.sites
     summary.capture = dict(frontend=report.frontend, nodes=report.nodes,
                            replay_max_abs_diff=report.replay_max_abs_diff)
@@ -202,11 +204,39 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
     return summary
 
 
+def _check_custom_op_dtype(gm: fx.GraphModule, spec: Spec) -> None:
+    """The custom op (`rewrite::LoraDelta`) adds its delta into float32 activations: a model that computes in another
+    float type would be exported as a graph ONNX Runtime refuses to load, so it is refused before any pass runs."""
+    options = spec.export
+    if (options.format, options.mode, options.switching) != ("onnx", "unmerged", "custom-op"):
+        return
+    dtypes = {gm.get_parameter(site.weight).dtype for site in state_of(gm).sites.values()} - {torch.float32}
+    if dtypes:
+        found = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise SpecError(f"{spec.location('export', 'switching')}: switching = \"custom-op\" needs a float32 model "
+                        f"(its kernel adds into float32 activations); this model's weights are {found}: use "
+                        "switching = \"bank\" (any float type, one adapter per row) or load the model in float32")
+
+
+def _check_live_adapters(gm: fx.GraphModule, spec: Spec) -> None:
+    """An unmerged export switches the adapters still attached; with none left, say so at `[export] mode` (and which
+    adapters a merge pass folded away) rather than fail inside the export."""
+    state = state_of(gm)
+    if any(adapters_at(gm, owner) for owner in dict.fromkeys(s.owner for s in state.sites.values())):
+        return
+    merged = sorted({name for names in state.merged.values() for name in names})
+    why = (f"a merge pass folded {', '.join(map(repr, merged))} into the weights (drop that merge, or export "
+           'mode = "merged")') if merged else "insert or load one"
+    raise SpecError(f"{spec.location('export', 'mode')}: mode = \"unmerged\" exports the adapters still attached "
+                    f"after the passes, and none is: {why}")
+
+
 def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, on_stage, on_pass,
             summary: Summary, context: PassContext) -> ExportEntry:
     options = spec.export
     start = time.perf_counter()
     if options.mode == "unmerged":
+        _check_live_adapters(gm, spec)
         entry = export_unmerged(gm, tmp, options, loaded.config)
     else:
         gm = _fold_remaining(gm, context, on_pass)

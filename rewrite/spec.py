@@ -56,20 +56,23 @@ class Spec:
     passes: list[PassEntry] = field(default_factory=list)
     data: DataOptions | None = None
     text: str = field(default="", repr=False)
+    origin: str | None = None  # a spec made from a command line (`rewrite bundle`): errors name it, not a line
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent if self.path else Path.cwd()
 
     def location(self, *key: Any) -> str:
-        return _Located(self.path, self.text).where(key)
+        return _Located(self.path, self.text, self.origin).where(key)
 
 
 class _Located:
-    def __init__(self, path: Path | None, text: str):
-        self.path, self.locator = path, TomlLocator(text)
+    def __init__(self, path: Path | None, text: str, origin: str | None = None):
+        self.path, self.locator, self.origin = path, TomlLocator(text), origin
 
     def where(self, key: tuple) -> str:
+        if self.origin:  # the user never saw this spec's lines
+            return self.origin
         line = self.locator.line(key)
         name = str(self.path) if self.path else "<spec>"
         return f"{name}:{line}" if line else name
@@ -133,12 +136,13 @@ def _check_writes(passes: list[PassEntry], export: ExportOptions, located: _Loca
                                 "the first: choose another name")
 
 
-def parse_spec(text: str, path: Path | None = None) -> Spec:
-    """Parse and validate a spec; raises `SpecError` naming the TOML location of the first problems."""
+def parse_spec(text: str, path: Path | None = None, origin: str | None = None) -> Spec:
+    """Parse and validate a spec; raises `SpecError` naming the TOML location of the first problems (or `origin`,
+    the command that wrote the spec)."""
     from rewrite.passes import REGISTRY
 
-    located = _Located(path, text)
-    name = str(path) if path else "<spec>"
+    located = _Located(path, text, origin)
+    name = origin or (str(path) if path else "<spec>")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -182,7 +186,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
         passes.append(PassEntry(pass_name, parsed, index))
     _check_writes(passes, top.export, located)
     return Spec(path=path, digest=hashlib.sha256(text.encode()).hexdigest(), model=top.model,
-                capture=top.capture, export=top.export, passes=passes, data=top.data, text=text)
+                capture=top.capture, export=top.export, passes=passes, data=top.data, text=text, origin=origin)
 
 
 def load_spec(path: str | Path) -> Spec:

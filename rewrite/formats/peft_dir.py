@@ -13,6 +13,8 @@ owns the rules every tuner shares:
   names matched exactly or as a dotted suffix, narrowed by `exclude_modules` and `layers_to_transform`.
 - Tensors and config agree as PEFT would build them: at least one adapter module, float tensors only, each
   module's suffixes exactly one of the format's layouts, and every module one that `target_modules` selects.
+- A config whose `bias` is "all" / "lora_only" is read only when the file holds no base bias tensors (then it is
+  exactly `bias = "none"`); base biases in the file would replace the model's, and are refused.
 - PEFT also saves a full copy of a targeted embedding's base weight (`<path>.base_layer.weight`, its default
   `save_embedding_layers="auto"`); those copies are returned apart, in `base_weights`, for the loader to check.
 - A tuner may keep tensors once per adapter rather than per module (VeRA's frozen projections): the format names
@@ -248,6 +250,7 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat], tensors: Mapping[st
         raise AdapterFileError(f"{path}: no {WEIGHTS}{extra}")
     else:
         tensors, _ = read_safetensors(weights_file)
+    _refuse_trained_biases(config, tensors, peft_format, config_file, weights_file)
     modules: dict[str, dict[str, np.ndarray]] = {}
     base_weights: dict[str, np.ndarray] = {}
     shared: dict[str, np.ndarray] = {}
@@ -268,6 +271,25 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat], tensors: Mapping[st
     _check_agreement(adapter, tensors, weights_file)
     peft_format.check(adapter)
     return adapter
+
+
+def _refuse_trained_biases(config: PeftConfig, tensors: Mapping[str, np.ndarray], peft_format: PeftFormat,
+                           config_file: Path, weights_file: Path) -> None:
+    """PEFT's `bias = "all"` / `"lora_only"` saves the base model's biases beside the adapter (`<path>.bias`, or
+    `<path>.base_layer.bias`), and loading puts them into the model. A file without such tensors is exactly a
+    `bias = "none"` adapter; one with them replaces base weights, which an adapter never does, so it is refused."""
+    bias = getattr(config, "bias", "none")
+    if bias == "none":
+        return
+    biases = [key for key in tensors if key.endswith(".bias") and
+              not any(key.endswith("." + suffix) for suffix in peft_format.suffixes)]
+    if biases:
+        raise AdapterFileError(
+            f"{config_file}: 'bias' = {bias!r} and {weights_file.name} holds {len(biases)} trained base bias "
+            f"tensor(s), e.g. {biases[0]!r}; loading would replace the model's own biases, which an adapter never "
+            'does: only bias = "none" adapters (or a bias setting whose file holds no bias tensors) can be loaded: '
+            "merge it in PEFT (PeftModel.from_pretrained(base, dir).merge_and_unload()) and export that model, "
+            "or retrain with bias = \"none\"")
 
 
 def _check_agreement(adapter: PeftAdapter, tensors: Mapping[str, np.ndarray], weights_file: Path) -> None:

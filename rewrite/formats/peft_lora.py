@@ -7,8 +7,9 @@ from `rank_pattern` / `alpha_pattern`, whose keys PEFT matches as `(.*\\.)?<key>
     s = alpha / r          (use_rslora: alpha / sqrt(r))
 The config is strictly typed (ranks whole numbers >= 1, alphas numbers, never a bool or a string; pattern keys
 valid regexes). Config and tensors agree: A and B of one rank r per module, that r the `r` / `rank_pattern` value.
-`use_dora` configs are DoRA's to read (`accepts`); `lora_bias` and biases other than "none" are refused, and so is
-every other LoRA variant a config can switch on (`VARIANTS`: LoRA and DoRA refuse the same set).
+`use_dora` configs are DoRA's to read (`accepts`); `lora_bias` is refused, and so is every other LoRA variant a
+config can switch on (`VARIANTS`: LoRA and DoRA refuse the same set). `bias = "all"` / `"lora_only"` is read when the
+file holds no bias tensors (then it is exactly `bias = "none"`); trained base biases in the file are refused.
 `init_lora_weights`: an init that leaves the base weight alone (true, false, "gaussian", "eva", "orthogonal",
 "mica") is read; one that rewrote it (`BASE_REWRITING_INITS`: PiSSA's residual W - s B0 A0, OLoRA, CorDA, LoftQ,
 LoRA-GA) is refused by name: those tensors only fit the residual base, which PEFT recomputes at load time from the
@@ -60,6 +61,8 @@ VARIANTS = {"use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA 
 # `init_lora_weights` values (or prefixes: "pissa_niter_<k>") whose init rewrote the base weight.
 BASE_REWRITING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
 PLAIN_BASE_INITS = ("gaussian", "eva", "orthogonal", "mica")  # inits that leave the base weight as it was
+# PEFT's `bias` settings; "all" / "lora_only" add base bias tensors to the file, refused when present (peft_dir.py)
+BIAS_SETTINGS = ("none", "all", "lora_only")
 
 _WithVariants = create_model("_WithVariants", __base__=PeftConfig, **{key: (Any, None) for key in VARIANTS})
 
@@ -116,10 +119,9 @@ class LoraPeftConfig(_WithVariants):
 
     @field_validator("bias")
     @classmethod
-    def _no_bias(cls, value: str) -> str:
-        if value != "none":
-            raise ValueError(f"bias = {value!r}; only bias = \"none\" adapters can be loaded (trained base biases "
-                             "are not adapter tensors)")
+    def _known_bias(cls, value: str) -> str:
+        if value not in BIAS_SETTINGS:
+            raise ValueError(f"bias = {value!r}; expected one of {', '.join(map(repr, BIAS_SETTINGS))}")
         return value
 
 
