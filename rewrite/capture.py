@@ -7,6 +7,8 @@ attention before capture (`[capture] attn_implementation`): with SDPA, re-export
 to ONNX fails in torch's decompositions on T5 ("Cannot view a tensor ... strides"); eager exports everywhere. Dynamic axes are declared with
 `torch.export.Dim` (samples must be >= 2 there: export specialises sizes 0 and 1).
 A linear written out as `x @ W.T (+ b)` (Falcon) becomes `aten.linear` (`sites.canonical_linears`), so it is a site.
+bfloat16 arithmetic in a model that is not bfloat16 (Falcon's ALiBi) runs in float32, rounded as torch rounds it
+(`rewrite.bfloat16_islands`), so ONNX Runtime's CPU kernels can run the export.
 Data-dependent control flow (a branch on a tensor's values) cannot be captured: the error names the model's line.
 
 `stamp` (`[capture] stamp`, on by default): a model whose layer stack holds identical blocks is exported with two
@@ -21,6 +23,7 @@ import io
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from rewrite.bfloat16_islands import widen_bfloat16_islands
 from rewrite.errors import CaptureError, first_line
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
@@ -155,12 +159,13 @@ def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "expo
         gm, reason = stamped_export(loaded.module, config, lambda model: _export(model, inputs, loaded.config))
         stamped = gm is not None
         if reason:
-            print(f"rewrite: capture: full export, not stamped: {reason}", file=sys.stderr)
+            warnings.warn(f"capture: full export, not stamped: {reason}", stacklevel=2)  # the CLI: -q silences it
         if gm is None:
             gm = _export(loaded.module, inputs, loaded.config)
     else:
         gm = _export(loaded.module, inputs, loaded.config)
     canonical_linears(gm)
+    widen_bfloat16_islands(gm)
     seconds = time.perf_counter() - start
     diff = None
     if check_replay and device != "meta" and loaded.module is not None:

@@ -19,9 +19,11 @@ KV-head count.
 Rules for which models are captured (anything else is a `CaptureError` naming the model class and the reason, never
 a model that answers wrongly):
 - decoder-only models whose transformers cache is a `DynamicCache` of full or sliding-window attention layers
-  (LLaMA, Qwen2, Mistral, Gemma, Gemma2, Phi-3, GPT-2, GPT-NeoX, OPT, BLOOM are tested). Encoder-decoder models
-  (T5, BART: their decoder also keeps a cross-attention cache over the encoder's output) and other layer kinds
-  (chunked, linear or state-space attention, shared KV layers) are refused.
+  (LLaMA, Qwen2, Mistral, Gemma, Gemma2, Phi-3, GPT-2, GPT-NeoX, OPT, BLOOM are tested; more in
+  tests/test_decoder_sweep.py). Encoder-decoder models (T5, BART: their decoder also keeps a cross-attention cache
+  over the encoder's output), other layer kinds (chunked, linear or state-space attention, shared KV layers), models
+  without attention heads, head sizes that vary by layer and caches that the eager check cannot feed (a compressed
+  latent, as DeepSeek-V2's) are refused.
 - every layer keeps every position, sliding-window layers too: the model's attention mask applies the window, so
   `present` = past + new on every layer (transformers' own `DynamicCache(config=...)` trims sliding layers to the
   window, a length one graph cannot serve for both prefill and decode; the answer is the same, the cache longer).
@@ -73,15 +75,21 @@ def is_with_past(inputs: ExampleInputs) -> bool:
     return cache_kwarg(0, "key") in inputs.kwargs
 
 
-def _cache_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) from a transformers config."""
+def _cache_shape(config: Any, owner: str = "") -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) from a transformers config; `owner` names the model in errors."""
+    owner = owner or type(config).__name__
     try:
         layers, heads = config.num_hidden_layers, config.num_attention_heads
     except AttributeError:
-        raise CaptureError(f"use_cache = true needs a decoder config with num_hidden_layers / num_attention_heads "
-                           f"({type(config).__name__} has not)") from None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        raise CaptureError(f"use_cache = true: {owner} has no num_hidden_layers / num_attention_heads: a model "
+                           "without per-layer attention heads keeps no key / value cache (state-space and recurrent "
+                           "models are not served with use_cache)") from None
+    try:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    except Exception as err:  # noqa: BLE001 - transformers refuses a global read of an attribute that varies by layer
+        raise CaptureError(f"use_cache = true: {owner}'s cache shape varies by layer ({first_line(err)}); the "
+                           "with-past capture serves one [num_key_value_heads, head_dim] on every layer") from None
     return layers, kv_heads, head_dim
 
 
@@ -107,11 +115,11 @@ def check_decoder(model: nn.Module) -> None:
         raise CaptureError(f"use_cache = true captures decoder-only models; {name} is an encoder-decoder model (its "
                            "decoder also caches cross-attention over the encoder's output, which this capture does "
                            "not lay out). Capture it without use_cache.")
-    _cache_shape(config)
     other = sorted(_layer_kinds(config) - set(LAYER_KINDS))
     if other:
         raise CaptureError(f"use_cache = true: {name} has {', '.join(other)} layers; the with-past capture serves "
                            f"{' and '.join(LAYER_KINDS)} layers only (a cache of every position per layer)")
+    _cache_shape(config, name)
 
 
 def _check_layout(wrapped: nn.Module, inputs: ExampleInputs) -> None:
@@ -120,9 +128,15 @@ def _check_layout(wrapped: nn.Module, inputs: ExampleInputs) -> None:
     layers, kv_heads, head_dim = _cache_shape(wrapped.config)
     batch, new = inputs.kwargs["input_ids"].shape
     past = inputs.kwargs[cache_kwarg(0, "key")].shape[2]
-    with torch.no_grad():
-        present = {k: v for k, v in wrapped(**inputs.kwargs).items() if k.startswith("present.")}
     want = (batch, kv_heads, past + new, head_dim)
+    try:
+        with torch.no_grad():
+            present = {k: v for k, v in wrapped(**inputs.kwargs).items() if k.startswith("present.")}
+    except Exception as err:  # noqa: BLE001 - a model that cannot take this cache is refused, whatever it raises
+        raise CaptureError(f"use_cache = true: {type(wrapped).__name__} cannot take a cache of {layers} layers of "
+                           f"[batch, num_key_value_heads, past, head_dim] = {[batch, kv_heads, past, head_dim]} "
+                           f"(its cache has another layout, e.g. compressed latent attention): "
+                           f"{first_line(err)}") from None
     wrong = next(((k, tuple(v.shape)) for k, v in present.items() if tuple(v.shape) != want), None)
     if len(present) != 2 * layers or wrong:
         found = f"{wrong[0]} has shape {list(wrong[1])}" if wrong else f"{len(present) // 2} cache layers"

@@ -1,9 +1,11 @@
 """The stamped capture (`rewrite.stamp`) against the plain full export: same sites, node targets, module paths,
-state-dict names and outputs on real weights; layers that differ take the full export with a one-line notice."""
+state-dict names and outputs on real weights; layers that differ take the full export with a one-line notice (a
+warning: the CLI prints it, -q silences it)."""
 from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,25 @@ from rewrite.load import LoadedModel
 from rewrite.options import CaptureOptions
 from rewrite.stamp import find_stacks
 import models
+
+
+class _Notices:
+    """The warnings raised so far (capture's "full export, not stamped" notice), cleared at each read."""
+
+    def __init__(self, caught: list):
+        self.caught = caught
+
+    def read(self) -> str:
+        text = "\n".join(str(w.message) for w in self.caught)
+        self.caught.clear()
+        return text
+
+
+@pytest.fixture
+def notices():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield _Notices(caught)
 
 
 def _build(name: str, layers: int = 4, **overrides) -> torch.nn.Module:
@@ -41,12 +62,12 @@ def _paths(gm) -> list[tuple]:
 
 @pytest.mark.parametrize("name,dynamic", [("llama", True), ("qwen2", True), ("llama", False), ("gpt2", True),
                                           ("bert", False)])
-def test_stamped_equals_full_export(name, dynamic, capsys):
+def test_stamped_equals_full_export(name, dynamic, notices):
     model = _build(name)
     full, full_report, inputs = _capture(model, stamp=False, dynamic=dynamic)
     fast, fast_report, _ = _capture(model, stamp=True, dynamic=dynamic)
     assert fast_report.stamped and not full_report.stamped
-    assert "not stamped" not in capsys.readouterr().err
+    assert "not stamped" not in notices.read()
     assert _sites(fast) == _sites(full)
     assert collections.Counter(str(n.target) for n in fast.graph.nodes) == \
         collections.Counter(str(n.target) for n in full.graph.nodes)
@@ -61,38 +82,38 @@ def test_stamped_equals_full_export(name, dynamic, capsys):
     assert model.config.num_hidden_layers == 4 and model.get_submodule(path) is stack  # the model is restored
 
 
-def _notice(model: torch.nn.Module, capsys) -> str:
+def _notice(model: torch.nn.Module, notices) -> str:
     _, report, _ = _capture(model, stamp=True, dynamic=False)
     assert not report.stamped
-    lines = [line for line in capsys.readouterr().err.splitlines() if "not stamped" in line]
+    lines = [line for line in notices.read().splitlines() if "not stamped" in line]
     assert len(lines) == 1
     return lines[0]
 
 
-def test_layers_with_different_configs_take_the_full_export(capsys):
+def test_layers_with_different_configs_take_the_full_export(notices):
     model = _build("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
-    assert "model.layers.2 differs from model.layers.0" in _notice(model, capsys)
+    assert "model.layers.2 differs from model.layers.0" in _notice(model, notices)
 
 
-def test_hooks_and_shared_weights_take_the_full_export(capsys):
+def test_hooks_and_shared_weights_take_the_full_export(notices):
     model = _build("llama")
     handle = model.model.layers[2].mlp.register_forward_hook(lambda *_: None)
-    assert "model.layers.2 has hooks" in _notice(model, capsys)
+    assert "model.layers.2 has hooks" in _notice(model, notices)
     handle.remove()
     model.model.layers[3].mlp.up_proj.weight = model.model.layers[1].mlp.up_proj.weight
-    assert "shares its tensor" in _notice(model, capsys)
+    assert "shares its tensor" in _notice(model, notices)
 
 
-def test_index_dependent_block_is_refused(capsys):
+def test_index_dependent_block_is_refused(notices):
     """GPT-2 with `scale_attn_by_inverse_layer_idx` divides by layer_idx + 1: its blocks are not interchangeable."""
     model = _build("gpt2", n_layer=3, scale_attn_by_inverse_layer_idx=True)
-    assert "transformer.h.1 differs from transformer.h.0" in _notice(model, capsys)
+    assert "transformer.h.1 differs from transformer.h.0" in _notice(model, notices)
 
 
-def test_shallow_models_and_the_opt_out_are_silent(capsys):
+def test_shallow_models_and_the_opt_out_are_silent(notices):
     _, report, _ = _capture(models.build("llama"), stamp=True, dynamic=False)  # 2 layers: nothing to stamp
     _, off, _ = _capture(_build("llama"), stamp=False, dynamic=False)
-    assert not report.stamped and not off.stamped and "stamp" not in capsys.readouterr().err
+    assert not report.stamped and not off.stamped and "stamp" not in notices.read()
     assert CaptureOptions().stamp and not CaptureOptions(stamp=False).stamp
 
 
@@ -120,7 +141,7 @@ class _Net(torch.nn.Module):
         return self.head(x)
 
 
-def test_plain_torch_stack(capsys):
+def test_plain_torch_stack(notices):
     """A plain torch model with a ModuleList of identical blocks is stamped when each block's output is the next
     block's input; a residual add in the loop, outside the blocks, is a carried value stamping does not follow."""
     torch.manual_seed(0)
@@ -132,4 +153,4 @@ def test_plain_torch_stack(capsys):
     assert [s["owner"] for s in _sites(fast)] == [f"blocks.{i}.ff" for i in range(5)] + ["head"]
     _, looped = capture(LoadedModel(_Net(False).eval(), None, "torch", "net", None), inputs, stamp=True)
     assert not looped.stamped and looped.replay_max_abs_diff == 0.0
-    assert "not stamped: the output of blocks.0 is used outside blocks.1" in capsys.readouterr().err
+    assert "not stamped: the output of blocks.0 is used outside blocks.1" in notices.read()
