@@ -48,8 +48,9 @@ Rules:
    all of them); `adapter_ranks` then removes rank components (LoRA.resize keeps the kept components and the scale
    s). Scores: light-peft's measured importance, magnitude's norms, random draws; loraprune scores no adapters
    (an error).
-7. Every request is checked before a scorer trains: an infeasible target, a data-driven method without [data], or
-   a method table for another method is a SpecError naming its key.
+7. Every request is checked before a scorer trains: an infeasible target, a positive target that removes no unit at
+   all (a fraction that rounds down to 0 in every group; GQA query heads fewer than one per KV head), a data-driven
+   method without [data], or a method table for another method is a SpecError naming its key.
 """
 from __future__ import annotations
 
@@ -162,7 +163,11 @@ class PrunePass(GraphPass):
         zero = Scores({g.name: torch.zeros(len(g.units)) for gs in chosen.values() for g in gs},
                       {g.name: torch.zeros(len(g.blocks)) for gs in chosen.values() for g in gs})
         for structure, groups in chosen.items():  # rule 7: infeasible targets fail before any training
-            choose(structure, groups, targets[structure], zero, o.scope, self.context.at(structure))
+            rows = choose(structure, groups, targets[structure], zero, o.scope, self.context.at(structure))
+            if not any(row["removed"] for row in rows):
+                raise SpecError(f"{self.context.at(structure)}: {structure} = {targets[structure]!r} removes nothing "
+                                f"from the {len(rows)} groups it reaches ({_why_nothing(rows)}); ask for more, or 0 "
+                                "to remove none")
         adapters = self._adapters(gm) if adapter_targets else {}
         scorer = get_prune_scorer(o.method)
         ctx = PruneScoreContext(gm, [g for gs in chosen.values() for g in gs], seed=o.seed,
@@ -345,3 +350,12 @@ class PrunePass(GraphPass):
                                 f"pruned here (groups: {seen}); `rewrite inspect MODEL --groups` lists them")
             out[structure] = usable
         return out
+
+
+def _why_nothing(rows: list[dict]) -> str:
+    """Why a positive target removes no unit: the report's rounding note (GQA), else the rounding of the fraction."""
+    note = next((row["note"] for row in rows if row.get("note")), None)
+    if note:
+        return note
+    smallest = min(rows, key=lambda row: row["units_before"])
+    return f"it rounds down to 0 of {smallest['units_before']} units in {smallest['group']}"

@@ -4,7 +4,8 @@
 `rewrite inspect MODEL [--spec SPEC] [--groups]` and `rewrite report allocation.json [-o DIR]`.
 
 Bad input (spec, model, adapter files) prints one clear message and exits with code 2, writing nothing.
-Progress goes to stderr; `--json` prints a machine-readable result to stdout; `--quiet` prints only errors.
+Progress goes to stderr (inspect's tables, its result, to stdout); `--json` prints a machine-readable result to
+stdout; `--quiet` prints only errors.
 """
 from __future__ import annotations
 
@@ -487,7 +488,8 @@ def _print_error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.doing = f"running rewrite {args.command}"
-    console = Console(stderr=True, quiet=args.quiet, log_path=False)
+    # inspect's tables are its result (`rewrite inspect MODEL | grep q_proj`): stdout; everything else reports on stderr
+    console = Console(stderr=args.command != "inspect", quiet=args.quiet, log_path=False)
     try:
         with _library_output(args.quiet, getattr(args, "verbose", False)):
             commands = {"inspect": _cmd_inspect, "report": _cmd_report, "docs": _cmd_docs, "triton": _cmd_triton,

@@ -104,11 +104,11 @@ def test_a_loop_left_early_closes_its_task():
 
 def test_inspect_never_cuts_names_when_piped(hf_dir, tmp_path, capsys):
     """Not a terminal (a pipe, a file): plain columns, every name whole, whatever the width."""
-    code, _, err = cli(capsys, "inspect", hf_dir("llama"))
-    assert code == 0
-    assert re.search(r"\nmodel\.layers\.1\.self_attn\.q_proj +linear ", err) and "…" not in err
-    assert re.search(r"\nmodel\.layers\.1\.post_attention_layernorm +rmsnorm ", err)  # the longest name, whole
-    assert "inputs: input_ids int64[2, 16]" in err
+    code, out, err = cli(capsys, "inspect", hf_dir("llama"))
+    assert code == 0 and err == ""  # the tables are the result: stdout, for `| grep`
+    assert re.search(r"\nmodel\.layers\.1\.self_attn\.q_proj +linear ", out) and "…" not in out
+    assert re.search(r"\nmodel\.layers\.1\.post_attention_layernorm +rmsnorm ", out)  # the longest name, whole
+    assert "inputs: input_ids int64[2, 16]" in out
 
 
 def test_inspect_spec_shows_the_sites_a_load_reaches(hf_dir, tmp_path, capsys):

@@ -207,6 +207,12 @@ def test_infeasible_requests_are_errors():
                                         "stay") as err:
         run_pass(gm, "prune", heads=4, keys=True)
     assert "(heads)" in str(err.value)
+    with pytest.raises(SpecError, match=r"\(heads\): heads = 1 removes nothing from the 2 groups it reaches \(1 "
+                                        r"rounded down to 0: query heads go evenly per KV head\)"):
+        run_pass(gm, "prune", heads=1, keys=True)  # 4 query heads on 2 KV heads: one is less than one per KV head
+    with pytest.raises(SpecError, match=r"\(ffn\): ffn = 0.005 removes nothing from the 2 groups it reaches \(it "
+                                        r"rounds down to 0 of 128 units in model.layers.0.mlp\)"):
+        run_pass(gm, "prune", ffn=0.005, keys=True)
     cnn = capture_module(resnet_tiny(), {"x": torch.randn(2, 3, 8, 8)})
     with pytest.raises(SpecError, match=r"\(layers\): channels of layer1.conv2\+stem cannot be pruned: a residual "
                                         "add"):
