@@ -99,7 +99,8 @@ def _raise_validation(err: ValidationError, prefix: tuple, located: _Located, kn
             got = problem.get("input")
             tables = isinstance(got, dict) or isinstance(got, list) and any(isinstance(g, dict) for g in got)
             got_txt = "" if tables else f" (got {got!r})"
-            lines.append(f"{where}: '{_key_path(loc)}': {problem['msg']}{got_txt}")
+            message = problem["msg"].removeprefix("Value error, ")  # our validators' own words, as written
+            lines.append(f"{where}: '{_key_path(loc)}': {message}{got_txt}")
     raise SpecError("invalid spec:\n  " + "\n  ".join(lines))
 
 
