@@ -160,10 +160,14 @@ class LoadPass(GraphPass):
                                    f"{first.where}, and {problem}; load it under another adapter name")
         return origin
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
+    def check_paths(self) -> None:
         path = self.context.input_path(self.options.path)
         if not path.exists():
-            raise AdapterFileError(f"{self.context.where}: adapter path {path} does not exist")
+            raise AdapterFileError(f"{self.context.at('path')}: adapter path {path} does not exist")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.check_paths()
+        path = self.context.input_path(self.options.path)
         fmt = self.options.format
         if fmt == "auto":
             fmt = "peft" if path.is_dir() else "rewrite"

@@ -66,6 +66,9 @@ class SavePass(GraphPass):
     def writes(self) -> list[str]:
         return [self.options.path]
 
+    def check_paths(self) -> None:
+        self._target()
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         state, name = state_of(gm), self.options.adapter
         owners = dict.fromkeys(s.owner for s in state.sites.values())

@@ -133,6 +133,10 @@ class GraphPass:
         """The files this pass writes, relative to the output directory as its options name them (`--dry-run`)."""
         return []
 
+    def check_paths(self) -> None:
+        """Before the model is loaded: the files this pass reads exist and the paths it writes are allowed (a
+        SpecError naming the key otherwise), so a typo fails in a second, not after the capture."""
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError
 
@@ -154,6 +158,14 @@ class PassManager:
     def __init__(self, passes: list[ScheduledPass], *, verify: bool = False, tolerance: float = 1e-5,
                  on_step: Callable[[str, float, PassResult], None] | None = None):
         self.passes, self.verify, self.tolerance, self.on_step = passes, verify, tolerance, on_step
+
+    def check_paths(self) -> None:
+        """Every pass's `check_paths`, before the model is loaded; errors name the pass as `run`'s do."""
+        for scheduled in self.passes:
+            try:
+                scheduled.graph_pass.check_paths()
+            except RewriteError as err:
+                raise type(err)(f"checking {scheduled.label}: {err}") from None
 
     def run(self, gm: fx.GraphModule, *, copy_model: bool = True) -> fx.GraphModule:
         """Run every pass in order on a copy of `gm` (the user's weights are never modified)."""

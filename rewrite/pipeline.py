@@ -181,19 +181,20 @@ def _apply_into(spec: Spec, model: str, tmp: Path, verify: bool, check: bool | N
         summary.stages.append(dict(stage=name, seconds=seconds, **stats))
         stage(name, seconds, stats)
 
+    def on_pass(label: str, seconds: float, result: PassResult) -> None:
+        summary.passes.append(dict(label=label, modified=result.modified, seconds=seconds, stats=result.stats))
+        stage(label, seconds, result.stats)
+
     check_data_file(spec.data, spec.base_dir)
+    context = PassContext(spec_dir=spec.base_dir, output_dir=tmp)
+    manager = PassManager(schedule(spec, context), verify=verify, on_step=on_pass)
+    manager.check_paths()
     gm, loaded, report = load_and_capture(model, spec, trust_pickle=trust_pickle, on_stage=on_stage)
     _check_custom_op_dtype(gm, spec)
     summary.sites_total = report.sites
     summary.capture = dict(frontend=report.frontend, nodes=report.nodes,
                            replay_max_abs_diff=report.replay_max_abs_diff)
-
-    def on_pass(label: str, seconds: float, result: PassResult) -> None:
-        summary.passes.append(dict(label=label, modified=result.modified, seconds=seconds, stats=result.stats))
-        stage(label, seconds, result.stats)
-
-    context = PassContext(spec_dir=spec.base_dir, output_dir=tmp)
-    gm = PassManager(schedule(spec, context), verify=verify, on_step=on_pass).run(gm)
+    gm = manager.run(gm)
     if not write:
         return summary
     exports: list[ExportEntry] = []

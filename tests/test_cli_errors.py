@@ -354,7 +354,7 @@ def test_missing_adapter_path(tmp_path, capsys, files):
     out = tmp_path / "out"
     code, _, err = cli(capsys, "apply", _load_spec(tmp_path, tmp_path / "gone"), files / "net.pt", "-o", out,
                        "--trust-pickle")
-    assert_error(code, err, "spec.toml:10", "adapter path", "gone does not exist")
+    assert_error(code, err, "pass[0] 'load'", "spec.toml:12", "adapter path", "gone does not exist")
     assert_nothing_written(out)
 
 

@@ -282,6 +282,24 @@ def test_an_unmerged_export_after_merging_everything_names_the_spec_and_the_merg
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", ["load", "save"])
+def test_bad_pass_paths_fail_before_the_model_is_read(tmp_path, capsys, case):
+    """The model path does not exist either: the error names the pass's path, so it was checked first."""
+    outside = tmp_path / "taken"
+    outside.mkdir()
+    passes = ('[[pass]]\nname = "load"\npath = "no_such_adapter"\nadapter = "a"\n' if case == "load" else
+              f'[[pass]]\nname = "insert"\ntargets = ["*"]\n[[pass]]\nname = "save"\n'
+              f'path = {json.dumps(str(outside))}\nallow_outside = true\n')
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"version = 1\n{passes}")
+    line = spec.read_text().splitlines().index("path = " + ('"no_such_adapter"' if case == "load" else
+                                                             json.dumps(str(outside)))) + 1
+    code, err = cli(capsys, "apply", spec, str(tmp_path / "no_such_model"), "-o", tmp_path / "out", "-q")
+    why = "no_such_adapter" if case == "load" else "already exists"
+    assert_refused(code, err, f"{spec}:{line}", why)
+    assert "no_such_model" not in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_insert_train_allocate_save_merge_export_equals_peft_reload(tmp_path, capsys, hf_dir):
     """insert -> train -> allocate (half the parameters) -> save -> merge -> merged ONNX (tiny LLaMA): the saved PEFT
