@@ -304,6 +304,28 @@ def test_missing_headers_is_a_rewrite_error(lib, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+def test_builds_with_a_c_driver_as_cxx(lib, monkeypatch, tmp_path):
+    """CXX=gcc (PEFT's BOFT sets it in os.environ when it tries to build its kernel): the library still links (the
+    C++ runtime named explicitly), loads into ONNX Runtime and computes what the default build computes."""
+    monkeypatch.setenv("CXX", "gcc")  # a new digest: a new build
+    monkeypatch.setenv("REWRITE_BUILD_DIR", str(tmp_path / "build"))
+    built = ops.library_path()
+    assert built != lib and built.is_file()
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((3, 8)).astype(np.float32), "A": rng.standard_normal((2, 8, 4)).astype(np.float32),
+            "B": rng.standard_normal((2, 4, 6)).astype(np.float32), "idx": np.array([1, -1, 0], np.int64)}
+    outputs = []
+    for path in (lib, built):
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(str(path))
+        sess = ort.InferenceSession(bare_model(2, 8, 4, 6), so, providers=["CPUExecutionProvider"])
+        outputs.append(sess.run(None, feed)[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_allclose(outputs[1][0], feed["x"][0] @ feed["A"][1] @ feed["B"][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_sources_compile(lib, tmp_path):
     """The CUDA library (sm_80 + sm_90) and the ORT-free self-test compile; running them needs a GPU."""

@@ -48,6 +48,9 @@ case "$("$CXX" -dumpmachine)" in
     x86_64*|i?86*) isa=(-mavx2 -mfma -mf16c) ;;
 esac
 ldflags=(-shared -Wl,--version-script="$here/exports.map" -Wl,--no-undefined)
+# after the objects: CXX may be a C driver (gcc: a library's build step may set CXX=gcc in the environment), which
+# does not link the C++ runtime by itself
+cxxlibs=(-lstdc++)
 
 cpu_objects() {  # cpu_objects EXTRA_DEFINE...: compile the ORT-free CPU parts into $obj
     local pids=() p
@@ -67,7 +70,7 @@ if [ "$cpu" = 1 ] && [ "$cuda" = 0 ]; then
     mkdir -p "$(dirname "$target")"
     cpu_objects
     "$CXX" "${cxxflags[@]}" -I"$inc" -c "$here/lora_delta_op.cc" -o "$obj/op.o"
-    "$CXX" "${ldflags[@]}" "$obj/generic.o" "$obj/avx2.o" "$obj/cpu.o" "$obj/op.o" -o "$target.tmp$$"
+    "$CXX" "${ldflags[@]}" "$obj/generic.o" "$obj/avx2.o" "$obj/cpu.o" "$obj/op.o" "${cxxlibs[@]}" -o "$target.tmp$$"
     mv -f "$target.tmp$$" "$target"   # atomic: a process that already loaded the old file keeps it
     echo "$target"
 fi
@@ -103,7 +106,7 @@ if [ "$cuda" = 1 ] || [ "$selftest" = 1 ]; then
         target="${lib:-$out/librewrite_lora_cuda.so}"
         mkdir -p "$(dirname "$target")"
         "$CXX" "${ldflags[@]}" "$obj/generic.o" "$obj/avx2.o" "$obj/cpu.o" "$obj/op_cuda.o" "$obj/cuda.o" \
-            "${cudalink[@]}" -o "$target.tmp$$"
+            "${cudalink[@]}" "${cxxlibs[@]}" -o "$target.tmp$$"
         mv -f "$target.tmp$$" "$target"
         echo "$target"
     fi
