@@ -54,13 +54,27 @@ INLINE_ONLY = ("{kind} adapters add virtual tokens to the sequence, not a delta 
                "\"merged\", which keeps them as they are")
 
 
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _symbolic_view_source(node: fx.Node) -> fx.Node:
+    """What a view of the ids with symbolic sizes only (GPT-2's `input_ids.view(-1, S)`, S read from the ids) reads;
+    such a view follows the ids when virtual tokens grow them. Any other node is returned as it is: a constant size
+    would not grow with them."""
+    if node.op == "call_function" and node.target in _VIEWS and all(
+            isinstance(size, fx.Node) or size == -1 for size in node.args[1]):
+        return node.args[0]
+    return node
+
+
 def token_embedding(gm: fx.GraphModule, table: SiteTable) -> Site:
-    """The model's input embedding: the embedding site whose ids are the graph input `input_ids` (read directly or
-    through an adapter's edit of that input). ValueError when the graph has none."""
+    """The model's input embedding: the embedding site whose ids are the graph input `input_ids` (read directly, or
+    through a view of symbolic sizes, or through an adapter's edit of that input). ValueError when the graph has
+    none."""
     for site in table.values():
         if site.op != "embedding":
             continue
-        ids = table.node_of(gm, site.name).args[1]
+        ids = _symbolic_view_source(table.node_of(gm, site.name).args[1])
         tag = ids.meta.get("rewrite")
         if isinstance(tag, AdapterTag) and tag.role == "graph":
             ids = ids.args[0]
