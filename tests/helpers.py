@@ -11,10 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from rewrite.capture import capture
+from rewrite.cli import main
 from rewrite.inputs import ExampleInputs, example_inputs
 from rewrite.load import LoadedModel
 from rewrite.options import CaptureOptions
@@ -135,3 +137,15 @@ def fill_adapter(model: torch.nn.Module, rules: dict[str, tuple[float, float]], 
                 if key in name:
                     param.copy_(mean + std * torch.randn(param.shape, generator=generator))
     return model.eval()
+
+
+def diff(a, b) -> float:
+    """max |a - b| in float64."""
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """`rewrite ARGV` in this process: (exit code, what it printed to stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err

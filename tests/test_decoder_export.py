@@ -213,11 +213,11 @@ def test_with_past_step_equals_the_full_sequence_and_greedy_equals_generate(name
     assert sampled[0] == sampled[1]
 
 
-def _peft_steps(pm, prompt: list[int]) -> tuple[list[int], np.ndarray]:
-    """PEFT generate(), greedy, NEW_TOKENS tokens without stop: (the tokens, the logits of every step)."""
+def peft_steps(pm, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tuple[list[int], np.ndarray]:
+    """PEFT generate(), greedy, `new_tokens` tokens without stop: (the tokens, the logits of every step)."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
     return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).numpy()
 
@@ -260,7 +260,7 @@ def test_merged_with_past_generates_what_peft_generates_with_the_adapter(name, m
     prompts = [PROMPTS[0], PROMPTS[1][:4], [9, 30, 2, 77, 15]]  # left padding: each row its own past length
     steps = list(decode_steps(session, prompts, max_new_tokens=NEW_TOKENS))
     for row, prompt in enumerate(prompts):
-        tokens, logits = _peft_steps(pm, prompt)
+        tokens, logits = peft_steps(pm, prompt)
         assert len(tokens) == NEW_TOKENS and [int(s.tokens[row]) for s in steps] == tokens
         assert np.abs(np.stack([s.logits[row] for s in steps]) - logits).max() <= 1e-4
     with torch.no_grad(), pm.disable_adapter():  # the adapter matters: the base model's logits are elsewhere

@@ -36,6 +36,7 @@ from rewrite.runtime.session import AdapterSession
 from rewrite.spec import parse_spec
 
 from helpers import capture_module, run_pass
+from test_decoder_export import peft_steps
 from test_unmerged import load_passes, need, peft_adapter
 
 NEW_TOKENS = 16
@@ -116,15 +117,6 @@ def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _peft_steps(pm, prompt: list[int]) -> tuple[list[int], np.ndarray]:
-    """PEFT generate(), greedy, NEW_TOKENS tokens without stop: (the tokens, the logits of every step)."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                          do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).numpy()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SWEEP))
 def test_merged_with_past_generates_what_peft_generates(name, tmp_path):
@@ -138,7 +130,7 @@ def test_merged_with_past_generates_what_peft_generates(name, tmp_path):
     export_merged(gm, tmp_path / "m.onnx", ExportOptions(), None)
     steps = list(decode_steps(_session(tmp_path / "m.onnx"), PROMPTS, max_new_tokens=NEW_TOKENS))
     for row, prompt in enumerate(PROMPTS):
-        tokens, logits = _peft_steps(pm, prompt)
+        tokens, logits = peft_steps(pm, prompt, NEW_TOKENS)
         assert [int(s.tokens[row]) for s in steps] == tokens, f"row {row}"
         assert np.abs(np.stack([s.logits[row] for s in steps]) - logits).max() <= 1e-4, f"row {row}"
     with torch.no_grad(), pm.disable_adapter():  # the adapter matters: the base model's logits are elsewhere

@@ -24,17 +24,15 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from rewrite.cli import main
 from rewrite.errors import AdapterFileError
 from rewrite.runtime.session import AdapterSession
 from rewrite.state import ADAPTER_ROOT
 
 from factories import mlp4
-from helpers import capture_module, fresh_capture, run_pass
+from helpers import capture_module, cli, diff, fresh_capture, run_pass
 from models import build
 
 peft = pytest.importorskip("peft")
@@ -75,16 +73,6 @@ def peft_reload(base: torch.nn.Module, path: Path) -> torch.nn.Module:
 def first(outputs) -> torch.Tensor:
     out = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
     return out.detach().double()
-
-
-def diff(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- 1. AdaLoRA (DeepMLP)

@@ -30,14 +30,13 @@ import pytest
 import torch
 
 from rewrite.bundle import bundle_spec, combine_spec
-from rewrite.cli import main
 from rewrite.errors import AdapterFileError, SpecError
 from rewrite.export.onnx_unmerged import export_unmerged
 from rewrite.options import ExportOptions
 from rewrite.runtime.session import AdapterSession
 
 from factories import mlp4
-from helpers import capture_module, run_pass
+from helpers import capture_module, cli, diff, run_pass
 from models import build
 
 peft = pytest.importorskip("peft")
@@ -68,16 +67,6 @@ def peft_reload(base: torch.nn.Module, path: Path) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.PeftModel.from_pretrained(base, path).eval()
-
-
-def diff(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
 def assert_refused(code: int, err: str, *fragments: str) -> None:
