@@ -77,9 +77,12 @@ def plain(text: str) -> str:
 
 
 def first_line(err: BaseException) -> str:
-    """The first non-blank line of an exception's message (terminal colours removed), or its type name when the
-    message is empty."""
+    """The first non-blank line of an exception's message (terminal colours removed), with the next one when it ends
+    in a colon (it only announces what follows: torch's "The following inconsistencies were found:"), or its type
+    name when the message is empty."""
     lines = [line.strip() for line in plain(str(err)).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else type(err).__name__
 
 

@@ -670,3 +670,12 @@ def test_version_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"rewrite {rewrite.__version__}"
+
+
+def test_an_error_line_that_only_announces_the_next_keeps_it():
+    from rewrite.errors import first_line
+
+    err = ValueError("The following inconsistencies were found:\n  Eq(s70, 1) is inconsistent!\n  more")
+    assert first_line(err) == "The following inconsistencies were found: Eq(s70, 1) is inconsistent!"
+    assert first_line(ValueError("\n  one line\nsecond")) == "one line"
+    assert first_line(ValueError("")) == "ValueError"
