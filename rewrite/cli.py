@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                                           "shard (memory: about the adapter plus a few tensors, never the model)")
     merge.add_argument("model_dir", metavar="MODEL_DIR",
                        help="a Hugging Face model directory: model.safetensors or model.safetensors.index.json + shards")
-    merge.add_argument("--adapter", required=True, metavar="DIR", help="a PEFT LoRA (or DoRA) adapter directory")
+    merge.add_argument("--adapter", required=True, metavar="DIR",
+                       help="a PEFT LoRA (or DoRA) adapter directory")
     merge.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output model directory")
     merge.add_argument("--force", action="store_true", help="replace OUT_DIR when it already holds a model")
     inspect = sub.add_parser("inspect", help="list the weight sites of MODEL and what each selector matches")

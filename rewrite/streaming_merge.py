@@ -131,7 +131,8 @@ class MergeSummary:
 
 def merge_checkpoint(model_dir: Path | str, adapter_dir: Path | str, out_dir: Path | str, *,
                      force: bool = False) -> MergeSummary:
-    """Write MODEL_DIR's checkpoint with ADAPTER_DIR's LoRA or DoRA folded in to OUT_DIR (rules: the module docstring)."""
+    """Write MODEL_DIR's checkpoint with ADAPTER_DIR's LoRA or DoRA folded in to OUT_DIR (rules: the module
+    docstring)."""
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
     _check_apart(out_dir, model_dir, adapter_dir)
     shards = read_checkpoint(model_dir)
