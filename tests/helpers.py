@@ -7,11 +7,13 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.fx as fx
 
@@ -149,3 +151,14 @@ def cli(capsys, *argv) -> tuple[int, str]:
     capsys.readouterr()
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
+
+
+FULL_SWEEP = os.environ.get("REWRITE_FULL_SWEEP") == "1"
+
+
+def sweep_params(cases, every_run) -> list:
+    """Parametrize values of a sweep: the cases in `every_run` always run, the others only with REWRITE_FULL_SWEEP=1
+    (each costs a capture and an ONNX export or more: the whole sweep would double the CI run)."""
+    skip = pytest.mark.skip(reason="part of the full sweep: REWRITE_FULL_SWEEP=1 runs it")
+    return [case if FULL_SWEEP or case in every_run else pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                                                                        marks=skip) for case in cases]

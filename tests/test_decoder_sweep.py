@@ -7,8 +7,11 @@ windows, attention sinks, NoPE layers, scaled rope, tied embeddings, attention b
 - merged with a PEFT LoRA, greedy `NEW_TOKENS` tokens from the with-past ONNX model on a left-padded batch of three
   prompt lengths equal PEFT `generate()` with that adapter on each prompt alone, token for token, and every step's
   logits are within 1e-4 of `generate`'s `output_logits`;
-- on the `MIXED` subset, an unmerged bank or custom-op export serving a mixed batch (a different adapter per row and a row without one)
-  through `AdapterSession.generate` gives each row what the row gives alone and what PEFT generates with its adapter.
+- on `MIXED`, an unmerged bank or custom-op export serving a mixed batch (a different adapter per row and a row
+  without one) through `AdapterSession.generate` gives each row what it gives alone and what PEFT generates with its
+  adapter.
+Every CI run covers `EVERY_RUN` / `EVERY_RUN_MIXED` (the most distinct caches and attentions); REWRITE_FULL_SWEEP=1
+runs every architecture (all passed in session 8).
 Models whose cache the capture cannot lay out (`REFUSED`: linear-attention, convolution, state-space and recurrent
 layers, shared-KV layers, per-layer head sizes, a compressed latent cache) are refused with a `CaptureError` naming the
 class and the reason. bfloat16 arithmetic in a float32 model runs in ONNX Runtime and equals torch bit for bit.
@@ -35,7 +38,7 @@ from rewrite.runtime.generate import decode_steps
 from rewrite.runtime.session import AdapterSession
 from rewrite.spec import parse_spec
 
-from helpers import capture_module, run_pass
+from helpers import capture_module, run_pass, sweep_params
 from test_decoder_export import peft_steps
 from test_unmerged import load_passes, need, peft_adapter
 
@@ -106,6 +109,9 @@ SWEEP = {
 # the mixed-batch test, on the architectures whose cache or attention differs most (each case costs a capture, an
 # unmerged export and 16 decode steps; the merged test covers every architecture)
 MIXED = ["qwen2_moe", "mixtral", "falcon_alibi", "gpt_bigcode", "phi", "gemma3", "gpt_oss", "llama_tied_biased"]
+# what every CI run covers (~30 s a case); REWRITE_FULL_SWEEP=1 runs all of SWEEP and MIXED
+EVERY_RUN = ["falcon_alibi", "gpt_oss", "gemma3", "gpt_bigcode", "qwen3_moe", "phi", "smollm3", "llama_tied_biased"]
+EVERY_RUN_MIXED = ["falcon_alibi", "gpt_bigcode", "gemma3"]
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -118,7 +124,7 @@ def _session(path) -> ort.InferenceSession:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SWEEP))
+@pytest.mark.parametrize("name", sweep_params(list(SWEEP), EVERY_RUN))
 def test_merged_with_past_generates_what_peft_generates(name, tmp_path):
     model = _build(name)
     gm, report = capture_with_past(LoadedModel(copy.deepcopy(model), None, "hf", name, model.config))
@@ -153,7 +159,7 @@ def _hf_greedy(model, prompt: list[int]) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MIXED)
+@pytest.mark.parametrize("name", sweep_params(MIXED, EVERY_RUN_MIXED))
 def test_unmerged_mixed_batch_serves_each_row_as_peft_does(name, tmp_path):
     switching = need("custom-op" if MIXED.index(name) % 2 else "bank")
     model = _build(name)

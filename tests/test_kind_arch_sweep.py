@@ -8,8 +8,8 @@ the same model, at overlapping sites.
 Models: GPT-2 (Conv1D sites, fan_in_fan_out: the kinds PEFT has on Conv1D), Qwen2 (GQA decoder), BERT (encoder), T5
 (encoder-decoder; layer norms without bias). Checked, fp32:
 1. (fast: Qwen2, GPT-2; slow: BERT, T5) the torch graph with only adapter k equals PEFT with adapter k (<= 1e-5);
-2. (slow, T5) merged ONNX of each kind's first adapter (merge, then export) in ONNX Runtime equals PEFT
-   (<= 1e-4);
+2. (slow; every CI run: T5, five kinds; REWRITE_FULL_SWEEP=1: all) merged ONNX of each kind's first adapter
+   (merge, then export) in ONNX Runtime equals PEFT (<= 1e-4);
 3. (slow) bank and custom-op exports holding all of them: one mixed batch (every adapter once, two base rows) equals
    PEFT row by row (<= 1e-4); ort-adapters: each adapter's run equals PEFT (<= 1e-4). Every adapter moves the output
    of its row by > 1e-3, so each comparison can fail. A mixed adapter (LoRA on attention, (IA)^3 on the FFN input,
@@ -40,7 +40,7 @@ from rewrite.options import ExportOptions
 from rewrite.runtime.session import AdapterSession
 
 import factories
-from helpers import capture_module, fresh_capture, merged_onnx_output, run_pass
+from helpers import capture_module, fresh_capture, merged_onnx_output, run_pass, sweep_params
 from models import build
 from test_unmerged import need
 
@@ -200,13 +200,14 @@ def test_loaded_kinds_equal_peft_one_adapter_at_a_time(sweep, arch):
 # ------------------------------------------------------------------------------------ 2. merged ONNX vs PEFT
 
 
-# every kind's own test file exports it merged on LLaMA / BERT (and GPT-2's Conv1D where PEFT has the kind): here T5,
-# whose bias-free norms and encoder-decoder they do not cover (each case one ONNX export, ~15 s)
-MERGED_ARCHS = ("t5",)
+# every kind's own test file exports it merged on LLaMA / BERT (and GPT-2's Conv1D where PEFT has the kind); every
+# CI run adds T5 (bias-free norms, encoder-decoder) for five kinds (each case one ONNX export, ~15 s), and
+# REWRITE_FULL_SWEEP=1 every architecture and kind (all passed in session 8)
+EVERY_RUN_MERGED = [("t5", k) for k in ("lora", "dora", "oft", "boft", "ln_tuning")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, kind", [(a, k) for a in MERGED_ARCHS for k in kinds_of(a)])
+@pytest.mark.parametrize("arch, kind", sweep_params([(a, k) for a in ARCHS for k in kinds_of(a)], EVERY_RUN_MERGED))
 def test_merged_onnx_equals_peft(sweep, arch, kind, tmp_path):
     s = sweep(arch)
     gm = only_adapter(s.gm, f"{kind}_one")
