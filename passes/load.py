@@ -161,13 +161,16 @@ class LoadPass(GraphPass):
         return origin
 
     def check_paths(self) -> None:
+        self._existing_path()
+
+    def _existing_path(self) -> Path:
         path = self.context.input_path(self.options.path)
         if not path.exists():
             raise AdapterFileError(f"{self.context.at('path')}: adapter path {path} does not exist")
+        return path
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        self.check_paths()
-        path = self.context.input_path(self.options.path)
+        path = self._existing_path()
         fmt = self.options.format
         if fmt == "auto":
             fmt = "peft" if path.is_dir() else "rewrite"
