@@ -26,7 +26,9 @@
 
 Rules:
 1. Candidates: every site carrying `adapter` (restricted by `targets` when given; a target without the
-   adapter is an error). One decision per adapted module (calls of one module share its adapter).
+   adapter is an error). Without `targets`, trained copies of whole layers beside the adapter's other modules (PEFT's
+   modules_to_save: `full`, `ln_tuning`; a SEQ_CLS adapter's head) have no rank and stay as they are. One decision
+   per adapted module (calls of one module share its adapter).
 2. The scorer turns each site into a value curve v(r) (rewrite.scorers); data-driven scorers read the
    spec's [data] table (a scorer that needs data without one is an error naming this pass).
 3. The cost model prices every allowed rank in the budget's metric (rewrite.costmodel); the solver picks
@@ -192,6 +194,9 @@ class AllocatePass(GraphPass):
         """Rule 1: the candidate sites' adapter modules, by owner."""
         o, where = self.options, self.context.where
         owners = [owner for owner in by_owner if o.adapter in adapters_at(gm, owner)]
+        ranked = [owner for owner in owners if not adapters_at(gm, owner)[o.adapter].copies_layer]
+        if o.targets is None and ranked:  # trained copies of whole layers (modules_to_save) have no rank: kept
+            owners = ranked
         if o.targets is not None:
             chosen = dict.fromkeys(s.owner for s in select(table, o.targets, self.context.at("targets")))
             missing = [owner for owner in chosen if owner not in owners]

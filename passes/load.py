@@ -19,7 +19,12 @@ Rules:
    file) is refused; both name the two spec locations. The same entry run again is a no-op (rule 4).
 8. A kind whose sites share state ties it before anything changes (`share`): VeRA's frozen projections, from the
    directory's `base_model.vera_A` / `vera_B` or drawn again from its `projection_prng_key`.
-9. A PEFT directory with `adapter_model.bin` (a pickle, which can run code) and no safetensors is read only with
+9. `modules_to_save` (PEFT's trained whole modules, beside any tuner): each saved tensor `<path>.weight` / `.bias`
+   is the weight / bias of the site owned by `<path>`, which gets a trained copy: `full` on weight layers,
+   `ln_tuning` on norms (the kinds' `copy_state`). Every site of this model under a named module must have its
+   tensors in the file (as rule 6), a copy must cover all of its site's tensors, and a module holding both adapter
+   tensors and a copy is refused; other saved tensors (a BatchNorm's statistics) are refused by name.
+10. A PEFT directory with `adapter_model.bin` (a pickle, which can run code) and no safetensors is read only with
    `trust_pickle = true` (tensors only: `torch.load(weights_only=True)`); otherwise it is refused, saying how to
    convert it.
 """
@@ -45,11 +50,12 @@ from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, PeftFormat, r
 from rewrite.graph_edit import adapters_at, register_adapter, wire
 from rewrite.names import ADAPTER_NAME
 from rewrite.pass_infra import GraphPass, PassOptions, PassResult
-from rewrite.sites import Site, SiteTable
+from rewrite.sites import NORM_OPS, Site, SiteTable
 from rewrite.state import AdapterOrigin, state_of
 from rewrite.tensors import from_numpy, to_numpy
 
 PICKLE = "adapter_model.bin"
+COPY_OPS = tuple(dict.fromkeys(op for kind in KINDS.values() if kind.copies_layer for op in kind.ops))
 PEFT_READERS: dict[PeftFormat, type[AdapterKind]] = {}
 for _kind in KINDS.values():
     if _kind.peft_format is not None:
@@ -70,16 +76,15 @@ class Entry:
     kind: type[AdapterKind]
     settings: dict[str, Any]
     tensors: dict[str, torch.Tensor]
-    peft: bool  # PEFT layout (load_peft_state) or our adapter file's (load_adapter_file_entry)
+    layout: Literal["peft", "copy", "file"]  # PEFT's tensors, a modules_to_save copy, or our adapter file's
 
     def shapes(self, module: AdapterKind) -> dict[str, tuple[int, ...]]:
-        return module.peft_shapes() if self.peft else module.adapter_file_shapes()
+        return {"peft": module.peft_shapes, "copy": module.copy_shapes,
+                "file": module.adapter_file_shapes}[self.layout]()
 
     def copy_into(self, module: AdapterKind) -> None:
-        if self.peft:
-            module.load_peft_state(self.tensors)
-        else:
-            module.load_adapter_file_entry(self.tensors)
+        {"peft": module.load_peft_state, "copy": module.load_copy,
+         "file": module.load_adapter_file_entry}[self.layout](self.tensors)
 
 
 def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -109,13 +114,47 @@ def _check_targets(adapter: PeftAdapter, table: SiteTable) -> None:
     """Rule 6."""
     ops = {op for kind in KINDS.values() if kind.peft_format == adapter.format for op in kind.ops}
     owners = dict.fromkeys(s.owner for s in table.values() if s.op in ops)
-    missing = [o for o in owners if o not in adapter.modules and adapter.targets(o)]
+    missing = [o for o in owners if o not in adapter.modules and o not in adapter.copies and adapter.targets(o)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise AdapterFileError(f"{adapter.path / CONFIG}: 'target_modules' = {adapter.config.target_modules!r} selects "
                                f"{missing[0]!r}{more} of this model, but {WEIGHTS} has no tensors for it (PEFT would "
                                "have created and saved them): the adapter was made for another model, or its weights "
                                "file is incomplete")
+
+
+def _copy_entries(adapter: PeftAdapter, table: SiteTable, adapted: dict[str, Entry]) -> dict[str, Entry]:
+    """Rule 9: an entry per module of `adapter.copies`, a `full` or `ln_tuning` copy of its site."""
+    owners, where = _owners(table), adapter.path / WEIGHTS
+    missing = [o for o, sites in owners.items() if adapter.config.saves(o) and o not in adapter.copies
+               and o not in adapted and sites[0].op in COPY_OPS]
+    if missing:
+        raise AdapterFileError(f"{adapter.path / CONFIG}: 'modules_to_save' = {adapter.config.modules_to_save!r} "
+                               f"names {missing[0]!r} of this model, but {WEIGHTS} has no copy of it (PEFT saves "
+                               "each named module whole): the adapter was made for another model, or its weights "
+                               "file is incomplete")
+    entries = {}
+    for module, arrays in adapter.copies.items():
+        sites = owners.get(module)
+        if module in adapted:
+            raise AdapterFileError(f"{where}: module {module!r} holds both {adapter.format.peft_type} tensors and a "
+                                   "modules_to_save copy; PEFT trains a module one way or the other")
+        if sites is None or sites[0].op not in COPY_OPS:
+            what = f"a {sites[0].op} site" if sites else "no layer with a weight this compiler adapts"
+            params = ", ".join(f"{module}.{p}" for p in arrays)
+            raise AdapterFileError(f"{where}: modules_to_save tensor(s) {params}: {module!r} is {what}; a saved copy "
+                                   f"is placed on a {', '.join(COPY_OPS)} site's weight and bias (nearest: "
+                                   f"{', '.join(nearest(module, owners)) or '(none)'})")
+        site = sites[0]
+        names = {site.weight.rpartition(".")[2]: "weight", **({site.bias.rpartition(".")[2]: "bias"} if site.bias
+                                                              else {})}
+        odd = [p for p in arrays if p not in names]
+        if odd:
+            raise AdapterFileError(f"{where}: modules_to_save tensor {module}.{odd[0]}: the {site.op} layer "
+                                   f"{module!r} has {' and '.join(names)} only")
+        kind = KINDS["ln_tuning" if site.op in NORM_OPS else "full"]
+        entries[module] = Entry(kind, {}, _torch({names[p]: a for p, a in arrays.items()}), "copy")
+    return entries
 
 
 def _differences(module: AdapterKind, entry: Entry) -> list[str]:
@@ -211,7 +250,8 @@ class LoadPass(GraphPass):
                     module = reader.peft_owner(gm, table)
                 except ValueError as err:
                     raise AdapterFileError(f"{path}: {err}") from None
-            entries[module] = Entry(kind, settings, _torch(arrays), peft=True)
+            entries[module] = Entry(kind, settings, _torch(arrays), "peft")
+        entries |= _copy_entries(adapter, table, entries)
         return entries, _torch(adapter.base_weights), _torch(adapter.shared)
 
     @staticmethod
@@ -222,7 +262,7 @@ class LoadPass(GraphPass):
             raise AdapterFileError(f"{path}: adapter kind {adapter.meta.kind!r} is unknown (known: "
                                    f"{', '.join(KINDS)})")
         return {owner: Entry(kind, dict(rank=info.rank, alpha=float(info.alpha), rslora=info.rslora),
-                             _torch(adapter.tensors[owner]), peft=False) for owner, info in adapter.sites.items()}
+                             _torch(adapter.tensors[owner]), "file") for owner, info in adapter.sites.items()}
 
     @staticmethod
     def _check_known(path: Path, table: SiteTable, modules: list[str]) -> None:
@@ -303,5 +343,7 @@ class LoadPass(GraphPass):
         got = {k: tuple(v.shape) for k, v in entry.tensors.items()}
         if expected != got:
             size = f", rank={module.rank}" if "rank" in entry.settings else ""
+            copy = (" (a modules_to_save copy has the shapes of the layer it was trained as: a classifier built "
+                    "with another num_labels, or resized embeddings, do not fit)" if entry.layout == "copy" else "")
             raise AdapterFileError(f"{path}: module {owner!r}: tensor shapes {got} do not fit this site "
-                                   f"(expected {expected} for d_in={module.d_in}, d_out={module.d_out}{size})")
+                                   f"(expected {expected} for d_in={module.d_in}, d_out={module.d_out}{size}){copy}")

@@ -9,6 +9,9 @@ Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site
 Each module is first turned into its saved form (`saved_form`): SVD-form adapters (`svd_lora`, and AdaLoRA /
 IncreLoRA before they finish) are written as the plain LoRA with the same delta, so both formats load back
 (and into PEFT) as LoRA with identical outputs.
+Trained copies of whole layers (`copies_layer`: `full`, and `ln_tuning` beside another tuner) are written as PEFT
+writes `modules_to_save`: the config lists their module paths and the file holds their tensors (`copy_state`) under
+those paths. An adapter of `full` copies alone has no PEFT form (PEFT has no tuner of modules_to_save only).
 An adapter whose init rewrote its base weight (LoRA `init = "pissa" | "olora"`, whose W in the graph is the residual
 W - s B0 A0) is written as PEFT writes it (`init_lora_weights = "pissa"`: PEFT recomputes that residual from the
 original weight when it loads it); `convert_to_lora = true` writes each module's `converted_form` instead: the plain
@@ -33,7 +36,7 @@ from pydantic import Field
 from rewrite.adapters.base import NotSupported
 from rewrite.errors import AdapterFileError, SpecError
 from rewrite.formats.adapter_file import write_adapter_file
-from rewrite.formats.peft_dir import write_peft_dir
+from rewrite.formats.peft_dir import PREFIX, SHARED_PREFIX, write_peft_dir
 from rewrite.graph_edit import adapters_at
 from rewrite.modes import as_created
 from rewrite.names import ADAPTER_NAME
@@ -92,20 +95,35 @@ class SavePass(GraphPass):
 
     def _write(self, tmp: Path, name: str, modules: dict) -> Path:
         peft = self.options.format == "peft"
+        copies = {o: m for o, m in modules.items() if peft and m.copies_layer}
+        tuned = {o: m for o, m in modules.items() if o not in copies}
+        if not tuned:  # copies alone: those a tuner saves (LN tuning) are the adapter, the others its copies
+            tuned = {o: m for o, m in copies.items() if m.peft_format is not None} or copies
+            copies = {o: m for o, m in copies.items() if o not in tuned}
         # one format per directory, not one peft_type: LoRA and DoRA directories are both LORA
-        forms = {m.peft_format if peft and m.peft_format else m.kind for m in modules.values()}
+        forms = {m.peft_format if peft and m.peft_format else m.kind for m in tuned.values()}
         if len(forms) > 1:
-            kinds = sorted({m.kind for m in modules.values()})
+            kinds = sorted({m.kind for m in tuned.values()})
             raise AdapterFileError(f"{self.context.where}: adapter {name!r} mixes {kinds}; one "
                                    f"{'PEFT directory' if peft else 'adapter file'} holds one kind")
-        first = next(iter(modules.values()))
+        first = next(iter(tuned.values()))
         try:
             if peft:
                 # a format's bare tensors are the model's own (module "", peft_dir)
-                tensors = {"" if getattr(m.peft_format, "bare", ()) else owner:
-                           {k: to_numpy(t) for k, t in m.peft_state().items()} for owner, m in modules.items()}
-                shared = {key: to_numpy(t) for key, t in type(first).peft_shared_state(modules).items()}
-                write_peft_dir(tmp, type(first).peft_config(modules), tensors, shared)
+                bare = bool(getattr(first.peft_format, "bare", ()))
+                tensors = {"" if bare else owner: {k: to_numpy(t) for k, t in m.peft_state().items()}
+                           for owner, m in tuned.items()}
+                shared = {key: to_numpy(t) for key, t in type(first).peft_shared_state(tuned).items()}
+                config = type(first).peft_config(tuned)
+                if copies and "modules_to_save" in first.peft_format.config.unsupported:
+                    raise NotSupported(f"PEFT's {first.peft_format.peft_type} directories cannot hold modules_to_save "
+                                       f"(PEFT ignores the key there), so the copies of {sorted(copies)} would be "
+                                       "lost; save them beside another tuner's modules, or merge them")
+                if copies:
+                    config["modules_to_save"] = sorted(copies)
+                write_peft_dir(tmp, config, tensors, shared,
+                               {o: {k: to_numpy(t) for k, t in m.copy_state().items()} for o, m in copies.items()},
+                               SHARED_PREFIX if bare else PREFIX)
                 return tmp
             entries = {owner: m.adapter_file_entry() for owner, m in modules.items()}
             produced = tmp / "adapter.safetensors"

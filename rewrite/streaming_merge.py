@@ -26,20 +26,23 @@
    Linear: n and m per row of W [out, in], so a block of rows is merged alone. Conv1D (W [in, out]) and Embedding
    (W [V, d], n over V as PEFT takes it): per column, so the update is computed twice over the tensor (read from
    disk once), first for n (the sum of squares of W + delta, in the arithmetic's dtype), then to write W'.
-4. PEFT's saved copy of a targeted embedding's base weight (`<M>.base_layer.weight`) must equal the checkpoint's
+4. `modules_to_save` (whole modules trained beside the adapter, e.g. a SEQ_CLS head): each saved tensor
+   `M.<param>` replaces the checkpoint's (named as in rule 2), cast to its dtype, as PEFT's merge_and_unload keeps
+   the trained copy; its shape must be the checkpoint tensor's, and a tensor both folded and replaced is an error.
+5. PEFT's saved copy of a targeted embedding's base weight (`<M>.base_layer.weight`) must equal the checkpoint's
    tensor: anything else is a retrained embedding, not an adapter.
-5. Output: shards of the same names, each the input's header byte for byte (same names, dtypes, shapes and
+6. Output: shards of the same names, each the input's header byte for byte (same names, dtypes, shapes and
    offsets) with the merged tensors' bytes in place; the index as it was; every other top-level file copied
    (links followed), except weights of other formats (`pytorch_model.bin`, `consolidated.safetensors`, ...: they
    hold the unmerged weights), which are left out and listed in the summary.
-6. Memory and time: bytes no module touches are copied in 16 MiB blocks; a touched tensor is read alone (plain
+7. Memory and time: bytes no module touches are copied in 16 MiB blocks; a touched tensor is read alone (plain
    reads, no mmap: mapped pages would stay resident until the shard closes) and updated in place in blocks of
    rows of 2^18 elements (the block's fp32 update stays in cache) on one torch thread (blocks this small gain
    nothing from more, and lose much on a busy machine). A writer thread writes and fsyncs while the next tensor
    is read and merged (at most 2 buffers wait), and the kernel reads the shard ahead (posix_fadvise WILLNEED:
    page cache, not this process's memory). Peak ≈ the adapter + 3 x the largest touched tensor: never a shard,
    never the model.
-7. Atomic (rewrite.publish): built in `.OUT.tmp-<id>` beside OUT and swapped in at the end, once every file is
+8. Atomic (rewrite.publish): built in `.OUT.tmp-<id>` beside OUT and swapped in at the end, once every file is
    written and fsynced (a crash after the swap never finds a half-written shard under its final name either); an
    error or an interruption leaves no OUT and no temporary (a killed run's temporary is removed by the next run).
    An existing non-empty OUT is refused unless `force`, and even then unless it is a model directory
@@ -138,19 +141,20 @@ def merge_checkpoint(model_dir: Path | str, adapter_dir: Path | str, out_dir: Pa
     shards = read_checkpoint(model_dir)
     adapter = read_peft_dir(adapter_dir, [LORA_FORMAT, DORA_FORMAT])
     tensors = {key: (shard, tensor) for shard in shards for key, tensor in shard.tensors.items()}
-    folds, copies = plan(adapter, tensors)
+    folds, copies, saved = plan(adapter, tensors)
     copied, left_out = _other_files(model_dir, {shard.name for shard in shards})
     description = f"merge {adapter_dir.resolve().name} into {model_dir.resolve().name}"
     with Staging(out_dir, str(out_dir), _refusal(force)) as staging, _one_thread(), Writer() as writer:
         for shard in tracked(shards, description, total=len(shards)):
-            write_shard(shard, staging.tmp / shard.name, folds, copies, writer)
+            write_shard(shard, staging.tmp / shard.name, folds, copies, saved, writer)
         for name in copied:
             handle = writer.open(staging.tmp / name)
             writer.write(handle, (model_dir / name).read_bytes())
             writer.finish(handle)
         writer.wait()
         staging.publish()
-    merged = {fold.module: key for key, fold in folds.items()}
+    merged = {fold.module: key for key, fold in folds.items()} | {f"{m} ({param})": key
+                                                                   for key, (m, param, _) in saved.items()}
     return MergeSummary(out_dir, [s.name for s in shards], merged, copied, left_out, sum(s.size for s in shards))
 
 
@@ -213,13 +217,26 @@ def _shard(path: Path, expected: set[str] | None) -> Shard:
 # ------------------------------------------------------------------------------------------- the plan
 
 def plan(adapter: PeftAdapter, tensors: Mapping[str, tuple[Shard, Tensor]]
-         ) -> tuple[dict[str, Fold], dict[str, tuple[str, np.ndarray]]]:
-    """{tensor key: its fold} for every adapter module, and {tensor key: (module, PEFT's saved base copy)}."""
+         ) -> tuple[dict[str, Fold], dict[str, tuple[str, np.ndarray]], dict[str, tuple[str, str, np.ndarray]]]:
+    """{tensor key: its fold} for every adapter module, {tensor key: (module, PEFT's saved base copy)} (rule 5) and
+    {tensor key: (module, param, the modules_to_save tensor that replaces it)} (rule 4)."""
     keys = resolve(adapter.modules, tensors)
     folds = {key: _fold(adapter, module, key, *tensors[key]) for module, key in keys.items()}
     copies = {key: (module, adapter.base_weights[module])
               for module, key in resolve(adapter.base_weights, tensors).items()}
-    return folds, copies
+    saved = {}
+    for module, params in adapter.copies.items():
+        for param, array in params.items():
+            key = _key_of(module, tensors, param)
+            if key in folds:
+                raise AdapterFileError(f"{adapter.path}: module {module!r} holds both LoRA tensors and a "
+                                       f"modules_to_save copy of {key!r}")
+            if tuple(array.shape) != tensors[key][1].shape or tensors[key][1].dtype not in DTYPES:
+                raise AdapterFileError(f"{adapter.path}: modules_to_save tensor {module}.{param} has shape "
+                                       f"{tuple(array.shape)}; the checkpoint's {key!r} is {tensors[key][1].dtype} "
+                                       f"{tensors[key][1].shape} (a head built with another num_labels?)")
+            saved[key] = (module, param, array)
+    return folds, copies, saved
 
 
 def resolve(modules: Iterable[str], keys: Collection[str]) -> dict[str, str]:
@@ -234,8 +251,8 @@ def resolve(modules: Iterable[str], keys: Collection[str]) -> dict[str, str]:
     return found
 
 
-def _key_of(module: str, keys: Collection[str]) -> str:
-    wanted = f"{module}.weight"
+def _key_of(module: str, keys: Collection[str], param: str = "weight") -> str:
+    wanted = f"{module}.{param}"
     if wanted in keys:
         return wanted
     found = sorted(k for k in keys if k.endswith("." + wanted) or wanted.endswith("." + k))
@@ -244,7 +261,7 @@ def _key_of(module: str, keys: Collection[str]) -> str:
     if found:
         raise AdapterFileError(f"adapter module {module!r} matches several checkpoint tensors by suffix: {found}; "
                                "its path must name one (the adapter was trained on another model class)")
-    near = nearest(module, [k.removesuffix(".weight") for k in keys])
+    near = nearest(module, [k.removesuffix(f".{param}") for k in keys])
     raise AdapterFileError(f"adapter module {module!r} is not in the checkpoint (no tensor {wanted!r}, not even "
                            f"under another prefix); nearest module names: {near or 'none'}")
 
@@ -345,10 +362,11 @@ def _sync_close(handle: BinaryIO) -> None:
 
 
 def write_shard(shard: Shard, out: Path, folds: Mapping[str, Fold], copies: Mapping[str, tuple[str, np.ndarray]],
-                writer: Writer) -> None:
-    """`out` = the shard with every folded tensor replaced by its merged bytes (rule 5), read and written in file
+                saved: Mapping[str, tuple[str, str, np.ndarray]], writer: Writer) -> None:
+    """`out` = the shard with every folded or replaced tensor in its merged bytes (rule 6), read and written in file
     order: the bytes between touched tensors (the header first) are copied as they are."""
-    touched = sorted((t.begin, key, t) for key, t in shard.tensors.items() if key in folds or key in copies)
+    touched = sorted((t.begin, key, t) for key, t in shard.tensors.items()
+                     if key in folds or key in copies or key in saved)
     dst = writer.open(out)
     with open(shard.path, "rb") as src:
         if hasattr(os, "posix_fadvise"):  # the disk reads ahead into the page cache while we compute (not our RSS)
@@ -359,16 +377,25 @@ def write_shard(shard: Shard, out: Path, folds: Mapping[str, Fold], copies: Mapp
             raw = np.empty(tensor.end - begin, np.uint8)  # not zero-filled, unlike a bytearray
             if src.readinto(raw) != raw.size:
                 raise ModelLoadError(f"{shard.path}: ended inside tensor {key!r}")
-            writer.write(dst, merged(raw, key, tensor, folds.get(key), copies.get(key)))
+            writer.write(dst, merged(raw, key, tensor, folds.get(key), copies.get(key), saved.get(key)))
             position = tensor.end
         _copy(src, dst, shard.size - position, shard.path, writer)
     writer.finish(dst)
 
 
 def merged(raw: np.ndarray, key: str, tensor: Tensor, fold: Fold | None,
-           copy: tuple[str, np.ndarray] | None) -> np.ndarray:
-    """`raw`, the bytes of `key`, with its fold added in place (rule 3), once its base copy is checked (rule 4)."""
+           copy: tuple[str, np.ndarray] | None, replacement: tuple[str, str, np.ndarray] | None = None) -> np.ndarray:
+    """`raw`, the bytes of `key`, with its fold added in place (rule 3), once its base copy is checked (rule 5), or
+    replaced by a modules_to_save tensor (rule 4)."""
     weight = torch.from_numpy(raw).view(DTYPES[tensor.dtype]).view(tensor.shape)
+    if replacement is not None:
+        module, param, array = replacement
+        value = _as_torch(array)
+        limit = torch.finfo(weight.dtype).max
+        if not bool(value.abs().le(limit).all()):
+            raise AdapterFileError(f"module {module!r}: its modules_to_save {param} is not finite in {tensor.dtype}")
+        weight.copy_(value)
+        return raw
     if copy is not None:
         saved = _as_torch(copy[1])
         if tuple(saved.shape) != tensor.shape or not torch.equal(saved.to(weight.dtype), weight):
@@ -416,7 +443,7 @@ def _copy(src: BinaryIO, dst: BinaryIO, count: int, path: Path, writer: Writer) 
 
 
 def _other_files(model_dir: Path, shards: set[str]) -> tuple[list[str], list[str]]:
-    """(files to copy as they are, files left out): rule 5."""
+    """(files to copy as they are, files left out): rule 6."""
     copied, left_out = [], []
     for path in sorted(model_dir.iterdir()):
         if path.name in shards or not path.is_file():

@@ -108,6 +108,10 @@ def _float32(value: Any, what: str) -> np.ndarray:
 
 def _from_peft(path: Path, row_sites: Sequence[RowSite]) -> tuple[Factors, dict[str, np.ndarray]]:
     adapter = read_peft_dir(path, [LORA_FORMAT, *ROW_FORMATS])
+    if adapter.copies:
+        raise AdapterFileError(f"{path}: 'modules_to_save' copies {sorted(adapter.copies)} whole; a copy is a delta "
+                               "on the base model's own weights, which a running export does not read back: export "
+                               "the adapter with the model (rewrite bundle / the load pass), or merge it")
     if adapter.format is not LORA_FORMAT:
         return {}, _place_rows(row_vectors(adapter), row_sites, str(path))
     key_a, key_b = LINEAR_KEYS

@@ -162,3 +162,32 @@ def sweep_params(cases, every_run) -> list:
     skip = pytest.mark.skip(reason="part of the full sweep: REWRITE_FULL_SWEEP=1 runs it")
     return [case if FULL_SWEEP or case in every_run else pytest.param(*(case if isinstance(case, tuple) else (case,)),
                                                                         marks=skip) for case in cases]
+
+
+def save_peft(model: torch.nn.Module, config, path: Path, *, adapter_name: str = "default", seed: int = 1234,
+              rank_pattern: dict | None = None) -> Path:
+    """PEFT's `config` on `model` with every trainable tensor moved off its init (seeded), saved to `path`; an
+    AdaLoRA `rank_pattern` ({lora_E parameter name: mask}, as its allocator stores it) is set before the save."""
+    import peft
+
+    torch.manual_seed(seed)
+    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    if rank_pattern is not None:
+        peft_model.peft_config[adapter_name].rank_pattern = rank_pattern
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(path)
+    return path if adapter_name == "default" else path / adapter_name
+
+
+def peft_reload(base: torch.nn.Module, path: Path) -> torch.nn.Module:
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, path).eval()

@@ -200,8 +200,8 @@ def test_refusals_name_the_kind(captured, tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("modules_to_save", ["lm_head"], r"'modules_to_save' is set; modules_to_save \(trained full modules\) is not "
-                                     r"supported for BEFT adapters"),
+    ("modules_to_save", ["lm_head"], r"'modules_to_save' = \['lm_head'\] names 'lm_head' of this model, "
+     r"but adapter_model.safetensors has no copy"),
     ("init_weights", "yes", r"'init_weights' is 'yes'; expected true or false"),
 ])
 def test_load_refuses_what_it_does_not_implement(captured, tmp_path, key, value, message):

@@ -144,7 +144,8 @@ def test_insert_checks_its_options_against_each_site():
 
 @pytest.mark.parametrize("change,message", [
     ({"bias": "all"}, r"'bias': bias = 'all' trains base biases.*only bias = \"none\""),
-    ({"modules_to_save": ["lm_head"]}, r"'modules_to_save' is set; modules_to_save .* not supported for FOURIERFT"),
+    ({"modules_to_save": ["lm_head"]}, r"'modules_to_save' = \['lm_head'\] names 'lm_head' of this model, "
+     r"but adapter_model.safetensors has no copy"),
     ({"random_loc_seed": None}, r"'random_loc_seed' is None; expected a whole number"),
     ({"n_frequency_pattern": {"down_proj": 7}}, r"has shape \(500,\), but adapter_config.json says n_frequency = 7"),
 ])

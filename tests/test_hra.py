@@ -103,8 +103,8 @@ def test_merge_folds_input_rotations_before_other_adapters():
     ("bias", "hra_only", r"'bias' is 'hra_only'; expected \"none\""),
     ("r", 3, r"'r' = 3 is odd; HRA adapters start from the identity with reflections in pairs"),
     ("r", 4, r"module 'model.layers.0.mlp.down_proj': hra_u has shape \(128, 8\); expected \[d_in, r\] with r = 4"),
-    ("modules_to_save", ["lm_head"], r"'modules_to_save' is set; modules_to_save \(trained full modules\) is not "
-                                     r"supported for HRA adapters"),
+    ("modules_to_save", ["lm_head"], r"'modules_to_save' = \['lm_head'\] names 'lm_head' of this model, "
+     r"but adapter_model.safetensors has no copy"),
     ("apply_GS", "yes", r"'apply_GS' is 'yes'; expected true or false"),
 ])
 def test_load_refuses_what_it_does_not_implement(captured, tmp_path, key, value, message):

@@ -224,7 +224,8 @@ def test_norm_sites_are_found_and_only_norm_kinds_select_them():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"modules_to_save": ["lm_head"]}, r"'modules_to_save' is set; modules_to_save .* not supported for LN_TUNING"),
+    ({"modules_to_save": ["lm_head"]}, r"'modules_to_save' = \['lm_head'\] names 'lm_head' of this model, "
+     r"but adapter_model.safetensors has no copy"),
     ({"layers_to_transform": [0]}, r"'layers_to_transform' is set; layers_to_transform \(not an LNTuningConfig field"),
     ({"layers_pattern": "layers"}, r"'layers_pattern' is set; layers_pattern \(not an LNTuningConfig field"),
 ])

@@ -6,22 +6,18 @@ Oracle: `PeftModel.from_pretrained(fresh base, dir)` (what the directory means t
    load, our save (a plain LoRA directory) reloaded in PEFT, and merge equal PEFT (<= 1e-5); an unmerged bank
    export serves it per row as PEFT (<= 1e-5).
 2. (fast, DeepMLP) Refused through the CLI with exit 2, no traceback, naming the directory and the config key or
-   file, and what works instead: modules_to_save (trained full modules: never silently dropped), an
-   adapter_model.bin only (a pickle; read with trust_pickle = true, as PEFT reads it), bias = "all", an AdaLoRA module whose mask kept nothing, tensors whose rank
-   is not the config's init_r; a LoHa conv module saved Tucker-factored (use_effective_conv2d on a 3x3 kernel).
+   file, and what works instead: an adapter_model.bin only (a pickle; read with trust_pickle = true, as PEFT
+   reads it), bias = "all", an AdaLoRA module whose mask kept nothing, tensors whose rank is not the config's init_r; a LoHa conv module saved Tucker-factored (use_effective_conv2d on a 3x3 kernel).
 3. (slow, tiny LLaMA) The configs users save: "all-linear", layers_to_transform with layers_pattern and a
    regex exclude_modules, rank / alpha patterns keyed by suffix and by regex, rsLoRA, fp16 / bf16 tensors, an older
    config (fields missing, unknown fields), a second adapter in its save_pretrained subfolder, DoRA with a
    rank pattern, IA3 with feedforward_modules, LoHa and LoKr (decompose_both) saved with use_effective_conv2d
    (no conv: nothing Tucker-factored), AdaLoRA: load and merge equal PEFT (<= 1e-5); `rewrite bundle` of several
    of them serves each per batch row as PEFT (<= 1e-5).
-4. (slow) A SEQ_CLS LoRA on BertForSequenceClassification (PEFT adds the classifier to modules_to_save):
-   `rewrite bundle` exits 2 naming modules_to_save and the classifier.
 """
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -32,42 +28,16 @@ from rewrite.runtime.session import AdapterSession
 from rewrite.state import ADAPTER_ROOT
 
 from factories import mlp4
-from helpers import capture_module, cli, diff, fresh_capture, run_pass
+from helpers import capture_module, cli, diff, fresh_capture, peft_reload, run_pass, save_peft
 from models import build
 
 peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MLP_INPUTS = '[[capture.inputs]]\nname = "x"\nshape = [4, 3, 64]\ndims = ["batch", "seq", ""]\n'
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def save_peft(model: torch.nn.Module, config, path: Path, *, adapter_name: str = "default", seed: int = 1234,
-              rank_pattern: dict | None = None) -> Path:
-    """PEFT's `config` on `model` with every trainable tensor moved off its init (seeded), saved to `path`; an
-    AdaLoRA `rank_pattern` ({lora_E parameter name: mask}, as its allocator stores it) is set before the save."""
-    torch.manual_seed(seed)
-    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in peft_model.named_parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    if rank_pattern is not None:
-        peft_model.peft_config[adapter_name].rank_pattern = rank_pattern
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model.save_pretrained(path)
-    return path if adapter_name == "default" else path / adapter_name
-
-
-def peft_reload(base: torch.nn.Module, path: Path) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(base, path).eval()
 
 
 def first(outputs) -> torch.Tensor:
@@ -146,9 +116,6 @@ def _init_r_mismatch(path: Path) -> Path:
 
 
 REFUSED = {
-    "modules_to_save": (lambda p: _lora_dir(p, modules_to_save=["layers.3"]),
-                        ["adapter_config.json: 'modules_to_save' is set", "modules_to_save = ['layers.3']",
-                         "merge_and_unload()"]),
     "bin_only": (_bin_only, ["no adapter_model.safetensors", "adapter_model.bin is a pickle",
                              "set trust_pickle = true on this load pass",
                              "safetensors.torch.save_file(torch.load('adapter_model.bin')"]),
@@ -315,19 +282,3 @@ def test_bundle_serves_each_saved_config_per_row_as_peft(made, hf_dir, tmp_path,
             (got, *_) = served.run({k: v.numpy() for k, v in kwargs.items()}, adapter_ids=[label, None, label])
             worst = max(diff(got[0], want[0]), diff(got[1], base[1]), diff(got[2], want[2]))
             assert worst <= ATOL, (label, worst)
-
-
-# --------------------------------------------------------------------- 4. a classifier head (modules_to_save)
-
-@pytest.mark.slow
-def test_bundle_refuses_seq_cls_head_by_name(tmp_path, capsys):
-    config = transformers.BertConfig(hidden_size=64, intermediate_size=128, max_position_embeddings=64, num_labels=3,
-                                     num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "hf")
-    base = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf")
-    directory = save_peft(base, _lora(target_modules=["query", "value"], task_type="SEQ_CLS"), tmp_path / "peft")
-    assert json.loads((directory / "adapter_config.json").read_text())["modules_to_save"]  # PEFT added the head
-    code, err = cli(capsys, "bundle", tmp_path / "hf", "--adapter", f"cls={directory}", "-o", tmp_path / "out", "-q")
-    assert code == 2 and "Traceback" not in err, err
-    assert str(directory) in err and "'modules_to_save' is set" in err and "classifier" in err

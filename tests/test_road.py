@@ -149,7 +149,8 @@ def test_unmerge_by_the_inverse_needs_regular_blocks():
     ({"group_size": 7}, r"'group_size': group_size = 7; it must be even"),
     ({"exclude_modules": ["down_proj"]}, r"'exclude_modules' is set; exclude_modules \(not a RoadConfig field"),
     ({"layers_to_transform": [0]}, r"'layers_to_transform' is set; layers_to_transform \(not a RoadConfig field"),
-    ({"modules_to_save": ["lm_head"]}, r"'modules_to_save' is set; modules_to_save .* not supported for ROAD"),
+    ({"modules_to_save": ["lm_head"]}, r"'modules_to_save' = \['lm_head'\] names 'lm_head' of this model, "
+     r"but adapter_model.safetensors has no copy"),
 ])
 def test_configs_it_does_not_implement_are_refused(change, message, tmp_path):
     _peft_model("llama", "road_1").save_pretrained(tmp_path / "peft")

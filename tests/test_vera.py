@@ -280,7 +280,8 @@ def _edited(directory, config: dict | None = None, drop: tuple[str, ...] = (), s
 
 @pytest.mark.parametrize("edit,message", [
     (dict(config={"bias": "all"}), r"'bias' is 'all'; expected \"none\" \(trained base biases"),
-    (dict(config={"modules_to_save": ["lm_head"]}), r"'modules_to_save' is set; modules_to_save \(trained full"),
+    (dict(config={"modules_to_save": ["lm_head"]}), r"'modules_to_save' = \['lm_head'\] names 'lm_head' of this model, "
+     r"but adapter_model.safetensors has no copy"),
     (dict(config={"projection_prng_key": -1}), r"'projection_prng_key' is -1; expected a whole number >= 0"),
     (dict(drop=("base_model.vera_B",)), r"'save_projection' = true, but the file holds \['vera_A'\] projections"),
     (dict(config={"save_projection": False}), r"'save_projection' = false, but the file holds \['vera_A', 'vera_B'\]"),

@@ -7,6 +7,7 @@ from rewrite.adapters.boft import BOFT
 from rewrite.adapters.bottleneck import Bottleneck
 from rewrite.adapters.dora import DoRA
 from rewrite.adapters.fourierft import FourierFT
+from rewrite.adapters.full import Full
 from rewrite.adapters.hra import HRA
 from rewrite.adapters.ia3 import IA3, IA3FeedForward
 from rewrite.adapters.ln_tuning import LnTuning
@@ -18,10 +19,11 @@ from rewrite.adapters.prefix_tuning import PrefixTuning
 from rewrite.adapters.prompt_tuning import PromptTuning
 from rewrite.adapters.road import Road
 from rewrite.adapters.svd_lora import SvdLoRA
+from rewrite.adapters.trainable_tokens import TrainableTokens
 from rewrite.adapters.vera import VeRA
 
 KINDS = {kind.kind: kind for kind in (LoRA, SvdLoRA, IA3, IA3FeedForward, FourierFT, Road, DoRA, OFT, BOFT, LoHa, LoKr,
                                      VeRA, HRA, BitFit, LnTuning, Bottleneck, PromptTuning,
-                                     PrefixTuning)}
+                                     PrefixTuning, Full, TrainableTokens)}
 
 __all__ = ["KINDS", "LoRA", "SvdLoRA"]

@@ -54,6 +54,11 @@ What a kind declares (class attributes):
                     y' = rows_out(base(rows_in(x)) + x A B)        x A B reading the site's own x
                 (DoRA: LoRA factors and an output scale; BOFT: an input rotation and an output scale), each part
                 switched by the unmerged lowerings as a low-rank or `rowwise` adapter is
+    copies_layer whether a module is a trained copy of its site's own tensors (PEFT's `modules_to_save`, which every
+                tuner's directory may carry beside its adapter tensors): `copy_state()` gives them ({"weight", "bias"}:
+                the site's parameters as the copy holds them, in the base op's own layout) and `load_copy(tensors)`
+                sets the module from them; `load` places a directory's copies on such modules (`full`, `ln_tuning` on
+                norms) and `save` writes them as modules_to_save beside the adapter's other modules
     peft_format the PEFT directory format it reads and writes (rewrite.formats.peft_dir.PeftFormat: peft_type,
                 config model, key suffixes), or None when PEFT has no such tuner; kinds sharing a format share
                 `peft_config` and `peft_module` and may be saved as one PEFT adapter; the first kind registered
@@ -117,6 +122,7 @@ class AdapterKind(nn.Module):
     factored: ClassVar[bool] = False
     rowwise: ClassVar[bool] = False
     parted: ClassVar[bool] = False
+    copies_layer: ClassVar[bool] = False
     peft_format: ClassVar[PeftFormat | None] = None
 
     op: str
@@ -169,6 +175,17 @@ class AdapterKind(nn.Module):
         """The site owner that a PEFT directory's whole-model tensors (bare keys, read as module "": prompt
         learning's `prompt_embeddings`) belong to in this graph."""
         raise NotSupported(f"{cls.kind} adapters keep their PEFT tensors per module")
+
+    def copy_state(self) -> dict[str, torch.Tensor]:
+        """The site's tensors as this trained copy holds them ({"weight", "bias"}, the base op's layout)."""
+        raise NotSupported(f"{self.kind} adapters are not a trained copy of a module (PEFT's modules_to_save)")
+
+    def copy_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.shape) for key, t in self.copy_state().items()}
+
+    def load_copy(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Set this module from a trained copy's tensors (`copy_shapes`, checked by the caller)."""
+        raise NotSupported(f"{self.kind} adapters are not a trained copy of a module (PEFT's modules_to_save)")
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """This module's tensors under PEFT's key suffixes, as views in PEFT's layout that write through; the

@@ -22,7 +22,9 @@ PEFT (`LN_TUNING`) trains a copy of the whole layer, so a directory holds the TU
 `base_model.model.<module>.ln_tuning_layers.weight` [d] = W + dW (and `.bias` [d] = b + db where the norm has one).
 The module is built with the site's base W and b (`built_with_base`), kept as frozen buffers, and converts with
 them: saved = base + delta, loaded delta = saved - base (so a directory applies its tuned norm whatever the base
-holds, as PEFT's copy does). PEFT may copy any module; ours adapts norm sites only.
+holds, as PEFT's copy does). PEFT may copy any module; ours adapts norm sites only. The same module is what a norm
+named by another tuner's `modules_to_save` loads as (`copies_layer`: `copy_state` = {"weight", "bias"}, the tuned
+tensors), and what `save` writes there.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from rewrite.adapters.output_scale import OutputScale
 from rewrite.formats.peft_dir import PeftConfig, PeftFormat
 
 WEIGHT, BIAS = "ln_tuning_layers.weight", "ln_tuning_layers.bias"
+PEFT_KEYS = {"weight": WEIGHT, "bias": BIAS}
 
 
 class LnTuningPeftConfig(PeftConfig):
@@ -71,6 +74,7 @@ class LnTuning(AdapterKind):
     built_with_base = True
     mergeable = True
     parted = True
+    copies_layer = True
     peft_format = LN_TUNING_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -112,20 +116,26 @@ class LnTuning(AdapterKind):
                                "scale would be inexact or amplify rounding; merge it")
         return None, [LnTuningScale(self.op, self.d_in, scale.to(self.weight_delta.dtype), bias, self.bias_delta)]
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        tuned = {WEIGHT: self.base_weight + self.weight_delta}
+    def copy_state(self) -> dict[str, torch.Tensor]:
+        tuned = {"weight": self.base_weight + self.weight_delta}
         if self.bias_delta is not None:
-            tuned[BIAS] = self.base_bias + self.bias_delta
+            tuned["bias"] = self.base_bias + self.bias_delta
         return {key: t.detach().clone() for key, t in tuned.items()}
 
-    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: (self.d_out,) for key in ((WEIGHT,) if self.bias_delta is None else (WEIGHT, BIAS))}
-
     @torch.no_grad()
-    def load_peft_state(self, tensors) -> None:
-        self.weight_delta.copy_(tensors[WEIGHT].to(self.base_weight.dtype) - self.base_weight)
+    def load_copy(self, tensors) -> None:
+        self.weight_delta.copy_(tensors["weight"].to(self.base_weight.dtype) - self.base_weight)
         if self.bias_delta is not None:
-            self.bias_delta.copy_(tensors[BIAS].to(self.base_bias.dtype) - self.base_bias)
+            self.bias_delta.copy_(tensors["bias"].to(self.base_bias.dtype) - self.base_bias)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {PEFT_KEYS[key]: t for key, t in self.copy_state().items()}
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {PEFT_KEYS[key]: shape for key, shape in self.copy_shapes().items()}
+
+    def load_peft_state(self, tensors) -> None:
+        self.load_copy({key: tensors[peft] for key, peft in PEFT_KEYS.items() if peft in tensors})
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[LnTuning], dict]:

@@ -22,6 +22,11 @@ owns the rules every tuner shares:
 - Prompt-learning tuners keep their one tensor for the whole model under its bare name (`prompt_embeddings`): the
   format names it (`bare`), and it is read as (and written from) the tensors of the module "" (the model itself),
   which the adapter kind places on a site.
+- `modules_to_save` (any tuner; PEFT's SEQ_CLS / TOKEN_CLS / QUESTION_ANS task types add the head themselves): the
+  named modules are trained whole, and the file holds each one's full state under its own names
+  (`base_model.model.<path>.<param>`; prompt-learning tuners: `base_model.<path>.<param>`). A module is named when a
+  prefix of its path ends with a listed name (PEFT's `key.endswith(name)`). Those tensors are returned apart, in
+  `copies` ({module path: {param: array}}); the loader places them on sites (the adapter kinds `full` and `ln_tuning`).
 """
 from __future__ import annotations
 
@@ -54,11 +59,8 @@ class PeftConfig(BaseModel):
         "target_modules": "a list of module names or a regex string",
         "exclude_modules": "a list of module names or a regex string",
         "layers_to_transform": "a layer index or a list of them", "layers_pattern": "a name or a list of names"}
-    unsupported: ClassVar[dict[str, str]] = {"modules_to_save": "modules_to_save (trained full modules)"}
-    remedies: ClassVar[dict[str, str]] = {  # what works instead, for a refused key of `unsupported`
-        "modules_to_save": "their saved weights replace the base model's, which an adapter never does; to serve it, "
-                           "merge it in PEFT (PeftModel.from_pretrained(base, dir).merge_and_unload()), save that "
-                           "model and export it without an adapter"}
+    unsupported: ClassVar[dict[str, str]] = {}
+    remedies: ClassVar[dict[str, str]] = {}  # what works instead, for a refused key of `unsupported`
 
     peft_type: StrictStr
     modules_to_save: list[str] | None = None
@@ -84,6 +86,12 @@ class PeftConfig(BaseModel):
             return _selected(module, targets)
         return _selected(module, targets) and _in_layers(module, self.layers_to_transform, self.layers_pattern)
 
+    def saves(self, module: str) -> bool:
+        """Whether `modules_to_save` names `module` or a module above it (PEFT's `key.endswith(name)`)."""
+        parts = module.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return any(p.endswith(name) for p in prefixes for name in self.modules_to_save or [])
+
 
 def compiled(value: Any) -> Any:
     """What PEFT reads as a regex (a string, list items, or mapping keys) must compile (a pydantic validator body)."""
@@ -103,6 +111,7 @@ class PeftAdapter:
     modules: dict[str, dict[str, np.ndarray]]  # module path -> {suffix: array}
     base_weights: dict[str, np.ndarray] = field(default_factory=dict)  # module path -> saved base weight
     shared: dict[str, np.ndarray] = field(default_factory=dict)  # name -> the adapter's tensor kept once
+    copies: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # modules_to_save: path -> {param: array}
 
     def targets(self, module: str) -> bool | None:
         return self.config.targets(module)
@@ -250,6 +259,12 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat], tensors: Mapping[st
         raise AdapterFileError(f"{path}: no {WEIGHTS}{extra}")
     else:
         tensors, _ = read_safetensors(weights_file)
+    every = tensors
+    copied = _copied_keys(tensors, config, peft_format)
+    copies: dict[str, dict[str, np.ndarray]] = {}
+    for key, (module, param) in copied.items():
+        copies.setdefault(module, {})[param] = tensors[key]
+    tensors = {key: t for key, t in tensors.items() if key not in copied}
     _refuse_trained_biases(config, tensors, peft_format, config_file, weights_file)
     modules: dict[str, dict[str, np.ndarray]] = {}
     base_weights: dict[str, np.ndarray] = {}
@@ -267,10 +282,33 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat], tensors: Mapping[st
             continue
         module, suffix = _split_key(key, peft_format, weights_file)
         modules.setdefault(module, {})[suffix] = tensor
-    adapter = PeftAdapter(path, config, peft_format, modules, base_weights, shared)
-    _check_agreement(adapter, tensors, weights_file)
+    adapter = PeftAdapter(path, config, peft_format, modules, base_weights, shared, copies)
+    _check_agreement(adapter, every, weights_file)
     peft_format.check(adapter)
     return adapter
+
+
+def _copied_keys(tensors: Mapping[str, np.ndarray], config: PeftConfig, peft_format: PeftFormat
+                 ) -> dict[str, tuple[str, str]]:
+    """{key: (module path, param)} of the tensors of modules that `modules_to_save` names: keys under a named module
+    that are none of the format's own (a module's adapter tensors keep their suffixes)."""
+    found = {}
+    for key in tensors:
+        name = next((key[len(p):] for p in (PREFIX, SHARED_PREFIX) if key.startswith(p)), None)
+        if name is None or "." not in name or name.endswith(BASE_COPY) or _format_key(name, peft_format):
+            continue
+        module, _, param = name.rpartition(".")
+        if config.saves(module):
+            found[key] = (module, param)
+    return found
+
+
+def _format_key(name: str, peft_format: PeftFormat) -> bool:
+    try:
+        _split_key(name, peft_format, Path())
+    except AdapterFileError:
+        return False
+    return True
 
 
 def _refuse_trained_biases(config: PeftConfig, tensors: Mapping[str, np.ndarray], peft_format: PeftFormat,
@@ -315,14 +353,18 @@ def _check_agreement(adapter: PeftAdapter, tensors: Mapping[str, np.ndarray], we
 
 
 def write_peft_dir(path: Path, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, np.ndarray]],
-                   shared: Mapping[str, np.ndarray] | None = None) -> None:
-    """Write a PEFT directory from its config (the adapter kind's `peft_config`), {module path: {suffix: array}} and
-    the adapter's tensors kept once ({name: array}, `PeftFormat.shared`) (the caller makes it atomic by writing into
-    a temporary directory)."""
+                   shared: Mapping[str, np.ndarray] | None = None,
+                   copies: Mapping[str, Mapping[str, np.ndarray]] | None = None, copies_prefix: str = PREFIX) -> None:
+    """Write a PEFT directory from its config (the adapter kind's `peft_config`), {module path: {suffix: array}},
+    the adapter's tensors kept once ({name: array}, `PeftFormat.shared`) and the `modules_to_save` copies ({module
+    path: {param: array}}, under `copies_prefix`: `base_model.` for prompt-learning tuners), which the config must
+    name (the caller makes it atomic by writing into a temporary directory)."""
     path.mkdir(parents=True, exist_ok=True)
     text = json.dumps(dict(config), indent=2, sort_keys=True)
     (path / CONFIG).write_text(text + "\n")
     tensors = {SHARED_PREFIX + name: array for name, array in (shared or {}).items()}
     tensors.update({tensor_key(module, suffix): array for module, parts in modules.items()
                     for suffix, array in parts.items()})
+    tensors.update({f"{copies_prefix}{module}.{param}": array for module, parts in (copies or {}).items()
+                    for param, array in parts.items()})
     write_safetensors(path / WEIGHTS, tensors, metadata={"format": "pt"})
