@@ -24,7 +24,9 @@ Rules:
    `ln_tuning` on norms (the kinds' `copy_state`). Every site of this model under a named module must have its
    tensors in the file (as rule 6), a copy must cover all of its site's tensors, and a module holding both adapter
    tensors and a copy is refused; other saved tensors (a BatchNorm's statistics) are refused by name.
-10. A PEFT directory with `adapter_model.bin` (a pickle, which can run code) and no safetensors is read only with
+10. `trainable_token_indices` (LoRA: new rows of chosen token ids of an embedding, beside the LoRA modules): each
+   embedding with rows gets a `trainable_tokens` module with those ids (a module with LoRA tensors too is refused).
+11. A PEFT directory with `adapter_model.bin` (a pickle, which can run code) and no safetensors is read only with
    `trust_pickle = true` (tensors only: `torch.load(weights_only=True)`); otherwise it is refused, saying how to
    convert it.
 """
@@ -157,6 +159,20 @@ def _copy_entries(adapter: PeftAdapter, table: SiteTable, adapted: dict[str, Ent
     return entries
 
 
+def _token_entries(adapter: PeftAdapter, adapted: dict[str, Entry]) -> dict[str, Entry]:
+    """Rule 10: a `trainable_tokens` entry per embedding the directory holds trained token rows for."""
+    kind = KINDS["trainable_tokens"]
+    entries = {}
+    for module, rows in adapter.token_rows.items():
+        if module in adapted:
+            raise AdapterFileError(f"{adapter.path / WEIGHTS}: module {module!r} holds both {adapter.format.peft_type} "
+                                   "tensors and trainable token rows; one module is adapted one way")
+        (key,) = kind.peft_format.layouts[0]
+        entries[module] = Entry(kind, {"token_indices": list(adapter.token_indices(module))},
+                                _torch({key: rows}), "peft")
+    return entries
+
+
 def _differences(module: AdapterKind, entry: Entry) -> list[str]:
     """The settings in which an existing adapter module differs from what the file says (rule 7)."""
     if type(module) is not entry.kind:
@@ -252,6 +268,7 @@ class LoadPass(GraphPass):
                     raise AdapterFileError(f"{path}: {err}") from None
             entries[module] = Entry(kind, settings, _torch(arrays), "peft")
         entries |= _copy_entries(adapter, table, entries)
+        entries |= _token_entries(adapter, entries)
         return entries, _torch(adapter.base_weights), _torch(adapter.shared)
 
     @staticmethod

@@ -112,6 +112,9 @@ def _from_peft(path: Path, row_sites: Sequence[RowSite]) -> tuple[Factors, dict[
         raise AdapterFileError(f"{path}: 'modules_to_save' copies {sorted(adapter.copies)} whole; a copy is a delta "
                                "on the base model's own weights, which a running export does not read back: export "
                                "the adapter with the model (rewrite bundle / the load pass), or merge it")
+    if adapter.token_rows:
+        raise AdapterFileError(f"{path}: 'trainable_token_indices' trains rows of {sorted(adapter.token_rows)}, "
+                               "which a running export cannot switch (embedding rows are merged only): merge it")
     if adapter.format is not LORA_FORMAT:
         return {}, _place_rows(row_vectors(adapter), row_sites, str(path))
     key_a, key_b = LINEAR_KEYS

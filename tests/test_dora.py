@@ -282,7 +282,7 @@ def test_an_adapter_mixing_lora_and_dora_is_not_saved_as_one_directory(hf_case, 
 
 
 @pytest.mark.parametrize("option,value", [
-    ("use_qalora", True), ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]),
+    ("use_qalora", True), ("layer_replication", [[0, 1]]),
     ("target_parameters", ["mlp.experts.down_proj"]), ("lora_bias", True)])
 def test_config_options_it_does_not_implement_are_refused_by_name(hf_case, tmp_path, option, value):
     theirs, gm, _, _ = hf_case("llama")

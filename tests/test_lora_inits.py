@@ -282,7 +282,7 @@ def test_inits_that_leave_the_base_alone_load_as_peft_loads_them(plain_peft_dir,
 
 
 @pytest.mark.parametrize("option,value", [
-    ("use_qalora", True), ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]),
+    ("use_qalora", True), ("layer_replication", [[0, 1]]),
     ("target_parameters", ["mlp.experts.down_proj"]), ("alora_invocation_tokens", [1]),
     ("megatron_config", {"tensor_model_parallel_size": 2})])
 def test_lora_refuses_the_variants_dora_refuses_by_name(plain_peft_dir, tmp_path, option, value):

@@ -4,6 +4,9 @@ Oracle: `peft.get_peft_model(model, TrainableTokensConfig(token_indices=...))` o
 BERT, its rows `trainable_tokens_delta` moved off their init (random), copied into ours. Forward, gradients, saved
 directories both ways, `merge_and_unload` (bit for bit), merged ONNX under ONNX Runtime; the refusals (tied
 embeddings, unmerged export, bad token ids, a target that is no embedding, broken directories).
+LoRA directories with `trainable_token_indices` (rows beside the LoRA modules, list and object forms): load and
+merge equal PEFT; rows that disagree with the config, and hot-adding such a directory to a running export, are
+refused.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from rewrite.graph_edit import adapters_at
 from rewrite.inputs import example_inputs
 from rewrite.load import LoadedModel
 from rewrite.options import CaptureOptions
+from rewrite.runtime.session import AdapterSession
 from rewrite.state import state_of
 
 from helpers import edit_json, fill_adapter, first_output, peft_reloaded
@@ -312,3 +316,48 @@ def test_one_adapter_saves_one_token_list(tmp_path):
     run(gm, "save", root=tmp_path, path="both", adapter="default")
     again, _ = peft_reloaded(tmp_path / "both", "bert")
     torch.testing.assert_close(first_output(again, kwargs), first_output(gm, kwargs), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------ LoRA's trainable_token_indices (rows beside the LoRA modules)
+
+def _lora_with_tokens(indices, seed: int = 4):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             trainable_token_indices=indices)
+    return fill_adapter(peft.get_peft_model(build("llama"), config), MOVED, seed=seed)
+
+
+@pytest.mark.parametrize("indices", [TOKENS, {"embed_tokens": TOKENS}])
+def test_lora_with_trainable_token_indices_loads_and_merges_as_peft(indices, tmp_path):
+    theirs = _lora_with_tokens(indices)
+    theirs.save_pretrained(tmp_path / "peft")
+    gm, kwargs = _fresh("llama")
+    fresh = first_output(gm, kwargs)
+    result = run(gm, "load", root=tmp_path, path="peft", adapter="chat")
+    assert result.stats["modules"] == 2 * 2 + 1
+    module = adapters_at(gm, EMBEDDING["llama"])["chat"]
+    assert module.kind == "trainable_tokens" and module.token_indices == TOKENS
+    expected = first_output(theirs, kwargs)
+    assert (expected - fresh).abs().max() > 1e-2
+    torch.testing.assert_close(first_output(gm, kwargs), expected, rtol=0, atol=1e-5)
+    run(gm, "merge")
+    torch.testing.assert_close(first_output(gm, kwargs), first_output(theirs.merge_and_unload(), kwargs),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("indices, message", [
+    (TOKENS[:2], r"has shape \[4, 64\]; 'trainable_token_indices' gives 2 token ids"),
+    ({"lm_head": TOKENS}, r"no rows \(token_adapter.trainable_tokens_delta\) for lm_head"),
+])
+def test_lora_token_rows_that_disagree_with_the_config_are_refused(indices, message, tmp_path):
+    _lora_with_tokens(TOKENS).save_pretrained(tmp_path / "peft")
+    edit_json(tmp_path / "peft" / "adapter_config.json", trainable_token_indices=indices)
+    gm, _ = _fresh("llama")
+    with pytest.raises(AdapterFileError, match=message):
+        run(gm, "load", root=tmp_path, path="peft", adapter="chat")
+
+
+def test_hot_adding_lora_with_token_rows_is_refused(deployment, tmp_path):
+    _lora_with_tokens(TOKENS).save_pretrained(tmp_path / "peft")
+    with AdapterSession(deployment("bank")) as served:
+        with pytest.raises(AdapterFileError, match="trainable_token_indices"):
+            served.add_adapter("chat", tmp_path / "peft")

@@ -27,6 +27,9 @@ owns the rules every tuner shares:
   (`base_model.model.<path>.<param>`; prompt-learning tuners: `base_model.<path>.<param>`). A module is named when a
   prefix of its path ends with a listed name (PEFT's `key.endswith(name)`). Those tensors are returned apart, in
   `copies` ({module path: {param: array}}); the loader places them on sites (the adapter kinds `full` and `ln_tuning`).
+- `trainable_token_indices` (LoRA): the new rows of chosen token ids of an embedding, `<path>.` + `TOKEN_ROWS`
+  [n, d], returned apart in `token_rows`; `PeftAdapter.token_indices(path)` gives their ids (a list applies to the
+  embedding the file holds rows for; an object maps module names, matched as PEFT does, by suffix).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
 BASE_COPY = ".base_layer.weight"
+TOKEN_ROWS = "token_adapter.trainable_tokens_delta"
 
 
 class PeftConfig(BaseModel):
@@ -112,9 +116,17 @@ class PeftAdapter:
     base_weights: dict[str, np.ndarray] = field(default_factory=dict)  # module path -> saved base weight
     shared: dict[str, np.ndarray] = field(default_factory=dict)  # name -> the adapter's tensor kept once
     copies: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # modules_to_save: path -> {param: array}
+    token_rows: dict[str, np.ndarray] = field(default_factory=dict)  # trainable_token_indices: path -> rows [n, d]
 
     def targets(self, module: str) -> bool | None:
         return self.config.targets(module)
+
+    def token_indices(self, module: str) -> list[int] | None:
+        """The token ids whose rows `trainable_token_indices` trains in `module` (None: not named)."""
+        ids = getattr(self.config, "trainable_token_indices", None)
+        if isinstance(ids, dict):
+            return next((v for k, v in ids.items() if module.endswith(k)), None)
+        return ids
 
 
 @dataclass(frozen=True)
@@ -269,8 +281,12 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat], tensors: Mapping[st
     modules: dict[str, dict[str, np.ndarray]] = {}
     base_weights: dict[str, np.ndarray] = {}
     shared: dict[str, np.ndarray] = {}
+    token_rows: dict[str, np.ndarray] = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name.endswith("." + TOKEN_ROWS) and getattr(config, "trainable_token_indices", None) is not None:
+            token_rows[name[: -len(TOKEN_ROWS) - 1]] = tensor
+            continue
         if name.endswith(BASE_COPY):
             base_weights[name[: -len(BASE_COPY)]] = tensor
             continue
@@ -282,7 +298,7 @@ def read_peft_dir(path: Path, formats: Sequence[PeftFormat], tensors: Mapping[st
             continue
         module, suffix = _split_key(key, peft_format, weights_file)
         modules.setdefault(module, {})[suffix] = tensor
-    adapter = PeftAdapter(path, config, peft_format, modules, base_weights, shared, copies)
+    adapter = PeftAdapter(path, config, peft_format, modules, base_weights, shared, copies, token_rows)
     _check_agreement(adapter, every, weights_file)
     peft_format.check(adapter)
     return adapter
@@ -295,7 +311,7 @@ def _copied_keys(tensors: Mapping[str, np.ndarray], config: PeftConfig, peft_for
     found = {}
     for key in tensors:
         name = next((key[len(p):] for p in (PREFIX, SHARED_PREFIX) if key.startswith(p)), None)
-        if name is None or "." not in name or name.endswith(BASE_COPY) or _format_key(name, peft_format):
+        if name is None or "." not in name or name.endswith((BASE_COPY, TOKEN_ROWS)) or _format_key(name, peft_format):
             continue
         module, _, param = name.rpartition(".")
         if config.saves(module):
@@ -338,6 +354,7 @@ def _check_agreement(adapter: PeftAdapter, tensors: Mapping[str, np.ndarray], we
     for key, tensor in tensors.items():
         if tensor.dtype.kind in "biu":
             raise AdapterFileError(f"{weights_file}: tensor {key!r} is {tensor.dtype}; adapter weights are floats")
+    _check_token_rows(adapter, weights_file)
     layouts = {frozenset(layout) for layout in peft_format.layouts}
     for module, parts in adapter.modules.items():
         if frozenset(parts) not in layouts:
@@ -350,6 +367,28 @@ def _check_agreement(adapter: PeftAdapter, tensors: Mapping[str, np.ndarray], we
             raise AdapterFileError(f"{adapter.path / CONFIG}: 'target_modules' = {config.target_modules!r}"
                                    f"{excluding} does not select {module!r}, but {weights_file.name} holds its "
                                    "tensors; PEFT would not load them there")
+
+
+def _check_token_rows(adapter: PeftAdapter, weights_file: Path) -> None:
+    """`trainable_token_indices` and the rows the file holds agree: every module named has its rows, and every module
+    with rows is named, with one row per id."""
+    ids = getattr(adapter.config, "trainable_token_indices", None)
+    if ids is None:
+        return
+    named = list(ids) if isinstance(ids, dict) else []
+    missing = [n for n in named if not any(m.endswith(n) for m in adapter.token_rows)]
+    if missing or not adapter.token_rows:
+        raise AdapterFileError(f"{adapter.path / CONFIG}: 'trainable_token_indices' = {ids!r}, but {weights_file.name} "
+                               f"has no rows ({TOKEN_ROWS}) for {missing[0] if missing else 'any embedding'}: its "
+                               "weights file is incomplete")
+    for module, rows in adapter.token_rows.items():
+        wanted = adapter.token_indices(module)
+        if wanted is None:
+            raise AdapterFileError(f"{weights_file}: {module}.{TOKEN_ROWS} holds trained token rows, but "
+                                   f"'trainable_token_indices' = {ids!r} names no module it ends with")
+        if rows.ndim != 2 or rows.shape[0] != len(wanted):
+            raise AdapterFileError(f"{weights_file}: {module}.{TOKEN_ROWS} has shape {list(rows.shape)}; "
+                                   f"'trainable_token_indices' gives {len(wanted)} token ids: [{len(wanted)}, width]")
 
 
 def write_peft_dir(path: Path, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, np.ndarray]],

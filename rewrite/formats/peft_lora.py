@@ -55,7 +55,7 @@ def alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
 # any other value refuses the config, naming the option.
 VARIANTS = {"use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
             "layer_replication": "layer replication", "target_parameters": "LoRA on parameters",
-            "trainable_token_indices": "trainable tokens", "megatron_config": "Megatron layers",
+            "megatron_config": "Megatron layers",
             "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
             "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA"}
 # `init_lora_weights` values (or prefixes: "pissa_niter_<k>") whose init rewrote the base weight.
@@ -77,7 +77,8 @@ class LoraPeftConfig(_WithVariants):
     expected: ClassVar[dict[str, str]] = {
         **PeftConfig.expected, **PATTERNS_EXPECTED, "r": "a whole number >= 1", "lora_alpha": "a number",
         "use_rslora": "true or false", "bias": "a string", "use_dora": "true or false", "lora_bias": "true or false",
-        "init_lora_weights": "true, false or the name of an init"}
+        "init_lora_weights": "true, false or the name of an init",
+        "trainable_token_indices": "a list of token ids, or an object of embedding module -> list of token ids"}
     pattern_values: ClassVar[dict[str, str]] = PATTERN_VALUES
     unsupported: ClassVar[dict[str, str]] = {**PeftConfig.unsupported, "use_dora": "DoRA",
                                              "lora_bias": "lora_bias (a trained bias on lora_B)", **VARIANTS}
@@ -92,6 +93,7 @@ class LoraPeftConfig(_WithVariants):
     use_dora: StrictBool = False
     lora_bias: StrictBool = False
     init_lora_weights: StrictBool | StrictStr = True
+    trainable_token_indices: list[StrictInt] | dict[str, list[StrictInt]] | None = None
 
     @field_validator("rank_pattern", "alpha_pattern", mode="before")
     @classmethod
