@@ -9,9 +9,10 @@ Ours (`format = "rewrite"`): one safetensors file in matmul layout with the site
 Each module is first turned into its saved form (`saved_form`): SVD-form adapters (`svd_lora`, and AdaLoRA /
 IncreLoRA before they finish) are written as the plain LoRA with the same delta, so both formats load back
 (and into PEFT) as LoRA with identical outputs.
-Trained copies of whole layers (`copies_layer`: `full`, and `ln_tuning` beside another tuner) are written as PEFT
-writes `modules_to_save`: the config lists their module paths and the file holds their tensors (`copy_state`) under
-those paths. An adapter of `full` copies alone has no PEFT form (PEFT has no tuner of modules_to_save only).
+Modules that ride beside another tuner's (`rides`: trained copies of whole layers, `full` and `ln_tuning`, as
+`modules_to_save`; `trainable_tokens` as LoRA's `trainable_token_indices`) are written as PEFT writes them: the
+config key names them and the file holds their tensors under their paths; a format whose config has no such key
+refuses them. An adapter of `full` copies alone has no PEFT form (PEFT has no tuner of modules_to_save only).
 An adapter whose init rewrote its base weight (LoRA `init = "pissa" | "olora"`, whose W in the graph is the residual
 W - s B0 A0) is written as PEFT writes it (`init_lora_weights = "pissa"`: PEFT recomputes that residual from the
 original weight when it loads it); `convert_to_lora = true` writes each module's `converted_form` instead: the plain
@@ -95,11 +96,12 @@ class SavePass(GraphPass):
 
     def _write(self, tmp: Path, name: str, modules: dict) -> Path:
         peft = self.options.format == "peft"
-        copies = {o: m for o, m in modules.items() if peft and m.copies_layer}
-        tuned = {o: m for o, m in modules.items() if o not in copies}
-        if not tuned:  # copies alone: those a tuner saves (LN tuning) are the adapter, the others its copies
-            tuned = {o: m for o, m in copies.items() if m.peft_format is not None} or copies
-            copies = {o: m for o, m in copies.items() if o not in tuned}
+        riders = {o: m for o, m in modules.items() if peft and m.rides}
+        tuned = {o: m for o, m in modules.items() if o not in riders}
+        if not tuned:  # riders alone: those a tuner saves (LN tuning, trainable tokens) are the adapter
+            own = next((m.peft_format for m in riders.values() if m.peft_format is not None), None)
+            tuned = {o: m for o, m in riders.items() if m.peft_format is own}
+            riders = {o: m for o, m in riders.items() if o not in tuned}
         # one format per directory, not one peft_type: LoRA and DoRA directories are both LORA
         forms = {m.peft_format if peft and m.peft_format else m.kind for m in tuned.values()}
         if len(forms) > 1:
@@ -115,14 +117,9 @@ class SavePass(GraphPass):
                            for owner, m in tuned.items()}
                 shared = {key: to_numpy(t) for key, t in type(first).peft_shared_state(tuned).items()}
                 config = type(first).peft_config(tuned)
-                if copies and "modules_to_save" in first.peft_format.config.unsupported:
-                    raise NotSupported(f"PEFT's {first.peft_format.peft_type} directories cannot hold modules_to_save "
-                                       f"(PEFT ignores the key there), so the copies of {sorted(copies)} would be "
-                                       "lost; save them beside another tuner's modules, or merge them")
-                if copies:
-                    config["modules_to_save"] = sorted(copies)
+                config.update(self._rider_config(first.peft_format, riders))
                 write_peft_dir(tmp, config, tensors, shared,
-                               {o: {k: to_numpy(t) for k, t in m.copy_state().items()} for o, m in copies.items()},
+                               {o: {k: to_numpy(t) for k, t in m.rider_state().items()} for o, m in riders.items()},
                                SHARED_PREFIX if bare else PREFIX)
                 return tmp
             entries = {owner: m.adapter_file_entry() for owner, m in modules.items()}
@@ -132,6 +129,21 @@ class SavePass(GraphPass):
             return produced
         except NotSupported as err:
             raise AdapterFileError(f"{self.context.at('format')}: format = {self.options.format!r}: {err}") from None
+
+    @staticmethod
+    def _rider_config(peft_format, riders: dict) -> dict:
+        """The config keys under which the directory of `peft_format` holds `riders` (modules_to_save, ...)."""
+        config = {}
+        for key in dict.fromkeys(m.rides for m in riders.values()):
+            group = {o: m for o, m in riders.items() if m.rides == key}
+            model = peft_format.config
+            if key not in model.model_fields or key in model.unsupported:
+                raise NotSupported(f"PEFT's {peft_format.peft_type} directories cannot hold {key} (PEFT ignores or "
+                                   f"refuses the key there), so the {next(iter(group.values())).kind} modules at "
+                                   f"{sorted(group)} would be lost; save them beside another tuner's modules, or "
+                                   "merge them")
+            config[key] = type(next(iter(group.values()))).rider_config(group)
+        return config
 
     def _target(self) -> Path:
         """The checked target; called again right before the move, which may come long after the first check."""

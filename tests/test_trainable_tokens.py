@@ -11,6 +11,7 @@ refused.
 from __future__ import annotations
 
 import copy
+import json
 import functools
 import re
 
@@ -361,3 +362,16 @@ def test_hot_adding_lora_with_token_rows_is_refused(deployment, tmp_path):
     with AdapterSession(deployment("bank")) as served:
         with pytest.raises(AdapterFileError, match="trainable_token_indices"):
             served.add_adapter("chat", tmp_path / "peft")
+
+
+def test_lora_with_token_rows_saves_back_as_peft_writes_it(tmp_path):
+    theirs = _lora_with_tokens(TOKENS)
+    theirs.save_pretrained(tmp_path / "peft")
+    gm, kwargs = _fresh("llama")
+    run(gm, "load", root=tmp_path, path="peft", adapter="chat")
+    run(gm, "save", root=tmp_path, path="ours", adapter="chat")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["trainable_token_indices"] == {EMBEDDING["llama"]: TOKENS}
+    again, said = peft_reloaded(tmp_path / "ours", "llama")
+    assert not [w for w in said if "nexpected" in w or "issing" in w]
+    torch.testing.assert_close(first_output(again, kwargs), first_output(theirs, kwargs), rtol=0, atol=1e-5)

@@ -59,6 +59,10 @@ What a kind declares (class attributes):
                 the site's parameters as the copy holds them, in the base op's own layout) and `load_copy(tensors)`
                 sets the module from them; `load` places a directory's copies on such modules (`full`, `ln_tuning` on
                 norms) and `save` writes them as modules_to_save beside the adapter's other modules
+    rides       the key of another tuner's adapter_config.json under which that tuner's directory also holds modules of
+                this kind ("modules_to_save" for copies; "trainable_token_indices"): `save` writes such modules
+                there when the adapter has others, the key's value from class-level `rider_config(modules)` and
+                each module's tensors from `rider_state()` ({key suffix: tensor}, stored as `<path>.<suffix>`)
     peft_format the PEFT directory format it reads and writes (rewrite.formats.peft_dir.PeftFormat: peft_type,
                 config model, key suffixes), or None when PEFT has no such tuner; kinds sharing a format share
                 `peft_config` and `peft_module` and may be saved as one PEFT adapter; the first kind registered
@@ -123,6 +127,7 @@ class AdapterKind(nn.Module):
     rowwise: ClassVar[bool] = False
     parted: ClassVar[bool] = False
     copies_layer: ClassVar[bool] = False
+    rides: ClassVar[str | None] = None
     peft_format: ClassVar[PeftFormat | None] = None
 
     op: str
@@ -186,6 +191,15 @@ class AdapterKind(nn.Module):
     def load_copy(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Set this module from a trained copy's tensors (`copy_shapes`, checked by the caller)."""
         raise NotSupported(f"{self.kind} adapters are not a trained copy of a module (PEFT's modules_to_save)")
+
+    def rider_state(self) -> dict[str, torch.Tensor]:
+        """This module's tensors in another tuner's directory ({key suffix: tensor}); copies: `copy_state`."""
+        return self.copy_state()
+
+    @classmethod
+    def rider_config(cls, modules: Mapping[str, "AdapterKind"]) -> Any:
+        """The value of `rides` in another tuner's config for these modules; copies: their paths."""
+        return sorted(modules)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """This module's tensors under PEFT's key suffixes, as views in PEFT's layout that write through; the

@@ -49,6 +49,7 @@ class Full(AdapterKind):
     mergeable = True
     parted = True
     copies_layer = True
+    rides = "modules_to_save"
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
                  dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,

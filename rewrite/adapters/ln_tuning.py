@@ -75,6 +75,7 @@ class LnTuning(AdapterKind):
     mergeable = True
     parted = True
     copies_layer = True
+    rides = "modules_to_save"
     peft_format = LN_TUNING_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,

@@ -13,7 +13,8 @@ Merge (exact): E[t] <- E[t] + (v - o), written as v itself where E[t] still hold
 non-negative, distinct (PEFT's `index_copy` with a repeated id keeps one of its rows unpredictably) and < V.
 
 PEFT (TRAINABLE_TOKENS): key `base_model.model.<module>.trainable_tokens_delta` [n, d] = v (the new rows themselves,
-not a difference, despite the name); config `token_indices` (one list for every targeted module), `target_modules`
+not a difference, despite the name); beside a LoRA's modules (its `trainable_token_indices`, `rides`), key
+`<module>.token_adapter.trainable_tokens_delta`, config {module: ids}; config `token_indices` (one list for every targeted module), `target_modules`
 (PEFT saves its default, the input embedding, as a regex string), `init_weights`. A directory applies its rows
 whatever the base holds there (o is read from this model's table). A tied embedding (its table also the output
 layer's weight: `tie_word_embeddings`, GPT-2) is refused: PEFT then rewrites the same rows of the output layer as
@@ -36,7 +37,7 @@ from torch import nn
 from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.adapters.oft import PEFT_VERSION
 from rewrite.errors import AdapterFileError
-from rewrite.formats.peft_dir import CONFIG, WEIGHTS, PeftAdapter, PeftConfig, PeftFormat
+from rewrite.formats.peft_dir import CONFIG, TOKEN_ROWS, WEIGHTS, PeftAdapter, PeftConfig, PeftFormat
 from rewrite.options import Strict
 from rewrite.sites import Site
 from rewrite.state import AdapterTag, state_of
@@ -130,6 +131,7 @@ class TrainableTokens(AdapterKind):
     inits = ("copy",)  # v = o: PEFT's init_weights = true (its random rows, init_weights = false, are no identity)
     built_with_base = True
     mergeable = True
+    rides = "trainable_token_indices"
     peft_format = TRAINABLE_TOKENS_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -189,6 +191,13 @@ class TrainableTokens(AdapterKind):
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {KEY: self.values}
+
+    def rider_state(self) -> dict[str, torch.Tensor]:
+        return {TOKEN_ROWS: self.values.detach().clone()}
+
+    @classmethod
+    def rider_config(cls, modules) -> dict[str, list[int]]:
+        return {owner: list(m.token_indices) for owner, m in modules.items()}
 
     @classmethod
     def peft_module(cls, adapter, module: str) -> tuple[type[TrainableTokens], dict]:
