@@ -29,6 +29,8 @@
 4. `modules_to_save` (whole modules trained beside the adapter, e.g. a SEQ_CLS head): each saved tensor
    `M.<param>` replaces the checkpoint's (named as in rule 2), cast to its dtype, as PEFT's merge_and_unload keeps
    the trained copy; its shape must be the checkpoint tensor's, and a tensor both folded and replaced is an error.
+   LoRA's `trainable_token_indices` likewise: the saved rows replace rows `ids` of the embedding `M.weight` (PEFT's
+   index_copy), the ids inside the table and the width its own.
 5. PEFT's saved copy of a targeted embedding's base weight (`<M>.base_layer.weight`) must equal the checkpoint's
    tensor: anything else is a retrained embedding, not an adapter.
 6. Output: shards of the same names, each the input's header byte for byte (same names, dtypes, shapes and
@@ -118,6 +120,15 @@ class Fold:
             yield block, product.mul_(self.scale)
 
 
+class Replacement(NamedTuple):
+    """Tensor bytes the adapter replaces (rule 4): the whole tensor, or the rows `rows` of it."""
+
+    module: str
+    what: str  # the saved tensor, for messages
+    value: np.ndarray
+    rows: list[int] | None = None
+
+
 @dataclass
 class MergeSummary:
     out_dir: Path
@@ -154,7 +165,7 @@ def merge_checkpoint(model_dir: Path | str, adapter_dir: Path | str, out_dir: Pa
         writer.wait()
         staging.publish()
     merged = {fold.module: key for key, fold in folds.items()} | {f"{m} ({param})": key
-                                                                   for key, (m, param, _) in saved.items()}
+                                                                   for key, (m, param, *_) in saved.items()}
     return MergeSummary(out_dir, [s.name for s in shards], merged, copied, left_out, sum(s.size for s in shards))
 
 
@@ -217,25 +228,28 @@ def _shard(path: Path, expected: set[str] | None) -> Shard:
 # ------------------------------------------------------------------------------------------- the plan
 
 def plan(adapter: PeftAdapter, tensors: Mapping[str, tuple[Shard, Tensor]]
-         ) -> tuple[dict[str, Fold], dict[str, tuple[str, np.ndarray]], dict[str, tuple[str, str, np.ndarray]]]:
+         ) -> tuple[dict[str, Fold], dict[str, tuple[str, np.ndarray]], dict[str, Replacement]]:
     """{tensor key: its fold} for every adapter module, {tensor key: (module, PEFT's saved base copy)} (rule 5) and
-    {tensor key: (module, param, the modules_to_save tensor that replaces it)} (rule 4)."""
+    {tensor key: what replaces it} (rule 4)."""
     keys = resolve(adapter.modules, tensors)
     folds = {key: _fold(adapter, module, key, *tensors[key]) for module, key in keys.items()}
     copies = {key: (module, adapter.base_weights[module])
               for module, key in resolve(adapter.base_weights, tensors).items()}
     saved = {}
-    for module, params in adapter.copies.items():
-        for param, array in params.items():
-            key = _key_of(module, tensors, param)
-            if key in folds:
-                raise AdapterFileError(f"{adapter.path}: module {module!r} holds both LoRA tensors and a "
-                                       f"modules_to_save copy of {key!r}")
-            if tuple(array.shape) != tensors[key][1].shape or tensors[key][1].dtype not in DTYPES:
-                raise AdapterFileError(f"{adapter.path}: modules_to_save tensor {module}.{param} has shape "
-                                       f"{tuple(array.shape)}; the checkpoint's {key!r} is {tensors[key][1].dtype} "
-                                       f"{tensors[key][1].shape} (a head built with another num_labels?)")
-            saved[key] = (module, param, array)
+    wanted = [(m, p, a, None) for m, params in adapter.copies.items() for p, a in params.items()]
+    wanted += [(m, "weight", rows, adapter.token_indices(m)) for m, rows in adapter.token_rows.items()]
+    for module, param, array, ids in wanted:
+        key = _key_of(module, tensors, param)
+        what = f"{module}.{param}" if ids is None else f"{module}'s trainable_token_indices rows"
+        if key in folds or key in saved:
+            raise AdapterFileError(f"{adapter.path}: {what} and another part of the adapter both change {key!r}")
+        _, tensor = tensors[key]
+        expected = tensor.shape if ids is None else (len(ids), *tensor.shape[1:])
+        if tuple(array.shape) != expected or tensor.dtype not in DTYPES or (ids and max(ids) >= tensor.shape[0]):
+            raise AdapterFileError(f"{adapter.path}: {what} has shape {tuple(array.shape)}; the checkpoint's {key!r} "
+                                   f"is {tensor.dtype} {tensor.shape} (a head built with another num_labels, or "
+                                   "token ids outside the table?)")
+        saved[key] = Replacement(module, what, array, ids)
     return folds, copies, saved
 
 
@@ -362,7 +376,7 @@ def _sync_close(handle: BinaryIO) -> None:
 
 
 def write_shard(shard: Shard, out: Path, folds: Mapping[str, Fold], copies: Mapping[str, tuple[str, np.ndarray]],
-                saved: Mapping[str, tuple[str, str, np.ndarray]], writer: Writer) -> None:
+                saved: Mapping[str, Replacement], writer: Writer) -> None:
     """`out` = the shard with every folded or replaced tensor in its merged bytes (rule 6), read and written in file
     order: the bytes between touched tensors (the header first) are copied as they are."""
     touched = sorted((t.begin, key, t) for key, t in shard.tensors.items()
@@ -384,17 +398,18 @@ def write_shard(shard: Shard, out: Path, folds: Mapping[str, Fold], copies: Mapp
 
 
 def merged(raw: np.ndarray, key: str, tensor: Tensor, fold: Fold | None,
-           copy: tuple[str, np.ndarray] | None, replacement: tuple[str, str, np.ndarray] | None = None) -> np.ndarray:
+           copy: tuple[str, np.ndarray] | None, replacement: Replacement | None = None) -> np.ndarray:
     """`raw`, the bytes of `key`, with its fold added in place (rule 3), once its base copy is checked (rule 5), or
-    replaced by a modules_to_save tensor (rule 4)."""
+    (partly) replaced (rule 4)."""
     weight = torch.from_numpy(raw).view(DTYPES[tensor.dtype]).view(tensor.shape)
     if replacement is not None:
-        module, param, array = replacement
-        value = _as_torch(array)
-        limit = torch.finfo(weight.dtype).max
-        if not bool(value.abs().le(limit).all()):
-            raise AdapterFileError(f"module {module!r}: its modules_to_save {param} is not finite in {tensor.dtype}")
-        weight.copy_(value)
+        value = _as_torch(replacement.value)
+        if not bool(value.abs().le(torch.finfo(weight.dtype).max).all()):
+            raise AdapterFileError(f"{replacement.what} is not finite in {tensor.dtype}")
+        if replacement.rows is None:
+            weight.copy_(value)
+        else:
+            weight[replacement.rows] = value.to(weight.dtype)
         return raw
     if copy is not None:
         saved = _as_torch(copy[1])

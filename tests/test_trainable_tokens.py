@@ -5,8 +5,8 @@ BERT, its rows `trainable_tokens_delta` moved off their init (random), copied in
 directories both ways, `merge_and_unload` (bit for bit), merged ONNX under ONNX Runtime; the refusals (tied
 embeddings, unmerged export, bad token ids, a target that is no embedding, broken directories).
 LoRA directories with `trainable_token_indices` (rows beside the LoRA modules, list and object forms): load and
-merge equal PEFT; rows that disagree with the config, and hot-adding such a directory to a running export, are
-refused.
+merge equal PEFT (and `rewrite merge`, the streaming merge, bit for bit on the table); they save back as PEFT writes
+them; rows that disagree with the config, and hot-adding such a directory to a running export, are refused.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from rewrite.load import LoadedModel
 from rewrite.options import CaptureOptions
 from rewrite.runtime.session import AdapterSession
 from rewrite.state import state_of
+from rewrite.streaming_merge import merge_checkpoint
 
 from helpers import edit_json, fill_adapter, first_output, peft_reloaded
 from helpers import run_pass as run
@@ -375,3 +376,15 @@ def test_lora_with_token_rows_saves_back_as_peft_writes_it(tmp_path):
     again, said = peft_reloaded(tmp_path / "ours", "llama")
     assert not [w for w in said if "nexpected" in w or "issing" in w]
     torch.testing.assert_close(first_output(again, kwargs), first_output(theirs, kwargs), rtol=0, atol=1e-5)
+
+
+def test_streaming_merge_writes_the_token_rows_as_peft_merges_them(tmp_path):
+    theirs = _lora_with_tokens({"embed_tokens": TOKENS})
+    theirs.save_pretrained(tmp_path / "peft")
+    build("llama").save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "out")
+    ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    merged = theirs.merge_and_unload().state_dict()
+    table = f"{EMBEDDING['llama']}.weight"
+    assert torch.equal(ours[table], merged[table])  # PEFT's index_copy, bit for bit
+    assert max((ours[k] - merged[k]).abs().max().item() for k in ours) <= 1e-6
