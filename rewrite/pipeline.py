@@ -32,6 +32,7 @@ from rewrite.inputs import ExampleInputs, example_inputs
 from rewrite.load import LoadedModel, load_model
 from rewrite.pass_infra import PassContext, PassManager, PassResult, ScheduledPass
 from rewrite.passes import REGISTRY
+from rewrite.passes.merge import MergePass
 from rewrite.publish import Staging
 from rewrite.spec import Spec
 from rewrite.state import state_of
@@ -259,13 +260,21 @@ def _export(gm, spec: Spec, tmp: Path, loaded: LoadedModel, check: bool | None, 
     return entry
 
 
+class _FoldWhatFolds(MergePass):
+    """The merged export's final merge: at each site, the modules that fold exactly; the others stay inline."""
+
+    def chosen(self, modules: dict) -> list[str]:
+        return [name for name in super().chosen(modules) if modules[name].mergeable]
+
+
 def _fold_remaining(gm: fx.GraphModule, context: PassContext, on_pass) -> fx.GraphModule:
-    """Merged export folds adapters still attached, as a final `merge` pass recorded in the history. Adapters of a
-    kind that cannot fold (bottleneck: a non-linearity) stay in the graph: the export computes them inline."""
+    """Merged export folds adapters still attached, as a final `merge` pass recorded in the history. Modules of a
+    kind that cannot fold (bottleneck: a non-linearity; prompt tuning) stay in the graph, also where their adapter's
+    other modules fold (a SEQ_CLS prompt's head): the export computes them inline."""
     foldable = sorted({name for owner in dict.fromkeys(s.owner for s in state_of(gm).sites.values())
                        for name, module in adapters_at(gm, owner).items() if module.mergeable})
     if not foldable:
         return gm
-    options = REGISTRY["merge"].Options(adapters=foldable)
-    merge = REGISTRY["merge"](options, PassContext(context.spec_dir, context.output_dir, "[export] mode = \"merged\""))
+    options = _FoldWhatFolds.Options(adapters=foldable)
+    merge = _FoldWhatFolds(options, PassContext(context.spec_dir, context.output_dir, "[export] mode = \"merged\""))
     return PassManager([ScheduledPass(merge, "export 'merge'")], on_step=on_pass).run(gm, copy_model=False)

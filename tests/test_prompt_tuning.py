@@ -4,6 +4,8 @@ Oracle: `peft.get_peft_model(model, PromptTuningConfig(...))` on a tiny LLaMA (C
 (FEATURE_EXTRACTION), its prompt set to seeded random values and copied into ours. Inputs are not the captured
 example: another length (the dynamic axis) and a padded row (the mask growth matters). Outputs keep the virtual
 positions on both sides. PEFT directories both ways; merge, switching exports and allocate refuse the kind by name.
+A SEQ_CLS prompt on BertForSequenceClassification (PEFT trains the classifier too: modules_to_save) with token types
+given: `rewrite apply` load + merged ONNX equals PEFT, and the directory saves back as PEFT reads it.
 """
 from __future__ import annotations
 
@@ -175,8 +177,6 @@ def test_merge_switching_exports_and_allocate_refuse_it_by_name(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"num_transformer_submodules": 2}, r"'num_transformer_submodules' is 2; expected 1 \(one prompt"),
     ({"task_type": "SEQ_2_SEQ_LM"}, r"'task_type' is 'SEQ_2_SEQ_LM'; expected one of CAUSAL_LM"),
-    ({"task_type": "SEQ_CLS"}, r"'task_type' is 'SEQ_CLS'; expected one of CAUSAL_LM, FEATURE_EXTRACTION \(SEQ_CLS, "
-                               r"TOKEN_CLS and QUESTION_ANS also train the head"),
     ({"task_type": None}, r"'task_type': is null; PEFT applies no prompt without a task type"),
     ({"num_virtual_tokens": 7}, r"prompt_embeddings has shape \[5, 64\]; the config says \[num_virtual_tokens, "
                                 r"token_dim\] = \[7, 64\]"),
@@ -209,3 +209,48 @@ def test_merged_onnx_keeps_the_prompt_inline(name, tmp_path):
     want = first_output(gm, _inputs(name))
     got = merged_onnx_output(gm, _inputs(name), tmp_path / "m.onnx")
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_seq_cls_prompt_with_its_head_and_token_types_equals_peft(tmp_path, capsys):
+    import json
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+    import transformers
+
+    from helpers import cli, peft_reload, save_peft
+
+    cls = transformers.BertForSequenceClassification
+    config = transformers.BertConfig(hidden_size=64, intermediate_size=128, max_position_embeddings=64, num_labels=3,
+                                     num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "hf")
+
+    def fresh():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(tmp_path / "hf").eval()
+
+    adapter = save_peft(fresh(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P), tmp_path / "pt")
+    assert "classifier" in json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"]
+    inputs = {**_inputs("bert"), "token_type_ids": torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [1] * 3])}
+    with torch.no_grad():
+        want = peft_reload(fresh(), adapter)(**inputs).logits.numpy()
+        base = fresh()(**inputs).logits.numpy()
+    assert np.abs(want - base).max() > 1e-2
+    spec = tmp_path / "spec.toml"
+    spec.write_text("version = 1\n" + "".join(
+        f'[[capture.inputs]]\nname = "{name}"\nshape = [2, 16]\ndtype = "int64"\nhigh = {high}\n'
+        'dims = ["batch", "seq"]\n' for name, high in (("input_ids", 128), ("attention_mask", 2), ("token_type_ids", 2)))
+        + f'[[pass]]\nname = "load"\npath = {json.dumps(str(adapter))}\n'
+        '[[pass]]\nname = "save"\npath = "again"\n')
+    code, err = cli(capsys, "apply", spec, tmp_path / "hf", "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})
+    assert np.abs(got - want).max() <= 1e-5
+    with torch.no_grad():
+        again = peft_reload(fresh(), tmp_path / "out" / "again")(**inputs).logits.numpy()
+    assert np.abs(again - want).max() <= 1e-5

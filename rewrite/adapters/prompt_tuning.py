@@ -12,12 +12,17 @@ every shape the graph takes from them grows by p, then the embedding's output ("
     attention_mask  [1^p, mask]             the virtual tokens are attended to, as PEFT prepends ones
     position_ids    arange(p + S)           PEFT drops given position ids (with a warning): the default positions,
                                             virtual tokens at 0..p-1, real tokens shifted by p
-    token_type_ids  0 over p + S            PEFT drops given token types (warning) for these task types
+    token_type_ids  0 over p + S            CAUSAL_LM, FEATURE_EXTRACTION: PEFT drops given token types (warning)
+                    [0^p, types]            SEQ_CLS, TOKEN_CLS, QUESTION_ANS: PEFT keeps them, zeros in front
 
-Task types: CAUSAL_LM and FEATURE_EXTRACTION (PEFT's SEQ_CLS / TOKEN_CLS / QUESTION_ANS also train the head
-(`modules_to_save`) and keep token types; SEQ_2_SEQ_LM prompts both stacks: not supported). Outputs keep the
-virtual positions, as PEFT's do (CAUSAL_LM logits [B, p + S, V], FEATURE_EXTRACTION last_hidden_state
-[B, p + S, d]: PEFT strips nothing; labels, not a graph input, would get -100 in front). A graph with any other
+Task types: CAUSAL_LM, FEATURE_EXTRACTION, and the head tasks SEQ_CLS, TOKEN_CLS and QUESTION_ANS, whose head PEFT
+trains too (`modules_to_save`: loaded as `full` copies beside the prompt, rewrite/adapters/full.py); SEQ_2_SEQ_LM
+prompts both stacks: not supported. Outputs are what the model computes on the p + S positions, as PEFT's are
+(CAUSAL_LM logits [B, p + S, V], FEATURE_EXTRACTION last_hidden_state [B, p + S, d], TOKEN_CLS logits [B, p + S, C]:
+PEFT strips nothing; labels, not a graph input, would get -100 in front; SEQ_CLS pools what the model pools, e.g.
+BERT's first position, a virtual token). Hazard: a decoder's SEQ_CLS head picks the last non-pad token of input_ids;
+PEFT runs the model on embeddings (no ids), where transformers takes the last position instead: the two agree on
+left-padded or unpadded batches only. A graph with any other
 input (a with-past capture's cache: the prompt belongs to the prefill, not to each decode step; an encoder-decoder's
 decoder inputs) is refused, and so is a second prompt or prefix adapter in one graph. Inits (PEFT's
 `prompt_tuning_init`): "random" P ~ N(0, 1) (nn.Embedding's, PEFT's RANDOM), "sample_vocab" rows of the embedding
@@ -47,7 +52,8 @@ from rewrite.sites import Site, SiteTable
 from rewrite.state import AdapterTag, state_of
 
 KEY = "prompt_embeddings"
-TASK_TYPES = ("CAUSAL_LM", "FEATURE_EXTRACTION")
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")  # PEFT keeps their token types (zeros for the prompt)
+TASK_TYPES = ("CAUSAL_LM", "FEATURE_EXTRACTION", *HEAD_TASKS)
 EDITS = {"input_ids": "ids", "attention_mask": "mask", "position_ids": "positions", "token_type_ids": "types"}
 INLINE_ONLY = ("{kind} adapters add virtual tokens to the sequence, not a delta to a weight: they cannot be folded "
                "into the weights, nor switched in an unmerged export; export them inline with [export] mode = "
@@ -113,8 +119,8 @@ class PromptTuningOptions(Strict):
 class PromptTuningPeftConfig(PeftConfig):
     expected: ClassVar[dict[str, str]] = {
         **PeftConfig.expected, "num_virtual_tokens": "a positive integer", "token_dim": "a positive integer",
-        "task_type": f"one of {', '.join(TASK_TYPES)} (SEQ_CLS, TOKEN_CLS and QUESTION_ANS also train the head, "
-                     "SEQ_2_SEQ_LM prompts the encoder and the decoder: not supported)",
+        "task_type": f"one of {', '.join(TASK_TYPES)} (SEQ_2_SEQ_LM prompts the encoder and the decoder: not "
+                     "supported)",
         "num_transformer_submodules": "1 (one prompt for one stack; encoder-decoder prompts are not supported)"}
 
     peft_type: StrictStr = "PROMPT_TUNING"
@@ -194,7 +200,9 @@ class PromptTuning(AdapterKind):
             return torch.cat((x.new_ones((batch, p)), x), dim=1)
         if edit == "ids":
             return torch.cat((x.new_zeros((batch, p)), x), dim=1)
-        # positions and token types: PEFT drops the given ones; the model's defaults over p + S
+        if edit == "types" and self.task_type in HEAD_TASKS:
+            return torch.cat((x.new_zeros((batch, p)), x), dim=1)
+        # positions (and the other tasks' token types): PEFT drops the given ones; the model's defaults over p + S
         positions = torch.arange(p + x.shape[1], dtype=x.dtype, device=x.device).expand(batch, -1)
         return positions if edit == "positions" else torch.zeros_like(positions)
 
