@@ -16,12 +16,13 @@ import onnx
 import torch
 import torch.fx as fx
 
-from rewrite.errors import ExportError, describe, innermost
+from rewrite.errors import ExportError
 from rewrite.formats.manifest import MergedExport
 from rewrite.options import ExportOptions
 from rewrite.export.grouped_mm import grouped_mm_translations
 from rewrite.export.io_names import export_shapes, graph_io, name_io
 from rewrite.state import state_of
+from rewrite.torch_failure import summary
 
 TWO_GB = 2 * 1024**3
 
@@ -50,7 +51,7 @@ def export_merged(gm: fx.GraphModule, path: Path, options: ExportOptions, config
             name_io(program.model, gm, inputs)
             program.save(str(path), external_data=external)
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
-            raise ExportError(f"ONNX export failed: {describe(innermost(err))}") from None
+            raise ExportError(f"ONNX export failed: {summary(err)}") from None
     model = onnx.load(str(path), load_external_data=False)
     ins, outs = graph_io(model)
     return MergedExport(file=path.name, nodes=len(model.graph.node),

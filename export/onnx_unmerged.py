@@ -38,7 +38,7 @@ import onnx
 import torch
 import torch.fx as fx
 
-from rewrite.errors import ExportError, RewriteError, describe, innermost
+from rewrite.errors import ExportError, RewriteError
 from rewrite.export.grouped_mm import grouped_mm_translations
 from rewrite.export.io_names import export_shapes, graph_io, name_io
 from rewrite.export.lowering import Lowered, lower
@@ -47,6 +47,7 @@ from rewrite.formats.manifest import ExportedAdapter, ReservedSlots, RowSite, Sw
 from rewrite.formats.onnx_adapter import write_onnx_adapter
 from rewrite.options import ExportOptions
 from rewrite.state import state_of
+from rewrite.torch_failure import summary
 from rewrite.tensors import to_numpy
 
 IDS_INPUT = "adapter_ids"
@@ -158,7 +159,7 @@ def export_unmerged(gm: fx.GraphModule, out_dir: Path, options: ExportOptions, c
         except RewriteError:
             raise
         except Exception as err:  # noqa: BLE001 - exporter failures are reported, not raised raw
-            raise ExportError(f"ONNX export failed: {describe(innermost(err))}") from None
+            raise ExportError(f"ONNX export failed: {summary(err)}") from None
     name_io(program.model, gm, state_of(gm).inputs)
     model = program.model_proto
     if lowered.routed:

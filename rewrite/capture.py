@@ -8,7 +8,9 @@ to ONNX fails in torch's decompositions on T5 ("Cannot view a tensor ... strides
 `torch.export.Dim` (samples must be >= 2 there: export specialises sizes 0 and 1).
 A linear written out as `x @ W.T (+ b)` (Falcon) becomes `aten.linear` (`sites.canonical_linears`), so it is a site.
 bfloat16 arithmetic in a model that is not bfloat16 (Falcon's ALiBi) runs in float32, rounded as torch rounds it
-(`rewrite.bfloat16_islands`), so ONNX Runtime's CPU kernels can run the export.
+(`rewrite.bfloat16_islands`), so ONNX Runtime's CPU kernels can run the export. Sizes that are one number at every
+size the export serves are folded (`rewrite.size_folding`: MPT's ALiBi slice start), and complex arithmetic becomes
+real pairs (`rewrite.complex_pairs`: DeepSeek-V2's rotary embedding), so the ONNX exporter can re-trace the graph.
 Data-dependent control flow (a branch on a tensor's values) cannot be captured: the error names the model's line.
 
 `stamp` (`[capture] stamp`, on by default): a model whose layer stack holds identical blocks is exported with two
@@ -34,12 +36,15 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from rewrite.bfloat16_islands import widen_bfloat16_islands
-from rewrite.errors import CaptureError, first_line
+from rewrite.complex_pairs import complex_to_pairs
+from rewrite.errors import CaptureError
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
 from rewrite.sites import canonical_linears, find_sites
+from rewrite.size_folding import fold_fixed_sizes
 from rewrite.stamp import stamped_export
 from rewrite.state import RewriteState
+from rewrite.torch_failure import summary
 
 _DEFAULT_MAX = 4096
 
@@ -111,7 +116,7 @@ def _export(model: torch.nn.Module, inputs: ExampleInputs, config: Any) -> fx.Gr
         elif "dynamic" in text.lower() or "specializ" in text.lower() or "constraint" in text.lower():
             hint = " Hint: try [capture] dynamic = false, or fix the dims of [[capture.inputs]]."
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
-                           f"{first_line(err)}.{hint}") from None
+                           f"{summary(err)}.{hint}") from None
     return program.module()
 
 
@@ -166,6 +171,8 @@ def capture(loaded: LoadedModel, inputs: ExampleInputs, *, frontend: str = "expo
         gm = _export(loaded.module, inputs, loaded.config)
     canonical_linears(gm)
     widen_bfloat16_islands(gm)
+    fold_fixed_sizes(gm, inputs)
+    complex_to_pairs(gm)
     seconds = time.perf_counter() - start
     diff = None
     if check_replay and device != "meta" and loaded.module is not None:

@@ -6,15 +6,19 @@ unchanged) for one that takes and returns flat tensors and builds a `DynamicCach
 
     inputs   input_ids [batch_size, sequence_length], attention_mask [batch_size, total_sequence_length],
              position_ids [batch_size, sequence_length] (models whose forward takes them),
-             past_key_values.<i>.key / .value [batch_size, num_key_value_heads, past_sequence_length, head_dim]
+             past_key_values.<i>.key / .value [batch_size, heads, past_sequence_length, head_dim]
     outputs  logits [batch_size, sequence_length, vocab], present.<i>.key / .value (total_sequence_length = past +
              new)
 
 These are optimum's and onnxruntime-genai's names. In the graph (Python identifiers) the cache inputs are
 `past_key_values_<i>_key` / `_value`; `onnx_name` gives the ONNX name and the exports rename them. One model serves
 prefill (past length 0) and decode: every axis is exported as `Dim.DYNAMIC`, since total = past + new is a relation
-between two free dims that named `Dim`s cannot state; the ONNX axes get the names above. GQA caches keep the
-KV-head count.
+between two free dims that named `Dim`s cannot state; the ONNX axes get the names above.
+
+Each layer's `heads` and `head_dim`, for its key and its value apart, are read from the cache the model returns for a
+short prompt (`cache_layout`), not from the config: GQA caches keep the KV-head count, Gemma 4's full-attention layers
+their own head size, and DeepSeek-V2's compressed latent comes out as it is cached (key: the normed latent
+[batch, 1, positions, kv_lora_rank], value: the rotary key part [batch, 1, positions, qk_rope_head_dim]).
 
 Rules for which models are captured (anything else is a `CaptureError` naming the model class and the reason, never
 a model that answers wrongly):
@@ -22,13 +26,12 @@ a model that answers wrongly):
   (LLaMA, Qwen2, Mistral, Gemma, Gemma2, Phi-3, GPT-2, GPT-NeoX, OPT, BLOOM are tested; more in
   tests/test_decoder_sweep.py). Encoder-decoder models (T5, BART: their decoder also keeps a cross-attention cache
   over the encoder's output), other layer kinds (chunked, linear or state-space attention, shared KV layers), models
-  without attention heads, head sizes that vary by layer and caches that the eager check cannot feed (a compressed
-  latent, as DeepSeek-V2's) are refused.
+  without attention heads and caches that are not one 4-D key and value tensor per layer are refused.
 - every layer keeps every position, sliding-window layers too: the model's attention mask applies the window, so
   `present` = past + new on every layer (transformers' own `DynamicCache(config=...)` trims sliding layers to the
   window, a length one graph cannot serve for both prefill and decode; the answer is the same, the cache longer).
 - before exporting, one eager call on the example checks the layout: as many cache layers as `num_hidden_layers`,
-  each `[batch, num_key_value_heads, past + new, head_dim]`.
+  each key and value `[batch, heads, past + new, head_dim]` as probed.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from rewrite.errors import CaptureError, first_line
 from rewrite.inputs import ExampleInputs
 from rewrite.load import LoadedModel
 from rewrite.state import state_of
+from rewrite.torch_failure import summary
 
 KINDS = ("key", "value")
 TOTAL = "total_sequence_length"
@@ -75,22 +79,44 @@ def is_with_past(inputs: ExampleInputs) -> bool:
     return cache_kwarg(0, "key") in inputs.kwargs
 
 
-def _cache_shape(config: Any, owner: str = "") -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) from a transformers config; `owner` names the model in errors."""
-    owner = owner or type(config).__name__
-    try:
-        layers, heads = config.num_hidden_layers, config.num_attention_heads
-    except AttributeError:
+# per layer, per kind ("key", "value"): the (heads, head dim) around the positions axis, read from one eager call
+Layout = list[dict[str, tuple[int, int]]]
+PROBE_TOKENS = 2
+
+
+def _layer_count(config: Any, owner: str) -> int:
+    """`num_hidden_layers` of a model with per-layer attention heads; `owner` names the model in errors."""
+    if not hasattr(config, "num_hidden_layers") or not hasattr(config, "num_attention_heads"):
         raise CaptureError(f"use_cache = true: {owner} has no num_hidden_layers / num_attention_heads: a model "
                            "without per-layer attention heads keeps no key / value cache (state-space and recurrent "
-                           "models are not served with use_cache)") from None
+                           "models are not served with use_cache)")
+    return config.num_hidden_layers
+
+
+def cache_layout(model: nn.Module) -> Layout:
+    """Each layer's key and value (heads, head dim), read from the cache the model returns for a prompt of
+    `PROBE_TOKENS` tokens (no config arithmetic: head sizes that vary by layer and latent caches come out as they
+    are); refused, naming the class, when that cache is not one 4-D key and value tensor per layer."""
+    name = type(model).__name__
+    layers = _layer_count(model.config, name)
+    ids = torch.ones(1, PROBE_TOKENS, dtype=torch.int64)
     try:
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    except Exception as err:  # noqa: BLE001 - transformers refuses a global read of an attribute that varies by layer
-        raise CaptureError(f"use_cache = true: {owner}'s cache shape varies by layer ({first_line(err)}); the "
-                           "with-past capture serves one [num_key_value_heads, head_dim] on every layer") from None
-    return layers, kv_heads, head_dim
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    except Exception as err:  # noqa: BLE001 - a model that cannot run with a cache is refused, whatever it raises
+        raise CaptureError(f"use_cache = true: {name} failed on a {PROBE_TOKENS}-token prompt with use_cache, which "
+                           f"the capture runs to read its cache layout: {first_line(err)}") from None
+    cache = getattr(out, "cache", None)
+    cache = getattr(out, "past_key_values", None) if cache is None else cache
+    found = [[getattr(layer, f"{kind}s", None) for kind in KINDS] for layer in getattr(cache, "layers", None) or []]
+    odd = next((i for i, pair in enumerate(found) if not all(isinstance(t, torch.Tensor) and t.dim() == 4
+                                                              and t.shape[0] == 1 for t in pair)), None)
+    if len(found) != layers or odd is not None:
+        what = (f"layer {odd} holds {[None if t is None else list(getattr(t, 'shape', [])) for t in found[odd]]}"
+                if odd is not None else f"{len(found)} cache layers for num_hidden_layers = {layers}")
+        raise CaptureError(f"use_cache = true: {name}'s cache is not one [batch, heads, positions, head_dim] key and "
+                           f"value per layer ({what}); the with-past capture serves such caches only")
+    return [{kind: (int(t.shape[1]), int(t.shape[3])) for kind, t in zip(KINDS, pair)} for pair in found]
 
 
 # cache layer kinds whose cache is the plain [batch, kv_heads, positions, head_dim] pair (see the module docstring)
@@ -119,37 +145,37 @@ def check_decoder(model: nn.Module) -> None:
     if other:
         raise CaptureError(f"use_cache = true: {name} has {', '.join(other)} layers; the with-past capture serves "
                            f"{' and '.join(LAYER_KINDS)} layers only (a cache of every position per layer)")
-    _cache_shape(config, name)
+    _layer_count(config, name)
 
 
-def _check_layout(wrapped: nn.Module, inputs: ExampleInputs) -> None:
-    """One eager call on the example: every layer returns a `[batch, kv_heads, past + new, head_dim]` key and
-    value, and there are `num_hidden_layers` of them."""
-    layers, kv_heads, head_dim = _cache_shape(wrapped.config)
+def _check_layout(wrapped: nn.Module, inputs: ExampleInputs, layout: Layout) -> None:
+    """One eager call on the example: every layer returns a `[batch, heads, past + new, head_dim]` key and value of
+    the probed `layout`, and there are as many as probed."""
     batch, new = inputs.kwargs["input_ids"].shape
     past = inputs.kwargs[cache_kwarg(0, "key")].shape[2]
-    want = (batch, kv_heads, past + new, head_dim)
+    want = {f"present.{i}.{kind}": (batch, heads, past + new, dim)
+            for i, kinds in enumerate(layout) for kind, (heads, dim) in kinds.items()}
     try:
         with torch.no_grad():
             present = {k: v for k, v in wrapped(**inputs.kwargs).items() if k.startswith("present.")}
     except Exception as err:  # noqa: BLE001 - a model that cannot take this cache is refused, whatever it raises
-        raise CaptureError(f"use_cache = true: {type(wrapped).__name__} cannot take a cache of {layers} layers of "
-                           f"[batch, num_key_value_heads, past, head_dim] = {[batch, kv_heads, past, head_dim]} "
-                           f"(its cache has another layout, e.g. compressed latent attention): "
-                           f"{first_line(err)}") from None
-    wrong = next(((k, tuple(v.shape)) for k, v in present.items() if tuple(v.shape) != want), None)
-    if len(present) != 2 * layers or wrong:
+        raise CaptureError(f"use_cache = true: {type(wrapped).__name__} cannot take back the cache it returned "
+                           f"({len(layout)} layers of [batch, heads, past, head_dim], layer 0 key "
+                           f"{[batch, *layout[0]['key']]} with past {past}): {first_line(err)}") from None
+    wrong = next(((k, tuple(v.shape)) for k, v in present.items() if tuple(v.shape) != want.get(k)), None)
+    if len(present) != len(want) or wrong:
         found = f"{wrong[0]} has shape {list(wrong[1])}" if wrong else f"{len(present) // 2} cache layers"
+        expected = list(want[wrong[0]]) if wrong and wrong[0] in want else f"{len(layout)} layers"
         raise CaptureError(f"use_cache = true: {type(wrapped).__name__}'s cache does not have the layout the "
-                           f"with-past export serves: {found}; expected {layers} layers of [batch, "
-                           f"num_key_value_heads, past + new, head_dim] = {list(want)}")
+                           f"with-past export serves: {found}; expected [batch, heads, past + new, head_dim] = "
+                           f"{expected} (every position kept, on every layer)")
 
 
-def with_past_module(model: nn.Module) -> nn.Module:
-    """A shallow copy of `model` (same parameters, same names) whose forward takes and returns flat cache tensors."""
+def with_past_module(model: nn.Module, layers: int) -> nn.Module:
+    """A shallow copy of `model` (same parameters, same names) whose forward takes and returns flat cache tensors
+    for `layers` layers."""
     from transformers import DynamicCache
 
-    layers, _, _ = _cache_shape(model.config)
     cls = type(model)
     params = inspect.signature(cls.forward).parameters
     takes_positions = "position_ids" in params
@@ -175,9 +201,9 @@ def with_past_module(model: nn.Module) -> nn.Module:
     return wrapped
 
 
-def with_past_inputs(model: nn.Module, batch: int, seq: int, past: int, seed: int = 0) -> ExampleInputs:
-    """Seeded example inputs: `seq` new tokens after a random cache of `past` positions."""
-    layers, kv_heads, head_dim = _cache_shape(model.config)
+def with_past_inputs(model: nn.Module, layout: Layout, batch: int, seq: int, past: int,
+                     seed: int = 0) -> ExampleInputs:
+    """Seeded example inputs: `seq` new tokens after a random cache of `past` positions laid out as `layout`."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     kwargs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
@@ -187,9 +213,9 @@ def with_past_inputs(model: nn.Module, batch: int, seq: int, past: int, seed: in
     if "position_ids" in inspect.signature(model.forward).parameters:
         kwargs["position_ids"] = torch.arange(past, past + seq).expand(batch, seq).contiguous()
         dims["position_ids"] = ["batch_size", "sequence_length"]
-    for i in range(layers):
-        for kind in KINDS:
-            kwargs[cache_kwarg(i, kind)] = torch.randn(batch, kv_heads, past, head_dim, generator=generator)
+    for i, kinds in enumerate(layout):
+        for kind, (heads, dim) in kinds.items():
+            kwargs[cache_kwarg(i, kind)] = torch.randn(batch, heads, past, dim, generator=generator)
             dims[cache_kwarg(i, kind)] = ["batch_size", None, "past_sequence_length", None]
     return ExampleInputs(kwargs, dims)
 
@@ -213,9 +239,10 @@ def capture_with_past(loaded: LoadedModel, *, batch: int = 2, seq: int = 3, past
         model.set_attn_implementation(attn_implementation)
     check_decoder(model)
     model.config.use_cache = True
-    wrapped = with_past_module(model)
-    inputs = with_past_inputs(wrapped, batch, seq, past)
-    _check_layout(wrapped, inputs)
+    layout = cache_layout(model)
+    wrapped = with_past_module(model, len(layout))
+    inputs = with_past_inputs(wrapped, layout, batch, seq, past)
+    _check_layout(wrapped, inputs, layout)
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -223,7 +250,7 @@ def capture_with_past(loaded: LoadedModel, *, batch: int = 2, seq: int = 3, past
                                           dynamic_shapes=with_past_shapes(inputs))
     except Exception as err:  # noqa: BLE001 - every export failure is reported the same way
         raise CaptureError(f"torch.export could not capture {type(model).__name__} with its cache: "
-                           f"{first_line(err)}") from None
+                           f"{summary(err)}") from None
     gm, report = capture(LoadedModel(wrapped, program, loaded.kind, loaded.source, loaded.config), inputs,
                          device="cpu", spec_digest=spec_digest, attn_implementation="keep", use_cache=True)
     state_of(gm).frontend = report.frontend = "export"
