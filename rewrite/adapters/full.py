@@ -12,9 +12,8 @@ Init dW = db = 0 (the identity); `insert kind = "full"` trains the whole layer. 
 rounding of W + dW): W <- W + dW, b <- b + db; unmerge subtracts. No rank: allocate, fuse and combine refuse it.
 
 A PEFT directory holds the trained tensors themselves (`base_model.model.<module>.weight`, `.bias`: the module's
-state), so the module is built with the site's base W and b (`built_with_base`, frozen buffers never read by forward)
-and converts with them (`copies_layer`): copy = base + delta, loaded delta = copy - base, so the directory applies its
-trained layer whatever the base holds, as PEFT's copy does. Norm sites named by `modules_to_save` load as `ln_tuning`,
+state), converted with the base the module is built with (rewrite/adapters/trained_copy.py: copy = base + delta), so
+the directory applies its trained layer whatever the base holds, as PEFT's copy does. Norm sites named by `modules_to_save` load as `ln_tuning`,
 which is the same copy of a norm. A `full` module saves only beside another tuner's modules (PEFT has no tuner made of
 modules_to_save alone).
 
@@ -28,11 +27,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.adapters.dense_factors import dense_factors
 from rewrite.adapters.output_scale import OutputScale
+from rewrite.adapters.trained_copy import TrainedCopy
 
 
 class FullBiasOffset(OutputScale):
@@ -41,15 +40,9 @@ class FullBiasOffset(OutputScale):
     kind = "full"
 
 
-class Full(AdapterKind):
+class Full(TrainedCopy):
     kind = "full"
     ops = ("linear", "conv1d", "conv2d", "embedding")
-    settings = ()
-    built_with_base = True
-    mergeable = True
-    parted = True
-    copies_layer = True
-    rides = "modules_to_save"
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
                  dropout: float = 0.0, init: str = "zeros", conv: dict | None = None,
@@ -58,13 +51,7 @@ class Full(AdapterKind):
         super().__init__()
         self.op, self.d_in, self.d_out = op, d_in, d_out
         self.conv = dict(conv or {})
-        factory = dict(dtype=dtype, device=device)
-        self.weight_delta = nn.Parameter(torch.zeros(base_weight.shape, **factory))
-        self.bias_delta = None if base_bias is None else nn.Parameter(torch.zeros(base_bias.shape, **factory))
-        # invariant: the base the deltas are relative to, for PEFT's full tensors (never read by forward)
-        self.register_buffer("base_weight", base_weight.detach().clone(), persistent=False)
-        self.register_buffer("base_bias", None if base_bias is None else base_bias.detach().clone(),
-                             persistent=False)
+        self._hold_copy(tuple(base_weight.shape), base_weight, base_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op == "embedding":
@@ -74,12 +61,6 @@ class Full(AdapterKind):
                             self.conv["dilation"])
         weight = self.weight_delta if self.op == "linear" else self.weight_delta.T
         return F.linear(x, weight, self.bias_delta)
-
-    @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:
-        weight.add_(self.weight_delta.to(weight.dtype), alpha=sign)
-        if self.bias_delta is not None:
-            bias.add_(self.bias_delta.to(bias.dtype), alpha=sign)
 
     @torch.no_grad()
     def unmerged_parts(self, weight: torch.Tensor, bias: torch.Tensor | None
@@ -93,18 +74,6 @@ class Full(AdapterKind):
         rows = [] if self.bias_delta is None else [
             FullBiasOffset(self.op, self.d_in, torch.ones_like(self.bias_delta), None, self.bias_delta)]
         return factors, rows
-
-    def copy_state(self) -> dict[str, torch.Tensor]:
-        copy = {"weight": self.base_weight + self.weight_delta}
-        if self.bias_delta is not None:
-            copy["bias"] = self.base_bias + self.bias_delta
-        return {key: t.detach().clone() for key, t in copy.items()}
-
-    @torch.no_grad()
-    def load_copy(self, tensors) -> None:
-        self.weight_delta.copy_(tensors["weight"].to(self.base_weight.dtype) - self.base_weight)
-        if self.bias_delta is not None:
-            self.bias_delta.copy_(tensors["bias"].to(self.base_bias.dtype) - self.base_bias)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         raise NotSupported("a full copy of a layer is saved in a PEFT directory only as modules_to_save beside another "

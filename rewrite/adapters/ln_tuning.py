@@ -33,10 +33,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import StrictStr
-from torch import nn
 
 from rewrite.adapters.base import AdapterKind, NotSupported
 from rewrite.adapters.output_scale import OutputScale
+from rewrite.adapters.trained_copy import TrainedCopy
 from rewrite.formats.peft_dir import PeftConfig, PeftFormat
 
 WEIGHT, BIAS = "ln_tuning_layers.weight", "ln_tuning_layers.bias"
@@ -67,15 +67,9 @@ class LnTuningScale(OutputScale):
     ops = ("layernorm", "rmsnorm")
 
 
-class LnTuning(AdapterKind):
+class LnTuning(TrainedCopy):
     kind = "ln_tuning"
     ops = ("layernorm", "rmsnorm")
-    settings = ()
-    built_with_base = True
-    mergeable = True
-    parted = True
-    copies_layer = True
-    rides = "modules_to_save"
     peft_format = LN_TUNING_FORMAT
 
     def __init__(self, op: str, d_in: int, d_out: int, rank: int = 0, alpha: float = 0.0, *, rslora: bool = False,
@@ -85,24 +79,12 @@ class LnTuning(AdapterKind):
         super().__init__()
         self.op, self.d_in, self.d_out = op, d_in, d_out
         self.eps = (conv or {}).get("eps")  # layernorm only: rmsnorm sites are given n itself
-        factory = dict(dtype=dtype, device=device)
-        self.weight_delta = nn.Parameter(torch.zeros(d_out, **factory))
-        self.bias_delta = None if base_bias is None else nn.Parameter(torch.zeros(d_out, **factory))
-        # invariant: the base the deltas are relative to, for PEFT's full tensors (never read by forward)
-        self.register_buffer("base_weight", base_weight.detach().clone(), persistent=False)
-        self.register_buffer("base_bias", None if base_bias is None else base_bias.detach().clone(),
-                             persistent=False)
+        self._hold_copy((d_out,), base_weight, base_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = F.layer_norm(x, (self.d_out,), eps=self.eps) if self.op == "layernorm" else x
         delta = n * self.weight_delta
         return delta if self.bias_delta is None else delta + self.bias_delta
-
-    @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:
-        weight.add_(self.weight_delta.to(weight.dtype), alpha=sign)
-        if self.bias_delta is not None:
-            bias.add_(self.bias_delta.to(bias.dtype), alpha=sign)
 
     @torch.no_grad()
     def unmerged_parts(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[None, list[AdapterKind]]:
@@ -116,18 +98,6 @@ class LnTuning(AdapterKind):
             raise NotSupported(f"ln_tuning switches unmerged as a scale of the base norm's output, and {why}: the "
                                "scale would be inexact or amplify rounding; merge it")
         return None, [LnTuningScale(self.op, self.d_in, scale.to(self.weight_delta.dtype), bias, self.bias_delta)]
-
-    def copy_state(self) -> dict[str, torch.Tensor]:
-        tuned = {"weight": self.base_weight + self.weight_delta}
-        if self.bias_delta is not None:
-            tuned["bias"] = self.base_bias + self.bias_delta
-        return {key: t.detach().clone() for key, t in tuned.items()}
-
-    @torch.no_grad()
-    def load_copy(self, tensors) -> None:
-        self.weight_delta.copy_(tensors["weight"].to(self.base_weight.dtype) - self.base_weight)
-        if self.bias_delta is not None:
-            self.bias_delta.copy_(tensors["bias"].to(self.base_bias.dtype) - self.base_bias)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {PEFT_KEYS[key]: t for key, t in self.copy_state().items()}
